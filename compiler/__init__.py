@@ -1,0 +1,1 @@
+"""dlc's compiler: graph IR, op registry, lowering, autodiff, passes, fusion, code generation."""

@@ -1,0 +1,57 @@
+"""The kernel cache: generated modules on disk, keyed by a content hash.
+
+Numba's `cache=True` cannot cache code built with `exec`, so each generated module is written
+to `<cache>/dlc_<hash>.py` (atomically) and imported from there, registered in `sys.modules`
+under its name *before* it is executed (otherwise Numba records the module as `<dynamic>` and
+later processes fail to load the cache). The hash covers the source, the Numba and Python
+versions and the target, so a stale cache is never used.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import numba
+
+
+def cache_dir() -> Path:
+    d = os.environ.get("DLC_CACHE_DIR")
+    base = Path(d) if d else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "dlc"
+    path = base / "kernels"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def module_key(source: str, target: str) -> str:
+    h = hashlib.sha256()
+    for part in (source, numba.__version__, sys.version, target):
+        h.update(part.encode())
+        h.update(b"\0")
+    return h.hexdigest()[:24]
+
+
+def load(source: str, target: str):
+    """Import the module for `source`, writing it to the cache the first time."""
+    key = module_key(source, target)
+    name = f"dlc_{key}"
+    if name in sys.modules:
+        return sys.modules[name]
+    path = cache_dir() / f"{name}.py"
+    if not path.exists() or path.read_text() != source:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            f.write(source)
+        os.replace(tmp, path)
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    try:
+        spec.loader.exec_module(mod)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    return mod

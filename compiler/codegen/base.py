@@ -1,0 +1,351 @@
+"""The target-independent renderer of kernels and the step function."""
+from __future__ import annotations
+
+import math
+
+from ..memory import Plan
+from ..ops import OPS
+from ..shapes import dim_factors, fmt_type
+
+NP_DTYPE = {"f32": "np.float32", "f64": "np.float64", "i32": "np.int32", "i64": "np.int64", "bool": "np.bool_"}
+
+
+def comment(text: str) -> str:
+    """Make arbitrary text (a `.dl` source line) safe inside a `#` comment."""
+    return "".join(ch if 32 <= ord(ch) < 127 else "?" for ch in text).strip()
+
+
+def literal(value, dtype: str) -> str:
+    if dtype == "bool":
+        return "True" if value else "False"
+    if isinstance(value, float) and math.isinf(value):
+        v = "np.inf" if value > 0 else "-np.inf"
+    elif isinstance(value, float) and math.isnan(value):
+        v = "np.nan"
+    else:
+        v = repr(float(value) if dtype in ("f32", "f64") else int(value))
+    return f"{NP_DTYPE[dtype]}({v})"
+
+
+class Renderer:
+    """Renders one graph + memory plan into a Python module of Numba kernels."""
+
+    def __init__(self, g, plan: Plan, target):
+        self.g, self.plan, self.t = g, plan, target
+        self.dim_names: dict[str, str] = {}
+        self.input_kind = {n: g.attrs(n)["kind"] for n in g.inputs}
+
+    # ---- dims ----------------------------------------------------------------------------------
+    def dim(self, d) -> str:
+        """A dimension as an expression over the step's dim variables (never a `.dl` name)."""
+        coef, syms = dim_factors(d)
+        parts = [self.dim_names[s] for s in syms]
+        if coef != 1 or not parts:
+            parts.insert(0, str(coef))
+        return "*".join(parts)
+
+    def shape_expr(self, shape) -> str:
+        inner = ", ".join(self.dim(d) for d in shape)
+        return f"({inner},)" if len(shape) == 1 else f"({inner})"
+
+    def dims_used(self, shapes) -> list[str]:
+        used = set()
+        for s in shapes:
+            for d in s:
+                used.update(self.dim_names[x] for x in dim_factors(d)[1])
+        return sorted(used)
+
+    # ---- comments ------------------------------------------------------------------------------
+    def ref(self, n) -> str:
+        d = self.g[n]
+        if d["op"] == "input":
+            return "%" + d["name"]
+        if d["op"] == "const":
+            return repr(d["attrs"]["value"])
+        return f"%{n}"
+
+    def ir_line(self, n) -> str:
+        d = self.g[n]
+        args = ", ".join(self.ref(a) for a in d["args"])
+        attrs = ", ".join(f"{k}={v}" for k, v in d["attrs"].items() if k not in ("dtype",))
+        loc = d["loc"]
+        where = ""
+        if loc is not None:
+            from dsl.diagnostics import source_line
+            src = source_line(loc.file, loc.line) or ""
+            where = f"  {loc.short()}  {src.strip()}"
+        text = f"%{n}: {fmt_type(d['dtype'], d['shape'])} = {d['op']}({args}{', ' + attrs if attrs else ''})"
+        return comment(f"{text:<60}{where}")
+
+    # ---- kernels -------------------------------------------------------------------------------
+    def kernel(self, grp) -> tuple[str, list[int], list[int], list[str]]:
+        """Source of one kernel and its parameters: (source, read nodes, written nodes, dims)."""
+        k = _Kernel(self, grp)
+        if grp.pattern in ("elementwise",) or (grp.pattern == "opaque" and OPS[self.g.op(grp.nodes[0])].scalar):
+            body = k.loop_body(grp.nodes, self.g.shape(grp.nodes[-1]) if grp.pattern == "opaque" else None)
+        elif grp.pattern == "reduce":
+            body = k.reduce_body()
+        elif grp.pattern == "matmul":
+            body = k.matmul_body()
+        elif grp.pattern == "opaque":
+            body = k.template_body()
+        else:
+            raise AssertionError(grp.pattern)
+        return k.finish(body)
+
+
+class _Kernel:
+    """One kernel being rendered: tracks which arrays it reads and writes."""
+
+    def __init__(self, r: Renderer, grp):
+        self.r, self.g, self.grp, self.t = r, r.g, grp, r.t
+        self.members = set(grp.nodes)
+        self.params: dict[int, str] = {}      # outside node -> parameter name
+        self.outs: dict[int, str] = {}        # written node -> parameter name
+        self.shapes = []
+
+    def param(self, n) -> str:
+        if n not in self.params:
+            self.params[n] = f"x{len(self.params)}"
+            self.shapes.append(self.g.shape(n))
+        return self.params[n]
+
+    def out(self, n) -> str:
+        if n not in self.outs:
+            self.outs[n] = f"y{len(self.outs)}"
+            self.shapes.append(self.g.shape(n))
+        return self.outs[n]
+
+    def index(self, shape, idx: list[str], it_shape) -> str:
+        """Read index of a value of `shape` in a loop over `it_shape` (right-aligned broadcast)."""
+        if not shape:
+            return "()"
+        lead = len(it_shape) - len(shape)
+        parts = []
+        for j, d in enumerate(shape):
+            p = lead + j
+            parts.append("0" if (d == 1 and it_shape[p] != 1) else idx[p])
+        return ", ".join(parts)
+
+    def read(self, a, consumer, pos, idx, it_shape, local: dict) -> str:
+        g = self.g
+        if a in local:
+            return local[a]
+        if g.op(a) == "const":
+            return literal(g.attrs(a)["value"], g.dtype(a))
+        if g.op(a) == "input" and self.r.input_kind[a] == "scalar":
+            return self.param(a)
+        spec = OPS[g.op(consumer)]
+        shape = g.shape(a)
+        if spec.name == "onehot":           # the label at the output index without its last axis
+            idx, it_shape = idx[:-1], it_shape[:-1]
+        if spec.name == "transpose":        # x[j] with j[perm[k]] = i[k]
+            perm = g.attrs(consumer)["perm"]
+            j = [None] * len(perm)
+            for kk, pk in enumerate(perm):
+                j[pk] = idx[kk]
+            return f"{self.param(a)}[{', '.join(j)}]"
+        return f"{self.param(a)}[{self.index(shape, idx, it_shape)}]"
+
+    def compute(self, n, idx, it_shape, local) -> str:
+        """Assign node n's value at the loop index to a local; return the statement."""
+        g = self.g
+        spec = OPS[g.op(n)]
+        tmpl = self.t.scalar_templates.get(spec.name, spec.scalar)
+        if spec.name == "size":
+            x = g.args(n)[0]
+            axes = g.attrs(n)["axes"]
+            dims = [g.shape(x)[i] for i in axes]
+            size = " * ".join(self.r.dim(d) for d in dims) or "1"
+            self.shapes.append(tuple(dims))
+            expr = tmpl.format(T=NP_DTYPE[g.dtype(n)], size=size)
+        else:
+            args = [self.read(a, n, i, idx, it_shape, local) for i, a in enumerate(g.args(n))]
+            expr = tmpl.format(*args, T=NP_DTYPE[g.dtype(n)], last=idx[-1] if idx else "0")
+        local[n] = f"v{n}"
+        return f"v{n} = {expr}"
+
+    def loops(self, shape, var: str) -> tuple[list[str], list[str]]:
+        idx = [f"{var}{i}" for i in range(len(shape))]
+        heads = [self.t.loop_header(v, self.r.dim(d)) for v, d in zip(idx, shape)]
+        return idx, heads
+
+    def nest(self, shape, var, body_fn) -> list[str]:
+        idx, heads = self.loops(shape, var)
+        lines = []
+        for depth, h in enumerate(heads):
+            lines.append("    " * depth + h)
+        inner = body_fn(idx)
+        lines += ["    " * len(heads) + s for s in inner]
+        return lines
+
+    def stores(self, nodes, idx, shape, local) -> list[str]:
+        out = []
+        for n in nodes:
+            if n in self.grp.outputs:
+                ix = ", ".join(idx) if idx else "()"
+                out.append(f"{self.out(n)}[{ix}] = {local[n]}")
+        return out
+
+    def loop_body(self, nodes, shape=None) -> list[str]:
+        shape = shape if shape is not None else self.g.shape(nodes[-1])
+
+        def body(idx):
+            local: dict = {}
+            lines = [self.compute(n, idx, shape, local) for n in nodes]
+            return lines + self.stores(nodes, idx, shape, local)
+        return self.nest(shape, "i", body)
+
+    def reduce_body(self) -> list[str]:
+        g, grp = self.g, self.grp
+        r = grp.anchor
+        x = g.args(r)[0]
+        in_shape = g.shape(x)
+        axes = set(g.attrs(r)["axes"])
+        keep = g.attrs(r).get("keepdims", False)
+        kshape = tuple(1 if i in axes else d for i, d in enumerate(in_shape))
+        self.shapes.append(in_shape)
+        is_max = g.op(r) == "reduce_max"
+        acc_dt = "np.float64" if g.dtype(r) in ("f32", "f64") else NP_DTYPE[g.dtype(r)]
+        init = f"np.full({self.r.shape_expr(kshape)}, -np.inf, {acc_dt})" if is_max else \
+            f"np.zeros({self.r.shape_expr(kshape)}, {acc_dt})"
+        lines = [f"acc = {init}"]
+
+        def pro(idx):
+            local: dict = {}
+            out = [self.compute(n, idx, in_shape, local) for n in grp.prologue]
+            out += self.stores(grp.prologue, idx, in_shape, local)
+            val = self.read(x, r, 0, idx, in_shape, local)
+            aidx = ", ".join("0" if i in axes else v for i, v in enumerate(idx)) or "()"
+            if is_max:
+                out += [f"xv = {val}", f"if xv > acc[{aidx}]:", f"    acc[{aidx}] = xv"]
+            else:
+                out.append(f"acc[{aidx}] += {val}")
+            return out
+        lines += self.nest(in_shape, "i", pro)
+        out_shape = g.shape(r)
+        epi = [n for n in grp.nodes if n not in grp.prologue and n != r]
+
+        def ep(idx):
+            if keep:
+                aidx = idx
+            else:
+                it = iter(idx)
+                aidx = ["0" if i in axes else next(it) for i in range(len(in_shape))]
+            local = {r: f"v{r}"}
+            out = [f"v{r} = {NP_DTYPE[g.dtype(r)]}(acc[{', '.join(aidx) or '()'}])"]
+            out += [self.compute(n, idx, out_shape, local) for n in epi]
+            return out + self.stores([r] + epi, idx, out_shape, local)
+        lines += self.nest(out_shape, "j", ep)
+        return lines
+
+    def matmul_body(self) -> list[str]:
+        g, grp = self.g, self.grp
+        m = grp.anchor
+        a, b = g.args(m)
+        ta, tb = g.attrs(m).get("ta", False), g.attrs(m).get("tb", False)
+        sa, sb, so = g.shape(a), g.shape(b), g.shape(m)
+        epi = [n for n in grp.nodes if n != m]
+        # where the product lands: m's own buffer, else an epilogue output of its type
+        if m in grp.outputs:
+            tgt = self.out(m)
+        else:
+            cands = [n for n in grp.outputs if g.dtype(n) == g.dtype(m) and g.shape(n) == so
+                     and n not in self.r.plan.inplace]
+            tgt = self.out(cands[-1]) if cands else None
+        lines = []
+        if tgt is None:
+            lines.append(f"acc = np.empty({self.r.shape_expr(so)}, {NP_DTYPE[g.dtype(m)]})")
+            tgt = "acc"
+        A, B = self.param(a), self.param(b)
+        self.shapes += [sa, sb, so]
+        if len(sa) == 2 and len(sb) == 2:
+            lines.append(self.t.matmul_call(A + (".T" if ta else ""), B + (".T" if tb else ""), tgt))
+        elif len(sb) == 2 and not ta:
+            k_in = self.r.dim(sa[-1])
+            a2 = f"{A}.reshape((-1, {k_in}))" if len(sa) > 2 else A
+            o2 = f"{tgt}.reshape((-1, {self.r.dim(so[-1])}))" if len(so) > 2 else tgt
+            lines.append(self.t.matmul_call(a2 + (".T" if ta else ""), B + (".T" if tb else ""), o2))
+        elif len(sa) == len(sb) and all(x == y for x, y in zip(sa[:-2], sb[:-2])):
+            nb = " * ".join(self.r.dim(d) for d in sa[:-2])
+            ra = f"{A}.reshape(({nb}, {self.r.dim(sa[-2])}, {self.r.dim(sa[-1])}))"
+            rb = f"{B}.reshape(({nb}, {self.r.dim(sb[-2])}, {self.r.dim(sb[-1])}))"
+            ro = f"{tgt}.reshape(({nb}, {self.r.dim(so[-2])}, {self.r.dim(so[-1])}))"
+            lines += [f"a3 = {ra}", f"b3 = {rb}", f"o3 = {ro}", f"for bi in range({nb}):",
+                      "    " + self.t.matmul_call("a3[bi]" + (".T" if ta else ""), "b3[bi]" + (".T" if tb else ""), "o3[bi]")]
+        else:
+            raise NotImplementedError("matmul with broadcast batch dimensions")
+        if epi:
+            def ep(idx):
+                local = {m: f"v{m}"}
+                out = [f"v{m} = {tgt}[{', '.join(idx) or '()'}]"]
+                out += [self.compute(n, idx, so, local) for n in epi]
+                return out + self.stores(epi, idx, so, local)
+            lines += self.nest(so, "i", ep)
+        return lines
+
+    def template_body(self) -> list[str]:
+        g, n = self.g, self.grp.nodes[0]
+        spec = OPS[g.op(n)]
+        tmpl = self.t.kernel_templates.get(spec.name, spec.kernel)
+        x = g.args(n)[0]
+        shape = g.shape(x)
+        self.shapes.append(shape)
+        rows = " * ".join(self.r.dim(d) for d in shape[:-1]) or "1"
+        ncol = self.r.dim(shape[-1])
+        X, Y = self.param(x), self.out(n)
+        lines = [f"xin = {X}.reshape(({rows}, {ncol}))", f"yout = {Y}.reshape(({rows}, {ncol}))"]
+        lines += tmpl.format("xin", out="yout", rows=rows, n=ncol).rstrip().split("\n")
+        return lines
+
+    def finish(self, body):
+        dims = self.r.dims_used(self.shapes)
+        return body, list(self.params), list(self.outs), dims, self.params, self.outs
+
+
+def generate(g, plan: Plan, target) -> tuple[str, dict]:
+    """The module source and its calling convention for the runtime."""
+    r = Renderer(g, plan, target)
+    # dims: bound from the data inputs' shapes, in input order
+    binds = []
+    for i, n in enumerate(g.inputs):
+        for ax, d in enumerate(g.shape(n)):
+            if isinstance(d, str) and "*" not in d and d not in r.dim_names:
+                r.dim_names[d] = f"d{len(r.dim_names)}"
+                binds.append(f"{r.dim_names[d]} = a{i}.shape[{ax}]")
+    out = [f"# Generated by dlc for `{comment(g.name)}`: {len(plan.order)} kernels. Do not edit.",
+           "import math", "import numpy as np", target.prelude, ""]
+    step = []
+    for grp in plan.order:
+        if grp.pattern == "view":
+            n = grp.nodes[0]
+            src = g.args(n)[0]
+            name = f"v{n}"
+            plan.storage[n] = name
+            step.append(f"{name} = {plan.storage[src]}.reshape({r.shape_expr(g.shape(n))})")
+            continue
+        body, reads, writes, dims, pnames, onames = r.kernel(grp)
+        kname = f"k{grp.id}"
+        params = [pnames[x] for x in reads] + [onames[x] for x in writes] + dims
+        out.append(f"# ---- kernel {kname}: {grp.pattern}, {len(grp.nodes)} op{'s' * (len(grp.nodes) != 1)} ----")
+        out += ["# " + r.ir_line(n) for n in grp.nodes]
+        out.append(target.kernel_decorator)
+        out.append(f"def {kname}({', '.join(params)}):")
+        out += ["    " + line for line in body]
+        out.append("")
+        for name, shape, dtype in plan.allocs.get(grp.id, []):
+            step.append(f"{name} = np.empty({r.shape_expr(shape)}, {NP_DTYPE[dtype]})")
+        call_args = [plan.storage[x] for x in reads] + [plan.storage[x] for x in writes] + dims
+        step.append(target.launch(kname, call_args, grp))
+    for s, v in plan.copies:
+        step.append(f"{plan.storage[s]}.reshape(-1)[:] = {plan.storage[v]}.reshape(-1)")
+    outs = list(g.outputs)
+    ret = ", ".join(plan.storage[g.outputs[k]] for k in outs)
+    args = [f"a{i}" for i in range(len(g.inputs))]
+    out.append("# ---- the step: allocate, run every kernel in order ----")
+    out.append(target.step_decorator)
+    out.append(f"def step({', '.join(args)}):")
+    out += ["    " + line for line in binds + step]
+    out.append(f"    return ({ret}{',' if len(outs) == 1 else ''})")
+    meta = {"outputs": outs, "kernels": len([x for x in plan.order if x.pattern != "view"])}
+    return "\n".join(out) + "\n", meta

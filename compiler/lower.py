@@ -1,0 +1,572 @@
+"""Lowering: the AST becomes the graph IR, with every shape checked.
+
+`def`s and `model`s are inlined at each call; every call site of a `def` gets its own
+parameters, named hierarchically (`mlp/dense_1/W`). Passing `name = "..."` to a call names its
+scope explicitly, and two calls given the same name share one set of parameters (weight tying).
+A model is one scope: calling it twice uses the same parameters.
+"""
+from __future__ import annotations
+
+import difflib
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dsl import ast as A
+from dsl.diagnostics import DlcError, Loc
+from dsl.parser import parse_file
+
+from .ir import Graph
+from .shapes import FLOATS, INTS, dim_div, dim_factors, dim_mul, fmt_shape, fmt_type, same_dim
+
+STDLIB_DIR = Path(__file__).resolve().parent.parent / "dsl" / "stdlib"
+MAX_DEPTH = 64
+
+
+@dataclass(frozen=True)
+class Tensor:
+    node: int
+
+
+@dataclass(frozen=True)
+class InitSpec:
+    name: str
+    kwargs: tuple = ()
+
+    def __str__(self):
+        if not self.kwargs:
+            return self.name
+        return f"{self.name}({', '.join(f'{k}={v}' for k, v in self.kwargs)})"
+
+
+INITIALIZERS = {
+    "glorot": {}, "xavier": {}, "glorot_normal": {}, "he": {}, "kaiming": {}, "he_uniform": {},
+    "zeros": {}, "ones": {}, "normal": {"mean": 0.0, "std": 0.01}, "uniform": {"low": -0.05, "high": 0.05},
+    "constant": {"value": 0.0},
+}
+
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    name: str
+    lr: float
+    momentum: float = 0.0
+    nesterov: bool = False
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    alpha: float = 0.99
+    weight_decay: float = 0.0
+    decay: object = "weights"          # "weights" (rank >= 2), "all", or a list of name globs
+
+
+OPTIMIZERS = {
+    "sgd": dict(lr=0.01, momentum=0.0, nesterov=False, weight_decay=0.0, decay="weights"),
+    "adam": dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, decay="weights"),
+    "adamw": dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01, decay="weights"),
+    "rmsprop": dict(lr=0.01, alpha=0.99, eps=1e-8, weight_decay=0.0, decay="weights"),
+}
+
+
+@dataclass
+class ParamInfo:
+    name: str
+    node: int
+    shape: tuple
+    dtype: str
+    init: InitSpec
+    loc: Loc
+
+
+@dataclass
+class Program:
+    """What lowering produces: the forward graph and what the runtime needs to drive it."""
+
+    graph: Graph
+    params: dict[str, ParamInfo]
+    data: dict[str, int] = field(default_factory=dict)     # data field -> input node
+    settings: dict = field(default_factory=dict)
+    setting_locs: dict = field(default_factory=dict)
+    model: str = ""
+
+
+@dataclass
+class Frame:
+    vars: dict
+    dims: dict
+    scope: str
+    fn: str
+    user_loc: Loc | None
+
+
+def _suggest(name, options) -> list[str]:
+    close = difflib.get_close_matches(name, list(options), n=1)
+    return [f"did you mean `{close[0]}`?"] if close else []
+
+
+class Lowerer:
+    def __init__(self, module: A.Module, float_dtype: str = "f32"):
+        self.float_dtype = float_dtype
+        self.user_files = {module.loc.file}
+        self.funcs: dict[str, A.FuncDef] = {}
+        self.models: dict[str, A.FuncDef] = {}
+        self.trains: list[A.TrainDef] = []
+        for f in sorted(STDLIB_DIR.glob("*.dl")):
+            self._collect(parse_file(f), stdlib=True)
+        self._load(module, seen=set())
+        self.g = Graph(module.loc.file)
+        self.params: dict[str, ParamInfo] = {}
+        self.counters: dict[tuple[str, str], int] = {}
+        self.depth = 0
+        self.model_outputs: list[int] = []
+
+    # ---- modules -------------------------------------------------------------------------------
+    def _load(self, module: A.Module, seen: set):
+        for item in module.items:
+            if isinstance(item, A.Import):
+                path = (Path(item.loc.file).parent / item.path).resolve()
+                if str(path) in seen:
+                    continue
+                seen.add(str(path))
+                if not path.exists():
+                    raise DlcError(f"cannot import \"{item.path}\": no such file {path}", item.loc)
+                sub = parse_file(path)
+                self.user_files.add(sub.loc.file)
+                self._load(sub, seen)
+        self._collect(module, stdlib=False)
+
+    def _collect(self, module: A.Module, stdlib: bool):
+        for item in module.items:
+            if isinstance(item, A.FuncDef):
+                table = self.models if item.kind == "model" else self.funcs
+                prev = table.get(item.name)
+                if prev is not None and not stdlib and prev.loc.file in self.user_files and prev.loc.file == item.loc.file:
+                    raise DlcError(f"`{item.name}` is defined twice (first at {prev.loc})", item.loc)
+                if item.name in BUILTINS and not stdlib:
+                    pass  # a user's def shadows a builtin
+                table[item.name] = item
+            elif isinstance(item, A.TrainDef) and not stdlib:
+                self.trains.append(item)
+
+    # ---- entry points --------------------------------------------------------------------------
+    def lower_train(self, train: A.TrainDef, fields: dict[str, tuple[str, tuple]]) -> Program:
+        """Lower a train block. `fields` maps each data field to (dtype, per-example shape)."""
+        if train.model not in self.models:
+            raise DlcError(f"unknown model `{train.model}`", train.loc, _suggest(train.model, self.models))
+        self.g.name = train.model
+        frame = Frame({}, {}, "", "train", None)
+        data = {}
+        for fname, (dtype, tail) in fields.items():
+            dt = self.float_dtype if dtype in FLOATS else dtype
+            n = self.g.input(fname, ("B",) + tuple(tail), dt, "data", loc=train.data.loc)
+            data[fname] = n
+            frame.vars[fname] = Tensor(n)
+        prog = Program(self.g, self.params, data, model=train.model)
+        self.current_model = train.model
+        for st in train.body:
+            if not isinstance(st, A.Assign):
+                raise DlcError("a train block holds settings (`name = value`)", st.loc)
+            if st.name not in TRAIN_SETTINGS:
+                raise DlcError(f"unknown train setting `{st.name}`", st.loc,
+                               _suggest(st.name, TRAIN_SETTINGS) + [f"settings: {', '.join(TRAIN_SETTINGS)}"])
+            if st.name == "metrics":
+                val = self._metrics(st.value)
+            else:
+                val = self.eval(st.value, frame)
+            if st.name == "loss":
+                if not isinstance(val, Tensor) or self.g.shape(val.node) != () or self.g.dtype(val.node) not in FLOATS:
+                    got = self._describe(val)
+                    raise DlcError(f"the loss must be a float scalar, got {got}", st.value.loc,
+                                   ["reduce it with mean(...) or sum(...)"])
+                self.g.outputs["loss"] = val.node
+                if self.model_outputs:
+                    self.g.outputs["output"] = self.model_outputs[0]
+            elif st.name == "optimizer" and not isinstance(val, OptimizerSpec):
+                raise DlcError("optimizer must be one of " + ", ".join(OPTIMIZERS) + "(...)", st.value.loc)
+            elif st.name in ("batch", "epochs", "seed") and (not isinstance(val, int) or isinstance(val, bool) or val < (0 if st.name == "seed" else 1)):
+                raise DlcError(f"`{st.name}` must be a {'non-negative' if st.name == 'seed' else 'positive'} integer, got {val!r}", st.value.loc)
+            prog.settings[st.name] = val
+            prog.setting_locs[st.name] = st.value.loc
+            frame.vars[st.name] = val
+        if "loss" not in prog.settings:
+            raise DlcError(f"train block for `{train.model}` sets no `loss`", train.loc)
+        if not self.model_outputs:
+            raise DlcError(f"the loss never calls the model `{train.model}`", prog.setting_locs["loss"])
+        return prog
+
+    def lower_model(self, name: str, loc: Loc | None = None) -> Program:
+        """Lower a model alone, its inputs typed by its signature (for inference and checks)."""
+        if name not in self.models:
+            raise DlcError(f"unknown model `{name}`", loc, _suggest(name, self.models))
+        fn = self.models[name]
+        self.g.name = name
+        frame = Frame({}, {}, "", "model", None)
+        args = []
+        for p in fn.params:
+            if not isinstance(p.type, A.TensorType) or p.type.dtype is None:
+                raise DlcError(f"model input `{p.name}` needs a full type such as f32[B, 64]", p.loc)
+            shape = []
+            for d in p.type.dims:
+                if isinstance(d, A.DimName):
+                    shape.append(d.name)
+                elif isinstance(d, A.DimInt):
+                    shape.append(d.value)
+                else:
+                    raise DlcError("model inputs take names and integers as dimensions", d.loc)
+            dt = self._dtype(p.type.dtype, p.type.loc)
+            args.append(Tensor(self.g.input(p.name, tuple(shape), dt, "data", loc=p.loc)))
+        prog = Program(self.g, self.params, {self.g[a.node]["name"]: a.node for a in args}, model=name)
+        call = A.Call(fn.loc, name, fn.loc, tuple(A.Name(fn.loc, p.name) for p in fn.params), ())
+        frame.vars.update({p.name: a for p, a in zip(fn.params, args)})
+        out = self.eval(call, frame)
+        self.g.outputs["output"] = out.node
+        return prog
+
+    # ---- expressions ---------------------------------------------------------------------------
+    def loc_of(self, node: A.Node, frame: Frame) -> Loc:
+        """Nodes made inside the standard library point at the user's call site."""
+        if node.loc.file in self.user_files or frame.user_loc is None:
+            return node.loc
+        return frame.user_loc
+
+    def eval(self, e: A.Node, frame: Frame):
+        loc = self.loc_of(e, frame)
+        with self.g.at(loc):
+            if isinstance(e, A.Number):
+                return e.value
+            if isinstance(e, (A.String, A.Bool)):
+                return e.value
+            if isinstance(e, A.List):
+                return [self.eval(x, frame) for x in e.items]
+            if isinstance(e, A.Name):
+                return self._name(e, frame)
+            if isinstance(e, A.Neg):
+                v = self.eval(e.operand, frame)
+                if isinstance(v, Tensor):
+                    return Tensor(self.g.add("neg", v.node))
+                if isinstance(v, (int, float)) and not isinstance(v, bool):
+                    return -v
+                raise DlcError(f"cannot negate {self._describe(v)}", e.loc)
+            if isinstance(e, A.BinOp):
+                return self.binop(e.op, self.eval(e.left, frame), self.eval(e.right, frame), e)
+            if isinstance(e, A.Call):
+                return self.call(e, frame)
+        raise DlcError(f"unsupported expression {type(e).__name__}", e.loc)  # pragma: no cover
+
+    def _name(self, e: A.Name, frame: Frame):
+        if e.name in frame.vars:
+            return frame.vars[e.name]
+        if e.name in frame.dims and isinstance(frame.dims[e.name], int):
+            return frame.dims[e.name]
+        if e.name in CONSTANTS:
+            return CONSTANTS[e.name]
+        if e.name in INITIALIZERS:
+            return InitSpec(e.name)
+        if e.name in self.funcs or e.name in BUILTINS or e.name in self.models:
+            raise DlcError(f"`{e.name}` is a function; call it with (...)", e.loc)
+        options = list(frame.vars) + list(CONSTANTS)
+        raise DlcError(f"unknown name `{e.name}`", e.loc, _suggest(e.name, options))
+
+    def _describe(self, v) -> str:
+        if isinstance(v, Tensor):
+            return fmt_type(self.g.dtype(v.node), self.g.shape(v.node))
+        if isinstance(v, bool):
+            return f"the boolean {str(v).lower()}"
+        if isinstance(v, (int, float)):
+            return f"the number {v}"
+        return type(v).__name__ if not isinstance(v, (InitSpec, OptimizerSpec, str)) else repr(str(v))
+
+    def to_tensor(self, v, like_dtype: str | None, loc: Loc) -> Tensor:
+        if isinstance(v, Tensor):
+            return v
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise DlcError(f"expected a tensor or a number, got {self._describe(v)}", loc)
+        if like_dtype in INTS and isinstance(v, int):
+            return Tensor(self.g.const(v, like_dtype))
+        dt = like_dtype if like_dtype in FLOATS else self.float_dtype
+        return Tensor(self.g.const(v, dt))
+
+    def binop(self, op: str, a, b, e: A.Node):
+        num = (int, float)
+        if isinstance(a, num) and isinstance(b, num) and not isinstance(a, bool) and not isinstance(b, bool):
+            try:
+                return _PY_BINOPS[op](a, b)
+            except (ZeroDivisionError, OverflowError, KeyError) as err:
+                raise DlcError(f"cannot compute {a} {op} {b}: {err}", e.loc) from None
+        if op == "@":
+            if not (isinstance(a, Tensor) and isinstance(b, Tensor)):
+                raise DlcError(f"`@` multiplies two tensors, got {self._describe(a)} @ {self._describe(b)}", e.loc)
+            return Tensor(self.g.add("matmul", a.node, b.node))
+        da = self.g.dtype(a.node) if isinstance(a, Tensor) else None
+        db = self.g.dtype(b.node) if isinstance(b, Tensor) else None
+        ta = self.to_tensor(a, db, e.loc)
+        tb = self.to_tensor(b, da, e.loc)
+        if op == "**" and not isinstance(b, Tensor) and b == 2:
+            return Tensor(self.g.add("mul", ta.node, ta.node))
+        return Tensor(self.g.add(_TENSOR_BINOPS[op], ta.node, tb.node))
+
+    # ---- calls -----------------------------------------------------------------------------------
+    def call(self, e: A.Call, frame: Frame):
+        if e.func in self.funcs:
+            return self.call_def(self.funcs[e.func], e, frame)
+        if e.func in self.models:
+            return self.call_def(self.models[e.func], e, frame)
+        if e.func in BUILTINS:
+            args = [self.eval(a, frame) for a in e.args]
+            kwargs = {k: self.eval(v, frame) for k, v in e.kwargs}
+            return BUILTINS[e.func](self, e, args, kwargs)
+        if e.func in INITIALIZERS:
+            kwargs = {k: self.eval(v, frame) for k, v in e.kwargs}
+            allowed = INITIALIZERS[e.func]
+            for k in kwargs:
+                if k not in allowed:
+                    raise DlcError(f"initializer `{e.func}` has no option `{k}`", e.loc,
+                                   [f"options: {', '.join(allowed) or 'none'}"])
+            if e.args:
+                raise DlcError(f"initializer `{e.func}` takes keyword options only", e.loc)
+            return InitSpec(e.func, tuple(sorted(kwargs.items())))
+        if e.func in OPTIMIZERS:
+            return self._optimizer(e, frame)
+        options = list(self.funcs) + list(self.models) + list(BUILTINS)
+        raise DlcError(f"unknown function `{e.func}`", e.func_loc, _suggest(e.func, options))
+
+    def _optimizer(self, e: A.Call, frame: Frame) -> OptimizerSpec:
+        defaults = OPTIMIZERS[e.func]
+        if e.args:
+            raise DlcError(f"`{e.func}` takes keyword options, e.g. {e.func}(lr = 0.01)", e.loc)
+        opts = dict(defaults)
+        for k, v in e.kwargs:
+            if k not in defaults:
+                raise DlcError(f"`{e.func}` has no option `{k}`", v.loc,
+                               _suggest(k, defaults) + [f"options: {', '.join(defaults)}"])
+            val = self.eval(v, frame)
+            if k == "nesterov":
+                if not isinstance(val, bool):
+                    raise DlcError("nesterov must be true or false", v.loc)
+            elif k == "decay":
+                if not (val in ("weights", "all") or (isinstance(val, list) and all(isinstance(s, str) for s in val))):
+                    raise DlcError('decay must be "weights", "all" or a list of parameter name patterns', v.loc)
+            elif isinstance(val, bool) or not isinstance(val, (int, float)) or val < 0:
+                raise DlcError(f"`{k}` must be a non-negative number, got {self._describe(val)}", v.loc)
+            opts[k] = val
+        if opts.get("nesterov") and not opts.get("momentum"):
+            raise DlcError("nesterov needs momentum > 0", e.loc)
+        if isinstance(opts.get("decay"), list):
+            opts["decay"] = tuple(opts["decay"])
+        return OptimizerSpec(e.func, **opts)
+
+    def _metrics(self, e: A.Node):
+        items = e.items if isinstance(e, A.List) else (e,)
+        out = []
+        for it in items:
+            if not isinstance(it, A.Name) or it.name not in METRICS:
+                raise DlcError(f"metrics are names from: {', '.join(METRICS)}", it.loc)
+            out.append(it.name)
+        return out
+
+    def call_def(self, fn: A.FuncDef, e: A.Call, frame: Frame):
+        args = [self.eval(a, frame) for a in e.args]
+        kwargs = {k: self.eval(v, frame) for k, v in e.kwargs}
+        pnames = [p.name for p in fn.params]
+        share = None
+        if "name" in kwargs and "name" not in pnames:
+            share = kwargs.pop("name")
+            if not isinstance(share, str) or not share or "/" in share:
+                raise DlcError("`name` must be a non-empty string without '/'", e.loc)
+        if len(args) > len(fn.params):
+            raise DlcError(f"`{fn.name}` takes {len(fn.params)} argument{'s' * (len(fn.params) != 1)} "
+                           f"({', '.join(pnames)}), got {len(args)}", e.loc)
+        bound = dict(zip(pnames, args))
+        for k, v in kwargs.items():
+            if k not in pnames:
+                raise DlcError(f"`{fn.name}` has no parameter `{k}`", dict(e.kwargs)[k].loc,
+                               _suggest(k, pnames) + [f"parameters: {', '.join(pnames)}"])
+            if k in bound:
+                raise DlcError(f"`{fn.name}`: argument `{k}` given twice", dict(e.kwargs)[k].loc)
+            bound[k] = v
+        # the new frame: scope and call-site location
+        if fn.kind == "model":
+            scope = fn.name
+        else:
+            base = frame.scope
+            if share is not None:
+                local = share
+            else:
+                key = (base, fn.name)
+                self.counters[key] = self.counters.get(key, 0) + 1
+                local = f"{fn.name}_{self.counters[key]}"
+            scope = f"{base}/{local}" if base else local
+        user_loc = e.loc if e.loc.file in self.user_files else frame.user_loc
+        inner = Frame({}, {}, scope, fn.name, user_loc)
+        self.depth += 1
+        if self.depth > MAX_DEPTH:
+            raise DlcError(f"calls nest deeper than {MAX_DEPTH} (is `{fn.name}` recursive?)", e.loc)
+        try:
+            for p in fn.params:
+                if p.name in bound:
+                    v = bound[p.name]
+                elif p.default is not None:
+                    v = self.eval(p.default, inner)
+                else:
+                    raise DlcError(f"`{fn.name}` is missing argument `{p.name}`", e.loc,
+                                   [f"parameters: {', '.join(pnames)}"])
+                if p.type is not None:
+                    self.check_type(p.type, v, inner, f"argument `{p.name}` of `{fn.name}`", e.loc)
+                inner.vars[p.name] = v
+            result = self.run_body(fn, inner)
+        except DlcError as err:
+            if err.loc is not None and err.loc.file not in self.user_files and e.loc.file in self.user_files:
+                err.notes.append(f"inside `{fn.name}` at {Path(err.loc.file).name}:{err.loc.line}")
+                err.loc = e.loc
+            raise
+        finally:
+            self.depth -= 1
+        if fn.ret is not None:
+            self.check_type(fn.ret, result, inner, f"the result of `{fn.name}`", e.loc)
+        if fn.kind == "model" and isinstance(result, Tensor) and getattr(self, "current_model", None) == fn.name:
+            self.model_outputs.append(result.node)
+        return result
+
+    def run_body(self, fn: A.FuncDef, frame: Frame):
+        for st in fn.body:
+            if isinstance(st, A.Assign):
+                frame.vars[st.name] = self.eval(st.value, frame)
+            elif isinstance(st, A.ParamDecl):
+                frame.vars[st.name] = self.declare_param(st, frame)
+            elif isinstance(st, A.Return):
+                vals = [self.eval(v, frame) for v in st.values]
+                return vals[0] if len(vals) == 1 else tuple(vals)
+        raise DlcError(f"`{fn.name}` has no return statement", fn.loc)
+
+    # ---- parameters --------------------------------------------------------------------------
+    def declare_param(self, st: A.ParamDecl, frame: Frame) -> Tensor:
+        shape = []
+        for d in st.type.dims:
+            v = self.eval_dim(d, frame)
+            if not isinstance(v, int):
+                raise DlcError(f"parameter `{st.name}` needs a fixed size, but dimension {v} depends on the input",
+                               self.loc_of(d, frame))
+            if v <= 0:
+                raise DlcError(f"parameter `{st.name}` has a dimension of size {v}", self.loc_of(d, frame))
+            shape.append(v)
+        dtype = self._dtype(st.type.dtype, st.type.loc) if st.type.dtype else self.float_dtype
+        init = self.eval(st.init, frame) if st.init is not None else InitSpec("zeros")
+        if isinstance(init, (int, float)) and not isinstance(init, bool):
+            init = InitSpec("constant", (("value", float(init)),))
+        if not isinstance(init, InitSpec):
+            raise DlcError(f"unknown initializer for `{st.name}`; use one of {', '.join(INITIALIZERS)}",
+                           self.loc_of(st.init, frame))
+        name = f"{frame.scope}/{st.name}" if frame.scope else st.name
+        loc = self.loc_of(st, frame)
+        if name in self.params:
+            info = self.params[name]
+            if info.shape != tuple(shape):
+                raise DlcError(f"shared parameter `{name}` is {fmt_shape(info.shape)} here but "
+                               f"{fmt_shape(tuple(shape))} at its first use ({info.loc})", loc)
+            return Tensor(info.node)
+        n = self.g.input(name, tuple(shape), dtype, "param", loc=loc)
+        self.params[name] = ParamInfo(name, n, tuple(shape), dtype, init, loc)
+        return Tensor(n)
+
+    def eval_dim(self, d, frame: Frame):
+        if isinstance(d, A.DimInt):
+            return d.value
+        if isinstance(d, A.DimName):
+            if d.name in frame.dims:
+                return frame.dims[d.name]
+            v = frame.vars.get(d.name)
+            if isinstance(v, int) and not isinstance(v, bool):
+                return v
+            raise DlcError(f"unknown dimension `{d.name}`", self.loc_of(d, frame),
+                           _suggest(d.name, list(frame.dims) + [k for k, x in frame.vars.items() if isinstance(x, int)]))
+        if isinstance(d, A.DimBin):
+            a, b = self.eval_dim(d.left, frame), self.eval_dim(d.right, frame)
+            if isinstance(a, int) and isinstance(b, int):
+                if d.op == "/" and (b == 0 or a % b):
+                    raise DlcError(f"dimension {a} / {b} is not a whole number", self.loc_of(d, frame))
+                return {"+": a + b, "-": a - b, "*": a * b, "/": a // b if b else 0}[d.op]
+            if d.op == "*":
+                return dim_mul(a, b)
+            if d.op == "/":
+                r = dim_div(a, b)
+                if r is not None:
+                    return r
+            raise DlcError(f"cannot compute dimension {a} {d.op} {b}", self.loc_of(d, frame))
+        raise DlcError("`...` is only allowed in an argument's type", self.loc_of(d, frame))
+
+    # ---- types ---------------------------------------------------------------------------------
+    def _dtype(self, name: str, loc: Loc) -> str:
+        if name not in ("f32", "f64", "i32", "i64", "bool"):
+            raise DlcError(f"unknown dtype `{name}`", loc, ["dtypes: f32, f64, i32, i64, bool"])
+        return self.float_dtype if name in FLOATS else name
+
+    def check_type(self, typ, v, frame: Frame, what: str, loc: Loc):
+        if isinstance(typ, A.ScalarType):
+            ok = {"int": lambda x: isinstance(x, int) and not isinstance(x, bool),
+                  "float": lambda x: isinstance(x, (int, float)) and not isinstance(x, bool),
+                  "bool": lambda x: isinstance(x, bool), "str": lambda x: isinstance(x, str)}.get(typ.name)
+            if ok is None:
+                raise DlcError(f"unknown type `{typ.name}`", typ.loc, ["scalar types: int, float, bool, str"])
+            if not ok(v):
+                raise DlcError(f"{what} must be {typ.name}, got {self._describe(v)}", loc)
+            return
+        if not isinstance(v, Tensor):
+            raise DlcError(f"{what} must be a tensor, got {self._describe(v)}", loc)
+        shape, dtype = self.g.shape(v.node), self.g.dtype(v.node)
+        want = f"{typ.dtype or ''}[{', '.join(_dim_text(d) for d in typ.dims)}]"
+        got = fmt_type(dtype, shape)
+        if typ.dtype is not None and self._dtype(typ.dtype, typ.loc) != dtype:
+            raise DlcError(f"{what} must be {want}, got {got}", loc)
+        dims = list(typ.dims)
+        ell = [i for i, d in enumerate(dims) if isinstance(d, A.DimEllipsis)]
+        if len(ell) > 1:
+            raise DlcError("a type has at most one `...`", typ.loc)
+        if ell:
+            i = ell[0]
+            head, tail = dims[:i], dims[i + 1:]
+            if len(shape) < len(head) + len(tail):
+                raise DlcError(f"{what} must be {want}, got {got} (rank {len(shape)})", loc)
+            pairs = list(zip(head, shape[:len(head)])) + list(zip(tail, shape[len(shape) - len(tail):]))
+        else:
+            if len(shape) != len(dims):
+                raise DlcError(f"{what} must be {want}, got {got} (rank {len(shape)}, expected {len(dims)})", loc)
+            pairs = list(zip(dims, shape))
+        for d, actual in pairs:
+            if isinstance(d, A.DimName) and d.name not in frame.dims and not isinstance(frame.vars.get(d.name), int):
+                frame.dims[d.name] = actual
+                continue
+            expected = self.eval_dim(d, frame)
+            if not same_dim(expected, actual):
+                raise DlcError(f"{what} must be {want}, got {got}: {_dim_text(d)} is {expected}, not {actual}", loc)
+
+
+def _dim_text(d) -> str:
+    if isinstance(d, A.DimName):
+        return d.name
+    if isinstance(d, A.DimInt):
+        return str(d.value)
+    if isinstance(d, A.DimEllipsis):
+        return "..."
+    return f"{_dim_text(d.left)}{d.op}{_dim_text(d.right)}"
+
+
+_PY_BINOPS = {
+    "+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b, "/": lambda a, b: a / b,
+    "**": lambda a, b: a ** b, "==": lambda a, b: a == b, "!=": lambda a, b: a != b, "<": lambda a, b: a < b,
+    "<=": lambda a, b: a <= b, ">": lambda a, b: a > b, ">=": lambda a, b: a >= b,
+}
+_TENSOR_BINOPS = {"+": "add", "-": "sub", "*": "mul", "/": "div", "**": "pow", "==": "eq", "!=": "ne",
+                  "<": "lt", "<=": "le", ">": "gt", ">=": "ge"}
+
+CONSTANTS = {"pi": math.pi, "e": math.e, "inf": math.inf}
+METRICS = ("accuracy", "loss")
+TRAIN_SETTINGS = ("loss", "optimizer", "batch", "epochs", "seed", "metrics")
+
+from .builtins import BUILTINS  # noqa: E402  (the builtins use Tensor and Lowerer above)
+
+
+def lower_train(module: A.Module, fields, float_dtype="f32", train_index=0) -> tuple[Program, "Lowerer"]:
+    lw = Lowerer(module, float_dtype)
+    if not lw.trains:
+        raise DlcError("this file has no `train` block", module.loc)
+    return lw.lower_train(lw.trains[train_index], fields), lw

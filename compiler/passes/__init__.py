@@ -1,0 +1,56 @@
+"""Graph -> graph passes. One pass per file; a pipeline is a plain list of them.
+
+`run_pipeline` verifies the IR after every pass and names the pass that broke it; it can stop
+after any pass by name, which is how `dlc ir --stage NAME` dumps an intermediate stage.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .autodiff import autodiff
+from .cse import cse
+from .dce import dce
+from .fusion import fusion, no_fusion
+from .optimizer import optimizer
+from .simplify import simplify
+
+
+class CompilerBug(Exception):
+    """The compiler produced invalid IR: not the user's fault."""
+
+
+@dataclass
+class Context:
+    params: dict = field(default_factory=dict)      # name -> input node
+    optimizer: object = None                         # OptimizerSpec or None
+    expose_grads: bool = False                       # add d loss / d p as outputs
+    grads: dict = field(default_factory=dict)        # filled by autodiff
+
+
+TRAIN_PIPELINE = [autodiff, optimizer, simplify, cse, dce, fusion]
+GRAD_PIPELINE = [autodiff, simplify, cse, dce, fusion]
+EVAL_PIPELINE = [simplify, cse, dce, fusion]
+
+
+def pipeline(kind: str, fuse: bool = True) -> list:
+    base = {"train": TRAIN_PIPELINE, "grad": GRAD_PIPELINE, "eval": EVAL_PIPELINE}[kind]
+    return [p if (fuse or p is not fusion) else no_fusion for p in base]
+
+
+def run_pipeline(graph, passes, ctx: Context, stop_after: str | None = None):
+    try:
+        graph.verify()
+    except AssertionError as e:
+        raise CompilerBug(f"invalid IR after lowering: {e}") from None
+    for p in passes:
+        graph = p(graph, ctx)
+        try:
+            graph.verify()
+        except AssertionError as e:
+            raise CompilerBug(f"invalid IR after pass `{p.__name__}`: {e}") from None
+        if stop_after is not None and p.__name__ == stop_after:
+            break
+    return graph
+
+
+PASS_NAMES = ["autodiff", "optimizer", "simplify", "cse", "dce", "fusion"]

@@ -1,0 +1,280 @@
+"""Parse `.dl` source into the AST. Lark's errors become located `DlcError`s."""
+from __future__ import annotations
+
+import ast as pyast
+from functools import lru_cache
+from pathlib import Path
+
+from lark import Lark, Token, Transformer, v_args
+from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken, VisitError
+
+from . import ast as A
+from .diagnostics import DlcError, Loc, register_source
+
+_GRAMMAR = Path(__file__).with_name("grammar.lark")
+
+# After these tokens a newline cannot end a statement, so it is dropped: expressions and
+# argument lists may continue on the next line.
+_CONTINUES = {"PLUS", "MINUS", "STAR", "SLASH", "AT", "__ANON_0", "COMMA", "EQUAL", "COMPARE",
+              "LPAR", "LSQB", "LBRACE", "COLON"}
+_OPEN = {"LPAR": "RPAR", "LSQB": "RSQB"}
+
+
+class _NewlineFilter:
+    """Postlexer: drop newlines inside () and [] and after an operator or comma."""
+
+    always_accept = ("_NL",)
+
+    def process(self, stream):
+        depth = 0
+        prev = None
+        for tok in stream:
+            if tok.type in _OPEN:
+                depth += 1
+            elif tok.type in ("RPAR", "RSQB"):
+                depth = max(0, depth - 1)
+            if tok.type == "_NL":
+                if depth > 0 or (prev is not None and (prev.type in _CONTINUES or prev.value == "**")):
+                    continue
+            prev = tok
+            yield tok
+
+
+@lru_cache(maxsize=1)
+def _lark() -> Lark:
+    return Lark(_GRAMMAR.read_text(), parser="lalr", propagate_positions=True,
+                postlex=_NewlineFilter(), maybe_placeholders=True)
+
+
+_TOKEN_NAMES = {
+    "NAME": "a name", "NUMBER": "a number", "INT": "an integer", "STRING": "a string",
+    "_NL": "a new line", "LPAR": "'('", "RPAR": "')'", "LSQB": "'['", "RSQB": "']'",
+    "LBRACE": "'{'", "RBRACE": "'}'", "COMMA": "','", "EQUAL": "'='", "COLON": "':'",
+    "PLUS": "'+'", "MINUS": "'-'", "STAR": "'*'", "SLASH": "'/'", "AT": "'@'", "$END": "end of file",
+    "COMPARE": "a comparison", "ELLIPSIS": "'...'", "SEMICOLON": "';'", "RETURN": "'return'",
+    "PARAM": "'param'", "DEF": "'def'", "MODEL": "'model'", "TRAIN": "'train'", "IMPORT": "'import'",
+}
+
+
+def _describe_expected(expected) -> str:
+    names = sorted({_TOKEN_NAMES.get(e, e.lower().strip("_") if e.isupper() else e) for e in expected})
+    if len(names) > 6:
+        names = names[:6] + ["..."]
+    return ", ".join(names)
+
+
+class _ToAst(Transformer):
+    def __init__(self, filename: str):
+        super().__init__()
+        self.file = filename
+
+    def _loc(self, meta) -> Loc:
+        return Loc(self.file, getattr(meta, "line", 1), getattr(meta, "column", 1),
+                   getattr(meta, "end_line", None), getattr(meta, "end_column", None))
+
+    def _tloc(self, tok: Token) -> Loc:
+        return Loc(self.file, tok.line, tok.column, tok.end_line, tok.end_column)
+
+    # items
+    @v_args(meta=True)
+    def start(self, meta, items):
+        return A.Module(self._loc(meta), tuple(i for i in items if i is not None))
+
+    @v_args(meta=True)
+    def import_stmt(self, meta, c):
+        return A.Import(self._loc(meta), _unquote(c[0]))
+
+    @v_args(meta=True)
+    def funcdef(self, meta, c):
+        name, params, ret, body = c
+        return A.FuncDef(self._loc(meta), "def", str(name), params or (), ret, body)
+
+    @v_args(meta=True)
+    def modeldef(self, meta, c):
+        name, params, ret, body = c
+        return A.FuncDef(self._loc(meta), "model", str(name), params or (), ret, body)
+
+    @v_args(meta=True)
+    def traindef(self, meta, c):
+        name, data, body = c
+        return A.TrainDef(self._loc(meta), str(name), data, body)
+
+    def params(self, c):
+        return tuple(c)
+
+    @v_args(meta=True)
+    def param(self, meta, c):
+        name, typ, default = c
+        return A.Param(self._tloc(name), str(name), typ, default)
+
+    # types
+    @v_args(meta=True)
+    def tensor_type(self, meta, c):
+        dtype, dims = c
+        return A.TensorType(self._loc(meta), str(dtype), dims or ())
+
+    @v_args(meta=True)
+    def tensor_type_any(self, meta, c):
+        return A.TensorType(self._loc(meta), None, c[0] or ())
+
+    @v_args(meta=True)
+    def scalar_type(self, meta, c):
+        return A.ScalarType(self._loc(meta), str(c[0]))
+
+    def dims(self, c):
+        return tuple(c)
+
+    def dim_ellipsis(self, c):
+        return A.DimEllipsis(self._tloc(c[0]))
+
+    def dim_name(self, c):
+        return A.DimName(self._tloc(c[0]), str(c[0]))
+
+    def dim_int(self, c):
+        return A.DimInt(self._tloc(c[0]), int(c[0]))
+
+    def _dim_bin(op):
+        @v_args(meta=True)
+        def f(self, meta, c):
+            return A.DimBin(self._loc(meta), op, c[0], c[1])
+        return f
+
+    dim_add, dim_sub, dim_mul, dim_div = _dim_bin("+"), _dim_bin("-"), _dim_bin("*"), _dim_bin("/")
+
+    # statements
+    @v_args(meta=True)
+    def block(self, meta, c):
+        return tuple(c)
+
+    @v_args(meta=True)
+    def assign(self, meta, c):
+        return A.Assign(self._loc(meta), str(c[0]), c[1])
+
+    @v_args(meta=True)
+    def param_decl(self, meta, c):
+        name, typ, init = c
+        return A.ParamDecl(self._loc(meta), str(name), typ, init)
+
+    @v_args(meta=True)
+    def return_stmt(self, meta, c):
+        return A.Return(self._loc(meta), tuple(c))
+
+    # expressions
+    def _bin(op):
+        @v_args(meta=True)
+        def f(self, meta, c):
+            return A.BinOp(self._loc(meta), op, c[0], c[1])
+        return f
+
+    add, sub, mul, div, matmul, pow = _bin("+"), _bin("-"), _bin("*"), _bin("/"), _bin("@"), _bin("**")
+
+    @v_args(meta=True)
+    def compare(self, meta, c):
+        return A.BinOp(self._loc(meta), str(c[1]), c[0], c[2])
+
+    @v_args(meta=True)
+    def neg(self, meta, c):
+        return A.Neg(self._loc(meta), c[0])
+
+    @v_args(meta=True)
+    def call(self, meta, c):
+        name, args = c
+        pos, kw = [], []
+        for a in args or ():
+            if isinstance(a, tuple):
+                kw.append(a)
+            else:
+                if kw:
+                    raise DlcError("a positional argument cannot follow a keyword argument", a.loc)
+                pos.append(a)
+        seen = set()
+        for k, v in kw:
+            if k in seen:
+                raise DlcError(f"keyword argument `{k}` given twice", v.loc)
+            seen.add(k)
+        return A.Call(self._loc(meta), str(name), self._tloc(name), tuple(pos), tuple(kw))
+
+    def args(self, c):
+        return tuple(c)
+
+    def kwarg(self, c):
+        return (str(c[0]), c[1])
+
+    def name(self, c):
+        return A.Name(self._tloc(c[0]), str(c[0]))
+
+    def number(self, c):
+        t = c[0]
+        text = str(t)
+        value = int(text) if text.isdigit() else float(text)
+        return A.Number(self._tloc(t), value, text)
+
+    def string(self, c):
+        return A.String(self._tloc(c[0]), _unquote(c[0]))
+
+    @v_args(meta=True)
+    def true(self, meta, c):
+        return A.Bool(self._loc(meta), True)
+
+    @v_args(meta=True)
+    def false(self, meta, c):
+        return A.Bool(self._loc(meta), False)
+
+    @v_args(meta=True)
+    def list(self, meta, c):
+        return A.List(self._loc(meta), tuple(x for x in c if x is not None))
+
+
+def _unquote(tok) -> str:
+    return pyast.literal_eval(str(tok))
+
+
+def parse(text: str, filename: str = "<string>") -> A.Module:
+    """Parse `.dl` source text. Raises `DlcError` with a location on bad syntax."""
+    register_source(filename, text)
+    try:
+        tree = _lark().parse(text)
+    except UnexpectedInput as e:
+        raise _syntax_error(e, filename) from None
+    try:
+        return _ToAst(filename).transform(tree)
+    except VisitError as e:
+        if isinstance(e.orig_exc, DlcError):
+            raise e.orig_exc from None
+        raise
+
+
+def parse_file(path: str | Path) -> A.Module:
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except FileNotFoundError:
+        raise DlcError(f"no such file: {p}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise DlcError(f"cannot read {p}: {e}") from None
+    return parse(text, str(p))
+
+
+def _syntax_error(e: UnexpectedInput, filename: str) -> DlcError:
+    line, col = getattr(e, "line", 1), getattr(e, "column", 1)
+    if isinstance(e, UnexpectedCharacters):
+        ch = e.char if e.char.isprintable() else repr(e.char)
+        msg = f"unexpected character `{ch}`"
+    elif isinstance(e, UnexpectedEOF):
+        msg = f"unexpected end of file; expected {_describe_expected(e.expected)}"
+    elif isinstance(e, UnexpectedToken):
+        tok = e.token
+        if tok.type == "$END":
+            what = "end of file"
+        elif tok.type == "_NL":
+            what = "end of line"
+        else:
+            what = f"`{tok.value}`"
+        msg = f"unexpected {what}; expected {_describe_expected(e.expected)}"
+        if tok.type == "$END" or line in (None, -1):
+            line, col = tok.line if tok.line not in (None, -1) else 1, tok.column if tok.column not in (None, -1) else 1
+    else:  # pragma: no cover - lark has no other kinds today
+        msg = str(e)
+    if line in (None, -1):
+        line, col = 1, 1
+    return DlcError(f"syntax error: {msg}", Loc(filename, line, col))
