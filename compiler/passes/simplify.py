@@ -1,7 +1,7 @@
 """Pass `simplify`: constant folding and algebraic identities.
 
 Folds ops whose arguments are all constants (with the op's NumPy reference), and rewrites
-x+0, x-0, x*1, x/1, --x, x**1, x**2 -> x*x, and no-op reshapes, broadcasts and casts.
+x+0, x-0, x*1, x/1, --x, x**1, x**2 -> x*x, reshape(constant) -> broadcast, and no-op reshapes, broadcasts and casts.
 """
 import numpy as np
 
@@ -49,6 +49,9 @@ def _rewrite(g, n):
             return g.add("mul", args[0], args[0])
     if op in ("reshape", "broadcast_to", "cast") and same(args[0]):
         return args[0]
+    if op == "reshape" and g.op(args[0]) == "const":       # a filled array, not a view of nothing
+        with g.at(g[n]["loc"], g[n]["role"]):
+            return g.add("broadcast_to", args[0], shape=g.shape(n))
     if op == "reshape" and g.op(args[0]) == "reshape":
         with g.at(g[n]["loc"], g[n]["role"]):
             return g.add("reshape", g.args(args[0])[0], shape=g.shape(n))

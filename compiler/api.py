@@ -1,0 +1,110 @@
+"""Compile a `.dl` model as a plain function (used by tests, and by tools that embed dlc).
+
+    f = compile_function(src, "f", grad=["x", "lin/W"], dtype="f64")
+    out = f(x=..., **{"lin/W": ...})      # {"output": ..., "grad:x": ..., "grad:lin/W": ...}
+
+With `grad`, the model must return a scalar (the loss); gradients are taken with respect to
+the named inputs and parameters (`grad=True`: every parameter).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from dsl.diagnostics import DlcError
+from dsl.parser import parse, parse_file
+
+from .driver import Executable, build, optimize
+from .lower import Lowerer, ParamInfo
+from .passes import Context
+from .shapes import DTYPES
+
+
+@dataclass
+class Function:
+    ex: Executable
+    params: dict[str, ParamInfo]
+    graph: object
+
+    @property
+    def source(self) -> str:
+        return self.ex.source
+
+    def __call__(self, **arrays) -> dict[str, np.ndarray]:
+        args = []
+        for name, kind, shape, dtype in self.ex.inputs:
+            if name not in arrays:
+                raise KeyError(f"missing value for {kind} `{name}`")
+            args.append(np.ascontiguousarray(arrays[name], dtype=DTYPES[dtype]))
+        return dict(zip(self.ex.outputs, self.ex(*args)))
+
+
+def lower_function(src: str, model: str | None = None, dtype: str = "f64", filename: str = "<test>.dl"):
+    module = parse_file(src) if src.endswith(".dl") and "\n" not in src else parse(src, filename)
+    lw = Lowerer(module, dtype)
+    name = model or next(iter(lw.models), None)
+    if name is None:
+        raise DlcError("no model to compile", module.loc)
+    return lw, lw.lower_model(name)
+
+
+def compile_function(src: str, model: str | None = None, *, grad=(), dtype: str = "f64", fuse: bool = True,
+                     filename: str = "<test>.dl") -> Function:
+    lw, prog = lower_function(src, model, dtype, filename)
+    g = prog.graph
+    if grad:
+        out = g.outputs.pop("output")
+        g.outputs["loss"] = out
+        names = list(prog.params) if grad is True else list(grad)
+        wrt = {}
+        for n in names:
+            if n in prog.params:
+                wrt[n] = prog.params[n].node
+            elif g.input_by_name(n) is not None:
+                wrt[n] = g.input_by_name(n)
+            else:
+                raise KeyError(f"no input or parameter named {n!r}; parameters: {sorted(prog.params)}")
+        g = optimize(g, "grad", Context(params=wrt, expose_grads=True), fuse)
+    else:
+        g = optimize(g, "eval", Context(), fuse)
+    return Function(build(g), prog.params, g)
+
+
+class TrainStep:
+    """A compiled training step (forward, backward, optimizer update) over a model whose
+    output is the loss. Parameters and optimizer state live in `params` and `state` and are
+    updated in place by each call."""
+
+    def __init__(self, ex: Executable, params: dict, optimizer):
+        self.ex, self.optimizer, self.t = ex, optimizer, 0
+        self.params = {k: None for k in params}
+        self.state = {name: np.zeros(shape, DTYPES[dtype]) for name, kind, shape, dtype in ex.inputs
+                      if kind == "state"}
+
+    def __call__(self, **data) -> float:
+        from .optim import bias_corrections
+        self.t += 1
+        sc = {"lr": self.optimizer.lr, **bias_corrections(self.optimizer, self.t)}
+        args = []
+        for name, kind, shape, dtype in self.ex.inputs:
+            if kind == "param":
+                args.append(self.params[name])
+            elif kind == "state":
+                args.append(self.state[name])
+            elif kind == "scalar":
+                args.append(DTYPES[dtype](sc[name]))
+            else:
+                args.append(np.ascontiguousarray(data[name], dtype=DTYPES[dtype]))
+        return float(dict(zip(self.ex.outputs, self.ex(*args)))["loss"])
+
+
+def compile_train_step(src: str, optimizer, model: str | None = None, *, dtype: str = "f64",
+                       fuse: bool = True, filename: str = "<test>.dl") -> TrainStep:
+    """`optimizer` is an `OptimizerSpec`; set `step.params[name]` to contiguous arrays first."""
+    lw, prog = lower_function(src, model, dtype, filename)
+    g = prog.graph
+    g.outputs["loss"] = g.outputs.pop("output")
+    ctx = Context(params={k: v.node for k, v in prog.params.items()}, optimizer=optimizer)
+    g = optimize(g, "train", ctx, fuse)
+    return TrainStep(build(g), prog.params, optimizer)

@@ -1,0 +1,1 @@
+"""dlc's runtime: data, initializers, optimizer state, the training loop, checkpoints, the CLI."""

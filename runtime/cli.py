@@ -1,0 +1,202 @@
+"""The `dlc` command: run, check and inspect `.dl` programs.
+
+A user's mistake prints one located message and exits with status 2; `--debug` shows the
+traceback instead.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from dsl.diagnostics import DlcError
+
+STAGES = ["ast", "lowered", "autodiff", "optimizer", "simplify", "cse", "dce", "fusion", "source"]
+ALIASES = {"grad": "autodiff", "backward": "autodiff", "train": "optimizer", "opt": "dce", "optimized": "dce",
+           "fused": "fusion", "kernels": "fusion", "numba": "source", "code": "source"}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        self.print_usage(sys.stderr)
+        print(f"dlc: error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _positive(kind):
+    def conv(s):
+        try:
+            v = kind(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {s!r}") from None
+        if v <= 0 and not (kind is int and v == 0):
+            raise argparse.ArgumentTypeError(f"must be positive, got {s}")
+        return v
+    return conv
+
+
+def make_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="dlc", description="dlc: a declarative deep-learning compiler (.dl -> Numba kernels)")
+    p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
+
+    def common(sp):
+        sp.add_argument("file", help="a .dl file")
+        sp.add_argument("--dtype", choices=["f32", "f64"], default="f32", help="float precision (default f32)")
+        sp.add_argument("--no-fuse", action="store_true", help="one kernel per op (for debugging)")
+        sp.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+
+    r = sub.add_parser("run", help="compile, train and evaluate a model")
+    common(r)
+    r.add_argument("--epochs", type=_positive(int), help="override the file's epochs (0: evaluate only)")
+    r.add_argument("--batch", type=_positive(int), help="override the file's batch size")
+    r.add_argument("--lr", type=_positive(float), help="override the optimizer's learning rate")
+    r.add_argument("--seed", type=_positive(int), help="seed for the split, initialization and shuffling")
+    r.add_argument("--save", metavar="PATH", help="save parameters and optimizer state (.safetensors or .npz)")
+    r.add_argument("--load", metavar="PATH", help="start from a checkpoint")
+    r.add_argument("--json", action="store_true", help="print the final report as JSON on the last line")
+    r.add_argument("--quiet", action="store_true", help="no progress output")
+
+    c = sub.add_parser("check", help="parse and type/shape-check a file")
+    common(c)
+
+    i = sub.add_parser("ir", help="print the IR at a stage")
+    common(i)
+    i.add_argument("--stage", default="lowered", help=f"one of: {', '.join(STAGES)} (aliases: "
+                   + ", ".join(f"{k}={v}" for k, v in ALIASES.items()) + ")")
+    i.add_argument("--program", choices=["train", "eval"], default="train",
+                   help="the training step (default) or the evaluation program")
+    i.add_argument("--format", choices=["text", "dot"], default="text")
+    i.add_argument("-o", "--output", help="write to a file instead of standard output")
+    return p
+
+
+def main(argv=None) -> int:
+    args = make_parser().parse_args(argv)
+    try:
+        return _dispatch(args)
+    except DlcError as e:
+        if args.debug:
+            raise
+        print(e.render(), file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def _dispatch(args) -> int:
+    from runtime.session import Options
+    if not args.file.endswith(".dl") and not Path(args.file).exists():
+        raise DlcError(f"no such file: {args.file}")
+    if args.cmd == "run":
+        return _run(args, Options(dtype=args.dtype, fuse=not args.no_fuse, epochs=args.epochs,
+                                  batch=args.batch, lr=args.lr, seed=args.seed))
+    if args.cmd == "check":
+        return _check(args)
+    return _ir(args)
+
+
+def _run(args, options) -> int:
+    from runtime.session import Session
+    s = Session(args.file, options)
+    progress = not args.quiet
+    if progress:
+        hit = "reused cached kernels" if s.cache_hit else "compiled"
+        print(f"dlc: {s.program.model}: {len(s.params)} parameter tensors "
+              f"({sum(p.size for p in s.params.values()):,} values), {s.train_ex.kernels} kernels in the step; "
+              f"{hit} in {s.compile_seconds:.2f}s", file=sys.stderr)
+    if args.load:
+        s.load(args.load)
+    report = s.fit(progress=progress)
+    if args.save:
+        s.save(args.save)
+        if progress:
+            print(f"dlc: saved {args.save}", file=sys.stderr)
+    if args.json:
+        print(json.dumps(report))
+    else:
+        t = report["test"]
+        line = f"test: loss {t.get('loss', float('nan')):.4f}"
+        if "accuracy" in t:
+            line += f"  accuracy {t['accuracy']:.4f}"
+        print(line + f"  (train {report['train_seconds']:.1f}s, compile {report['compile_seconds']:.1f}s,"
+                     f" {report['step_ms']} ms/step)")
+    return 0
+
+
+def _load_for_inspection(args):
+    from compiler.lower import Lowerer
+    from dsl.parser import parse_file
+    from runtime import data
+    module = parse_file(args.file)
+    lw = Lowerer(module, args.dtype)
+    if lw.trains:
+        train = lw.trains[0]
+        ds = data.load(train.data, Path(args.file).parent, 0)
+        return module, lw, lw.lower_train(train, ds.fields())
+    if not lw.models:
+        raise DlcError("this file defines no model", module.loc)
+    return module, lw, lw.lower_model(next(iter(lw.models)))
+
+
+def _check(args) -> int:
+    _, lw, prog = _load_for_inspection(args)
+    g = prog.graph
+    n = sum(_size(info.shape) for info in prog.params.values())
+    print(f"{args.file}: ok — model `{prog.model}`, {len(prog.params)} parameter tensors ({n:,} values)")
+    for name, info in prog.params.items():
+        print(f"  {name:<32} {info.dtype}[{', '.join(map(str, info.shape))}]  init={info.init}")
+    if "output" in g.outputs:
+        o = g.outputs["output"]
+        print(f"  output: {g.dtype(o)}[{', '.join(map(str, g.shape(o)))}]")
+    return 0
+
+
+def _size(shape):
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _ir(args) -> int:
+    from compiler import printer
+    from compiler.driver import build, optimize
+    from compiler.passes import PASS_NAMES, Context
+    stage = ALIASES.get(args.stage, args.stage)
+    if stage not in STAGES:
+        raise DlcError(f"unknown stage `{args.stage}`; stages: {', '.join(STAGES)}")
+    module, lw, prog = _load_for_inspection(args)
+    if stage == "ast":
+        text = module.dump() + "\n"
+    else:
+        g = prog.graph
+        kind = "train" if (args.program == "train" and lw.trains) else "eval"
+        if stage != "lowered":
+            opt = prog.settings.get("optimizer")
+            if kind == "train" and opt is None:
+                from compiler.lower import OptimizerSpec
+                opt = OptimizerSpec("sgd", 0.01)
+            ctx = Context(params={k: v.node for k, v in prog.params.items()}, optimizer=opt)
+            if kind == "eval" and stage in ("autodiff", "optimizer"):
+                raise DlcError(f"the evaluation program has no `{stage}` stage")
+            g = optimize(g, kind, ctx, fuse=not args.no_fuse,
+                         stop_after=None if stage == "source" else stage)
+        if stage == "source":
+            text = build(g).source
+        elif args.format == "dot":
+            text = printer.to_dot(g, stage)
+        else:
+            text = printer.to_text(g, stage, prog.params)
+    if args.output:
+        Path(args.output).write_text(text)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,205 @@
+"""Data sources a `train` block can name: `digits(...)`, `npz("file.npz", ...)`, `csv("file.csv", ...)`.
+
+Every source yields named fields (`x`, `y` by default), is split into train and test sets with
+a seeded, stratified split (classification labels) and, unless `scale = false`, standardizes
+float features with statistics of the training set only.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from dsl import ast as A
+from dsl.diagnostics import DlcError, Loc
+
+
+@dataclass
+class Dataset:
+    train: dict[str, np.ndarray]
+    test: dict[str, np.ndarray]
+    info: dict = field(default_factory=dict)
+
+    def fields(self) -> dict[str, tuple[str, tuple]]:
+        """Each field's dtype kind and per-example shape, for the compiler."""
+        out = {}
+        for k, v in self.train.items():
+            out[k] = ("f32" if v.dtype.kind == "f" else "i32", tuple(v.shape[1:]))
+        return out
+
+
+def literal(e: A.Node):
+    """The value of a literal expression in a data-source call (numbers, strings, lists)."""
+    if isinstance(e, (A.Number, A.String, A.Bool)):
+        return e.value
+    if isinstance(e, A.Neg) and isinstance(e.operand, A.Number):
+        return -e.operand.value
+    if isinstance(e, A.List):
+        return [literal(x) for x in e.items]
+    raise DlcError("data-source options must be literal numbers, strings or lists", e.loc)
+
+
+SOURCES = {}
+
+
+def source(name, **defaults):
+    def deco(fn):
+        SOURCES[name] = (fn, defaults)
+        return fn
+    return deco
+
+
+def load(call: A.Node, base_dir: Path, seed: int) -> Dataset:
+    if not isinstance(call, A.Call):
+        raise DlcError("`on` takes a data source such as digits(test = 0.2)", call.loc)
+    if call.func not in SOURCES:
+        raise DlcError(f"unknown data source `{call.func}`", call.func_loc, [f"sources: {', '.join(SOURCES)}"])
+    fn, defaults = SOURCES[call.func]
+    args = [literal(a) for a in call.args]
+    kwargs = {}
+    for k, v in call.kwargs:
+        if k not in defaults:
+            raise DlcError(f"`{call.func}` has no option `{k}`", v.loc, [f"options: {', '.join(defaults)}"])
+        kwargs[k] = literal(v)
+    opts = dict(defaults)
+    opts.update(kwargs)
+    test = opts.get("test", 0.2)
+    if not isinstance(test, (int, float)) or not 0 <= test < 1:
+        raise DlcError(f"`test` is the held-out fraction, between 0 and 1, got {test!r}", call.loc)
+    arrays = fn(call, base_dir, *args, **{k: v for k, v in opts.items() if k not in ("test", "scale")})
+    return _split(arrays, test, seed, opts.get("scale", True), call.loc)
+
+
+def _split(arrays: dict[str, np.ndarray], test: float, seed: int, scale, loc: Loc) -> Dataset:
+    from sklearn.model_selection import train_test_split
+    n = len(next(iter(arrays.values())))
+    for k, v in arrays.items():
+        if len(v) != n:
+            raise DlcError(f"data fields disagree in length: {k} has {len(v)} rows, expected {n}", loc)
+        if v.dtype.kind == "f" and not np.isfinite(v).all():
+            raise DlcError(f"data field `{k}` holds NaN or infinite values", loc)
+    idx = np.arange(n)
+    labels = arrays.get("y")
+    strat = labels if labels is not None and labels.dtype.kind in "iu" and test > 0 and len(np.unique(labels)) < n // 2 else None
+    if test > 0:
+        try:
+            tr, te = train_test_split(idx, test_size=test, random_state=seed, stratify=strat)
+        except ValueError:
+            tr, te = train_test_split(idx, test_size=test, random_state=seed)
+    else:
+        tr, te = idx, idx[:0]
+    train = {k: v[tr] for k, v in arrays.items()}
+    testd = {k: v[te] for k, v in arrays.items()}
+    if scale:
+        for k, v in train.items():
+            if v.dtype.kind == "f" and k != "y":
+                mu = v.mean(axis=0)
+                sd = v.std(axis=0)
+                sd[sd == 0] = 1.0
+                train[k] = ((v - mu) / sd).astype(np.float32)
+                testd[k] = ((testd[k] - mu) / sd).astype(np.float32)
+    info = {"train_size": len(tr), "test_size": len(te)}
+    if labels is not None and labels.dtype.kind in "iu":
+        info["classes"] = int(labels.max()) + 1
+    return Dataset(train, testd, info)
+
+
+def _labels(v: np.ndarray, name: str, loc) -> np.ndarray:
+    if v.dtype.kind == "f":
+        if not np.all(np.mod(v, 1) == 0):
+            return v.astype(np.float32)
+        v = v.astype(np.int64)
+    if v.dtype.kind in "iu":
+        if v.min() < 0:
+            raise DlcError(f"labels `{name}` must be non-negative class indices, found {v.min()}", loc)
+        return v.astype(np.int32)
+    raise DlcError(f"field `{name}` must be numeric, got dtype {v.dtype}", loc)
+
+
+def _reshape(x: np.ndarray, shape, loc):
+    if shape is None:
+        return x
+    if not isinstance(shape, list) or not all(isinstance(d, int) for d in shape):
+        raise DlcError("`shape` must be a list of integers, e.g. shape = [1, 8, 8]", loc)
+    try:
+        return x.reshape((len(x),) + tuple(shape))
+    except ValueError:
+        raise DlcError(f"cannot reshape examples of {x.shape[1:]} to {tuple(shape)}", loc) from None
+
+
+@source("digits", test=0.2, scale=True, shape=None)
+def _digits(call, base_dir, shape=None):
+    """The 1797 8x8 handwritten digits that scikit-learn ships (no download)."""
+    from sklearn.datasets import load_digits
+    d = load_digits()
+    return {"x": _reshape(d.data.astype(np.float32), shape, call.loc), "y": d.target.astype(np.int32)}
+
+
+def _resolve(call, base_dir, path):
+    if not isinstance(path, str):
+        raise DlcError(f"`{call.func}` takes a file path string first", call.loc)
+    p = Path(path)
+    if not p.is_absolute():
+        p = base_dir / p
+    if not p.exists():
+        raise DlcError(f"data file not found: {p}", call.args[0].loc if call.args else call.loc)
+    return p
+
+
+@source("npz", test=0.2, scale=True, x="x", y="y", shape=None)
+def _npz(call, base_dir, path=None, x="x", y="y", shape=None):
+    p = _resolve(call, base_dir, path)
+    try:
+        with np.load(p, allow_pickle=False) as f:
+            files = set(f.files)
+            for key in (x, y):
+                if key not in files:
+                    raise DlcError(f"{p.name} has no array `{key}` (it has: {', '.join(sorted(files))})", call.loc)
+            xs, ys = f[x], f[y]
+    except DlcError:
+        raise
+    except Exception as e:  # zip errors, pickled objects, truncated files
+        raise DlcError(f"cannot read {p.name} as .npz: {e}", call.loc) from None
+    if xs.dtype.kind not in "fiu":
+        raise DlcError(f"array `{x}` in {p.name} must be numeric, got {xs.dtype}", call.loc)
+    return {"x": _reshape(xs.astype(np.float32), shape, call.loc), "y": _labels(ys, y, call.loc)}
+
+
+@source("csv", test=0.2, scale=True, label=-1, header=True, shape=None)
+def _csv(call, base_dir, path=None, label=-1, header=True, shape=None):
+    import csv as _csv_mod
+    p = _resolve(call, base_dir, path)
+    with open(p, newline="") as f:
+        rows = list(_csv_mod.reader(f))
+    rows = [r for r in rows if r and any(c.strip() for c in r)]
+    if not rows:
+        raise DlcError(f"{p.name} is empty", call.loc)
+    names = rows[0] if header else [str(i) for i in range(len(rows[0]))]
+    body = rows[1:] if header else rows
+    if isinstance(label, str):
+        if label not in names:
+            raise DlcError(f"{p.name} has no column `{label}` (columns: {', '.join(names)})", call.loc)
+        li = names.index(label)
+    else:
+        li = label % len(names)
+    data = []
+    for i, r in enumerate(body, start=2 if header else 1):
+        if len(r) != len(names):
+            raise DlcError(f"{p.name}:{i}: expected {len(names)} columns, found {len(r)}", call.loc)
+        try:
+            data.append([float(c) for c in r])
+        except ValueError:
+            bad = next(c for c in r if not _is_float(c))
+            raise DlcError(f"{p.name}:{i}: `{bad}` is not a number", call.loc) from None
+    arr = np.array(data)
+    xs = np.delete(arr, li, axis=1).astype(np.float32)
+    return {"x": _reshape(xs, shape, call.loc), "y": _labels(arr[:, li], names[li], call.loc)}
+
+
+def _is_float(s: str) -> bool:
+    try:
+        float(s)
+        return True
+    except ValueError:
+        return False
