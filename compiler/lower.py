@@ -230,6 +230,14 @@ class Lowerer:
         return frame.user_loc
 
     def eval(self, e: A.Node, frame: Frame):
+        try:
+            return self._eval(e, frame)
+        except DlcError as err:
+            if err.origin is None:
+                err.origin = e.loc
+            raise
+
+    def _eval(self, e: A.Node, frame: Frame):
         loc = self.loc_of(e, frame)
         with self.g.at(loc):
             if isinstance(e, A.Number):
@@ -264,7 +272,7 @@ class Lowerer:
             return InitSpec(e.name)
         if e.name in self.funcs or e.name in BUILTINS or e.name in self.models:
             raise DlcError(f"`{e.name}` is a function; call it with (...)", e.loc)
-        options = list(frame.vars) + list(CONSTANTS)
+        options = list(frame.vars) + list(CONSTANTS) + list(INITIALIZERS)
         raise DlcError(f"unknown name `{e.name}`", e.loc, _suggest(e.name, options))
 
     def _describe(self, v) -> str:
@@ -415,17 +423,27 @@ class Lowerer:
                 inner.vars[p.name] = v
             result = self.run_body(fn, inner)
         except DlcError as err:
-            if err.loc is not None and err.loc.file not in self.user_files and e.loc.file in self.user_files:
-                err.notes.append(f"inside `{fn.name}` at {Path(err.loc.file).name}:{err.loc.line}")
+            origin = err.origin or err.loc
+            if origin is not None and origin.file not in self.user_files and e.loc.file in self.user_files:
+                err.notes.append(f"inside `{fn.name}` at {Path(origin.file).name}:{origin.line}")
                 err.loc = e.loc
+                err.origin = e.loc
             raise
         finally:
             self.depth -= 1
         if fn.ret is not None:
-            self.check_type(fn.ret, result, inner, f"the result of `{fn.name}`", e.loc)
+            ret_loc = self._return_loc(fn) if fn.loc.file in self.user_files else e.loc
+            self.check_type(fn.ret, result, inner, f"the result of `{fn.name}`", ret_loc)
         if fn.kind == "model" and isinstance(result, Tensor) and getattr(self, "current_model", None) == fn.name:
             self.model_outputs.append(result.node)
         return result
+
+    @staticmethod
+    def _return_loc(fn: A.FuncDef) -> Loc:
+        for st in fn.body:
+            if isinstance(st, A.Return):
+                return st.values[0].loc
+        return fn.loc
 
     def run_body(self, fn: A.FuncDef, frame: Frame):
         for st in fn.body:
@@ -537,7 +555,9 @@ class Lowerer:
                 continue
             expected = self.eval_dim(d, frame)
             if not same_dim(expected, actual):
-                raise DlcError(f"{what} must be {want}, got {got}: {_dim_text(d)} is {expected}, not {actual}", loc)
+                why = (f"`{_dim_text(d)}` is {expected} here, but the tensor has {actual}"
+                       if not isinstance(d, A.DimInt) else f"expected size {expected}, found {actual}")
+                raise DlcError(f"{what} must be {want}, got {got}", loc, [why])
 
 
 def _dim_text(d) -> str:

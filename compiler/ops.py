@@ -364,7 +364,7 @@ def _transpose_infer(s, d, a):
 
 transpose = register(Op("transpose", Kind.INJECTIVE, _transpose_infer,
                         ref=lambda x, *, perm: np.transpose(x, perm).copy(),
-                        kernel="{out}[...] = np.transpose({0}, {perm})"))
+                        scalar="{0}"))   # a gather loop: the renderer reads x at the permuted index
 
 
 @transpose.def_grad

@@ -59,6 +59,7 @@ class DlcError(Exception):
     message: str
     loc: Loc | None = None
     notes: list[str] = field(default_factory=list)
+    origin: Loc | None = None       # the innermost source position (maybe in the stdlib)
 
     def __str__(self) -> str:
         return self.render()

@@ -25,14 +25,18 @@ class _NewlineFilter:
 
     always_accept = ("_NL",)
 
+    def __init__(self):
+        self.open: list = []        # brackets still open where the lexer has got to
+
     def process(self, stream):
-        depth = 0
+        self.open = []
         prev = None
         for tok in stream:
             if tok.type in _OPEN:
-                depth += 1
-            elif tok.type in ("RPAR", "RSQB"):
-                depth = max(0, depth - 1)
+                self.open.append(tok)
+            elif tok.type in ("RPAR", "RSQB") and self.open:
+                self.open.pop()
+            depth = len(self.open)
             if tok.type == "_NL":
                 if depth > 0 or (prev is not None and (prev.type in _CONTINUES or prev.value == "**")):
                     continue
@@ -40,10 +44,13 @@ class _NewlineFilter:
             yield tok
 
 
+_FILTER = _NewlineFilter()
+
+
 @lru_cache(maxsize=1)
 def _lark() -> Lark:
     return Lark(_GRAMMAR.read_text(), parser="lalr", propagate_positions=True,
-                postlex=_NewlineFilter(), maybe_placeholders=True)
+                postlex=_FILTER, maybe_placeholders=True)
 
 
 _TOKEN_NAMES = {
@@ -277,4 +284,9 @@ def _syntax_error(e: UnexpectedInput, filename: str) -> DlcError:
         msg = str(e)
     if line in (None, -1):
         line, col = 1, 1
-    return DlcError(f"syntax error: {msg}", Loc(filename, line, col))
+    notes = []
+    unclosed = [t for t in _FILTER.open if t.line < line]
+    if unclosed:
+        t = unclosed[-1]
+        notes.append(f"the `{t.value}` at line {t.line}, column {t.column} is never closed")
+    return DlcError(f"syntax error: {msg}", Loc(filename, line, col), notes)
