@@ -57,7 +57,8 @@ def to_text(g, stage: str = "", params: dict | None = None) -> str:
             extra = f"  init={params[d['name']].init}"
         loc = d["loc"]
         where = f"{Path(loc.file).name}:{loc.line}" if loc else ""
-        out.append(f"  {names[n]:<28} : {fmt_type(d['dtype'], d['shape']):<16} {d['attrs']['kind']:<6}{extra}  # {where}")
+        line = f"  {names[n]:<28} : {fmt_type(d['dtype'], d['shape']):<16} {d['attrs']['kind']:<6}{extra}"
+        out.append(f"{line}  # {where}" if where else line)
     consts_hidden = True
     if g.groups is None:
         out.append("ops:")
