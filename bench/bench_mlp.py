@@ -264,7 +264,7 @@ def worker_compile(a) -> dict:
 
 # ---- PyTorch -----------------------------------------------------------------------------------
 
-def torch_model(prob):
+def torch_model(prob, adam_impl: str = "default"):
     import torch
     from torch import nn
     spec = prob["optimizer"]
@@ -283,7 +283,8 @@ def torch_model(prob):
     if other:
         groups.append({"params": other, "weight_decay": 0.0})
     cls = torch.optim.AdamW if spec.name == "adamw" else torch.optim.Adam
-    opt = cls(groups, lr=spec.lr, betas=(spec.beta1, spec.beta2), eps=spec.eps)
+    impl = {"default": {}, "foreach": {"foreach": True}, "fused": {"fused": True}}[adam_impl]
+    opt = cls(groups, lr=spec.lr, betas=(spec.beta1, spec.beta2), eps=spec.eps, **impl)
     return model, opt
 
 
@@ -306,7 +307,7 @@ def worker_torch(a) -> dict:
     prob = load_problem(a.model, a.batches)
     limiter = limit_threads(a.threads)
     torch.manual_seed(0)
-    model, opt = torch_model(prob)
+    model, opt = torch_model(prob, a.torch_adam)
     tb = [(torch.from_numpy(b["x"]), torch.from_numpy(b["y"].astype("int64"))) for b in prob["batches"]]
     nb = len(tb)
     step = torch_step_fn(model, opt)
@@ -314,7 +315,7 @@ def worker_torch(a) -> dict:
     res = {"framework": "torch", "threads": a.threads, **summary(per), "thread_pools": thread_info(),
            "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
            "torch_interop_threads": torch.get_num_interop_threads(),
-           "optimizer": type(opt).__name__}
+           "optimizer": type(opt).__name__, "adam_impl": a.torch_adam}
     del limiter
     return res
 
@@ -357,7 +358,7 @@ def run_worker(kind: str, a, threads=None, env_extra=None, timeout=900) -> dict:
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     cmd = [sys.executable, str(Path(__file__).resolve()), "--_worker", kind, "--model", str(a.model),
            "--steps", str(a.steps), "--repeats", str(a.repeats), "--warmup", str(a.warmup),
-           "--batches", str(a.batches)]
+           "--batches", str(a.batches), "--torch-adam", a.torch_adam]
     if threads is not None:
         cmd += ["--_threads", str(threads)]
     if not a.profile:
@@ -370,7 +371,10 @@ def run_worker(kind: str, a, threads=None, env_extra=None, timeout=900) -> dict:
 
 def have_torch() -> bool:
     import importlib.util
-    return importlib.util.find_spec("torch") is not None
+    try:
+        return importlib.util.find_spec("torch") is not None
+    except (ImportError, ValueError):
+        return False
 
 
 def log(msg: str, quiet: bool):
@@ -391,6 +395,9 @@ def main(argv=None):
                          "(PyTorch), each measured in a fresh process; 'default' leaves them unset "
                          "(default: 1,<cores>)")
     ap.add_argument("--no-torch", action="store_true", help="measure dlc only")
+    ap.add_argument("--torch-adam", choices=("default", "foreach", "fused"), default="default",
+                    help="torch.optim.Adam implementation: its default (per-parameter loop on CPU), "
+                         "foreach=True or fused=True (default: default)")
     ap.add_argument("--no-compile", action="store_true", help="skip the cold/warm compile measurement")
     ap.add_argument("--no-profile", dest="profile", action="store_false",
                     help="skip the split of dlc's step time and the per-kernel times")
@@ -484,12 +491,13 @@ def print_report(out: dict):
           "median of the repeats")
     print()
     ratio = {r["threads"]: r["dlc_over_torch"] for r in out["ratios"]}
-    hdr = f"{'framework':<10} {'threads':>7} {'median ms/step':>15} {'steps/s':>9} {'min-max ms':>17} {'dlc/torch':>10}"
+    hdr = f"{'framework':<20} {'threads':>7} {'median ms/step':>15} {'steps/s':>9} {'min-max ms':>17} {'dlc/torch':>10}"
     print(hdr)
     print("-" * len(hdr))
     for r in out["results"]:
         rr = f"{ratio[r['threads']]:.2f}" if r["framework"] == "dlc" and r["threads"] in ratio else ""
-        print(f"{r['framework']:<10} {fmt_threads(r['threads']):>7} {r['median_ms']:>15.4f} "
+        name = r["framework"] + ("" if r.get("adam_impl", "default") == "default" else f" ({r['adam_impl']} Adam)")
+        print(f"{name:<20} {fmt_threads(r['threads']):>7} {r['median_ms']:>15.4f} "
               f"{r['steps_per_s']:>9.0f} {r['min_ms']:>8.4f}-{r['max_ms']:<8.4f} {rr:>10}")
     print()
     for r in out["results"]:

@@ -36,13 +36,15 @@ class Function:
         for name, kind, shape, dtype in self.ex.inputs:
             if name not in arrays:
                 raise KeyError(f"missing value for {kind} `{name}`")
-            args.append(np.ascontiguousarray(arrays[name], dtype=DTYPES[dtype]))
+            a = np.asarray(arrays[name], dtype=DTYPES[dtype])   # (ascontiguousarray makes 0-d 1-d)
+            args.append(DTYPES[dtype](a) if kind == "scalar" else np.ascontiguousarray(a) if a.ndim else a)
         return dict(zip(self.ex.outputs, self.ex(*args)))
 
 
-def lower_function(src: str, model: str | None = None, dtype: str = "f64", filename: str = "<test>.dl"):
+def lower_function(src: str, model: str | None = None, dtype: str = "f64", filename: str = "<test>.dl",
+                   training: bool = True):
     module = parse_file(src) if src.endswith(".dl") and "\n" not in src else parse(src, filename)
-    lw = Lowerer(module, dtype)
+    lw = Lowerer(module, dtype, training)
     name = model or next(iter(lw.models), None)
     if name is None:
         raise DlcError("no model to compile", module.loc)
@@ -50,9 +52,14 @@ def lower_function(src: str, model: str | None = None, dtype: str = "f64", filen
 
 
 def compile_function(src: str, model: str | None = None, *, grad=(), dtype: str = "f64", fuse: bool = True,
-                     filename: str = "<test>.dl") -> Function:
-    lw, prog = lower_function(src, model, dtype, filename)
+                     filename: str = "<test>.dl", training: bool = True) -> Function:
+    """`training` selects the mode seen by `if training` (dropout, batch norm); with
+    `training`, state updates (`<-`) become outputs named "state:NAME"."""
+    lw, prog = lower_function(src, model, dtype, filename, training)
     g = prog.graph
+    for s, v in list(g.updates.items()):     # a function has no state to write: return new values
+        g.outputs[f"state:{g[s]['name']}"] = v
+        del g.updates[s]
     if grad:
         out = g.outputs.pop("output")
         g.outputs["loss"] = out
@@ -85,7 +92,7 @@ class TrainStep:
     def __call__(self, **data) -> float:
         from .optim import bias_corrections
         self.t += 1
-        sc = {"lr": self.optimizer.lr, **bias_corrections(self.optimizer, self.t)}
+        sc = {"lr": self.optimizer.lr, "rng": self.t, **bias_corrections(self.optimizer, self.t)}
         args = []
         for name, kind, shape, dtype in self.ex.inputs:
             if kind == "param":

@@ -165,3 +165,81 @@ def _transpose(lw, e, x, perm):
     rank = len(lw.g.shape(x))
     perm = tuple(range(rank))[::-1] if perm is None else tuple(perm)
     return _T(lw.g.add("transpose", x, perm=perm))
+
+
+# ---- convolutional networks ---------------------------------------------------------------------
+def _ints(lw, e, v, what, n=2):
+    vals = v if isinstance(v, list) else [v] * n
+    if len(vals) != n or not all(isinstance(x, int) and not isinstance(x, bool) for x in vals):
+        raise DlcError(f"`{e.func}`: {what} must be an integer or a list of {n} integers, got {v!r}", e.loc)
+    return tuple(vals)
+
+
+@builtin("conv", "x", "w", stride=1, padding=0, dilation=1)
+def _conv(lw, e, x, w, stride, padding, dilation):
+    st, pd, dl = _ints(lw, e, stride, "stride"), _ints(lw, e, padding, "padding"), _ints(lw, e, dilation, "dilation")
+    if min(st) < 1 or min(dl) < 1 or min(pd) < 0:
+        raise DlcError(f"`{e.func}`: stride and dilation must be >= 1 and padding >= 0", e.loc)
+    return _T(lw.g.add("conv2d", _tensor(lw, e, x), _tensor(lw, e, w), stride=st, padding=pd, dilation=dl))
+
+
+def _pool(op):
+    def f(lw, e, x, kernel, stride, padding):
+        k = _ints(lw, e, kernel, "kernel")
+        st = k if stride is None else _ints(lw, e, stride, "stride")
+        if min(k) < 1 or min(st) < 1:
+            raise DlcError(f"`{e.func}`: kernel and stride must be >= 1", e.loc)
+        return _T(lw.g.add(op, _tensor(lw, e, x), kernel=k, stride=st, padding=_ints(lw, e, padding, "padding")))
+    return f
+
+
+builtin("max_pool", "x", kernel=2, stride=None, padding=0)(_pool("max_pool2d"))
+builtin("avg_pool", "x", kernel=2, stride=None, padding=0)(_pool("avg_pool2d"))
+
+
+@builtin("flatten", "x", start=1)
+def _flatten(lw, e, x, start):
+    x = _tensor(lw, e, x)
+    shape = lw.g.shape(x)
+    if not isinstance(start, int) or not 0 <= start < len(shape):
+        raise DlcError(f"`flatten`: start must be an axis of the input (rank {len(shape)})", e.loc)
+    return _T(lw.g.add("reshape", x, shape=tuple(shape[:start]) + (-1,)))
+
+
+# ---- helpers for normalization layers ---------------------------------------------------------
+@builtin("count", "x", "axis")
+def _count(lw, e, x, axis):
+    """Number of elements over `axis` (a run-time value when the batch is involved)."""
+    x = _tensor(lw, e, x)
+    return _T(lw.g.add("size", x, axes=_axes(lw, e, x, axis), dtype=lw.float_dtype))
+
+
+@builtin("other_axes", "x", axis=1)
+def _other_axes(lw, e, x, axis):
+    """Every axis of x but `axis`: the axes batch norm takes statistics over."""
+    x = _tensor(lw, e, x)
+    (a,) = _axes(lw, e, x, axis)
+    return [i for i in range(len(lw.g.shape(x))) if i != a]
+
+
+@builtin("expand", "v", "x", axis=1)
+def _expand(lw, e, v, x, axis):
+    """Reshape a vector so it broadcasts along `axis` of x: [C] -> [1, C, 1, 1] for NCHW."""
+    v, x = _tensor(lw, e, v), _tensor(lw, e, x)
+    rank = len(lw.g.shape(x))
+    (a,) = _axes(lw, e, x, axis)
+    if len(lw.g.shape(v)) != 1:
+        raise DlcError(f"`expand` takes a vector, got {lw._describe(_T(v))}", e.loc)
+    shape = tuple(lw.g.shape(v)[0] if i == a else 1 for i in range(rank))
+    return _T(lw.g.add("reshape", v, shape=shape))
+
+
+# ---- randomness ------------------------------------------------------------------------------------
+@builtin("rand_like", "x")
+def _rand_like(lw, e, x):
+    """Uniform [0, 1) numbers shaped like x, from the run's seeded generator (a fresh draw each
+    step; each call site draws its own stream)."""
+    x = _tensor(lw, e, x)
+    lw.rng_salt += 1
+    return _T(lw.g.add("rand_uniform", lw.rng_input(), shape=lw.g.shape(x), salt=lw.rng_salt,
+                       dtype=lw.float_dtype if lw.g.dtype(x) not in FLOATS else lw.g.dtype(x)))

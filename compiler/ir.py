@@ -32,6 +32,10 @@ class Group:
     anchor: int | None = None                           # the reduce/matmul node, if any
     prologue: list[int] = field(default_factory=list)   # ops run in the anchor's input loop
 
+    def label(self, g) -> str:
+        """`matmul`/`conv2d` for an anchored kernel, else its pattern."""
+        return g.op(self.anchor) if self.pattern == "anchored" else self.pattern
+
 
 class Graph:
     def __init__(self, name: str = "graph"):

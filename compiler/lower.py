@@ -85,6 +85,7 @@ class Program:
     graph: Graph
     params: dict[str, ParamInfo]
     data: dict[str, int] = field(default_factory=dict)     # data field -> input node
+    states: dict[str, ParamInfo] = field(default_factory=dict)
     settings: dict = field(default_factory=dict)
     setting_locs: dict = field(default_factory=dict)
     model: str = ""
@@ -105,8 +106,9 @@ def _suggest(name, options) -> list[str]:
 
 
 class Lowerer:
-    def __init__(self, module: A.Module, float_dtype: str = "f32"):
+    def __init__(self, module: A.Module, float_dtype: str = "f32", training: bool = True):
         self.float_dtype = float_dtype
+        self.training = training
         self.user_files = {module.loc.file}
         self.funcs: dict[str, A.FuncDef] = {}
         self.models: dict[str, A.FuncDef] = {}
@@ -116,9 +118,21 @@ class Lowerer:
         self._load(module, seen=set())
         self.g = Graph(module.loc.file)
         self.params: dict[str, ParamInfo] = {}
+        self.states: dict[str, ParamInfo] = {}     # non-trainable state declared with `state`
         self.counters: dict[tuple[str, str], int] = {}
         self.depth = 0
         self.model_outputs: list[int] = []
+        self.rng_salt = 0
+        self.layers: list[tuple] = []     # (scope, function, output shape, params, state values)
+        self.last_scope = ""
+        self._rng = None
+
+    def rng_input(self) -> int:
+        """The per-step random seed, a run-time scalar input (made on first use)."""
+        if self._rng is None:
+            with self.g.at(None):
+                self._rng = self.g.input("rng", (), "i64", "scalar")
+        return self._rng
 
     # ---- modules -------------------------------------------------------------------------------
     def _load(self, module: A.Module, seen: set):
@@ -161,7 +175,7 @@ class Lowerer:
             n = self.g.input(fname, ("B",) + tuple(tail), dt, "data", loc=train.data.loc)
             data[fname] = n
             frame.vars[fname] = Tensor(n)
-        prog = Program(self.g, self.params, data, model=train.model)
+        prog = Program(self.g, self.params, data, self.states, model=train.model)
         self.current_model = train.model
         for st in train.body:
             if not isinstance(st, A.Assign):
@@ -200,6 +214,7 @@ class Lowerer:
             raise DlcError(f"unknown model `{name}`", loc, _suggest(name, self.models))
         fn = self.models[name]
         self.g.name = name
+        self.current_model = name
         frame = Frame({}, {}, "", "model", None)
         args = []
         for p in fn.params:
@@ -215,7 +230,7 @@ class Lowerer:
                     raise DlcError("model inputs take names and integers as dimensions", d.loc)
             dt = self._dtype(p.type.dtype, p.type.loc)
             args.append(Tensor(self.g.input(p.name, tuple(shape), dt, "data", loc=p.loc)))
-        prog = Program(self.g, self.params, {self.g[a.node]["name"]: a.node for a in args}, model=name)
+        prog = Program(self.g, self.params, {self.g[a.node]["name"]: a.node for a in args}, self.states, model=name)
         call = A.Call(fn.loc, name, fn.loc, tuple(A.Name(fn.loc, p.name) for p in fn.params), ())
         frame.vars.update({p.name: a for p, a in zip(fn.params, args)})
         out = self.eval(call, frame)
@@ -268,6 +283,8 @@ class Lowerer:
             return frame.dims[e.name]
         if e.name in CONSTANTS:
             return CONSTANTS[e.name]
+        if e.name == "training":
+            return self.training
         if e.name in INITIALIZERS:
             return InitSpec(e.name)
         if e.name in self.funcs or e.name in BUILTINS or e.name in self.models:
@@ -315,6 +332,22 @@ class Lowerer:
 
     # ---- calls -----------------------------------------------------------------------------------
     def call(self, e: A.Call, frame: Frame):
+        top = self.depth == 1 and frame.fn in self.models and frame.fn == getattr(self, "current_model", None)
+        before = (len(self.params), sum(_numel(p.shape) for p in self.params.values()),
+                  sum(_numel(p.shape) for p in self.states.values()))
+        nlayers = len(self.layers)
+        result = self._call(e, frame)
+        if top and isinstance(result, Tensor):     # a layer of the model, for its summary
+            scope = self.last_scope if e.func in self.funcs else e.func
+            inner = self.layers[nlayers:]          # layers among this call's arguments
+            self.layers.append((scope, e.func, self.g.shape(result.node),
+                                sum(_numel(p.shape) for p in self.params.values()) - before[1]
+                                - sum(x[3] for x in inner),
+                                sum(_numel(p.shape) for p in self.states.values()) - before[2]
+                                - sum(x[4] for x in inner)))
+        return result
+
+    def _call(self, e: A.Call, frame: Frame):
         if e.func in self.funcs:
             return self.call_def(self.funcs[e.func], e, frame)
         if e.func in self.models:
@@ -406,6 +439,7 @@ class Lowerer:
             scope = f"{base}/{local}" if base else local
         user_loc = e.loc if e.loc.file in self.user_files else frame.user_loc
         inner = Frame({}, {}, scope, fn.name, user_loc)
+        self.last_scope = scope
         self.depth += 1
         if self.depth > MAX_DEPTH:
             raise DlcError(f"calls nest deeper than {MAX_DEPTH} (is `{fn.name}` recursive?)", e.loc)
@@ -436,6 +470,7 @@ class Lowerer:
             self.check_type(fn.ret, result, inner, f"the result of `{fn.name}`", ret_loc)
         if fn.kind == "model" and isinstance(result, Tensor) and getattr(self, "current_model", None) == fn.name:
             self.model_outputs.append(result.node)
+        self.last_scope = scope
         return result
 
     @staticmethod
@@ -446,18 +481,57 @@ class Lowerer:
         return fn.loc
 
     def run_body(self, fn: A.FuncDef, frame: Frame):
-        for st in fn.body:
+        done, value = self.run_stmts(fn.body, frame)
+        if not done:
+            raise DlcError(f"`{fn.name}` has no return statement", fn.loc)
+        return value
+
+    def run_stmts(self, stmts, frame: Frame) -> tuple[bool, object]:
+        """Execute statements; (True, value) once a `return` runs."""
+        for st in stmts:
             if isinstance(st, A.Assign):
                 frame.vars[st.name] = self.eval(st.value, frame)
             elif isinstance(st, A.ParamDecl):
                 frame.vars[st.name] = self.declare_param(st, frame)
+            elif isinstance(st, A.StateDecl):
+                frame.vars[st.name] = self.declare_param(st, frame, kind="state")
+            elif isinstance(st, A.Update):
+                self.update_state(st, frame)
+            elif isinstance(st, A.If):
+                cond = self.eval(st.cond, frame)
+                if not isinstance(cond, bool):
+                    raise DlcError("`if` needs a condition known at compile time (such as `training`), "
+                                   f"got {self._describe(cond)}", st.cond.loc, ["for tensors use where(cond, a, b)"])
+                done, value = self.run_stmts(st.then if cond else st.orelse, frame)
+                if done:
+                    return True, value
             elif isinstance(st, A.Return):
                 vals = [self.eval(v, frame) for v in st.values]
-                return vals[0] if len(vals) == 1 else tuple(vals)
-        raise DlcError(f"`{fn.name}` has no return statement", fn.loc)
+                return True, (vals[0] if len(vals) == 1 else tuple(vals))
+        return False, None
+
+    def update_state(self, st: A.Update, frame: Frame):
+        target = frame.vars.get(st.name)
+        node = target.node if isinstance(target, Tensor) else None
+        if node is None or self.g.op(node) != "input" or self.g.attrs(node)["kind"] != "state":
+            raise DlcError(f"`{st.name}` is not a state declared with `state`; only states can be updated with `<-`",
+                           st.loc)
+        value = self.to_tensor(self.eval(st.value, frame), self.g.dtype(node), st.loc)
+        loc = self.loc_of(st, frame)
+        if self.g.shape(value.node) != self.g.shape(node):
+            raise DlcError(f"state `{self.g[node]['name']}` is {fmt_type(self.g.dtype(node), self.g.shape(node))}, "
+                           f"the new value is {self._describe(value)}", loc)
+        if not self.training:
+            return                      # state only changes in the training step
+        if node in self.g.updates:
+            raise DlcError(f"state `{self.g[node]['name']}` is updated twice in one step", loc)
+        v = value.node
+        if self.g.dtype(v) != self.g.dtype(node):
+            v = self.g.add("cast", v, dtype=self.g.dtype(node), loc=loc)
+        self.g.updates[node] = v
 
     # ---- parameters --------------------------------------------------------------------------
-    def declare_param(self, st: A.ParamDecl, frame: Frame) -> Tensor:
+    def declare_param(self, st, frame: Frame, kind: str = "param") -> Tensor:
         shape = []
         for d in st.type.dims:
             v = self.eval_dim(d, frame)
@@ -476,14 +550,15 @@ class Lowerer:
                            self.loc_of(st.init, frame))
         name = f"{frame.scope}/{st.name}" if frame.scope else st.name
         loc = self.loc_of(st, frame)
-        if name in self.params:
-            info = self.params[name]
+        table = self.params if kind == "param" else self.states
+        if name in table:
+            info = table[name]
             if info.shape != tuple(shape):
                 raise DlcError(f"shared parameter `{name}` is {fmt_shape(info.shape)} here but "
                                f"{fmt_shape(tuple(shape))} at its first use ({info.loc})", loc)
             return Tensor(info.node)
-        n = self.g.input(name, tuple(shape), dtype, "param", loc=loc)
-        self.params[name] = ParamInfo(name, n, tuple(shape), dtype, init, loc)
+        n = self.g.input(name, tuple(shape), dtype, kind, loc=loc)
+        table[name] = ParamInfo(name, n, tuple(shape), dtype, init, loc)
         return Tensor(n)
 
     def eval_dim(self, d, frame: Frame):
@@ -560,6 +635,10 @@ class Lowerer:
                 raise DlcError(f"{what} must be {want}, got {got}", loc, [why])
 
 
+def _numel(shape) -> int:
+    return math.prod(shape)
+
+
 def _dim_text(d) -> str:
     if isinstance(d, A.DimName):
         return d.name
@@ -585,8 +664,8 @@ TRAIN_SETTINGS = ("loss", "optimizer", "batch", "epochs", "seed", "metrics")
 from .builtins import BUILTINS  # noqa: E402  (the builtins use Tensor and Lowerer above)
 
 
-def lower_train(module: A.Module, fields, float_dtype="f32", train_index=0) -> tuple[Program, "Lowerer"]:
-    lw = Lowerer(module, float_dtype)
+def lower_train(module: A.Module, fields, float_dtype="f32", train_index=0, training=True) -> tuple[Program, "Lowerer"]:
+    lw = Lowerer(module, float_dtype, training)
     if not lw.trains:
         raise DlcError("this file has no `train` block", module.loc)
     return lw.lower_train(lw.trains[train_index], fields), lw

@@ -42,7 +42,7 @@ def plan(g) -> Plan:
         gid = group_of.get(v)
         grp = groups.get(gid)
         epilogue = grp is not None and v != grp.anchor and v not in grp.prologue
-        if not epilogue or grp.pattern not in ("elementwise", "matmul", "reduce") or g.shape(v) != g.shape(s):
+        if not epilogue or grp.pattern not in ("elementwise", "anchored", "reduce") or g.shape(v) != g.shape(s):
             p.copies.append((s, v))
             continue
         readers = {group_of[c] for c in g.consumers(s) if c in group_of and group_of[c] != gid}

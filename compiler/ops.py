@@ -49,6 +49,8 @@ class Op:
     kernel: str | None = None             # loop-nest template for non-elementwise ops
     user_name: str | None = None
     canon: Callable | None = None         # (shapes, attrs) -> attrs in canonical form
+    helpers: str | None = None            # @njit helper source the kernel template calls
+    kernel_sizes: Callable | None = None  # (graph, node) -> named sizes for the kernel template
 
     def __post_init__(self):
         self.user_name = self.user_name or self.name
@@ -429,7 +431,7 @@ def _(g, n, dy):
     elif ta and not tb:
         da, db = g.add("matmul", b, dy, tb=True), g.add("matmul", a, dy)
     else:
-        da, db = g.add("matmul", b, dy, ta=True, tb=True), g.add("matmul", dy, a, ta=True, tb=True)
+        da, db = _mm_t(g, b, dy, True, True), _mm_t(g, dy, a, True, True)   # b, dy may be batched
     return [fit_shape(g, da, sa), fit_shape(g, db, sb)]
 
 
@@ -576,6 +578,10 @@ def evaluate(graph, feeds: dict[int, np.ndarray]) -> dict[int, np.ndarray]:
         if d["op"] == "reshape":
             vals[n] = args[0].reshape(_concrete_shape(d["shape"], vals, graph))
             continue
+        if d["op"] == "rand_uniform":
+            shape = _concrete_shape(d["shape"], vals, graph)
+            vals[n] = op.ref(args[0], **{**attrs, "shape": shape})
+            continue
         if d["op"] == "broadcast_to":
             vals[n] = np.broadcast_to(args[0], _concrete_shape(d["shape"], vals, graph)).copy()
             continue
@@ -605,3 +611,6 @@ def _no_grad(g, n, dy):
 
 for _name in ("size", "sign", "onehot", "lt", "le", "gt", "ge", "eq", "ne"):
     OPS[_name].grad = _no_grad
+
+
+from . import ops_nn  # noqa: E402,F401  (registers the convolution, pooling and random ops)

@@ -71,7 +71,7 @@ def to_text(g, stage: str = "", params: dict | None = None) -> str:
         for grp in g.groups:
             writes = " ".join(names[n] for n in grp.outputs)
             shape = fmt_type(g.dtype(grp.nodes[-1]), g.shape(grp.nodes[-1]))
-            out.append(f" kernel k{grp.id} ({grp.pattern}, {len(grp.nodes)} op{'s' * (len(grp.nodes) != 1)},"
+            out.append(f" kernel k{grp.id} ({grp.label(g)}, {len(grp.nodes)} op{'s' * (len(grp.nodes) != 1)},"
                        f" writes {writes})")
             for n in grp.nodes:
                 tag = "  prologue" if n in grp.prologue else ("  anchor" if n == grp.anchor else "")
@@ -116,7 +116,7 @@ def to_dot(g, stage: str = "") -> str:
     if g.groups is not None:
         grouped = set()
         for grp in g.groups:
-            out.append(f"  subgraph cluster_k{grp.id} {{ label={_q(f'k{grp.id} {grp.pattern}')}; style=dashed;")
+            out.append(f"  subgraph cluster_k{grp.id} {{ label={_q(f'k{grp.id} {grp.label(g)}')}; style=dashed;")
             for n in grp.nodes:
                 out.append("  " + node(n))
                 grouped.add(n)

@@ -136,6 +136,29 @@ class ParamDecl(Node):
 
 
 @dataclass(frozen=True)
+class StateDecl(Node):
+    """A non-trainable tensor kept across steps (running statistics), saved in checkpoints."""
+    name: str
+    type: TensorType
+    init: Node | None
+
+
+@dataclass(frozen=True)
+class Update(Node):
+    """`name <- value`: the state's value after a training step."""
+    name: str
+    value: Node
+
+
+@dataclass(frozen=True)
+class If(Node):
+    """A compile-time conditional (e.g. on `training`)."""
+    cond: Node
+    then: tuple
+    orelse: tuple
+
+
+@dataclass(frozen=True)
 class Return(Node):
     values: tuple
 

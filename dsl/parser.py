@@ -59,7 +59,7 @@ _TOKEN_NAMES = {
     "LBRACE": "'{'", "RBRACE": "'}'", "COMMA": "','", "EQUAL": "'='", "COLON": "':'",
     "PLUS": "'+'", "MINUS": "'-'", "STAR": "'*'", "SLASH": "'/'", "AT": "'@'", "$END": "end of file",
     "COMPARE": "a comparison", "ELLIPSIS": "'...'", "SEMICOLON": "';'", "RETURN": "'return'",
-    "PARAM": "'param'", "DEF": "'def'", "MODEL": "'model'", "TRAIN": "'train'", "IMPORT": "'import'",
+    "PARAM": "'param'", "STATE": "'state'", "IF": "'if'", "DEF": "'def'", "MODEL": "'model'", "TRAIN": "'train'", "IMPORT": "'import'",
 }
 
 
@@ -161,6 +161,22 @@ class _ToAst(Transformer):
     def param_decl(self, meta, c):
         name, typ, init = c
         return A.ParamDecl(self._loc(meta), str(name), typ, init)
+
+    @v_args(meta=True)
+    def state_decl(self, meta, c):
+        name, typ, init = c
+        return A.StateDecl(self._loc(meta), str(name), typ, init)
+
+    @v_args(meta=True)
+    def update_stmt(self, meta, c):
+        return A.Update(self._loc(meta), str(c[0]), c[1])
+
+    @v_args(meta=True)
+    def if_stmt(self, meta, c):
+        cond, then, orelse = c
+        if isinstance(orelse, A.If):
+            orelse = (orelse,)
+        return A.If(self._loc(meta), cond, then, orelse or ())
 
     @v_args(meta=True)
     def return_stmt(self, meta, c):

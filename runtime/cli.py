@@ -13,7 +13,7 @@ from pathlib import Path
 
 from dsl.diagnostics import DlcError
 
-STAGES = ["ast", "lowered", "autodiff", "optimizer", "simplify", "cse", "dce", "fusion", "source"]
+STAGES = ["ast", "summary", "lowered", "autodiff", "optimizer", "simplify", "cse", "dce", "fusion", "source"]
 ALIASES = {"grad": "autodiff", "backward": "autodiff", "train": "optimizer", "opt": "dce", "optimized": "dce",
            "fused": "fusion", "kernels": "fusion", "numba": "source", "code": "source"}
 
@@ -144,15 +144,31 @@ def _load_for_inspection(args):
 
 def _check(args) -> int:
     _, lw, prog = _load_for_inspection(args)
-    g = prog.graph
     n = sum(_size(info.shape) for info in prog.params.values())
     print(f"{args.file}: ok — model `{prog.model}`, {len(prog.params)} parameter tensors ({n:,} values)")
-    for name, info in prog.params.items():
-        print(f"  {name:<32} {info.dtype}[{', '.join(map(str, info.shape))}]  init={info.init}")
-    if "output" in g.outputs:
-        o = g.outputs["output"]
-        print(f"  output: {g.dtype(o)}[{', '.join(map(str, g.shape(o)))}]")
+    sys.stdout.write(summary(lw, prog))
     return 0
+
+
+def summary(lw, prog) -> str:
+    """A Keras-style table: each layer the model calls, its output shape and parameter count."""
+    rows = [("layer", "output shape", "params")]
+    for scope, fn, shape, nparams, nstate in lw.layers:
+        name = scope if scope == fn else f"{scope.split('/')[-1]} ({fn})"
+        rows.append((name, "[" + ", ".join(map(str, shape)) + "]",
+                     f"{nparams:,}" + (f" (+{nstate:,} state)" if nstate else "")))
+    w0 = max(len(r[0]) for r in rows) + 2
+    w1 = max(len(r[1]) for r in rows) + 2
+    out = [f"{r[0]:<{w0}}{r[1]:<{w1}}{r[2]:>10}" for r in rows]
+    out.insert(1, "-" * len(out[0]))
+    total = sum(_size(i.shape) for i in prog.params.values())
+    state = sum(_size(i.shape) for i in prog.states.values())
+    out.append("-" * len(out[0]))
+    out.append(f"total parameters: {total:,}" + (f"  (state: {state:,} values)" if state else ""))
+    out.append("parameters:")
+    for name, info in prog.params.items():
+        out.append(f"  {name:<32} {info.dtype}[{', '.join(map(str, info.shape))}]  init={info.init}")
+    return "\n".join(out) + "\n"
 
 
 def _size(shape):
@@ -172,6 +188,8 @@ def _ir(args) -> int:
     module, lw, prog = _load_for_inspection(args)
     if stage == "ast":
         text = module.dump() + "\n"
+    elif stage == "summary":
+        text = summary(lw, prog)
     else:
         g = prog.graph
         kind = "train" if (args.program == "train" and lw.trains) else "eval"

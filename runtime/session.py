@@ -72,11 +72,13 @@ class Session:
         self.optimizer = spec
         self.lower_seconds = time.perf_counter() - t0
         self.params_info = self.program.params
-        # the evaluation program is the forward graph; the training step adds backward + update
-        eval_graph = self.program.graph.copy()
+        # the evaluation program is the forward graph lowered with `training` false (dropout
+        # off, batch norm on running statistics); the training step adds backward + update
+        eval_lowerer = Lowerer(self.module, self.opt.dtype, training=False)
+        self.eval_program = eval_lowerer.lower_train(eval_lowerer.trains[0], self.dataset.fields())
         ctx = Context(params={k: v.node for k, v in self.params_info.items()}, optimizer=spec)
         self.train_graph = optimize(self.program.graph, "train", ctx, self.opt.fuse)
-        self.eval_graph = optimize(eval_graph, "eval", Context(), self.opt.fuse)
+        self.eval_graph = optimize(self.eval_program.graph, "eval", Context(), self.opt.fuse)
         self.train_ex = build(self.train_graph)
         self.eval_ex = build(self.eval_graph)
         self.params, self.state = self._init_params()
@@ -90,9 +92,11 @@ class Session:
         params = {}
         for name, info in self.params_info.items():
             params[name] = initialize(info.init, info.shape, DTYPES[info.dtype], rng, info.loc)
-        state = {}
+        state = {}          # the model's own state (running statistics), then the optimizer's
+        for name, info in self.program.states.items():
+            state[name] = initialize(info.init, info.shape, DTYPES[info.dtype], rng, info.loc)
         for (name, kind, shape, dtype) in self.train_ex.inputs:
-            if kind == "state":
+            if kind == "state" and name not in state:
                 state[name] = np.zeros(shape, DTYPES[dtype])
         return params, state
 
@@ -119,9 +123,14 @@ class Session:
     # ---- running ---------------------------------------------------------------------------------
     def train_step(self, batch: dict) -> tuple[float, np.ndarray]:
         self.step_count += 1
-        sc = {"lr": self.optimizer.lr, **bias_corrections(self.optimizer, self.step_count)}
+        sc = {"lr": self.optimizer.lr, "rng": self.rng_seed(self.step_count),
+              **bias_corrections(self.optimizer, self.step_count)}
         loss, out = self.train_ex(*self._args(self.train_ex, batch, sc))
         return float(loss), out
+
+    def rng_seed(self, step: int) -> int:
+        """The random stream of a step: a function of the run's seed and the step number."""
+        return (self.seed * 0x9E3779B1 + step * 0x85EBCA77) & 0x7FFFFFFFFFFFFFFF
 
     def evaluate(self, split: dict, batch_size: int = 512) -> dict:
         n = len(next(iter(split.values())))

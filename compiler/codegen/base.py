@@ -85,8 +85,8 @@ class Renderer:
             body = k.loop_body(grp.nodes, self.g.shape(grp.nodes[-1]) if grp.pattern == "opaque" else None)
         elif grp.pattern == "reduce":
             body = k.reduce_body()
-        elif grp.pattern == "matmul":
-            body = k.matmul_body()
+        elif grp.pattern == "anchored":
+            body = k.anchor_body()
         elif grp.pattern == "opaque":
             body = k.template_body()
         else:
@@ -161,9 +161,19 @@ class _Kernel:
             expr = tmpl.format(T=NP_DTYPE[g.dtype(n)], size=size)
         else:
             args = [self.read(a, n, i, idx, it_shape, local) for i, a in enumerate(g.args(n))]
-            expr = tmpl.format(*args, T=NP_DTYPE[g.dtype(n)], last=idx[-1] if idx else "0")
+            expr = tmpl.format(*args, T=NP_DTYPE[g.dtype(n)], last=idx[-1] if idx else "0",
+                               flat=self.flat(idx, it_shape), **g.attrs(n))
         local[n] = f"v{n}"
         return f"v{n} = {expr}"
+
+    def flat(self, idx, shape) -> str:
+        """Row-major linear index of the loop position."""
+        if not idx:
+            return "0"
+        expr = idx[0]
+        for v, d in zip(idx[1:], shape[1:]):
+            expr = f"({expr}) * {self.r.dim(d)} + {v}"
+        return expr
 
     def loops(self, shape, var: str) -> tuple[list[str], list[str]]:
         idx = [f"{var}{i}" for i in range(len(shape))]
@@ -239,12 +249,11 @@ class _Kernel:
         lines += self.nest(out_shape, "j", ep)
         return lines
 
-    def matmul_body(self) -> list[str]:
+    def anchor_body(self) -> list[str]:
+        """A matmul or convolution writing its result, then its fused elementwise epilogue."""
         g, grp = self.g, self.grp
         m = grp.anchor
-        a, b = g.args(m)
-        ta, tb = g.attrs(m).get("ta", False), g.attrs(m).get("tb", False)
-        sa, sb, so = g.shape(a), g.shape(b), g.shape(m)
+        so = g.shape(m)
         epi = [n for n in grp.nodes if n != m]
         # where the product lands: m's own buffer, else an epilogue output of its type
         if m in grp.outputs:
@@ -257,8 +266,27 @@ class _Kernel:
         if tgt is None:
             lines.append(f"acc = np.empty({self.r.shape_expr(so)}, {NP_DTYPE[g.dtype(m)]})")
             tgt = "acc"
+        if g.op(m) == "matmul":
+            lines += self.matmul_lines(m, tgt)
+        else:
+            lines += self.template_lines(m, tgt)
+        if epi:
+            def ep(idx):
+                local = {m: f"v{m}"}
+                out = [f"v{m} = {tgt}[{', '.join(idx) or '()'}]"]
+                out += [self.compute(n, idx, so, local) for n in epi]
+                return out + self.stores(epi, idx, so, local)
+            lines += self.nest(so, "i", ep)
+        return lines
+
+    def matmul_lines(self, m, tgt) -> list[str]:
+        g = self.g
+        a, b = g.args(m)
+        ta, tb = g.attrs(m).get("ta", False), g.attrs(m).get("tb", False)
+        sa, sb, so = g.shape(a), g.shape(b), g.shape(m)
         A, B = self.param(a), self.param(b)
         self.shapes += [sa, sb, so]
+        lines = []
         if len(sa) == 2 and len(sb) == 2:
             lines.append(self.t.matmul_call(A + (".T" if ta else ""), B + (".T" if tb else ""), tgt))
         elif len(sb) == 2 and not ta:
@@ -275,28 +303,32 @@ class _Kernel:
                       "    " + self.t.matmul_call("a3[bi]" + (".T" if ta else ""), "b3[bi]" + (".T" if tb else ""), "o3[bi]")]
         else:
             raise NotImplementedError("matmul with broadcast batch dimensions")
-        if epi:
-            def ep(idx):
-                local = {m: f"v{m}"}
-                out = [f"v{m} = {tgt}[{', '.join(idx) or '()'}]"]
-                out += [self.compute(n, idx, so, local) for n in epi]
-                return out + self.stores(epi, idx, so, local)
-            lines += self.nest(so, "i", ep)
         return lines
 
-    def template_body(self) -> list[str]:
-        g, n = self.g, self.grp.nodes[0]
+    def template_lines(self, n, out: str) -> list[str]:
+        """An op's loop-nest template, formatted with its arguments and named sizes."""
+        g = self.g
         spec = OPS[g.op(n)]
         tmpl = self.t.kernel_templates.get(spec.name, spec.kernel)
-        x = g.args(n)[0]
-        shape = g.shape(x)
-        self.shapes.append(shape)
-        rows = " * ".join(self.r.dim(d) for d in shape[:-1]) or "1"
-        ncol = self.r.dim(shape[-1])
-        X, Y = self.param(x), self.out(n)
-        lines = [f"xin = {X}.reshape(({rows}, {ncol}))", f"yout = {Y}.reshape(({rows}, {ncol}))"]
-        lines += tmpl.format("xin", out="yout", rows=rows, n=ncol).rstrip().split("\n")
-        return lines
+        names = {f"x{i}": self.param(a) for i, a in enumerate(g.args(n))}
+        if spec.kernel_sizes is not None:
+            sizes = spec.kernel_sizes(g, n)
+            self.shapes.append(tuple(sizes.values()))
+            names.update({k: self.r.dim(v) for k, v in sizes.items()})
+        else:                                   # row-wise ops (softmax): rows x last axis
+            shape = g.shape(g.args(n)[0])
+            self.shapes.append(shape)
+            rows = " * ".join(self.r.dim(d) for d in shape[:-1]) or "1"
+            ncol = self.r.dim(shape[-1])
+            pre = [f"xin = {names['x0']}.reshape(({rows}, {ncol}))", f"yout = {out}.reshape(({rows}, {ncol}))"]
+            body = tmpl.format("xin", out="yout", rows=rows, n=ncol, T=NP_DTYPE[g.dtype(n)])
+            return pre + body.rstrip().split("\n")
+        body = tmpl.format(out=out, T=NP_DTYPE[g.dtype(n)], **names)
+        return body.rstrip().split("\n")
+
+    def template_body(self) -> list[str]:
+        n = self.grp.nodes[0]
+        return self.template_lines(n, self.out(n))
 
     def finish(self, body):
         dims = self.r.dims_used(self.shapes)
@@ -315,6 +347,14 @@ def generate(g, plan: Plan, target) -> tuple[str, dict]:
                 binds.append(f"{r.dim_names[d]} = a{i}.shape[{ax}]")
     out = [f"# Generated by dlc for `{comment(g.name)}`: {len(plan.order)} kernels. Do not edit.",
            "import math", "import numpy as np", target.prelude, ""]
+    helpers = []
+    for grp in plan.order:
+        for n in grp.nodes:
+            h = target.helpers.get(g.op(n), OPS[g.op(n)].helpers)
+            if h and h not in helpers:
+                helpers.append(h)
+    for h in helpers:
+        out += [h]
     step = []
     for grp in plan.order:
         if grp.pattern == "view":
@@ -327,7 +367,7 @@ def generate(g, plan: Plan, target) -> tuple[str, dict]:
         body, reads, writes, dims, pnames, onames = r.kernel(grp)
         kname = f"k{grp.id}"
         params = [pnames[x] for x in reads] + [onames[x] for x in writes] + dims
-        out.append(f"# ---- kernel {kname}: {grp.pattern}, {len(grp.nodes)} op{'s' * (len(grp.nodes) != 1)} ----")
+        out.append(f"# ---- kernel {kname}: {grp.label(g)}, {len(grp.nodes)} op{'s' * (len(grp.nodes) != 1)} ----")
         out += ["# " + r.ir_line(n) for n in grp.nodes]
         out.append(target.kernel_decorator)
         out.append(f"def {kname}({', '.join(params)}):")

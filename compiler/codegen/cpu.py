@@ -8,12 +8,13 @@ FASTMATH = "{'nsz', 'arcp', 'contract', 'afn', 'reassoc'}"
 
 class CpuTarget:
     name = "cpu"
-    prelude = "from numba import njit"
+    prelude = f"from numba import njit\n\nFASTMATH = {FASTMATH}"
     kernel_decorator = f"@njit(cache=True, fastmath={FASTMATH}, error_model='numpy')"
     step_decorator = f"@njit(cache=True, fastmath={FASTMATH}, error_model='numpy')"
     # overrides of the op registry's base templates (none needed on the CPU)
     scalar_templates: dict = {}
     kernel_templates: dict = {}
+    helpers: dict = {}
 
     @staticmethod
     def loop_header(var: str, extent: str) -> str:

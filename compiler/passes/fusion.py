@@ -16,7 +16,7 @@ from ..ir import Group
 from ..ops import OPS, Kind
 
 _PATTERN = {Kind.ELEMENTWISE: "elementwise", Kind.BROADCAST: "elementwise", Kind.REDUCE: "reduce",
-            Kind.OUT_ELEMENTWISE_FUSABLE: "matmul", Kind.OPAQUE: "opaque"}
+            Kind.OUT_ELEMENTWISE_FUSABLE: "anchored", Kind.OPAQUE: "opaque"}
 
 
 def _pattern(g, n):
@@ -43,7 +43,7 @@ class _Groups:
         self.of[n] = gid
         self.members[gid] = [n]
         self.pattern[gid] = _pattern(self.g, n)
-        self.anchor[gid] = n if self.pattern[gid] in ("reduce", "matmul") else None
+        self.anchor[gid] = n if self.pattern[gid] in ("reduce", "anchored") else None
         self.shape[gid] = self.g.shape(n)
         self.prologue[gid] = set()
         return gid
@@ -80,7 +80,7 @@ def fusion(g, ctx):
         srcs = sorted({G.of[a] for a in g.args(n) if a in G.of})
         if pat == "elementwise":
             same = [s for s in srcs if G.pattern[s] == "elementwise" and G.shape[s] == g.shape(n)]
-            anchored = [s for s in srcs if G.pattern[s] in ("reduce", "matmul") and G.shape[s] == g.shape(n)
+            anchored = [s for s in srcs if G.pattern[s] in ("reduce", "anchored") and G.shape[s] == g.shape(n)
                         and not any(G.of.get(a) == s and a in G.prologue[s] for a in g.args(n))]
             target = None
             if anchored:

@@ -1,0 +1,390 @@
+"""Primitives for convolutional networks and randomness: conv2d (+ its two gradients),
+max/avg pooling (+ gradients), and a counter-based uniform random generator.
+
+Like `ops.py`, each primitive is defined once here: shape rule, NumPy reference, gradient
+rule, fusion kind and kernel template (a loop nest formatted with named sizes, plus shared
+`@njit` helpers the template calls). Layouts: NCHW; conv weights [out, in, kh, kw].
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .ops import OPS, Kind, Op, register
+from .shapes import DTYPES, FLOATS, ShapeError, fmt_shape
+
+
+def _pair(v):
+    return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
+
+
+def _spatial(s, what):
+    if len(s) != 4:
+        raise ShapeError(f"{what} takes NCHW input of rank 4, got {fmt_shape(s)}")
+    if not all(isinstance(d, int) for d in s[1:]):
+        raise ShapeError(f"{what} needs fixed channel and spatial sizes, got {fmt_shape(s)}")
+
+
+def _out_size(h, k, stride, pad, dil, what, axis):
+    eff = dil * (k - 1) + 1
+    if h + 2 * pad < eff:
+        raise ShapeError(f"{what}: the {'dilated ' if dil > 1 else ''}kernel ({eff} wide) is larger than the "
+                         f"{'padded ' if pad else ''}input ({h + 2 * pad} {axis})")
+    return (h + 2 * pad - eff) // stride + 1
+
+
+def _geometry(a):
+    return _pair(a.get("stride", 1)), _pair(a.get("padding", 0)), _pair(a.get("dilation", 1))
+
+
+# ---- conv2d -----------------------------------------------------------------------------------
+def _conv_infer(s, d, a):
+    x, w = s
+    _spatial(x, "conv2d")
+    if len(w) != 4:
+        raise ShapeError(f"conv2d weights are [out, in, kh, kw], got {fmt_shape(w)}")
+    if x[1] != w[1]:
+        raise ShapeError(f"the input has {x[1]} channels {fmt_shape(x)} but the kernel expects {w[1]} {fmt_shape(w)}")
+    if d[0] != d[1] or d[0] not in FLOATS:
+        raise ShapeError(f"conv2d needs two float tensors of one dtype, got {d[0]} and {d[1]}")
+    (sh, sw), (ph, pw), (dh, dw) = _geometry(a)
+    ho = _out_size(x[2], w[2], sh, ph, dh, "conv2d", "rows")
+    wo = _out_size(x[3], w[3], sw, pw, dw, "conv2d", "columns")
+    return (x[0], w[0], ho, wo), d[0]
+
+
+def im2col_ref(x, kh, kw, stride, pad, dil):
+    """[N, C, H, W] -> [N, C*kh*kw, Ho*Wo] (the NumPy reference, written independently)."""
+    (sh, sw), (ph, pw), (dh, dw) = stride, pad, dil
+    n, c, h, w = x.shape
+    xp = np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)))
+    ho = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+    wo = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    cols = np.empty((n, c, kh, kw, ho, wo), x.dtype)
+    for i in range(kh):
+        for j in range(kw):
+            cols[:, :, i, j] = xp[:, :, i * dh: i * dh + sh * (ho - 1) + 1: sh, j * dw: j * dw + sw * (wo - 1) + 1: sw]
+    return cols.reshape(n, c * kh * kw, ho * wo), ho, wo
+
+
+def _conv_ref(x, w, *, stride=1, padding=0, dilation=1):
+    o, c, kh, kw = w.shape
+    cols, ho, wo = im2col_ref(x, kh, kw, _pair(stride), _pair(padding), _pair(dilation))
+    return np.einsum("ok,nkp->nop", w.reshape(o, -1), cols).reshape(x.shape[0], o, ho, wo)
+
+
+def _conv_sizes(g, n, x, w, y):
+    """Named sizes for the conv templates."""
+    a = g.attrs(n)
+    (sh, sw), (ph, pw), (dh, dw) = _geometry(a)
+    N, C, H, W = g.shape(x)
+    O, _, KH, KW = g.shape(w)
+    HO, WO = g.shape(y)[2:]
+    return dict(N=N, C=C, H=H, W=W, O=O, KH=KH, KW=KW, HO=HO, WO=WO, SH=sh, SW=sw, PH=ph, PW=pw, DH=dh, DW=dw,
+                CKK=C * KH * KW, P=HO * WO)
+
+
+# Shared loop nests, emitted once into any module that uses a convolution.
+CONV_HELPERS = '''\
+@njit(cache=True, fastmath=FASTMATH, error_model='numpy')
+def _im2col(x, cols, C, H, W, KH, KW, HO, WO, SH, SW, PH, PW, DH, DW):
+    """x: [C, H, W] -> cols: [C*KH*KW, HO*WO] (zeros where the window leaves the input)."""
+    for c in range(C):
+        for kh in range(KH):
+            for kw in range(KW):
+                r = (c * KH + kh) * KW + kw
+                for oh in range(HO):
+                    ih = oh * SH - PH + kh * DH
+                    for ow in range(WO):
+                        iw = ow * SW - PW + kw * DW
+                        if ih >= 0 and ih < H and iw >= 0 and iw < W:
+                            cols[r, oh * WO + ow] = x[c, ih, iw]
+                        else:
+                            cols[r, oh * WO + ow] = 0
+
+
+@njit(cache=True, fastmath=FASTMATH, error_model='numpy')
+def _col2im(cols, dx, C, H, W, KH, KW, HO, WO, SH, SW, PH, PW, DH, DW):
+    """The adjoint of _im2col: scatter-add cols: [C*KH*KW, HO*WO] into dx: [C, H, W]."""
+    for c in range(C):
+        for kh in range(KH):
+            for kw in range(KW):
+                r = (c * KH + kh) * KW + kw
+                for oh in range(HO):
+                    ih = oh * SH - PH + kh * DH
+                    if ih < 0 or ih >= H:
+                        continue
+                    for ow in range(WO):
+                        iw = ow * SW - PW + kw * DW
+                        if iw >= 0 and iw < W:
+                            dx[c, ih, iw] += cols[r, oh * WO + ow]
+'''
+
+_GEOM = "{C}, {H}, {W}, {KH}, {KW}, {HO}, {WO}, {SH}, {SW}, {PH}, {PW}, {DH}, {DW}"
+
+conv2d = register(Op("conv2d", Kind.OUT_ELEMENTWISE_FUSABLE, _conv_infer, ref=_conv_ref, helpers=CONV_HELPERS,
+                     kernel_sizes=lambda g, n: _conv_sizes(g, n, *g.args(n), n),
+                     kernel=f"""\
+cols = np.empty(({{CKK}}, {{P}}), {{T}})
+w2 = {{x1}}.reshape(({{O}}, {{CKK}}))
+for n in range({{N}}):
+    _im2col({{x0}}[n], cols, {_GEOM})
+    np.dot(w2, cols, {{out}}[n].reshape(({{O}}, {{P}})))
+""", user_name="conv2d"))
+
+
+def _conv_grad_x_infer(s, d, a):
+    return (s[0][0],) + tuple(a["x_shape"][1:]), d[0]
+
+
+def _conv_grad_x_ref(dy, w, *, x_shape, stride=1, padding=0, dilation=1):
+    (sh, sw), (ph, pw), (dh, dw) = _pair(stride), _pair(padding), _pair(dilation)
+    n = dy.shape[0]
+    _, c, h, wd = x_shape
+    o, _, kh, kw = w.shape
+    ho, wo = dy.shape[2:]
+    cols = np.einsum("ok,nop->nkp", w.reshape(o, -1), dy.reshape(n, o, -1)).reshape(n, c, kh, kw, ho, wo)
+    dxp = np.zeros((n, c, h + 2 * ph, wd + 2 * pw), dy.dtype)
+    for i in range(kh):
+        for j in range(kw):
+            dxp[:, :, i * dh: i * dh + sh * (ho - 1) + 1: sh, j * dw: j * dw + sw * (wo - 1) + 1: sw] += cols[:, :, i, j]
+    return dxp[:, :, ph: ph + h, pw: pw + wd]
+
+
+def _conv_grad_w_ref(x, dy, *, w_shape, stride=1, padding=0, dilation=1):
+    o, c, kh, kw = w_shape
+    cols, ho, wo = im2col_ref(x, kh, kw, _pair(stride), _pair(padding), _pair(dilation))
+    return np.einsum("nop,nkp->ok", dy.reshape(dy.shape[0], o, -1), cols).reshape(w_shape)
+
+
+conv2d_grad_x = register(Op(
+    "conv2d_grad_x", Kind.OPAQUE, _conv_grad_x_infer, ref=_conv_grad_x_ref, helpers=CONV_HELPERS,
+    kernel_sizes=lambda g, n: _conv_sizes(g, n, n, g.args(n)[1], g.args(n)[0]),
+    kernel=f"""\
+cols = np.empty(({{CKK}}, {{P}}), {{T}})
+w2 = {{x1}}.reshape(({{O}}, {{CKK}}))
+{{out}}.reshape(-1)[:] = 0
+for n in range({{N}}):
+    np.dot(w2.T, {{x0}}[n].reshape(({{O}}, {{P}})), cols)
+    _col2im(cols, {{out}}[n], {_GEOM})
+"""))
+
+conv2d_grad_w = register(Op(
+    "conv2d_grad_w", Kind.OPAQUE, lambda s, d, a: (tuple(a["w_shape"]), d[0]), ref=_conv_grad_w_ref,
+    helpers=CONV_HELPERS, kernel_sizes=lambda g, n: _conv_sizes(g, n, g.args(n)[0], n, g.args(n)[1]),
+    kernel=f"""\
+cols = np.empty(({{CKK}}, {{P}}), {{T}})
+part = np.empty(({{O}}, {{CKK}}), {{T}})
+acc = {{out}}.reshape(({{O}}, {{CKK}}))
+acc[:, :] = 0
+for n in range({{N}}):
+    _im2col({{x0}}[n], cols, {_GEOM})
+    np.dot({{x1}}[n].reshape(({{O}}, {{P}})), cols.T, part)
+    acc += part
+"""))
+
+
+@conv2d.def_grad
+def _(g, n, dy):
+    x, w = g.args(n)
+    geo = {k: g.attrs(n)[k] for k in ("stride", "padding", "dilation") if k in g.attrs(n)}
+    dx = g.add("conv2d_grad_x", dy, w, x_shape=g.shape(x), **geo)
+    dw = g.add("conv2d_grad_w", x, dy, w_shape=g.shape(w), **geo)
+    return [dx, dw]
+
+
+# ---- pooling ------------------------------------------------------------------------------------
+def _pool_infer(name):
+    def infer(s, d, a):
+        x = s[0]
+        _spatial(x, name)
+        (kh, kw), (sh, sw), (ph, pw) = _pair(a["kernel"]), _pair(a["stride"]), _pair(a.get("padding", 0))
+        if ph * 2 > kh or pw * 2 > kw:
+            raise ShapeError(f"{name}: padding must be at most half the kernel")
+        ho = _out_size(x[2], kh, sh, ph, 1, name, "rows")
+        wo = _out_size(x[3], kw, sw, pw, 1, name, "columns")
+        return (x[0], x[1], ho, wo), d[0]
+    return infer
+
+
+def _pool_ref(x, kernel, stride, padding, reduce):
+    (kh, kw), s, p = _pair(kernel), _pair(stride), _pair(padding)
+    n, c, h, w = x.shape
+    fill = -np.inf if reduce == "max" else 0.0
+    xp = np.pad(x, ((0, 0), (0, 0), (p[0], p[0]), (p[1], p[1])), constant_values=fill)
+    cols, ho, wo = im2col_ref(xp.reshape(n * c, 1, *xp.shape[2:]), kh, kw, s, (0, 0), (1, 1))
+    cols = cols.reshape(n, c, kh * kw, ho, wo)
+    return cols.max(axis=2) if reduce == "max" else cols.mean(axis=2)
+
+
+def _pool_sizes(g, n, x):
+    a = g.attrs(n)
+    (kh, kw), (sh, sw), (ph, pw) = _pair(a["kernel"]), _pair(a["stride"]), _pair(a.get("padding", 0))
+    N, C, H, W = g.shape(x)
+    ho = (H + 2 * ph - kh) // sh + 1
+    wo = (W + 2 * pw - kw) // sw + 1
+    return dict(N=N, C=C, H=H, W=W, KH=kh, KW=kw, SH=sh, SW=sw, PH=ph, PW=pw, HO=ho, WO=wo, K=kh * kw)
+
+
+_WINDOW = """\
+for n in range({N}):
+    for c in range({C}):
+        for oh in range({HO}):
+            for ow in range({WO}):
+"""
+
+max_pool2d = register(Op(
+    "max_pool2d", Kind.OPAQUE, _pool_infer("max_pool2d"),
+    ref=lambda x, *, kernel, stride, padding=0: _pool_ref(x, kernel, stride, padding, "max"),
+    kernel_sizes=lambda g, n: _pool_sizes(g, n, g.args(n)[0]),
+    kernel=_WINDOW + """\
+                m = -np.inf
+                for kh in range({KH}):
+                    ih = oh * {SH} - {PH} + kh
+                    if ih < 0 or ih >= {H}:
+                        continue
+                    for kw in range({KW}):
+                        iw = ow * {SW} - {PW} + kw
+                        if iw >= 0 and iw < {W} and {x0}[n, c, ih, iw] > m:
+                            m = {x0}[n, c, ih, iw]
+                {out}[n, c, oh, ow] = m
+"""))
+
+# The gradient goes to the first maximum of each window (as PyTorch does).
+max_pool2d_grad = register(Op(
+    "max_pool2d_grad", Kind.OPAQUE, lambda s, d, a: (s[0], d[0]), ref=None,
+    kernel_sizes=lambda g, n: _pool_sizes(g, n, g.args(n)[0]),
+    kernel=_WINDOW.replace("for n in", "{out}.reshape(-1)[:] = 0\nfor n in") + """\
+                m = -np.inf
+                bi = -1
+                bj = -1
+                for kh in range({KH}):
+                    ih = oh * {SH} - {PH} + kh
+                    if ih < 0 or ih >= {H}:
+                        continue
+                    for kw in range({KW}):
+                        iw = ow * {SW} - {PW} + kw
+                        if iw >= 0 and iw < {W} and {x0}[n, c, ih, iw] > m:
+                            m = {x0}[n, c, ih, iw]
+                            bi = ih
+                            bj = iw
+                if bi >= 0:
+                    {out}[n, c, bi, bj] += {x1}[n, c, oh, ow]
+"""))
+
+
+def _max_pool_grad_ref(x, dy, *, kernel, stride, padding=0):
+    (kh, kw), (sh, sw), (ph, pw) = _pair(kernel), _pair(stride), _pair(padding)
+    dx = np.zeros_like(x)
+    n, c, ho, wo = dy.shape
+    for i in range(ho):
+        for j in range(wo):
+            r0, c0 = i * sh - ph, j * sw - pw
+            win = np.full((n, c, kh, kw), -np.inf)
+            rs, cs = max(r0, 0), max(c0, 0)
+            re, ce = min(r0 + kh, x.shape[2]), min(c0 + kw, x.shape[3])
+            win[:, :, rs - r0:re - r0, cs - c0:ce - c0] = x[:, :, rs:re, cs:ce]
+            flat = win.reshape(n, c, -1).argmax(axis=2)
+            for a in range(n):
+                for b in range(c):
+                    dx[a, b, r0 + flat[a, b] // kw, c0 + flat[a, b] % kw] += dy[a, b, i, j]
+    return dx
+
+
+max_pool2d_grad.ref = _max_pool_grad_ref
+
+avg_pool2d = register(Op(
+    "avg_pool2d", Kind.OPAQUE, _pool_infer("avg_pool2d"),
+    ref=lambda x, *, kernel, stride, padding=0: _pool_ref(x, kernel, stride, padding, "avg"),
+    kernel_sizes=lambda g, n: _pool_sizes(g, n, g.args(n)[0]),
+    kernel=_WINDOW + """\
+                s = 0.0
+                for kh in range({KH}):
+                    ih = oh * {SH} - {PH} + kh
+                    if ih < 0 or ih >= {H}:
+                        continue
+                    for kw in range({KW}):
+                        iw = ow * {SW} - {PW} + kw
+                        if iw >= 0 and iw < {W}:
+                            s += {x0}[n, c, ih, iw]
+                {out}[n, c, oh, ow] = s / {K}
+"""))
+
+# Padding counts toward the divisor (PyTorch's count_include_pad=True).
+avg_pool2d_grad = register(Op(
+    "avg_pool2d_grad", Kind.OPAQUE, lambda s, d, a: ((s[0][0],) + tuple(a["x_shape"][1:]), d[0]), ref=None,
+    kernel_sizes=lambda g, n: _pool_sizes(g, n, n),
+    kernel=_WINDOW.replace("for n in", "{out}.reshape(-1)[:] = 0\nfor n in") + """\
+                v = {x0}[n, c, oh, ow] / {K}
+                for kh in range({KH}):
+                    ih = oh * {SH} - {PH} + kh
+                    if ih < 0 or ih >= {H}:
+                        continue
+                    for kw in range({KW}):
+                        iw = ow * {SW} - {PW} + kw
+                        if iw >= 0 and iw < {W}:
+                            {out}[n, c, ih, iw] += v
+"""))
+
+
+def _avg_pool_grad_ref(dy, *, x_shape, kernel, stride, padding=0):
+    (kh, kw), (sh, sw), (ph, pw) = _pair(kernel), _pair(stride), _pair(padding)
+    n = dy.shape[0]
+    dxp = np.zeros((n, x_shape[1], x_shape[2] + 2 * ph, x_shape[3] + 2 * pw), dy.dtype)
+    ho, wo = dy.shape[2:]
+    for i in range(kh):
+        for j in range(kw):
+            dxp[:, :, i: i + sh * (ho - 1) + 1: sh, j: j + sw * (wo - 1) + 1: sw] += dy / (kh * kw)
+    return dxp[:, :, ph: ph + x_shape[2], pw: pw + x_shape[3]]
+
+
+avg_pool2d_grad.ref = _avg_pool_grad_ref
+
+
+def _pool_attrs(g, n):
+    return {k: g.attrs(n)[k] for k in ("kernel", "stride", "padding") if k in g.attrs(n)}
+
+
+@max_pool2d.def_grad
+def _(g, n, dy):
+    return [g.add("max_pool2d_grad", g.args(n)[0], dy, **_pool_attrs(g, n))]
+
+
+@avg_pool2d.def_grad
+def _(g, n, dy):
+    return [g.add("avg_pool2d_grad", dy, x_shape=g.shape(g.args(n)[0]), **_pool_attrs(g, n))]
+
+
+# ---- randomness ---------------------------------------------------------------------------------
+# A counter-based generator (SplitMix64 of seed, call-site salt and element index): the same
+# numbers in any kernel, fused or not, on any target, and from the NumPy reference.
+RNG_HELPERS = '''\
+@njit(cache=True, inline='always')
+def _uniform(seed, salt, i):
+    z = np.uint64(seed) + np.uint64(salt) * np.uint64(0xD1B54A32D192ED03) + np.uint64(i) * np.uint64(0x9E3779B97F4A7C15)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    z = z ^ (z >> np.uint64(31))
+    return np.float64(z >> np.uint64(11)) * (1.0 / 9007199254740992.0)
+'''
+
+
+def uniform_ref(seed, salt, n):
+    with np.errstate(over="ignore"):
+        i = np.arange(n, dtype=np.uint64)
+        z = np.uint64(seed) + np.uint64(salt) * np.uint64(0xD1B54A32D192ED03) + i * np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = z ^ (z >> np.uint64(31))
+    return (z >> np.uint64(11)).astype(np.float64) * (1.0 / 9007199254740992.0)
+
+
+def _rand_infer(s, d, a):
+    if d[0] not in ("i64", "i32"):
+        raise ShapeError("the random seed must be an integer")
+    return tuple(a["shape"]), a["dtype"]
+
+
+register(Op("rand_uniform", Kind.ELEMENTWISE, _rand_infer, helpers=RNG_HELPERS,
+            ref=lambda seed, *, shape, salt, dtype: uniform_ref(int(seed), salt, int(np.prod(shape))).reshape(shape).astype(DTYPES[dtype]),
+            scalar="{T}(_uniform({0}, {salt}, {flat}))"))
+OPS["rand_uniform"].grad = lambda g, n, dy: [None]

@@ -1,0 +1,254 @@
+"""Fusion changes how a program runs, never what it computes.
+
+The same programs compiled with `fuse=True` and `fuse=False` (every op its own kernel) must
+agree: an MLP forward and backward, reductions with prologues and epilogues (mean, softmax,
+cross-entropy, a normalization), and whole Adam training steps with in-place parameter
+updates. And fusion must actually fuse: `relu(x @ W + b)` is one kernel.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy import special
+
+from compiler.api import compile_function, compile_train_step
+from compiler.lower import OptimizerSpec
+from compiler.ops import evaluate
+from compiler.optim import bias_corrections
+from compiler.shapes import DTYPES
+
+RTOL, ATOL = 1e-12, 1e-13
+
+
+def close(a, b, what):
+    a, b = np.asarray(a), np.asarray(b)
+    assert a.shape == b.shape and a.dtype == b.dtype, f"{what}: {a.dtype}{a.shape} vs {b.dtype}{b.shape}"
+    np.testing.assert_allclose(a, b, rtol=RTOL, atol=ATOL, err_msg=what)
+
+
+def reference(f, data):
+    g = f.graph
+    vals = evaluate(g, {n: np.asarray(data[g[n]["name"]], DTYPES[g.dtype(n)]) for n in g.inputs})
+    return {k: vals[n] for k, n in g.outputs.items()}
+
+
+def ops_of(g, grp):
+    return [g.op(n) for n in grp.nodes]
+
+
+# ---- dense + relu: one kernel ---------------------------------------------------------------------
+DENSE = """
+model layer(x: f64[B, 6]) {
+    param W: [6, 8] = glorot
+    param b: [8] = zeros
+    return relu(x @ W + b)
+}
+"""
+
+
+def test_matmul_bias_relu_is_one_kernel():
+    r = np.random.default_rng(0)
+    data = {"x": r.normal(size=(5, 6)), "layer/W": r.normal(size=(6, 8)), "layer/b": r.normal(size=8)}
+    fused, plain = compile_function(DENSE), compile_function(DENSE, fuse=False)
+    g = fused.graph
+    (mm,) = [n for n in g.nodes() if g.op(n) == "matmul"]
+    (grp,) = [grp for grp in g.groups if mm in grp.nodes]
+    assert grp.pattern == "matmul" and grp.anchor == mm
+    assert ops_of(g, grp) == ["matmul", "add", "relu"]
+    assert [g.op(n) for n in grp.outputs] == ["relu"]            # x @ W and + b never reach memory
+    assert g.outputs["output"] == grp.outputs[0]
+    assert len(g.groups) == 1 and fused.ex.kernels == 1
+    assert plain.ex.kernels == 3 and all(len(grp.nodes) == 1 for grp in plain.graph.groups)
+    want = np.maximum(data["x"] @ data["layer/W"] + data["layer/b"], 0)
+    assert (want == 0).any() and (want > 0).any()
+    close(fused(**data)["output"], want, "fused")
+    close(plain(**data)["output"], want, "unfused")
+
+
+# ---- MLP with softmax cross-entropy: forward and backward ------------------------------------------
+MLP = """
+model net(x: f64[B, 6], y: i64[B]) {
+    h = relu(dense(x, 8, name = "l1"))
+    return cross_entropy(dense(h, 3, name = "l2"), y)
+}
+"""
+MLP_PARAMS = {"net/l1/W": (6, 8), "net/l1/b": (8,), "net/l2/W": (8, 3), "net/l2/b": (3,)}
+
+
+def mlp_numpy(x, y, W1, b1, W2, b2):
+    h = np.maximum(x @ W1 + b1, 0)
+    return -np.mean(special.log_softmax(h @ W2 + b2, axis=-1)[np.arange(len(y)), y])
+
+
+@pytest.fixture(scope="module")
+def mlp():
+    wrt = ["x"] + list(MLP_PARAMS)
+    return compile_function(MLP, grad=wrt), compile_function(MLP, grad=wrt, fuse=False)
+
+
+def test_mlp_grad_fused_matches_unfused(mlp):
+    fused, plain = mlp
+    r = np.random.default_rng(1)
+    data = {"x": r.normal(size=(7, 6)), "y": np.array([0, 2, 1, 1, 0, 2, 2])}
+    data.update({k: r.normal(size=s) for k, s in MLP_PARAMS.items()})
+    a, b = fused(**data), plain(**data)
+    assert set(a) == set(b) == {"loss", "grad:x"} | {f"grad:{k}" for k in MLP_PARAMS}
+    for k in a:
+        close(a[k], b[k], k)
+        close(a[k], reference(fused, data)[k], f"{k} vs evaluate")
+    want = mlp_numpy(data["x"], data["y"], *(data[k] for k in MLP_PARAMS))
+    np.testing.assert_allclose(a["loss"], want, rtol=1e-12)
+    # one weight gradient entry against central differences
+    W = data["net/l1/W"]
+    fd = []
+    for s in (1, -1):
+        Wp = W.copy()
+        Wp[2, 3] += s * 1e-6
+        fd.append(mlp_numpy(data["x"], data["y"], Wp, *(data[k] for k in list(MLP_PARAMS)[1:])))
+    np.testing.assert_allclose(a["grad:net/l1/W"][2, 3], (fd[0] - fd[1]) / 2e-6, rtol=1e-6)
+
+
+def test_mlp_fusion_structure(mlp):
+    fused, plain = mlp
+    g = fused.graph
+    assert fused.ex.kernels < plain.ex.kernels / 2, (fused.ex.kernels, plain.ex.kernels)
+    assert all(len(grp.nodes) == 1 for grp in plain.graph.groups)
+    assert {g.op(n) for n in g.nodes()} - {"input", "const"} == \
+        {plain.graph.op(n) for n in plain.graph.nodes()} - {"input", "const"}
+    # the first layer's forward: matmul, bias, relu (and the backward's relu mask) in one kernel
+    first = next(grp for grp in g.groups if grp.pattern == "matmul" and "relu" in ops_of(g, grp))
+    assert {"matmul", "add", "relu"} <= set(ops_of(g, first))
+    assert len(first.outputs) >= 2                                # relu output + mask, written once
+    # cross-entropy: onehot * log_softmax summed in a reduction's prologue; mean's division in
+    # the epilogue of its reduction
+    reduces = [grp for grp in g.groups if grp.pattern == "reduce"]
+    assert any("onehot" in [g.op(n) for n in grp.prologue] for grp in reduces)
+    assert any({"size", "div"} <= set(ops_of(g, grp)[ops_of(g, grp).index("reduce_sum") + 1:])
+               for grp in reduces)
+    for grp in reduces:
+        assert grp.anchor in grp.nodes and set(grp.prologue) < set(grp.nodes)
+        assert all(grp.nodes.index(p) < grp.nodes.index(grp.anchor) for p in grp.prologue)
+
+
+# ---- a reduction-heavy forward: normalization, softmax, a value used in and out of a kernel ---------
+NORM = """
+model norm(x: f64[B, 6], t: f64[B, 6]) {
+    mu = mean(x, axis = -1, keepdims = true)
+    d = x - mu
+    n = d / sqrt(mean(d * d, axis = -1, keepdims = true) + 1e-5)
+    e = exp(n)
+    p = softmax(2.0 * n) + e / sum(e, axis = -1, keepdims = true)
+    return mean((p - t) ** 2) + max(e)
+}
+"""
+
+
+def norm_numpy(x, t):
+    d = x - x.mean(-1, keepdims=True)
+    n = d / np.sqrt((d * d).mean(-1, keepdims=True) + 1e-5)
+    e = np.exp(n)
+    p = special.softmax(2 * n, axis=-1) + e / e.sum(-1, keepdims=True)
+    return np.mean((p - t) ** 2) + e.max()
+
+
+def test_reduction_epilogues_fused_matches_unfused():
+    r = np.random.default_rng(2)
+    data = {"x": r.normal(size=(4, 6)), "t": r.uniform(size=(4, 6))}
+    fused = compile_function(NORM, grad=["x", "t"])
+    plain = compile_function(NORM, grad=["x", "t"], fuse=False)
+    a, b = fused(**data), plain(**data)
+    for k in ("loss", "grad:x", "grad:t"):
+        close(a[k], b[k], k)
+        close(a[k], reference(fused, data)[k], f"{k} vs evaluate")
+    np.testing.assert_allclose(a["loss"], norm_numpy(**data), rtol=1e-12)
+    i = (1, 4)
+    fd = []
+    for s in (1, -1):
+        x = data["x"].copy()
+        x[i] += s * 1e-6
+        fd.append(norm_numpy(x, data["t"]))
+    np.testing.assert_allclose(a["grad:x"][i], (fd[0] - fd[1]) / 2e-6, rtol=1e-6)
+    g = fused.graph
+    assert fused.ex.kernels < plain.ex.kernels
+    # a reduction that also writes a value its prologue computed (e = exp(n), read again outside)
+    assert any(set(grp.outputs) & set(grp.prologue) for grp in g.groups if grp.pattern == "reduce")
+
+
+# ---- Adam training steps: fused vs unfused, and against a NumPy Adam ---------------------------------
+TRAIN = """
+model clf(x: f64[B, 5], y: i64[B]) {
+    param g: [5] = ones
+    h = x - mean(x, axis = -1, keepdims = true)
+    h = h * g / sqrt(mean(h * h, axis = -1, keepdims = true) + 1e-5)
+    return cross_entropy(dense(tanh(h), 3, name = "out"), y)
+}
+"""
+TRAIN_PARAMS = {"clf/g": (5,), "clf/out/W": (5, 3), "clf/out/b": (3,)}
+
+
+def _init(step, seed):
+    r = np.random.default_rng(seed)
+    for k, s in TRAIN_PARAMS.items():
+        step.params[k] = np.ascontiguousarray(1.0 + 0.3 * r.normal(size=s) if k == "clf/g" else r.normal(size=s))
+
+
+def test_adam_steps_fused_match_unfused():
+    spec = OptimizerSpec("adam", 1e-3)
+    fused = compile_train_step(TRAIN, spec)
+    plain = compile_train_step(TRAIN, spec, fuse=False)
+    assert fused.ex.kernels < plain.ex.kernels
+    _init(fused, 3)
+    _init(plain, 3)
+    init = {k: v.copy() for k, v in fused.params.items()}
+    assert set(fused.state) == {f"adam.{s}/{k}" for s in "mv" for k in TRAIN_PARAMS}
+    r = np.random.default_rng(4)
+    batches = [(r.normal(size=(6, 5)), r.integers(0, 3, size=6)) for _ in range(3)]
+
+    # step 1 against the NumPy evaluator on the train graph, and against Adam written here
+    g = fused.ex.graph
+    x0, y0 = batches[0]
+    scalars = {"lr": 1e-3, **bias_corrections(spec, 1)}
+    feeds = {}
+    for n in g.inputs:
+        name, kind = g[n]["name"], g.attrs(n)["kind"]
+        if kind == "param":
+            feeds[n] = init[name].copy()
+        elif kind == "state":
+            feeds[n] = np.zeros(g.shape(n))
+        elif kind == "scalar":
+            feeds[n] = np.float64(scalars[name])
+        else:
+            feeds[n] = {"x": x0, "y": y0}[name]
+    vals = evaluate(g, feeds)
+    by_name = {g[s]["name"]: vals[v] for s, v in g.updates.items()}
+    expect_step1 = {}
+    for k in TRAIN_PARAMS:
+        grad = vals[g.grad_of[k]]
+        m, v = 0.1 * grad, 0.001 * grad * grad
+        mhat, vhat = m / (1 - 0.9), v / (1 - 0.999)
+        expect_step1[k] = init[k] - 1e-3 * mhat / (np.sqrt(vhat) + 1e-8)
+        np.testing.assert_allclose(by_name[f"adam.m/{k}"], m, rtol=1e-12, atol=1e-15)
+        np.testing.assert_allclose(by_name[f"adam.v/{k}"], v, rtol=1e-12, atol=1e-18)
+        np.testing.assert_allclose(by_name[k], expect_step1[k], rtol=1e-12, atol=1e-15)
+
+    losses = []
+    for i, (x, y) in enumerate(batches):
+        xc, yc = x.copy(), y.copy()
+        la, lb = fused(x=x, y=y), plain(x=x, y=y)
+        np.testing.assert_array_equal(x, xc)                        # data never written
+        np.testing.assert_array_equal(y, yc)
+        np.testing.assert_allclose(la, lb, rtol=RTOL, err_msg=f"loss at step {i + 1}")
+        losses.append(la)
+        if i == 0:
+            np.testing.assert_allclose(la, float(vals[g.outputs["loss"]]), rtol=1e-12)
+            for k in TRAIN_PARAMS:
+                np.testing.assert_allclose(fused.params[k], expect_step1[k], rtol=1e-12, atol=1e-15, err_msg=k)
+        for k in TRAIN_PARAMS:
+            close(fused.params[k], plain.params[k], f"{k} after step {i + 1}")
+        for k in fused.state:
+            close(fused.state[k], plain.state[k], f"{k} after step {i + 1}")
+    for k in TRAIN_PARAMS:                      # every parameter moved, by about lr per step
+        delta = np.abs(fused.params[k] - init[k])
+        print(k, delta)
+        assert np.all(delta > 1e-4) and np.all(delta < 3.1e-3), (k, delta)
+    assert fused.t == plain.t == 3
