@@ -228,7 +228,7 @@ def profile_dlc(s, batch: dict, steps: int, repeats: int) -> dict:
     out["kernels"] = rows
     out["kernels_total_ms"] = 1e3 * total
     out["kernel_count"] = len(rows)
-    out["allocs_and_glue_ms"] = 1e3 * max(t_compiled - total, 0.0)
+    out["allocs_and_glue_ms"] = 1e3 * (t_compiled - total)     # can come out < 0: timing noise
     return out
 
 
@@ -349,7 +349,26 @@ def worker_check(a) -> dict:
 
 # ---- the driver --------------------------------------------------------------------------------
 
+def _cpu_busy_seconds():
+    """Seconds of CPU time spent by the whole machine so far (Linux /proc/stat), or None."""
+    try:
+        with open("/proc/stat") as f:
+            vals = [int(v) for v in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = vals[3] + (vals[4] if len(vals) > 4 else 0)          # idle + iowait
+    return (sum(vals[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def _children_cpu_seconds():
+    import resource
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
 def run_worker(kind: str, a, threads=None, env_extra=None, timeout=900) -> dict:
+    """Run one measurement in a fresh process; add `other_load`: the average number of cores
+    that other processes kept busy meanwhile (from /proc/stat), to tell a noisy figure."""
     env = dict(os.environ)
     if threads is not None:
         for v in THREAD_VARS:
@@ -363,10 +382,15 @@ def run_worker(kind: str, a, threads=None, env_extra=None, timeout=900) -> dict:
         cmd += ["--_threads", str(threads)]
     if not a.profile:
         cmd.append("--no-profile")
+    busy0, own0, t0 = _cpu_busy_seconds(), _children_cpu_seconds(), time.perf_counter()
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    busy1, own1, t1 = _cpu_busy_seconds(), _children_cpu_seconds(), time.perf_counter()
     if p.returncode != 0:
         raise RuntimeError(f"{kind} worker failed (exit {p.returncode}):\n{p.stderr[-4000:]}")
-    return json.loads(p.stdout.strip().splitlines()[-1])
+    res = json.loads(p.stdout.strip().splitlines()[-1])
+    if busy0 is not None:
+        res["other_load"] = round(max((busy1 - busy0) - (own1 - own0), 0.0) / (t1 - t0), 2)
+    return res
 
 
 def have_torch() -> bool:
@@ -491,14 +515,16 @@ def print_report(out: dict):
           "median of the repeats")
     print()
     ratio = {r["threads"]: r["dlc_over_torch"] for r in out["ratios"]}
-    hdr = f"{'framework':<20} {'threads':>7} {'median ms/step':>15} {'steps/s':>9} {'min-max ms':>17} {'dlc/torch':>10}"
+    hdr = f"{'framework':<20} {'threads':>7} {'median ms/step':>15} {'steps/s':>9} {'min-max ms':>17} {'dlc/torch':>10} {'others':>7}"
     print(hdr)
     print("-" * len(hdr))
     for r in out["results"]:
         rr = f"{ratio[r['threads']]:.2f}" if r["framework"] == "dlc" and r["threads"] in ratio else ""
         name = r["framework"] + ("" if r.get("adam_impl", "default") == "default" else f" ({r['adam_impl']} Adam)")
         print(f"{name:<20} {fmt_threads(r['threads']):>7} {r['median_ms']:>15.4f} "
-              f"{r['steps_per_s']:>9.0f} {r['min_ms']:>8.4f}-{r['max_ms']:<8.4f} {rr:>10}")
+              f"{r['steps_per_s']:>9.0f} {r['min_ms']:>8.4f}-{r['max_ms']:<8.4f} {rr:>10} "
+              f"{r.get('other_load', float('nan')):>7.2f}")
+    print("(others: cores kept busy by other processes meanwhile, on average; near 0 for a clean figure)")
     print()
     for r in out["results"]:
         pools = ", ".join(f"{p['lib'].split('-')[0]}({p['api']})={p['threads']}" for p in r["thread_pools"])
@@ -516,9 +542,11 @@ def print_report(out: dict):
               f"{c['max_rel_loss_diff']:.2e}, max weight difference {c['max_abs_weight_diff']:.2e}")
     if out.get("compile"):
         c = out["compile"]
-        print(f"\ndlc compile (Session(...), parse to loaded kernels): cold {c['cold']['compile_seconds']:.2f} s "
-              f"(empty cache), warm {c['warm']['compile_seconds']:.2f} s (cache hit: {c['warm']['kernel_cache_hit']}); "
-              f"importing dlc {c['warm']['import_seconds']:.2f} s")
+        cold, warm = c["cold"], c["warm"]
+        print("\ndlc compile time (Session(...): parse, load data, lower, optimize, build kernels):")
+        print(f"  cold (empty kernel cache)  {cold['compile_seconds']:6.2f} s")
+        print(f"  warm (kernel cache hit: {warm['kernel_cache_hit']!s:<5}) {warm['compile_seconds']:6.2f} s   "
+              f"(parse + data + lowering: {warm['lower_seconds']:.2f} s; importing dlc first: {warm['import_seconds']:.2f} s)")
     for r in out["results"]:
         if r["framework"] != "dlc" or "profile" not in r:
             continue
@@ -538,10 +566,10 @@ def print_report(out: dict):
         for k in p["kernels"]:
             blas = f"{k['blas_us']:8.2f}" if "blas_us" in k else " " * 8
             print(f"  {k['kernel']:<7} {k['pattern']:<12} {k['us']:8.2f} {blas}  {k.get('gemm', ''):<26} {k['first_op'][:60]}")
-    lb, la = out["load_avg_before"][0], out["load_avg_after"][0]
-    if max(lb, la) > 0.5:
-        print(f"\nnote: load average {lb:.2f} before, {la:.2f} after: other work on this machine "
-              "may have slowed some figures (multi-threaded ones most)")
+    busy = max((r.get("other_load", 0.0) for r in out["results"]), default=0.0)
+    if busy > 0.2:
+        print(f"\nnote: other processes kept up to {busy:.2f} cores busy during the measurements: "
+              "those figures (multi-threaded ones most) may be slower than on a quiet machine")
 
 
 if __name__ == "__main__":

@@ -243,3 +243,11 @@ def _rand_like(lw, e, x):
     lw.rng_salt += 1
     return _T(lw.g.add("rand_uniform", lw.rng_input(), shape=lw.g.shape(x), salt=lw.rng_salt,
                        dtype=lw.float_dtype if lw.g.dtype(x) not in FLOATS else lw.g.dtype(x)))
+
+
+@builtin("range", "n")
+def _range(lw, e, n):
+    """`scan t in range(n)`: n steps with no per-step input (generation)."""
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise DlcError("`range` takes a positive integer", e.loc)
+    return range(n)

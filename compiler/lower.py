@@ -98,6 +98,13 @@ class Frame:
     scope: str
     fn: str
     user_loc: Loc | None
+    yielded: list | None = None       # in a scan body: the values of its `yield`
+
+
+@dataclass(frozen=True)
+class _Outer:
+    """A tensor of the enclosing graph seen from a scan body: captured on first use."""
+    node: int
 
 
 def _suggest(name, options) -> list[str]:
@@ -117,6 +124,8 @@ class Lowerer:
             self._collect(parse_file(f), stdlib=True)
         self._load(module, seen=set())
         self.g = Graph(module.loc.file)
+        self.root = self.g                   # parameters live here even when a scan body is lowered
+        self.scans: list[dict] = []
         self.params: dict[str, ParamInfo] = {}
         self.states: dict[str, ParamInfo] = {}     # non-trainable state declared with `state`
         self.counters: dict[tuple[str, str], int] = {}
@@ -130,9 +139,9 @@ class Lowerer:
     def rng_input(self) -> int:
         """The per-step random seed, a run-time scalar input (made on first use)."""
         if self._rng is None:
-            with self.g.at(None):
-                self._rng = self.g.input("rng", (), "i64", "scalar")
-        return self._rng
+            with self.root.at(None):
+                self._rng = self.root.input("rng", (), "i64", "scalar")
+        return self.capture(self._rng) if self.scans else self._rng
 
     # ---- modules -------------------------------------------------------------------------------
     def _load(self, module: A.Module, seen: set):
@@ -278,7 +287,12 @@ class Lowerer:
 
     def _name(self, e: A.Name, frame: Frame):
         if e.name in frame.vars:
-            return frame.vars[e.name]
+            v = frame.vars[e.name]
+            if isinstance(v, _Outer):
+                return Tensor(self.capture(v.node))
+            if v is None:
+                raise DlcError(f"`{e.name}` steps through a range and has no value", e.loc)
+            return v
         if e.name in frame.dims and isinstance(frame.dims[e.name], int):
             return frame.dims[e.name]
         if e.name in CONSTANTS:
@@ -505,10 +519,121 @@ class Lowerer:
                 done, value = self.run_stmts(st.then if cond else st.orelse, frame)
                 if done:
                     return True, value
+            elif isinstance(st, A.MultiAssign):
+                v = self.eval(st.value, frame)
+                if not isinstance(v, tuple) or len(v) != len(st.names):
+                    n = len(v) if isinstance(v, tuple) else 1
+                    raise DlcError(f"{len(st.names)} names on the left but {n} value{'s' * (n != 1)} on the right",
+                                   st.loc)
+                frame.vars.update(zip(st.names, v))
+            elif isinstance(st, A.Scan):
+                self.run_scan(st, frame)
+            elif isinstance(st, A.Yield):
+                if frame.yielded is None:
+                    raise DlcError("`yield` belongs in the body of a `scan`", st.loc)
+                frame.yielded[:] = [self.eval(v, frame) for v in st.values]
             elif isinstance(st, A.Return):
+                if frame.yielded is not None:
+                    raise DlcError("a scan body ends with `yield`, not `return`", st.loc)
                 vals = [self.eval(v, frame) for v in st.values]
                 return True, (vals[0] if len(vals) == 1 else tuple(vals))
         return False, None
+
+    # ---- recurrence ------------------------------------------------------------------------------
+    def run_scan(self, st: A.Scan, frame: Frame):
+        """Lower a scan: its body becomes a graph of its own, run once per time step."""
+        from .ir import Graph
+        from .ops_scan import results
+        if self.scans:
+            raise DlcError("a scan inside another scan's body is not supported yet", st.loc)
+        loc = self.loc_of(st, frame)
+        outer = self.g
+        seqs, T = [], None
+        for name, e in st.ins:
+            v = self.eval(e, frame)
+            if isinstance(v, range):
+                if T is not None or seqs:
+                    raise DlcError("a scan steps over sequences or over one range(...), not both", e.loc)
+                T = len(v)
+                continue
+            if not isinstance(v, Tensor) or len(outer.shape(v.node)) < 2:
+                raise DlcError(f"`{name}` steps through axis 1 of a batch-first sequence [N, T, ...]; "
+                               f"got {self._describe(v)}", e.loc)
+            seqs.append((name, v.node))
+        if seqs and T is None:
+            lens = {outer.shape(n)[1] for _, n in seqs}
+            if len(lens) > 1:
+                raise DlcError(f"the sequences of a scan differ in length: {sorted(map(str, lens))}", st.loc)
+        if not seqs and T is None:
+            raise DlcError("a scan needs a sequence to step through (`x in xs`) or `t in range(n)`", st.loc)
+        carries = []
+        for name, e in st.carries:
+            v = self.eval(e, frame)
+            if not isinstance(v, Tensor):
+                raise DlcError(f"carry `{name}` needs a tensor as its initial value, got {self._describe(v)}", e.loc)
+            carries.append((name, v.node))
+        body = Graph(f"{outer.name}.scan")
+        inner = Frame({k: (_Outer(v.node) if isinstance(v, Tensor) else v) for k, v in frame.vars.items()},
+                      dict(frame.dims), frame.scope, frame.fn, frame.user_loc)
+        inner.yielded = []
+        with body.at(loc):
+            for name, n in carries:
+                inner.vars[name] = Tensor(body.input(name, outer.shape(n), outer.dtype(n), "data"))
+            for name, n in seqs:
+                s = outer.shape(n)
+                inner.vars[name] = Tensor(body.input(name, (s[0],) + tuple(s[2:]), outer.dtype(n), "data"))
+        for name, e in st.ins:
+            if name not in inner.vars or isinstance(inner.vars[name], _Outer):
+                inner.vars[name] = None           # the step of a range(...) has no value
+        self.scans.append({"graph": body, "captures": {}})
+        self.g = body
+        try:
+            self.run_stmts(st.body, inner)
+        finally:
+            self.g = outer
+            cap = self.scans.pop()
+        if st.targets and len(inner.yielded) != len(st.targets):
+            raise DlcError(f"the scan assigns {len(st.targets)} name{'s' * (len(st.targets) != 1)} but its body "
+                           f"yields {len(inner.yielded)} value{'s' * (len(inner.yielded) != 1)}", st.loc)
+        for i, (name, n) in enumerate(carries):
+            v = inner.vars.get(name)
+            if not isinstance(v, Tensor):
+                raise DlcError(f"carry `{name}` must stay a tensor in the scan body", st.loc)
+            if body.shape(v.node) != outer.shape(n):
+                raise DlcError(f"carry `{name}` enters the step as {fmt_type(outer.dtype(n), outer.shape(n))} but "
+                               f"leaves it as {fmt_type(body.dtype(v.node), body.shape(v.node))}", st.loc)
+            out = v.node
+            if body.dtype(out) != outer.dtype(n):
+                with body.at(loc):
+                    out = body.add("cast", out, dtype=outer.dtype(n))
+            body.outputs[f"c{i}"] = out
+        for j, y in enumerate(inner.yielded):
+            if not isinstance(y, Tensor):
+                y = self.to_tensor(y, None, st.loc)
+            body.outputs[f"y{j}"] = y.node
+        with outer.at(loc):
+            perms = [(1, 0) + tuple(range(2, len(outer.shape(n)))) for _, n in seqs]
+            tm = [outer.add("transpose", n, perm=p) for (_, n), p in zip(seqs, perms)]
+            node = outer.add("scan", *[n for _, n in carries], *tm, *cap["captures"].keys(), body=body,
+                             n_carry=len(carries), n_in=len(seqs), reverse=False, save=True, length=T)
+            res = results(outer, node)
+            for i, (name, _) in enumerate(carries):
+                frame.vars[name] = Tensor(res[i])
+            for j, name in enumerate(st.targets):
+                r = res[len(carries) + j]
+                perm = (1, 0) + tuple(range(2, len(outer.shape(r))))
+                frame.vars[name] = Tensor(outer.add("transpose", r, perm=perm))
+
+    def capture(self, node: int) -> int:
+        """An outer tensor used in a scan body becomes an input of the body."""
+        cap = self.scans[-1]
+        if node not in cap["captures"]:
+            g = self.root if node in self.root else self.g
+            kind = "scalar" if g.op(node) == "input" and g.attrs(node)["kind"] == "scalar" else "data"
+            with cap["graph"].at(None):
+                cap["captures"][node] = cap["graph"].input(f"cap{len(cap['captures'])}", g.shape(node),
+                                                           g.dtype(node), kind)
+        return cap["captures"][node]
 
     def update_state(self, st: A.Update, frame: Frame):
         target = frame.vars.get(st.name)
@@ -521,6 +646,8 @@ class Lowerer:
         if self.g.shape(value.node) != self.g.shape(node):
             raise DlcError(f"state `{self.g[node]['name']}` is {fmt_type(self.g.dtype(node), self.g.shape(node))}, "
                            f"the new value is {self._describe(value)}", loc)
+        if self.scans:
+            raise DlcError("states cannot be updated inside a scan body", st.loc)
         if not self.training:
             return                      # state only changes in the training step
         if node in self.g.updates:
@@ -556,10 +683,10 @@ class Lowerer:
             if info.shape != tuple(shape):
                 raise DlcError(f"shared parameter `{name}` is {fmt_shape(info.shape)} here but "
                                f"{fmt_shape(tuple(shape))} at its first use ({info.loc})", loc)
-            return Tensor(info.node)
-        n = self.g.input(name, tuple(shape), dtype, kind, loc=loc)
+            return Tensor(self.capture(info.node) if self.scans else info.node)
+        n = self.root.input(name, tuple(shape), dtype, kind, loc=loc)
         table[name] = ParamInfo(name, n, tuple(shape), dtype, init, loc)
-        return Tensor(n)
+        return Tensor(self.capture(n) if self.scans else n)
 
     def eval_dim(self, d, frame: Frame):
         if isinstance(d, A.DimInt):

@@ -586,6 +586,9 @@ def evaluate(graph, feeds: dict[int, np.ndarray]) -> dict[int, np.ndarray]:
             vals[n] = np.broadcast_to(args[0], _concrete_shape(d["shape"], vals, graph)).copy()
             continue
         out = op.ref(*args, **attrs)
+        if d["dtype"] == "tuple":
+            vals[n] = out
+            continue
         vals[n] = np.asarray(out).astype(DTYPES[d["dtype"]], copy=False)
     return vals
 
@@ -614,3 +617,4 @@ for _name in ("size", "sign", "onehot", "lt", "le", "gt", "ge", "eq", "ne"):
 
 
 from . import ops_nn  # noqa: E402,F401  (registers the convolution, pooling and random ops)
+from . import ops_scan  # noqa: E402,F401  (registers scan and get)

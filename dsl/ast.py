@@ -159,6 +159,27 @@ class If(Node):
 
 
 @dataclass(frozen=True)
+class MultiAssign(Node):
+    names: tuple
+    value: Node
+
+
+@dataclass(frozen=True)
+class Scan(Node):
+    """A recurrence: per-step inputs `ins` ((name, seq) pairs), carried state `carries`
+    ((name, init) pairs) and a body that `yield`s the per-step outputs bound to `targets`."""
+    targets: tuple
+    ins: tuple
+    carries: tuple
+    body: tuple
+
+
+@dataclass(frozen=True)
+class Yield(Node):
+    values: tuple
+
+
+@dataclass(frozen=True)
 class Return(Node):
     values: tuple
 

@@ -179,6 +179,31 @@ class _ToAst(Transformer):
         return A.If(self._loc(meta), cond, then, orelse or ())
 
     @v_args(meta=True)
+    def multi_assign(self, meta, c):
+        return A.MultiAssign(self._loc(meta), tuple(str(x) for x in c[:-1]), c[-1])
+
+    @v_args(meta=True)
+    def scan_stmt(self, meta, c):
+        *targets, scan = c
+        return A.Scan(self._loc(meta), tuple(str(t) for t in targets if t is not None), *scan)
+
+    def scan(self, c):
+        *items, body = c
+        ins = tuple((n, e) for kind, n, e in items if kind == "in")
+        carries = tuple((n, e) for kind, n, e in items if kind == "carry")
+        return ins, carries, body
+
+    def scan_in(self, c):
+        return ("in", str(c[0]), c[1])
+
+    def scan_carry(self, c):
+        return ("carry", str(c[0]), c[1])
+
+    @v_args(meta=True)
+    def yield_stmt(self, meta, c):
+        return A.Yield(self._loc(meta), tuple(c))
+
+    @v_args(meta=True)
     def return_stmt(self, meta, c):
         return A.Return(self._loc(meta), tuple(c))
 

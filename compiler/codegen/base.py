@@ -335,57 +335,125 @@ class _Kernel:
         return body, list(self.params), list(self.outs), dims, self.params, self.outs
 
 
+class _Module:
+    """The generated module: shared helpers, every kernel, scan bodies, and the step."""
+
+    def __init__(self, target):
+        self.t = target
+        self.kernels: list[str] = []
+        self.helpers: list[str] = []
+        self.count = 0
+
+    def helper_for(self, op):
+        h = self.t.helpers.get(op, OPS[op].helpers)
+        if h and h not in self.helpers:
+            self.helpers.append(h)
+
+    def function(self, g, plan: Plan, fname: str, prefix: str, mode: str) -> list[str]:
+        """One compiled function over graph g: `step` (allocates and returns its outputs) or a
+        scan `body` (writes its outputs into trailing destination arguments)."""
+        r = Renderer(g, plan, self.t)
+        binds = []
+        for i, n in enumerate(g.inputs):         # dims: bound from the inputs' shapes
+            for ax, d in enumerate(g.shape(n)):
+                if isinstance(d, str) and "*" not in d and d not in r.dim_names:
+                    r.dim_names[d] = f"d{len(r.dim_names)}"
+                    binds.append(f"{r.dim_names[d]} = a{i}.shape[{ax}]")
+        lines = []
+        for grp in plan.order:
+            for n in grp.nodes:
+                self.helper_for(g.op(n))
+            if grp.pattern == "view":
+                n = grp.nodes[0]
+                plan.storage[n] = f"v{n}"
+                lines.append(f"v{n} = {plan.storage[g.args(n)[0]]}.reshape({r.shape_expr(g.shape(n))})")
+                continue
+            kname = f"{prefix}{grp.id}"
+            if grp.pattern == "scan":
+                body, reads, writes, dims, pnames, onames = self.scan_kernel(r, grp, kname)
+            else:
+                body, reads, writes, dims, pnames, onames = r.kernel(grp)
+            params = [pnames[x] for x in reads] + [onames[x] for x in writes] + dims
+            text = [f"# ---- kernel {kname}: {grp.label(g)}, {len(grp.nodes)} op{'s' * (len(grp.nodes) != 1)} ----"]
+            text += ["# " + r.ir_line(n) for n in grp.nodes]
+            text += [self.t.kernel_decorator, f"def {kname}({', '.join(params)}):"]
+            text += ["    " + line for line in body] + [""]
+            self.kernels.append("\n".join(text))
+            for name, shape, dtype in plan.allocs.get(grp.id, []):
+                lines.append(f"{name} = np.empty({r.shape_expr(shape)}, {NP_DTYPE[dtype]})")
+            call_args = [plan.storage[x] for x in reads] + [plan.storage[x] for x in writes] + dims
+            lines.append(self.t.launch(kname, call_args, grp))
+        for st, v in plan.copies:
+            lines.append(f"{plan.storage[st]}.reshape(-1)[:] = {plan.storage[v]}.reshape(-1)")
+        args = [f"a{i}" for i in range(len(g.inputs))]
+        outs = list(g.outputs)
+        if mode == "body":
+            dests = [f"o{i}" for i in range(len(outs))]
+            for dname, k in zip(dests, outs):
+                lines.append(f"{dname}.reshape(-1)[:] = {plan.storage[g.outputs[k]]}.reshape(-1)")
+            head = [f"# ---- {fname}: one step of a scan ({', '.join(outs)}) ----", self.t.kernel_decorator,
+                    f"def {fname}({', '.join(args + dests)}):"]
+            return head + ["    " + x for x in binds + lines] + ["    return", ""]
+        ret = ", ".join(plan.storage[g.outputs[k]] for k in outs)
+        head = ["# ---- the step: allocate, run every kernel in order ----", self.t.step_decorator,
+                f"def {fname}({', '.join(args)}):"]
+        return head + ["    " + x for x in binds + lines] + [f"    return ({ret}{',' if len(outs) == 1 else ''})", ""]
+
+    def scan_kernel(self, r: Renderer, grp, kname: str):
+        """The time loop: ping-pong carry buffers, one call of the body function per step."""
+        from ..memory import plan as plan_memory
+        from ..ops_scan import scan_layout, scan_results
+        g = r.g
+        n = grp.nodes[0]
+        a = g.attrs(n)
+        body = a["body"]
+        nc, ni, ny = scan_layout(a)
+        bname = f"{kname}_body"
+        self.kernels.append("\n".join(self.function(body, plan_memory(body), bname, f"{kname}_k", "body")))
+        k = _Kernel(r, grp)
+        args = g.args(n)
+        names = [k.param(x) for x in args]
+        types = scan_results([g.shape(x) for x in args], [g.dtype(x) for x in args], a)
+        gets = {g.attrs(x)["index"]: x for x in grp.nodes if g.op(x) == "get"}
+        outs = {i: k.out(x) for i, x in sorted(gets.items())}
+        k.shapes += [t[0] for t in types]
+        T = f"{names[nc]}.shape[0]" if ni else str(a["length"])
+        lines = [f"T = {T}"]
+        for i in range(nc):
+            shape = g.shape(args[i])
+            lines.append(f"cb{i} = np.empty({r.shape_expr((2,) + tuple(shape))}, {NP_DTYPE[g.dtype(args[i])]})")
+            lines.append(f"cb{i}[0].reshape(-1)[:] = {names[i]}.reshape(-1)")
+        ydest = []
+        for j in range(ny):
+            if nc + j in outs:
+                ydest.append(f"{outs[nc + j]}[t]")
+            else:                                   # an output nobody reads: a scratch step buffer
+                shape, dtype = types[nc + j]
+                lines.append(f"ys{j} = np.empty({r.shape_expr(shape[1:])}, {NP_DTYPE[dtype]})")
+                ydest.append(f"ys{j}")
+        lines.append("for s in range(T):")
+        lines.append(f"    t = {'T - 1 - s' if a.get('reverse') else 's'}")
+        lines.append("    cur = s % 2")
+        for i in range(nc):
+            if a.get("save") and nc + ny + i in outs:
+                lines.append(f"    {outs[nc + ny + i]}[t].reshape(-1)[:] = cb{i}[cur].reshape(-1)")
+        call = [f"cb{i}[cur]" for i in range(nc)] + [f"{names[nc + j]}[t]" for j in range(ni)]
+        call += names[nc + ni:] + [f"cb{i}[1 - cur]" for i in range(nc)] + ydest
+        lines.append(f"    {bname}({', '.join(call)})")
+        for i in range(nc):
+            if i in outs:
+                lines.append(f"{outs[i]}.reshape(-1)[:] = cb{i}[T % 2].reshape(-1)")
+        return k.finish(lines)
+
+    def source(self, g, step_lines) -> str:
+        head = [f"# Generated by dlc for `{comment(g.name)}`. Do not edit.", "import math", "import numpy as np",
+                self.t.prelude, ""]
+        return "\n".join(head + self.helpers + self.kernels + step_lines) + "\n"
+
+
 def generate(g, plan: Plan, target) -> tuple[str, dict]:
     """The module source and its calling convention for the runtime."""
-    r = Renderer(g, plan, target)
-    # dims: bound from the data inputs' shapes, in input order
-    binds = []
-    for i, n in enumerate(g.inputs):
-        for ax, d in enumerate(g.shape(n)):
-            if isinstance(d, str) and "*" not in d and d not in r.dim_names:
-                r.dim_names[d] = f"d{len(r.dim_names)}"
-                binds.append(f"{r.dim_names[d]} = a{i}.shape[{ax}]")
-    out = [f"# Generated by dlc for `{comment(g.name)}`: {len(plan.order)} kernels. Do not edit.",
-           "import math", "import numpy as np", target.prelude, ""]
-    helpers = []
-    for grp in plan.order:
-        for n in grp.nodes:
-            h = target.helpers.get(g.op(n), OPS[g.op(n)].helpers)
-            if h and h not in helpers:
-                helpers.append(h)
-    for h in helpers:
-        out += [h]
-    step = []
-    for grp in plan.order:
-        if grp.pattern == "view":
-            n = grp.nodes[0]
-            src = g.args(n)[0]
-            name = f"v{n}"
-            plan.storage[n] = name
-            step.append(f"{name} = {plan.storage[src]}.reshape({r.shape_expr(g.shape(n))})")
-            continue
-        body, reads, writes, dims, pnames, onames = r.kernel(grp)
-        kname = f"k{grp.id}"
-        params = [pnames[x] for x in reads] + [onames[x] for x in writes] + dims
-        out.append(f"# ---- kernel {kname}: {grp.label(g)}, {len(grp.nodes)} op{'s' * (len(grp.nodes) != 1)} ----")
-        out += ["# " + r.ir_line(n) for n in grp.nodes]
-        out.append(target.kernel_decorator)
-        out.append(f"def {kname}({', '.join(params)}):")
-        out += ["    " + line for line in body]
-        out.append("")
-        for name, shape, dtype in plan.allocs.get(grp.id, []):
-            step.append(f"{name} = np.empty({r.shape_expr(shape)}, {NP_DTYPE[dtype]})")
-        call_args = [plan.storage[x] for x in reads] + [plan.storage[x] for x in writes] + dims
-        step.append(target.launch(kname, call_args, grp))
-    for s, v in plan.copies:
-        step.append(f"{plan.storage[s]}.reshape(-1)[:] = {plan.storage[v]}.reshape(-1)")
-    outs = list(g.outputs)
-    ret = ", ".join(plan.storage[g.outputs[k]] for k in outs)
-    args = [f"a{i}" for i in range(len(g.inputs))]
-    out.append("# ---- the step: allocate, run every kernel in order ----")
-    out.append(target.step_decorator)
-    out.append(f"def step({', '.join(args)}):")
-    out += ["    " + line for line in binds + step]
-    out.append(f"    return ({ret}{',' if len(outs) == 1 else ''})")
-    meta = {"outputs": outs, "kernels": len([x for x in plan.order if x.pattern != "view"])}
-    return "\n".join(out) + "\n", meta
+    mod = _Module(target)
+    step = mod.function(g, plan, "step", "k", "step")
+    meta = {"outputs": list(g.outputs), "kernels": len([x for x in plan.order if x.pattern != "view"])}
+    return mod.source(g, step), meta

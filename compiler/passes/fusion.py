@@ -20,6 +20,8 @@ _PATTERN = {Kind.ELEMENTWISE: "elementwise", Kind.BROADCAST: "elementwise", Kind
 
 
 def _pattern(g, n):
+    if g.op(n) == "scan":
+        return "scan"
     kind = OPS[g.op(n)].kind
     if kind == Kind.INJECTIVE:
         return "view" if g.op(n) == "reshape" else "opaque"
@@ -70,11 +72,25 @@ class _Groups:
             self.members[target].append(n)
 
 
+def _optimize_bodies(g, fuse: bool):
+    """A scan's body is a graph of its own: run the same passes on it (bottom up)."""
+    from . import EVAL_PIPELINE, Context, run_pipeline
+    passes = [p if fuse else (no_fusion if p is fusion else p) for p in EVAL_PIPELINE]
+    for n in g.topo():
+        if g.op(n) == "scan":
+            body = g.attrs(n)["body"].copy()
+            g.attrs(n)["body"] = run_pipeline(body, passes, Context())
+
+
 def fusion(g, ctx):
+    _optimize_bodies(g, fuse=True)
     G = _Groups(g)
     for n in g.topo():
         op = g.op(n)
         if op in ("input", "const"):
+            continue
+        if op == "get":                       # a scan's results are written by the scan's kernel
+            G.merge_into(G.of[g.args(n)[0]], [], n)
             continue
         pat = _pattern(g, n)
         srcs = sorted({G.of[a] for a in g.args(n) if a in G.of})
@@ -120,9 +136,12 @@ def fusion(g, ctx):
 
 def no_fusion(g, ctx):
     """Every op its own kernel (`--no-fuse`): the reference the fused program is tested against."""
+    _optimize_bodies(g, fuse=False)
     G = _Groups(g)
     for n in g.topo():
-        if g.op(n) not in ("input", "const"):
+        if g.op(n) == "get":
+            G.merge_into(G.of[g.args(n)[0]], [], n)
+        elif g.op(n) not in ("input", "const"):
             G.new(n)
     g.groups = _finish(g, G)
     return g
