@@ -360,6 +360,20 @@ def _cpu_busy_seconds():
     return (sum(vals[:8]) - idle) / os.sysconf("SC_CLK_TCK")
 
 
+def _wait_quiet(timeout: float, window: float = 2.0, limit: float = 0.1) -> bool:
+    """Wait (at most `timeout` s) for `window` seconds in which the machine keeps less than
+    `limit` cores busy. True if it came."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        b0 = _cpu_busy_seconds()
+        if b0 is None:
+            return False
+        time.sleep(window)
+        if (_cpu_busy_seconds() - b0) / window < limit:
+            return True
+    return False
+
+
 def _children_cpu_seconds():
     import resource
     r = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -382,6 +396,8 @@ def run_worker(kind: str, a, threads=None, env_extra=None, timeout=900) -> dict:
         cmd += ["--_threads", str(threads)]
     if not a.profile:
         cmd.append("--no-profile")
+    if a.wait_quiet > 0:
+        _wait_quiet(a.wait_quiet)
     busy0, own0, t0 = _cpu_busy_seconds(), _children_cpu_seconds(), time.perf_counter()
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
     busy1, own1, t1 = _cpu_busy_seconds(), _children_cpu_seconds(), time.perf_counter()
@@ -427,6 +443,9 @@ def main(argv=None):
                     help="skip the split of dlc's step time and the per-kernel times")
     ap.add_argument("--no-check", dest="check", action="store_false",
                     help="skip the check that dlc and PyTorch compute the same losses")
+    ap.add_argument("--wait-quiet", type=float, default=0.0, metavar="S",
+                    help="before each measurement, wait up to S seconds for the machine to be idle "
+                         "(other processes under 0.1 core for 2 s): for shared machines (default 0)")
     ap.add_argument("--json", action="store_true", help="print one JSON object (progress goes to stderr)")
     ap.add_argument("--_worker", help=argparse.SUPPRESS)
     ap.add_argument("--_threads", type=int, default=None, help=argparse.SUPPRESS)

@@ -251,3 +251,74 @@ def _range(lw, e, n):
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:
         raise DlcError("`range` takes a positive integer", e.loc)
     return range(n)
+
+
+# ---- sequences ------------------------------------------------------------------------------------
+@builtin("slice", "x", "start", "stop", axis=-1)
+def _slice(lw, e, x, start, stop, axis):
+    x = _tensor(lw, e, x)
+    (ax,) = _axes(lw, e, x, axis)
+    return _T(lw.g.add("slice", x, axis=ax, start=start, stop=stop))
+
+
+@builtin("split", "x", "parts", axis=-1)
+def _split(lw, e, x, parts, axis):
+    """Equal parts along an axis: `i, f, g, o = split(gates, 4)`."""
+    x = _tensor(lw, e, x)
+    (ax,) = _axes(lw, e, x, axis)
+    size = lw.g.shape(x)[ax]
+    if not isinstance(parts, int) or parts < 1 or not isinstance(size, int) or size % parts:
+        raise DlcError(f"`split`: cannot cut axis {ax} of size {size} into {parts} equal parts", e.loc)
+    k = size // parts
+    return tuple(_T(lw.g.add("slice", x, axis=ax, start=i * k, stop=(i + 1) * k)) for i in range(parts))
+
+
+@builtin("concat", "parts", axis=-1)
+def _concat(lw, e, parts, axis):
+    """Join tensors along an axis (the sum of each part placed at its offset)."""
+    if not isinstance(parts, list) or not parts:
+        raise DlcError("`concat` takes a list of tensors", e.loc)
+    xs = [_tensor(lw, e, p) for p in parts]
+    (ax,) = _axes(lw, e, xs[0], axis)
+    sizes = [lw.g.shape(x)[ax] for x in xs]
+    if not all(isinstance(s, int) for s in sizes):
+        raise DlcError("`concat`: the joined axis must have fixed sizes", e.loc)
+    total, off, out = sum(sizes), 0, None
+    for x, s in zip(xs, sizes):
+        piece = lw.g.add("unslice", x, axis=ax, start=off, stop=off + s, size=total)
+        out = piece if out is None else lw.g.add("add", out, piece)
+        off += s
+    return _T(out)
+
+
+@builtin("take", "table", "ids")
+def _take(lw, e, table, ids):
+    """Rows of `table` [V, D] at integer `ids` [...] -> [..., D] (an embedding lookup)."""
+    return _T(lw.g.add("take", _tensor(lw, e, table), _tensor(lw, e, ids)))
+
+
+@builtin("argmax", "x")
+def _argmax(lw, e, x):
+    """Index of the largest value along the last axis (i32)."""
+    return _T(lw.g.add("argmax", _tensor(lw, e, x)))
+
+
+@builtin("zeros", "shape")
+def _zeros(lw, e, shape):
+    """A zero tensor; `shape` may name symbolic dimensions: zeros([N, units])."""
+    if not isinstance(shape, list) or not all(isinstance(d, (int, str)) and not isinstance(d, bool) for d in shape):
+        raise DlcError("`zeros` takes a list of dimensions", e.loc)
+    return _T(lw.g.add("broadcast_to", lw.g.const(0.0, lw.float_dtype), shape=tuple(shape)))
+
+
+@builtin("initial", "value", "shape")
+def _initial(lw, e, value, shape):
+    """An initial state: a tensor of `shape` as given, or a number broadcast to it."""
+    from .lower import Tensor
+    if isinstance(value, Tensor):
+        got = lw.g.shape(value.node)
+        if len(got) != len(shape) or any(isinstance(w, int) and w != d for w, d in zip(shape, got)):
+            raise DlcError(f"an initial state must be {list(shape)}, got {lw._describe(value)}", e.loc)
+        return value
+    node = lw.to_tensor(value, None, e.loc).node
+    return _T(lw.g.add("broadcast_to", node, shape=tuple(shape)))

@@ -28,6 +28,10 @@ class Tensor:
     node: int
 
 
+class SymDim(str):
+    """A symbolic dimension (the batch size) used as a value, e.g. in zeros([N, units])."""
+
+
 @dataclass(frozen=True)
 class InitSpec:
     name: str
@@ -293,8 +297,9 @@ class Lowerer:
             if v is None:
                 raise DlcError(f"`{e.name}` steps through a range and has no value", e.loc)
             return v
-        if e.name in frame.dims and isinstance(frame.dims[e.name], int):
-            return frame.dims[e.name]
+        if e.name in frame.dims:
+            d = frame.dims[e.name]
+            return d if isinstance(d, int) else SymDim(d)
         if e.name in CONSTANTS:
             return CONSTANTS[e.name]
         if e.name == "training":
@@ -327,6 +332,8 @@ class Lowerer:
 
     def binop(self, op: str, a, b, e: A.Node):
         num = (int, float)
+        if op in ("==", "!=") and isinstance(a, (str, bool)) and isinstance(b, (str, bool)):
+            return (a == b) if op == "==" else (a != b)
         if isinstance(a, num) and isinstance(b, num) and not isinstance(a, bool) and not isinstance(b, bool):
             try:
                 return _PY_BINOPS[op](a, b)

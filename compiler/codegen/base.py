@@ -139,6 +139,21 @@ class _Kernel:
         shape = g.shape(a)
         if spec.name == "onehot":           # the label at the output index without its last axis
             idx, it_shape = idx[:-1], it_shape[:-1]
+        if spec.name == "slice":            # x at the index shifted by `start` along the axis
+            at = g.attrs(consumer)
+            j = list(idx)
+            j[at["axis"]] = f"{idx[at['axis']]} + {at['start']}"
+            return f"{self.param(a)}[{', '.join(j)}]"
+        if spec.name == "unslice":          # dy at the index shifted back (guarded by the template)
+            at = g.attrs(consumer)
+            j = list(idx)
+            j[at["axis"]] = f"{idx[at['axis']]} - {at['start']}"
+            return f"{self.param(a)}[{', '.join(j)}]"
+        if spec.name == "take":             # table[ids[i...], j]
+            if pos == 0:
+                ids = self.read(g.args(consumer)[1], consumer, 1, idx, it_shape, local)
+                return f"{self.param(a)}[{ids}, {idx[-1]}]"
+            idx, it_shape = idx[:-1], it_shape[:-1]
         if spec.name == "transpose":        # x[j] with j[perm[k]] = i[k]
             perm = g.attrs(consumer)["perm"]
             j = [None] * len(perm)
@@ -161,8 +176,10 @@ class _Kernel:
             expr = tmpl.format(T=NP_DTYPE[g.dtype(n)], size=size)
         else:
             args = [self.read(a, n, i, idx, it_shape, local) for i, a in enumerate(g.args(n))]
+            attrs = g.attrs(n)
+            ax = idx[attrs["axis"]] if isinstance(attrs.get("axis"), int) and idx else "0"
             expr = tmpl.format(*args, T=NP_DTYPE[g.dtype(n)], last=idx[-1] if idx else "0",
-                               flat=self.flat(idx, it_shape), **g.attrs(n))
+                               flat=self.flat(idx, it_shape), ax=ax, **attrs)
         local[n] = f"v{n}"
         return f"v{n} = {expr}"
 
