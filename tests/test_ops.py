@@ -561,12 +561,89 @@ def test_rand_uniform_reference_and_gradient():
     np.testing.assert_allclose(y / x, [[splitmix_uniform(5, 1, i * 4 + j) for j in range(4)] for i in range(3)])
 
 
+# ---- sequences: slicing, embedding lookup, argmax, scan ----------------------------------------
+@pytest.mark.parametrize("sx,axis,start,stop", [((3, 6), -1, 2, 5), ((4, 3, 2), 0, 1, 3), ((2, 5, 3), 1, 0, 1),
+                                                ((6,), 0, 0, 6)], ids=str)
+def test_slice_and_unslice_grad(sx, axis, start, stop):
+    x = rng(18).normal(size=sx)
+    y, _ = grad_check(op("slice", "x", axis=axis, start=start, stop=stop), {"x": x})
+    np.testing.assert_array_equal(y, np.take(x, range(start, stop), axis=axis))
+    size = sx[axis]
+    z, _ = grad_check(op("unslice", "y", axis=axis, start=start, stop=stop, size=size), {"y": y})
+    want = np.zeros_like(x)
+    np.put_along_axis(want, np.arange(start, stop).reshape([-1 if i == axis % x.ndim else 1
+                                                            for i in range(x.ndim)]), y, axis=axis)
+    np.testing.assert_array_equal(z, want)
+    # the two are adjoint: <slice(x), y> = <x, unslice(y)>
+    np.testing.assert_allclose(np.sum(y * y), np.sum(x * z))
+
+
+def test_take_grad_accumulates_repeated_rows():
+    table = rng(19).normal(size=(5, 3))
+    ids = np.array([[0, 4, 4], [2, 0, 4]])
+    y, grads = grad_check(op("take", "t", "i"), {"t": table, "i": ids})
+    np.testing.assert_array_equal(y, np.stack([[table[k] for k in row] for row in ids]))
+    assert set(grads) == {"t"}
+    assert np.all(grads["t"][[1, 3]] == 0)                  # rows never looked up
+
+
+def test_scatter_add_reference():
+    ids = np.array([[1, 1], [0, 3]])
+    dy = np.arange(12.0).reshape(2, 2, 3)
+    want = np.zeros((4, 3))
+    for (a, b), k in np.ndenumerate(ids):
+        want[k] += dy[a, b]
+    np.testing.assert_array_equal(OPS["scatter_add"].ref(ids, dy, rows=4), want)
+
+
+def test_argmax_reference_and_gradient():
+    x = np.array([[[1.0, 3.0, 3.0], [-1.0, -2.0, -0.5]], [[0.0, 0.0, 0.0], [2.0, 1.0, 5.0]]])
+    got = OPS["argmax"].ref(x)
+    assert got.dtype == np.int32
+    np.testing.assert_array_equal(got, [[1, 2], [0, 2]])               # the first maximum on ties
+    g, n = _graph({"x": x})
+    a = g.add("argmax", n["x"])
+    assert g.dtype(a) == "i32" and g.shape(a) == (2, 2)
+    assert OPS["argmax"].grad(g, a, g.input("dy", (2, 2), "i32", "data")) == [None]
+
+
+SCAN_SRC = """
+model recur(x: f64[B, 4, 3], h0: f64[B, 2], Wx: f64[3, 2], Wh: f64[2, 2]) {
+    ys = scan xt in x, h = h0 {
+        h = tanh(xt @ Wx + h @ Wh)
+        yield h * h
+    }
+    return ys + reshape(h, [-1, 1, 2])
+}
+"""
+
+
+def scan_numpy(d):
+    h, ys = d["h0"], []
+    for t in range(d["x"].shape[1]):
+        h = np.tanh(d["x"][:, t] @ d["Wx"] + h @ d["Wh"])
+        ys.append(h * h)
+    return np.stack(ys, axis=1) + h[:, None, :]
+
+
+def test_scan_grad_is_backpropagation_through_time():
+    r = rng(23)
+    data = {"x": r.normal(size=(2, 4, 3)), "h0": r.normal(size=(2, 2)), "Wx": r.normal(size=(3, 2)),
+            "Wh": r.normal(size=(2, 2))}
+    y, grads = dl_grad_check(SCAN_SRC, data)
+    np.testing.assert_allclose(y, scan_numpy(data), rtol=1e-13)
+    assert set(grads) == set(data)
+
+
 # the ops whose gradient rule the tests above check (a new primitive must be added to them)
 GRAD_TESTED = (set(UNARY_DATA) | set(BINARY_INDEPENDENT) | set(ZERO_GRAD) |
                {"cast", "where", "broadcast_to", "reshape", "transpose", "matmul", "reduce_sum", "reduce_max",
                 "softmax", "log_softmax", "conv2d", "max_pool2d", "avg_pool2d", "rand_uniform",
+                "slice", "unslice", "take", "argmax", "scan",
                 # gradient primitives: their references are the analytic gradients checked above
-                "conv2d_grad_x", "conv2d_grad_w", "max_pool2d_grad", "avg_pool2d_grad"})
+                "conv2d_grad_x", "conv2d_grad_w", "max_pool2d_grad", "avg_pool2d_grad", "scatter_add",
+                # a scan's results, differentiated by autodiff itself with the scan
+                "get"})
 
 
 def test_every_primitive_has_a_gradient_test():
@@ -610,37 +687,40 @@ def ew_data(dtype):
 
 
 LAYOUT_SRC = """
-model red(x: f64[B, 3, 4], W: f64[4, 5], lab: i64[B, 3]) {
+model red(x: f64[B, 3, 4], W: f64[4, 5], E: f64[4, 4], lab: i64[B, 3]) {
     h = x @ W
     s = softmax(h) + log_softmax(h) * 0.5
     t = transpose(s, perm = [0, 2, 1])
     m = t @ reshape(transpose(x, perm = [0, 2, 1]), [-1, 3, 4])
     k = sum(m, axis = 1, keepdims = true) + max(m, axis = -1, keepdims = true) + mean(m, axis = [0, 2], keepdims = true)
-    o = onehot(lab, 4) * x + reshape(float(lab), [-1, 3, 1]) * 0.1
+    o = onehot(lab, 4) * x + reshape(float(lab), [-1, 3, 1]) * 0.1 + take(E, lab)
+    a, b = split(x, 2)
+    o = o + concat([b, a * 3.0]) + reshape(float(argmax(x)), [-1, 3, 1]) * 0.2
     return k + sum(o, axis = 1, keepdims = true) - max(x) + mean(x)
 }
-model redloss(x: f64[B, 3, 4], W: f64[4, 5], lab: i64[B, 3], u: f64[B, 5, 4]) {
-    return sum(red(x, W, lab) * u)
+model redloss(x: f64[B, 3, 4], W: f64[4, 5], E: f64[4, 4], lab: i64[B, 3], u: f64[B, 5, 4]) {
+    return sum(red(x, W, E, lab) * u)
 }
 """
 
 
 def red_numpy(d):
-    x, W, lab = d["x"], d["W"], d["lab"]
+    x, W, E, lab = d["x"], d["W"], d["E"], d["lab"]
     h = x @ W
     s = special.softmax(h, axis=-1) + 0.5 * special.log_softmax(h, axis=-1)
     t = np.swapaxes(s, 1, 2)
     m = t @ np.swapaxes(x, 1, 2).reshape(-1, 3, 4)
     k = m.sum(1, keepdims=True) + m.max(-1, keepdims=True) + m.mean((0, 2), keepdims=True)
-    o = np.eye(4)[lab] * x + lab[..., None] * 0.1
+    o = np.eye(4)[lab] * x + lab[..., None] * 0.1 + E[lab]
+    o = o + np.concatenate([x[..., 2:], 3 * x[..., :2]], axis=-1) + np.argmax(x, axis=-1)[..., None] * 0.2
     return k + o.sum(1, keepdims=True) - x.max() + x.mean()
 
 
 def red_data(dtype):
     r = rng(21)
-    d = dict(x=r.normal(size=(2, 3, 4)), W=r.normal(size=(4, 5)), u=r.normal(size=(2, 5, 4)))
+    d = dict(x=r.normal(size=(2, 3, 4)), W=r.normal(size=(4, 5)), E=r.normal(size=(4, 4)), u=r.normal(size=(2, 5, 4)))
     d = {k: v.astype(dtype) for k, v in d.items()}
-    d["lab"] = np.array([[0, 3, 1], [2, 2, 0]])
+    d["lab"] = np.array([[0, 3, 1], [2, 3, 0]])                  # a repeated row of E: scatter-add
     return d
 
 
@@ -680,11 +760,27 @@ def cnn_data(dtype):
     return d
 
 
+SCAN_LOSS_SRC = SCAN_SRC + """
+model recurloss(x: f64[B, 4, 3], h0: f64[B, 2], Wx: f64[3, 2], Wh: f64[2, 2], u: f64[B, 4, 2]) {
+    return sum(recur(x, h0, Wx, Wh) * u)
+}
+"""
+
+
+def scan_data(dtype):
+    r = rng(24)
+    d = {"x": r.normal(size=(3, 4, 3)), "h0": r.normal(size=(3, 2)), "Wx": r.normal(size=(3, 2)),
+         "Wh": r.normal(size=(2, 2)), "u": r.normal(size=(3, 4, 2))}
+    return {k: v.astype(dtype) for k, v in d.items()}
+
+
 PROGRAMS = {  # name -> (source, forward model, loss model, data, NumPy forward, grad wrt)
     "elementwise": (ELEMENTWISE_SRC, "ew", "ewloss", ew_data, ew_numpy, ["x", "y", "z", "w"]),
-    "layout": (LAYOUT_SRC, "red", "redloss", red_data, red_numpy, ["x", "W"]),
+    "layout": (LAYOUT_SRC, "red", "redloss", red_data, red_numpy, ["x", "W", "E"]),
     "cnn": (CNN_SRC, "cnn", "cnnloss", cnn_data, cnn_numpy, ["x", "cnn/K", "cnn/W"]),
+    "scan": (SCAN_LOSS_SRC, None, "recurloss", scan_data, scan_numpy, ["x", "h0", "Wx", "Wh"]),
 }
+FORWARD = [p for p in PROGRAMS if PROGRAMS[p][1]]   # a scan compiles once, with its gradient (slow)
 _compiled: dict = {}
 
 
@@ -708,7 +804,7 @@ def reference(f, data):
     return {k: vals[n] for k, n in g.outputs.items()}
 
 
-@pytest.mark.parametrize("prog", list(PROGRAMS))
+@pytest.mark.parametrize("prog", FORWARD)
 def test_kernels_forward(prog):
     _, _, _, data_fn, np_fwd, _ = PROGRAMS[prog]
     f = compiled(prog, "fwd")
@@ -749,7 +845,7 @@ def test_kernels_cover_every_primitive():
     """The compiled programs above run a kernel for every primitive."""
     seen = set()
     for prog in PROGRAMS:
-        for mode in ("fwd", "grad"):
+        for mode in ("fwd", "grad") if prog in FORWARD else ("grad",):
             g = compiled(prog, mode).graph
             seen |= {g.op(n) for grp in g.groups for n in grp.nodes}
             # the backward pass runs the transposed matmul variants
@@ -760,7 +856,7 @@ def test_kernels_cover_every_primitive():
     assert {"matmul:TrueFalse", "matmul:FalseTrue"} <= seen
 
 
-F32_MODES = [("elementwise", "fwd"), ("elementwise", "grad"), ("layout", "grad"), ("cnn", "grad")]
+F32_MODES = [("elementwise", "fwd"), ("elementwise", "grad"), ("layout", "fwd"), ("cnn", "fwd")]
 
 
 @pytest.mark.parametrize("prog,mode", F32_MODES)

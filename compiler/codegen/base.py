@@ -15,6 +15,13 @@ def comment(text: str) -> str:
     return "".join(ch if 32 <= ord(ch) < 127 else "?" for ch in text).strip()
 
 
+def _attr_text(v) -> str:
+    """Attributes as stable text (a scan's body graph by its size, never an object address)."""
+    if hasattr(v, "topo"):
+        return f"<body: {len(v.nodes())} nodes>"
+    return str(v)
+
+
 def literal(value, dtype: str) -> str:
     if dtype == "bool":
         return "True" if value else "False"
@@ -67,7 +74,7 @@ class Renderer:
     def ir_line(self, n) -> str:
         d = self.g[n]
         args = ", ".join(self.ref(a) for a in d["args"])
-        attrs = ", ".join(f"{k}={v}" for k, v in d["attrs"].items() if k not in ("dtype",))
+        attrs = ", ".join(f"{k}={_attr_text(v)}" for k, v in d["attrs"].items() if k not in ("dtype",))
         loc = d["loc"]
         where = ""
         if loc is not None:
