@@ -156,6 +156,9 @@ def _copy_args(args):
 
 def profile_dlc(s, batch: dict, steps: int, repeats: int) -> dict:
     """Where a dlc step goes: Python around the call, Numba dispatch, the compiled step, kernels."""
+    import numpy as np
+    from numba import njit
+
     from compiler.optim import bias_corrections
 
     ex = s.train_ex
@@ -200,6 +203,9 @@ def profile_dlc(s, batch: dict, steps: int, repeats: int) -> dict:
         first_ir[m.group(1)] = " ".join(m.group(2).split())
     rows, total = [], 0.0
     inner = max(steps // 2, 50)
+    g2 = {"np": np}
+    exec("def dot1(a, b, c):\n    np.dot(a, b, c)\n", g2)
+    dot_loop = _njit_loop(njit(g2["dot1"]), 3, "dot_loop")
     for name, a in calls:
         kl = _njit_loop(kernels[name], len(a), f"loop_{name}")
         t = _time_compiled(kl, _copy_args(a), inner, repeats)
@@ -210,21 +216,15 @@ def profile_dlc(s, batch: dict, steps: int, repeats: int) -> dict:
         body = ex.source.split(f"def {name}(", 1)[1].split("\n\n", 1)[0]
         m = re.search(r"np\.dot\((\w+)(\.T)?, (\w+)(\.T)?, (\w+)\)", body)
         if m:
-            import numpy as np
             sig = body.split(")", 1)[0].split(", ")
             pos = {p: i for i, p in enumerate(sig)}
             A, B = a[pos[m.group(1)]], a[pos[m.group(3)]]
             A, B = (A.T if m.group(2) else A), (B.T if m.group(4) else B)
             C = np.empty((A.shape[0], B.shape[1]), A.dtype)
-            dot_src = "def dot1(a, b, c):\n    np.dot(a, b, c)\n"
-            g2 = {"np": np}
-            exec(dot_src, g2)
-            from numba import njit
-            dl = _njit_loop(njit(g2["dot1"]), 3, f"dot_{name}")
-            td = _time_compiled(dl, [A, B, C], inner, repeats)
+            td = _time_compiled(dot_loop, [A, B, C], inner, repeats)
             rows[-1]["blas_us"] = 1e6 * td
-            rows[-1]["gemm"] = (f"{A.shape[0]}x{A.shape[1]}{'^T' if m.group(2) else ''} @ "
-                                f"{B.shape[0]}x{B.shape[1]}{'^T' if m.group(4) else ''}")
+            tr = ", ".join(x for x, t in (("A^T", m.group(2)), ("B^T", m.group(4))) if t)
+            rows[-1]["gemm"] = f"{A.shape[0]}x{A.shape[1]} @ {B.shape[0]}x{B.shape[1]}" + (f" ({tr})" if tr else "")
     out["kernels"] = rows
     out["kernels_total_ms"] = 1e3 * total
     out["kernel_count"] = len(rows)
@@ -244,7 +244,7 @@ def worker_dlc(a) -> dict:
     per = time_steps(lambda i: s.train_step(batches[i % nb]), a.steps, a.repeats, a.warmup)
     res = {"framework": "dlc", "threads": a.threads, **summary(per), "thread_pools": thread_info(),
            "compile_seconds": s.compile_seconds, "kernel_cache_hit": s.cache_hit,
-           "kernels": s.train_ex.kernels, "import_seconds": import_s}
+           "kernel_count": s.train_ex.kernels, "import_seconds": import_s}
     if a.profile:
         res["profile"] = profile_dlc(s, batches[0], a.steps, a.repeats)
     del limiter
@@ -508,6 +508,8 @@ def main(argv=None):
         out["torch"] = None
         out["torch_missing"] = ("PyTorch is not installed: pip install -e '.[bench]' "
                                 "(or pip install torch==2.13.0; the CPU wheel is enough)") if not a.no_torch else None
+    for r in out["results"]:
+        r["contended"] = contended(r, out["machine"]["cores"])
     out["load_avg_before"] = load_before
     out["load_avg_after"] = os.getloadavg()
 
@@ -516,6 +518,11 @@ def main(argv=None):
     else:
         print_report(out)
     return 0
+
+
+def contended(r: dict, cores: int) -> bool:
+    """Did other processes and this measurement's threads want more cores than there are?"""
+    return (r["threads"] or cores) + r.get("other_load", 0.0) > cores + 0.2
 
 
 def fmt_threads(t):
@@ -540,10 +547,12 @@ def print_report(out: dict):
     for r in out["results"]:
         rr = f"{ratio[r['threads']]:.2f}" if r["framework"] == "dlc" and r["threads"] in ratio else ""
         name = r["framework"] + ("" if r.get("adam_impl", "default") == "default" else f" ({r['adam_impl']} Adam)")
+        mark = "*" if contended(r, out["machine"]["cores"]) else " "
         print(f"{name:<20} {fmt_threads(r['threads']):>7} {r['median_ms']:>15.4f} "
               f"{r['steps_per_s']:>9.0f} {r['min_ms']:>8.4f}-{r['max_ms']:<8.4f} {rr:>10} "
-              f"{r.get('other_load', float('nan')):>7.2f}")
-    print("(others: cores kept busy by other processes meanwhile, on average; near 0 for a clean figure)")
+              f"{r.get('other_load', float('nan')):>6.2f}{mark}")
+    print("(others: cores kept busy by other processes meanwhile, on average; * where they and the\n"
+          " measured threads together wanted more cores than there are: a figure to distrust)")
     print()
     for r in out["results"]:
         pools = ", ".join(f"{p['lib'].split('-')[0]}({p['api']})={p['threads']}" for p in r["thread_pools"])
@@ -581,14 +590,13 @@ def print_report(out: dict):
         print(f"  {'    of which its ' + str(p['kernel_count']) + ' kernels, each timed alone':<66} "
               f"{p['kernels_total_ms']:8.4f}")
         print(f"  {'    of which allocations and glue (the rest)':<66} {p['allocs_and_glue_ms']:8.4f}")
-        print(f"  {'kernel':<7} {'pattern':<12} {'us':>8} {'BLAS us':>8}  {'gemm':<26} first op")
+        print(f"  {'kernel':<7} {'pattern':<12} {'us':>8} {'BLAS us':>8}  {'gemm':<28} first op")
         for k in p["kernels"]:
             blas = f"{k['blas_us']:8.2f}" if "blas_us" in k else " " * 8
-            print(f"  {k['kernel']:<7} {k['pattern']:<12} {k['us']:8.2f} {blas}  {k.get('gemm', ''):<26} {k['first_op'][:60]}")
-    busy = max((r.get("other_load", 0.0) for r in out["results"]), default=0.0)
-    if busy > 0.2:
-        print(f"\nnote: other processes kept up to {busy:.2f} cores busy during the measurements: "
-              "those figures (multi-threaded ones most) may be slower than on a quiet machine")
+            print(f"  {k['kernel']:<7} {k['pattern']:<12} {k['us']:8.2f} {blas}  {k.get('gemm', ''):<28} {k['first_op'][:60]}")
+    if any(contended(r, out["machine"]["cores"]) for r in out["results"]):
+        print("\nnote: other processes competed for the cores during the rows marked *: rerun on a quiet "
+              "machine (or with --wait-quiet 120) for clean figures")
 
 
 if __name__ == "__main__":

@@ -322,3 +322,14 @@ def _initial(lw, e, value, shape):
         return value
     node = lw.to_tensor(value, None, e.loc).node
     return _T(lw.g.add("broadcast_to", node, shape=tuple(shape)))
+
+
+@builtin("full", "shape", "value", dtype="float")
+def _full(lw, e, shape, value, dtype):
+    """A tensor filled with `value`; dtype "float" (the model's float type), "i32" or "i64"."""
+    dt = lw.float_dtype if dtype == "float" else dtype
+    if dt not in ("f32", "f64", "i32", "i64"):
+        raise DlcError('`full`: dtype is "float", "i32" or "i64"', e.loc)
+    if not isinstance(shape, list) or not all(isinstance(d, (int, str)) and not isinstance(d, bool) for d in shape):
+        raise DlcError("`full` takes a list of dimensions", e.loc)
+    return _T(lw.g.add("broadcast_to", lw.g.const(value, dt), shape=tuple(shape)))

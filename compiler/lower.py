@@ -792,7 +792,7 @@ _TENSOR_BINOPS = {"+": "add", "-": "sub", "*": "mul", "/": "div", "**": "pow", "
                   "<": "lt", "<=": "le", ">": "gt", ">=": "ge"}
 
 CONSTANTS = {"pi": math.pi, "e": math.e, "inf": math.inf}
-METRICS = ("accuracy", "loss")
+METRICS = ("accuracy", "exact", "loss")
 TRAIN_SETTINGS = ("loss", "optimizer", "batch", "epochs", "seed", "metrics")
 
 from .builtins import BUILTINS  # noqa: E402  (the builtins use Tensor and Lowerer above)

@@ -51,6 +51,8 @@ class Op:
     canon: Callable | None = None         # (shapes, attrs) -> attrs in canonical form
     helpers: str | None = None            # @njit helper source the kernel template calls
     kernel_sizes: Callable | None = None  # (graph, node) -> named sizes for the kernel template
+    remaps: tuple = ()                    # args read at an index other than the output's own:
+                                          # the fusion pass keeps their producers out of its kernel
 
     def __post_init__(self):
         self.user_name = self.user_name or self.name
@@ -312,7 +314,7 @@ def _onehot_ref(x, *, depth, dtype):
 
 
 # The label is read at the output index without its last axis ({last} is that last index).
-register(Op("onehot", Kind.BROADCAST, _onehot_infer, ref=_onehot_ref,
+register(Op("onehot", Kind.BROADCAST, _onehot_infer, ref=_onehot_ref, remaps=(0,),
             scalar="({T}(1.0) if {0} == {last} else {T}(0.0))"))
 
 
@@ -364,7 +366,7 @@ def _transpose_infer(s, d, a):
     return tuple(s[0][p] for p in perm), d[0]
 
 
-transpose = register(Op("transpose", Kind.INJECTIVE, _transpose_infer,
+transpose = register(Op("transpose", Kind.INJECTIVE, _transpose_infer, remaps=(0,),
                         ref=lambda x, *, perm: np.transpose(x, perm).copy(),
                         scalar="{0}"))   # a gather loop: the renderer reads x at the permuted index
 

@@ -33,7 +33,7 @@ def _slice_ref(x, *, axis, start, stop):
     return x[tuple(ix)].copy()
 
 
-slice_ = register(Op("slice", Kind.BROADCAST, _slice_infer, ref=_slice_ref, scalar="{0}",
+slice_ = register(Op("slice", Kind.BROADCAST, _slice_infer, ref=_slice_ref, scalar="{0}", remaps=(0,),
                      canon=lambda s, a: {**a, "axis": _axis(a, len(s[0]))}))
 
 
@@ -56,7 +56,7 @@ def _unslice_ref(y, *, axis, start, stop, size):
 
 
 # The adjoint of slice: dy placed at [start:stop] of a zero tensor.
-unslice = register(Op("unslice", Kind.BROADCAST, _unslice_infer, ref=_unslice_ref,
+unslice = register(Op("unslice", Kind.BROADCAST, _unslice_infer, ref=_unslice_ref, remaps=(0,),
                       scalar="({0} if {start} <= {ax} < {stop} else {T}(0.0))",
                       canon=lambda s, a: {**a, "axis": _axis(a, len(s[0]))}))
 
@@ -84,7 +84,7 @@ def _take_infer(s, d, a):
 
 
 # out[..., j] = table[idx[...], j]
-take = register(Op("take", Kind.BROADCAST, _take_infer, ref=lambda t, i: t[i], scalar="{0}"))
+take = register(Op("take", Kind.BROADCAST, _take_infer, ref=lambda t, i: t[i], scalar="{0}", remaps=(0, 1)))
 
 
 def _scatter_infer(s, d, a):

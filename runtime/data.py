@@ -67,11 +67,15 @@ def load(call: A.Node, base_dir: Path, seed: int) -> Dataset:
     test = opts.get("test", 0.2)
     if not isinstance(test, (int, float)) or not 0 <= test < 1:
         raise DlcError(f"`test` is the held-out fraction, between 0 and 1, got {test!r}", call.loc)
-    arrays = fn(call, base_dir, *args, **{k: v for k, v in opts.items() if k not in ("test", "scale")})
-    return _split(arrays, test, seed, opts.get("scale", True), call.loc)
+    extra = {k: v for k, v in opts.items() if k not in ("test", "scale")}
+    if getattr(fn, "seeded", False):
+        extra["seed"] = seed
+    arrays = fn(call, base_dir, *args, **extra)
+    info = arrays.pop("__info__", None)
+    return _split(arrays, test, seed, opts.get("scale", True), call.loc, info)
 
 
-def _split(arrays: dict[str, np.ndarray], test: float, seed: int, scale, loc: Loc) -> Dataset:
+def _split(arrays: dict[str, np.ndarray], test: float, seed: int, scale, loc: Loc, info=None) -> Dataset:
     from sklearn.model_selection import train_test_split
     n = len(next(iter(arrays.values())))
     for k, v in arrays.items():
@@ -81,7 +85,8 @@ def _split(arrays: dict[str, np.ndarray], test: float, seed: int, scale, loc: Lo
             raise DlcError(f"data field `{k}` holds NaN or infinite values", loc)
     idx = np.arange(n)
     labels = arrays.get("y")
-    strat = labels if labels is not None and labels.dtype.kind in "iu" and test > 0 and len(np.unique(labels)) < n // 2 else None
+    strat = labels if (labels is not None and labels.ndim == 1 and labels.dtype.kind in "iu" and test > 0
+                       and len(np.unique(labels)) < n // 2) else None
     if test > 0:
         try:
             tr, te = train_test_split(idx, test_size=test, random_state=seed, stratify=strat)
@@ -99,7 +104,7 @@ def _split(arrays: dict[str, np.ndarray], test: float, seed: int, scale, loc: Lo
                 sd[sd == 0] = 1.0
                 train[k] = ((v - mu) / sd).astype(np.float32)
                 testd[k] = ((testd[k] - mu) / sd).astype(np.float32)
-    info = {"train_size": len(tr), "test_size": len(te)}
+    info = {**(info or {}), "train_size": len(tr), "test_size": len(te)}
     if labels is not None and labels.dtype.kind in "iu":
         info["classes"] = int(labels.max()) + 1
     return Dataset(train, testd, info)
@@ -203,3 +208,84 @@ def _is_float(s: str) -> bool:
         return True
     except ValueError:
         return False
+
+
+# ---- generated sequence tasks (seeded) ----------------------------------------------------------
+# Token conventions for the generated tasks: 0 pads inputs, 1 begins a decoder input (BOS),
+# 2 ends an output (EOS); labels of padded output positions are -1 and are ignored by the loss
+# and the metrics.
+PAD, BOS, EOS, IGNORE = 0, 1, 2, -1
+
+
+def _positive_int(call, name, v, low=1):
+    if not isinstance(v, int) or isinstance(v, bool) or v < low:
+        raise DlcError(f"`{call.func}`: `{name}` must be an integer >= {low}, got {v!r}", call.loc)
+    return v
+
+
+def seeded(fn):
+    fn.seeded = True
+    return fn
+
+
+@source("tagging", test=0.2, scale=False, n=4000, length=12, vocab=10)
+@seeded
+def _tagging(call, base_dir, n=4000, length=12, vocab=10, seed=0):
+    """Many-to-many: tag each token 1 if the same token already occurred earlier in the
+    sequence, else 0. The right tag depends on everything read so far."""
+    n, length, vocab = (_positive_int(call, k, v) for k, v in (("n", n), ("length", length), ("vocab", vocab)))
+    rng = np.random.default_rng(seed + 101)
+    x = rng.integers(1, vocab + 1, size=(n, length))
+    y = np.zeros((n, length), np.int32)
+    for t in range(1, length):
+        y[:, t] = (x[:, :t] == x[:, t:t + 1]).any(axis=1)
+    tokens = ["<pad>"] + [str(i) for i in range(1, vocab + 1)]
+    return {"x": x.astype(np.int32), "y": y,
+            "__info__": {"input_vocab": tokens, "vocab": ["new", "seen"]}}
+
+
+DIGIT_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+LETTERS = sorted(set("".join(DIGIT_NAMES)))
+WORD_VOCAB = ["<pad>", "<s>", "</s>"] + LETTERS
+
+
+@source("digit_names", test=0.2, scale=True)
+def _digit_names(call, base_dir):
+    """One-to-many: an 8x8 digit image (x) and its English name spelled letter by letter:
+    y holds the letters then EOS (padding -1), y_in the decoder's input: BOS then the letters."""
+    from sklearn.datasets import load_digits
+    d = load_digits()
+    length = max(len(w) for w in DIGIT_NAMES) + 1
+    y = np.full((len(d.target), length), IGNORE, np.int32)
+    y_in = np.full((len(d.target), length), PAD, np.int32)
+    for i, k in enumerate(d.target):
+        ids = [WORD_VOCAB.index(ch) for ch in DIGIT_NAMES[k]] + [EOS]
+        y[i, :len(ids)] = ids
+        y_in[i, :len(ids)] = [BOS] + ids[:-1]
+    return {"x": d.data.astype(np.float32), "y": y, "y_in": y_in, "__info__": {"vocab": WORD_VOCAB}}
+
+
+SEQ_VOCAB = ["<pad>", "<s>", "</s>"] + [str(i) for i in range(10)]
+
+
+@source("reverse", test=0.2, scale=False, n=8000, min_len=5, max_len=8)
+@seeded
+def _reverse(call, base_dir, n=8000, min_len=5, max_len=8, seed=0):
+    """Sequence to sequence: a string of 5-8 digits in (x, left-padded with 0), the same digits
+    reversed out (y: digits then EOS, padding -1; y_in: BOS then the digits)."""
+    n = _positive_int(call, "n", n)
+    lo, hi = _positive_int(call, "min_len", min_len), _positive_int(call, "max_len", max_len)
+    if lo > hi:
+        raise DlcError(f"`reverse`: min_len {lo} is larger than max_len {hi}", call.loc)
+    rng = np.random.default_rng(seed + 202)
+    x = np.full((n, hi), PAD, np.int32)
+    y = np.full((n, hi + 1), IGNORE, np.int32)
+    y_in = np.full((n, hi + 1), PAD, np.int32)
+    for i in range(n):
+        k = int(rng.integers(lo, hi + 1))
+        digits = rng.integers(0, 10, size=k) + 3
+        x[i, hi - k:] = digits
+        out = list(digits[::-1]) + [EOS]
+        y[i, :k + 1] = out
+        y_in[i, :k + 1] = [BOS] + out[:-1]
+    return {"x": x, "y": y, "y_in": y_in, "__info__": {"input_vocab": SEQ_VOCAB, "vocab": SEQ_VOCAB}}

@@ -147,8 +147,8 @@ class Session:
 
     def _metrics(self, loss, out, y) -> dict:
         m = {"loss": loss}
-        if "accuracy" in self.settings["metrics"] and y is not None and y.dtype.kind in "iu" and out.ndim >= 2:
-            m["accuracy"] = float((out.argmax(-1) == y).mean())
+        if y is not None and y.dtype.kind in "iu" and out.ndim == y.ndim + 1:
+            m.update(label_metrics(out, y, self.settings["metrics"]))
         return m
 
     def fit(self, progress: bool = True, log=None) -> dict:
@@ -164,7 +164,7 @@ class Session:
         ep_metrics = {}
         for ep in range(epochs):
             perm = rng.permutation(n)
-            total, correct, t_ep = 0.0, 0, time.perf_counter()
+            total, t_ep, outs, ys = 0.0, time.perf_counter(), [], []
             bar = tqdm(range(0, n, batch), desc=f"epoch {ep + 1}/{epochs}", leave=False, file=sys.stderr,
                        disable=not (progress and sys.stderr.isatty()), unit="batch")
             for s in bar:
@@ -177,11 +177,13 @@ class Session:
                     raise DlcError(f"the loss became {loss} at epoch {ep + 1}, step {self.step_count}; "
                                    "try a smaller learning rate", self.program.setting_locs.get("optimizer"))
                 total += loss * len(idx)
-                if "y" in b and b["y"].dtype.kind in "iu" and out.ndim >= 2:
-                    correct += int((out.argmax(-1) == b["y"]).sum())
+                if "y" in b and b["y"].dtype.kind in "iu" and out.ndim == b["y"].ndim + 1:
+                    outs.append(out.argmax(-1))
+                    ys.append(b["y"])
             ep_metrics = {"loss": total / n}
-            if "y" in train and train["y"].dtype.kind in "iu":
-                ep_metrics["accuracy"] = correct / n
+            if outs:
+                ep_metrics.update(label_metrics(np.concatenate(outs), np.concatenate(ys), self.settings["metrics"],
+                                                predicted=True))
             test = self.evaluate(self.dataset.test)
             history.append({"epoch": ep + 1, "train": ep_metrics, "test": test})
             if progress:
@@ -192,6 +194,8 @@ class Session:
                     msg += f"  test_loss {test['loss']:.4f}"
                     if "accuracy" in test:
                         msg += f"  test_acc {test['accuracy']:.4f}"
+                    if "exact" in test:
+                        msg += f"  test_exact {test['exact']:.4f}"
                 msg += f"  ({time.perf_counter() - t_ep:.2f}s)"
                 log(msg)
         train_seconds = time.perf_counter() - t_train
@@ -229,3 +233,17 @@ class Session:
             if k in self.state and v.shape == self.state[k].shape:
                 self.state[k][...] = v
         self.step_count = int(meta.get("step", 0)) if set(state) == set(self.state) else 0
+
+
+def label_metrics(out: np.ndarray, y: np.ndarray, wanted, predicted: bool = False) -> dict:
+    """Accuracy against integer labels; negative labels (padding) are skipped. For sequence
+    labels [N, T] also the exact-match rate: every labelled position of a sequence right."""
+    pred = out if predicted else out.argmax(-1)
+    mask = y >= 0
+    m = {}
+    if "accuracy" in wanted and mask.any():
+        m["accuracy"] = float((pred[mask] == y[mask]).mean())
+    if y.ndim >= 2 and ("exact" in wanted or "accuracy" in wanted):
+        right = (pred == y) | ~mask
+        m["exact"] = float(right.reshape(len(y), -1).all(axis=1).mean())
+    return m

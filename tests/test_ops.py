@@ -4,10 +4,13 @@
     independent NumPy/SciPy expression. Only the NumPy evaluator (`ops.evaluate`) runs here,
     no Numba: a tiny f64 graph `y = op(inputs)`, `loss = sum(y * u)` for a fixed random `u`,
     `autodiff.grad`, then d loss / d input against (L(x + eps) - L(x - eps)) / 2 eps.
-(b) The generated Numba kernels against the NumPy references: a few `.dl` programs that
-    together use every primitive, compiled forward and with gradients, compared with
-    `ops.evaluate` on the same optimized graph and with plain NumPy; in f32, every kernel
-    output stays float32.
+(b) The generated Numba kernels against the NumPy references: four `.dl` programs
+    (elementwise, layout and reductions, a CNN, a scan) that together run every primitive,
+    compiled forward and with gradients, compared with `ops.evaluate` on the same optimized
+    graph and with plain NumPy; in f32, every kernel output stays float32.
+
+A primitive added to the registry fails `test_every_primitive_has_a_gradient_test` and
+`test_kernels_cover_every_primitive` until it is tested here.
 """
 from __future__ import annotations
 

@@ -51,7 +51,11 @@ class _Groups:
         return gid
 
     def creates_cycle(self, nodes: set[int]) -> bool:
-        """Would one kernel holding `nodes` depend on itself through an outside node?"""
+        """Can `nodes` not form one kernel? (A cycle through an outside node, or an op reading a
+        value of the kernel at an index other than its own.)"""
+        for n in nodes:     # an arg read at another index (a table row, a shifted slice) must be in memory
+            if any(self.g.args(n)[i] in nodes for i in OPS[self.g.op(n)].remaps):
+                return True
         desc = set()
         for n in nodes:
             desc |= nx.descendants(self.g.g, n)
