@@ -27,7 +27,9 @@ def _attr_text(g, n) -> str:
         return repr(d["attrs"]["value"])
     parts = []
     for k, v in d["attrs"].items():
-        if k == "dtype" and d["op"] != "cast":
+        if (k == "dtype" and d["op"] != "cast") or k == "body" or (d["op"] == "get" and k in ("shape", "dtype")):
+            continue
+        if d["op"] == "scan" and (k == "length" and v is None or k in ("save", "reverse") and not v):
             continue
         if isinstance(v, tuple):
             v = "[" + ", ".join(str(x) for x in v) + "]"
@@ -43,10 +45,58 @@ def _line(g, n, names) -> str:
     loc = d["loc"]
     where = f"{Path(loc.file).name}:{loc.line}" if loc else ""
     role = "" if d["role"] == "forward" else f" [{d['role']}]"
-    return f"  {names[n]:<6} = {call:<58} : {fmt_type(d['dtype'], d['shape']):<16} # {where}{role}"
+    typ = "tuple" if d["dtype"] == "tuple" else fmt_type(d["dtype"], d["shape"])
+    return f"  {names[n]:<6} = {call:<58} : {typ:<16} # {where}{role}"
 
 
-def to_text(g, stage: str = "", params: dict | None = None) -> str:
+def _scan_body(g, n, indent: str, dims: dict) -> list[str]:
+    """A scan's body beneath it, and what its backward pass saves per step."""
+    from .ops_scan import scan_layout
+    a = g.attrs(n)
+    body = a["body"]
+    nc, ni, ny = scan_layout(a)
+    names = _names(body)
+    kinds = ["carry"] * nc + ["step of"] * ni + ["captured"] * (len(body.inputs) - nc - ni)
+    outer = g.args(n)
+    out = [f"{indent}body ({'reverse, ' if a.get('reverse') else ''}once per step):"]
+    onames = _names(g)
+    for b, kind, o in zip(body.inputs, kinds, outer):
+        out.append(f"{indent}  {names[b]:<12} : {fmt_type(body.dtype(b), body.shape(b)):<16} {kind} {onames[o]}")
+    lines = [_line(body, m, names) for m in body.topo() if body.op(m) not in ("input", "const")]
+    if body.groups is not None:
+        lines = [f"  kernel k{grp.id} ({grp.label(body)}): " + ", ".join(names[m] for m in grp.nodes)
+                 for grp in body.groups] + lines
+    out += [indent + x for x in lines]
+    out.append(indent + "  next: " + ", ".join(f"{names[body.inputs[i]]} = {names[body.outputs[f'c{i}']]}"
+                                               for i in range(nc)))
+    if ny:
+        out.append(indent + "  yield: " + ", ".join(names[body.outputs[f"y{j}"]] for j in range(ny)))
+    if a.get("save"):
+        saved = [body.inputs[i] for i in range(nc) if body.dtype(body.inputs[i]) != "tuple"]
+        per = [(names[b], fmt_type(body.dtype(b), body.shape(b)), _bytes(body, b, dims)) for b in saved]
+        text = ", ".join(f"{nm} {t}" for nm, t, _ in per)
+        total = sum(x[2] for x in per) if all(x[2] is not None for x in per) else None
+        T = g.shape(outer[nc])[0] if ni else a.get("length")
+        line = f"{indent}  the backward pass saves per step: {text}"
+        if total is not None and isinstance(T, int):
+            line += f" = {total:,} bytes; x {T} steps = {total * T / 1024:,.1f} KiB"
+            if dims:
+                line += " at " + ", ".join(f"{k}={v}" for k, v in dims.items())
+        out.append(line)
+    return out
+
+
+def _bytes(g, n, dims):
+    import numpy as np
+    from .shapes import DTYPES, resolve
+    try:
+        return int(np.prod(resolve(g.shape(n), dims))) * np.dtype(DTYPES[g.dtype(n)]).itemsize
+    except KeyError:
+        return None
+
+
+def to_text(g, stage: str = "", params: dict | None = None, dims: dict | None = None) -> str:
+    dims = dims or {}
     names = _names(g)
     out = [f"graph {g.name}" + (f"  (after {stage})" if stage else "")]
     out.append("inputs:")
@@ -66,6 +116,8 @@ def to_text(g, stage: str = "", params: dict | None = None) -> str:
             if g.op(n) == "input" or (consts_hidden and g.op(n) == "const"):
                 continue
             out.append(_line(g, n, names))
+            if g.op(n) == "scan":
+                out += _scan_body(g, n, "           ", dims)
     else:
         out.append(f"kernels: {len(g.groups)}")
         for grp in g.groups:
@@ -76,6 +128,8 @@ def to_text(g, stage: str = "", params: dict | None = None) -> str:
             for n in grp.nodes:
                 tag = "  prologue" if n in grp.prologue else ("  anchor" if n == grp.anchor else "")
                 out.append("  " + _line(g, n, names) + tag)
+                if g.op(n) == "scan":
+                    out += _scan_body(g, n, "             ", dims)
     out.append("outputs:")
     for k, v in g.outputs.items():
         out.append(f"  {k} = {names[v]}")

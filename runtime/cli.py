@@ -208,7 +208,8 @@ def _ir(args) -> int:
         elif args.format == "dot":
             text = printer.to_dot(g, stage)
         else:
-            text = printer.to_text(g, stage, prog.params)
+            batch = prog.settings.get("batch", 32) if lw.trains else 32
+            text = printer.to_text(g, stage, prog.params, {"B": batch})
     if args.output:
         Path(args.output).write_text(text)
     else:
