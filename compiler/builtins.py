@@ -333,3 +333,13 @@ def _full(lw, e, shape, value, dtype):
     if not isinstance(shape, list) or not all(isinstance(d, (int, str)) and not isinstance(d, bool) for d in shape):
         raise DlcError("`full` takes a list of dimensions", e.loc)
     return _T(lw.g.add("broadcast_to", lw.g.const(value, dt), shape=tuple(shape)))
+
+
+@builtin("sample", "logits", temperature=1.0)
+def _sample(lw, e, logits, temperature):
+    """One class per row drawn from softmax(logits / temperature) (i32), seeded per step."""
+    if not isinstance(temperature, (int, float)) or temperature <= 0:
+        raise DlcError("`sample`: temperature must be a positive number", e.loc)
+    lw.rng_salt += 1
+    return _T(lw.g.add("sample", _tensor(lw, e, logits), lw.rng_input(), salt=lw.rng_salt,
+                       temperature=float(temperature)))

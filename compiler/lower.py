@@ -117,9 +117,11 @@ def _suggest(name, options) -> list[str]:
 
 
 class Lowerer:
-    def __init__(self, module: A.Module, float_dtype: str = "f32", training: bool = True):
+    def __init__(self, module: A.Module, float_dtype: str = "f32", training: bool = True,
+                 temperature: float = 0.0):
         self.float_dtype = float_dtype
         self.training = training
+        self.temperature = temperature          # decoding: 0 = greedy, > 0 = sampling
         self.user_files = {module.loc.file}
         self.funcs: dict[str, A.FuncDef] = {}
         self.models: dict[str, A.FuncDef] = {}
@@ -135,6 +137,7 @@ class Lowerer:
         self.counters: dict[tuple[str, str], int] = {}
         self.depth = 0
         self.model_outputs: list[int] = []
+        self.model_extras: list[int] = []
         self.rng_salt = 0
         self.layers: list[tuple] = []     # (scope, function, output shape, params, state values)
         self.last_scope = ""
@@ -208,6 +211,8 @@ class Lowerer:
                 self.g.outputs["loss"] = val.node
                 if self.model_outputs:
                     self.g.outputs["output"] = self.model_outputs[0]
+                    for i, x in enumerate(self.model_extras):
+                        self.g.outputs[f"output{i + 2}"] = x
             elif st.name == "optimizer" and not isinstance(val, OptimizerSpec):
                 raise DlcError("optimizer must be one of " + ", ".join(OPTIMIZERS) + "(...)", st.value.loc)
             elif st.name in ("batch", "epochs", "seed") and (not isinstance(val, int) or isinstance(val, bool) or val < (0 if st.name == "seed" else 1)):
@@ -248,6 +253,8 @@ class Lowerer:
         frame.vars.update({p.name: a for p, a in zip(fn.params, args)})
         out = self.eval(call, frame)
         self.g.outputs["output"] = out.node
+        for i, x in enumerate(self.model_extras):
+            self.g.outputs[f"output{i + 2}"] = x
         return prog
 
     # ---- expressions ---------------------------------------------------------------------------
@@ -304,6 +311,8 @@ class Lowerer:
             return CONSTANTS[e.name]
         if e.name == "training":
             return self.training
+        if e.name == "temperature":
+            return self.temperature
         if e.name in INITIALIZERS:
             return InitSpec(e.name)
         if e.name in self.funcs or e.name in BUILTINS or e.name in self.models:
@@ -486,11 +495,17 @@ class Lowerer:
             raise
         finally:
             self.depth -= 1
+        extras = ()
+        if fn.kind == "model" and isinstance(result, tuple):
+            # a model's main output comes first; the rest (e.g. decoded tokens) are extra outputs
+            result, extras = result[0], result[1:]
         if fn.ret is not None:
             ret_loc = self._return_loc(fn) if fn.loc.file in self.user_files else e.loc
             self.check_type(fn.ret, result, inner, f"the result of `{fn.name}`", ret_loc)
         if fn.kind == "model" and isinstance(result, Tensor) and getattr(self, "current_model", None) == fn.name:
             self.model_outputs.append(result.node)
+            if len(self.model_outputs) == 1:
+                self.model_extras = [x.node for x in extras if isinstance(x, Tensor)]
         self.last_scope = scope
         return result
 

@@ -388,3 +388,53 @@ register(Op("rand_uniform", Kind.ELEMENTWISE, _rand_infer, helpers=RNG_HELPERS,
             ref=lambda seed, *, shape, salt, dtype: uniform_ref(int(seed), salt, int(np.prod(shape))).reshape(shape).astype(DTYPES[dtype]),
             scalar="{T}(_uniform({0}, {salt}, {flat}))"))
 OPS["rand_uniform"].grad = lambda g, n, dy: [None]
+
+
+def _sample_infer(s, d, a):
+    if len(s[0]) == 0:
+        raise ShapeError("sample needs logits with a class axis")
+    return tuple(s[0][:-1]), "i32"
+
+
+def _sample_ref(x, seed, *, salt, temperature):
+    z = x / temperature
+    p = np.exp(z - z.max(axis=-1, keepdims=True))
+    cdf = np.cumsum(p, axis=-1)
+    rows = cdf.reshape(-1, cdf.shape[-1])
+    u = uniform_ref(int(seed), salt, len(rows)) * rows[:, -1]
+    return np.array([min(np.searchsorted(r, v, side="right"), len(r) - 1) for r, v in zip(rows, u)],
+                    np.int32).reshape(x.shape[:-1])
+
+
+# Draw one class per row from softmax(logits / temperature), by inverting its CDF at a
+# counter-based uniform number (reproducible from the step's seed).
+sample = register(Op(
+    "sample", Kind.OPAQUE, _sample_infer, ref=_sample_ref, helpers=RNG_HELPERS,
+    kernel_sizes=lambda g, n: {"R": _rows(g.shape(g.args(n)[0])), "C": g.shape(g.args(n)[0])[-1]},
+    kernel="""\
+xin = {x0}.reshape(({R}, {C}))
+yout = {out}.reshape(-1)
+for r in range({R}):
+    m = xin[r, 0]
+    for j in range(1, {C}):
+        if xin[r, j] > m:
+            m = xin[r, j]
+    total = 0.0
+    for j in range({C}):
+        total += np.exp((xin[r, j] - m) / {temperature})
+    u = _uniform({x1}, {salt}, r) * total
+    acc = 0.0
+    k = {C} - 1
+    for j in range({C}):
+        acc += np.exp((xin[r, j] - m) / {temperature})
+        if acc > u:
+            k = j
+            break
+    yout[r] = k
+"""))
+sample.grad = lambda g, n, dy: [None, None]
+
+
+def _rows(shape):
+    from .shapes import numel
+    return numel(shape[:-1])

@@ -59,6 +59,18 @@ def make_parser() -> argparse.ArgumentParser:
     r.add_argument("--json", action="store_true", help="print the final report as JSON on the last line")
     r.add_argument("--quiet", action="store_true", help="no progress output")
 
+    pr = sub.add_parser("predict", help="run a trained model on inputs and print its decoded output")
+    common(pr)
+    pr.add_argument("--load", metavar="PATH", required=True, help="the checkpoint to run (from `dlc run --save`)")
+    pr.add_argument("--input", action="append", default=[], metavar="TEXT",
+                    help='an input sequence as space-separated tokens, e.g. "3 1 4 1 5" (repeatable)')
+    pr.add_argument("--index", action="append", type=int, default=[], metavar="K",
+                    help="a held-out example by index (repeatable; default: the first 5)")
+    pr.add_argument("--temperature", type=float, default=0.0,
+                    help="decoders sample from softmax(logits / T) instead of taking the argmax (default 0: greedy)")
+    pr.add_argument("--seed", type=int, default=0, help="seed for sampling")
+    pr.add_argument("--json", action="store_true", help="print the predictions as one JSON object")
+
     c = sub.add_parser("check", help="parse and type/shape-check a file")
     common(c)
 
@@ -96,7 +108,49 @@ def _dispatch(args) -> int:
                                   batch=args.batch, lr=args.lr, seed=args.seed))
     if args.cmd == "check":
         return _check(args)
+    if args.cmd == "predict":
+        return _predict(args)
     return _ir(args)
+
+
+def _predict(args) -> int:
+    import numpy as np
+    from runtime.predict import decode_rows, encode_inputs
+    from runtime.session import Options, Session
+    if args.temperature < 0:
+        raise DlcError("--temperature must be >= 0")
+    s = Session(args.file, Options(dtype=args.dtype, fuse=not args.no_fuse, train=False,
+                                   temperature=args.temperature, seed=None))
+    s.load(args.load)
+    ds = s.dataset
+    if args.input:
+        batch, shown = encode_inputs(ds, args.input)
+        targets = [None] * len(args.input)
+    else:
+        n = len(next(iter(ds.test.values())))
+        idx = args.index or list(range(min(5, n)))
+        for k in idx:
+            if not 0 <= k < n:
+                raise DlcError(f"--index {k} is outside the {n} held-out examples")
+        batch = {k: np.ascontiguousarray(v[idx]) for k, v in ds.test.items()}
+        shown = [f"#{k}: {t}" for k, t in zip(idx, decode_rows(ds, batch["x"], "input_vocab"))] \
+            if ds.info.get("input_vocab") else [f"held-out #{k}" for k in idx]
+        targets = decode_rows(ds, batch["y"]) if "y" in batch else [None] * len(idx)
+    res = s.run_eval(batch, step=args.seed)
+    out = res.get("output2")
+    preds = decode_rows(ds, out if out is not None else res["output"].argmax(-1))
+    rows = [{"input": i, "prediction": p, **({"target": t} if t is not None else {})}
+            for i, p, t in zip(shown, preds, targets)]
+    if args.json:
+        import json
+        print(json.dumps({"predictions": rows, "temperature": args.temperature}))
+    else:
+        for r in rows:
+            line = f"{r['input']:<24} -> {r['prediction']}"
+            if "target" in r:
+                line += f"    (expected {r['target']})"
+            print(line)
+    return 0
 
 
 def _run(args, options) -> int:

@@ -241,7 +241,7 @@ def _tagging(call, base_dir, n=4000, length=12, vocab=10, seed=0):
         y[:, t] = (x[:, :t] == x[:, t:t + 1]).any(axis=1)
     tokens = ["<pad>"] + [str(i) for i in range(1, vocab + 1)]
     return {"x": x.astype(np.int32), "y": y,
-            "__info__": {"input_vocab": tokens, "vocab": ["new", "seen"]}}
+            "__info__": {"input_vocab": tokens, "vocab": ["new", "seen"], "pad": "none"}}
 
 
 DIGIT_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
@@ -262,7 +262,7 @@ def _digit_names(call, base_dir):
         ids = [WORD_VOCAB.index(ch) for ch in DIGIT_NAMES[k]] + [EOS]
         y[i, :len(ids)] = ids
         y_in[i, :len(ids)] = [BOS] + ids[:-1]
-    return {"x": d.data.astype(np.float32), "y": y, "y_in": y_in, "__info__": {"vocab": WORD_VOCAB}}
+    return {"x": d.data.astype(np.float32), "y": y, "y_in": y_in, "__info__": {"vocab": WORD_VOCAB, "join": ""}}
 
 
 SEQ_VOCAB = ["<pad>", "<s>", "</s>"] + [str(i) for i in range(10)]
@@ -288,4 +288,4 @@ def _reverse(call, base_dir, n=8000, min_len=5, max_len=8, seed=0):
         out = list(digits[::-1]) + [EOS]
         y[i, :k + 1] = out
         y_in[i, :k + 1] = [BOS] + out[:-1]
-    return {"x": x, "y": y, "y_in": y_in, "__info__": {"input_vocab": SEQ_VOCAB, "vocab": SEQ_VOCAB}}
+    return {"x": x, "y": y, "y_in": y_in, "__info__": {"input_vocab": SEQ_VOCAB, "vocab": SEQ_VOCAB, "pad": "left"}}

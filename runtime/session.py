@@ -36,6 +36,8 @@ class Options:
     batch: int | None = None
     lr: float | None = None
     seed: int | None = None
+    temperature: float = 0.0        # decoding in evaluation: 0 greedy, > 0 sampling
+    train: bool = True              # False: compile the evaluation program only (predict)
 
 
 def _literal_setting(train: A.TrainDef, name: str):
@@ -59,7 +61,9 @@ class Session:
         seed = self.opt.seed if self.opt.seed is not None else _literal_setting(train, "seed")
         self.seed = int(seed) if seed is not None else DEFAULTS["seed"]
         self.dataset = data.load(train.data, self.path.parent, self.seed)
-        self.program = self.lowerer.lower_train(train, self.dataset.fields())
+        eval_lowerer = Lowerer(self.module, self.opt.dtype, training=False, temperature=self.opt.temperature)
+        self.eval_program = eval_lowerer.lower_train(eval_lowerer.trains[0], self.dataset.fields())
+        self.program = self.lowerer.lower_train(train, self.dataset.fields()) if self.opt.train else self.eval_program
         s = self.program.settings
         self.settings = {**DEFAULTS, **{k: v for k, v in s.items() if k != "loss"}}
         self.settings["seed"] = self.seed
@@ -73,14 +77,15 @@ class Session:
         self.lower_seconds = time.perf_counter() - t0
         self.params_info = self.program.params
         # the evaluation program is the forward graph lowered with `training` false (dropout
-        # off, batch norm on running statistics); the training step adds backward + update
-        eval_lowerer = Lowerer(self.module, self.opt.dtype, training=False)
-        self.eval_program = eval_lowerer.lower_train(eval_lowerer.trains[0], self.dataset.fields())
-        ctx = Context(params={k: v.node for k, v in self.params_info.items()}, optimizer=spec)
-        self.train_graph = optimize(self.program.graph, "train", ctx, self.opt.fuse)
+        # off, batch norm on running statistics, decoders feeding back their own predictions);
+        # the training step adds the backward pass and the optimizer's update
         self.eval_graph = optimize(self.eval_program.graph, "eval", Context(), self.opt.fuse)
-        self.train_ex = build(self.train_graph)
         self.eval_ex = build(self.eval_graph)
+        self.train_ex = None
+        if self.opt.train:
+            ctx = Context(params={k: v.node for k, v in self.params_info.items()}, optimizer=spec)
+            self.train_graph = optimize(self.program.graph, "train", ctx, self.opt.fuse)
+            self.train_ex = build(self.train_graph)
         self.params, self.state = self._init_params()
         self.step_count = 0
         self._compile()
@@ -95,17 +100,17 @@ class Session:
         state = {}          # the model's own state (running statistics), then the optimizer's
         for name, info in self.program.states.items():
             state[name] = initialize(info.init, info.shape, DTYPES[info.dtype], rng, info.loc)
-        for (name, kind, shape, dtype) in self.train_ex.inputs:
+        for (name, kind, shape, dtype) in (self.train_ex.inputs if self.train_ex else []):
             if kind == "state" and name not in state:
                 state[name] = np.zeros(shape, DTYPES[dtype])
         return params, state
 
     def _compile(self):
         b = int(self.settings["batch"])
-        for ex in (self.train_ex, self.eval_ex):
-            args = example_args(ex, {"B": b})
-            ex.compile_for(args)
-        self.cache_hit = self.train_ex.cache_hit and self.eval_ex.cache_hit
+        exes = [ex for ex in (self.train_ex, self.eval_ex) if ex is not None]
+        for ex in exes:
+            ex.compile_for(example_args(ex, {"B": b}))
+        self.cache_hit = all(ex.cache_hit for ex in exes)
 
     def _args(self, ex: Executable, batch: dict, scalars: dict | None = None) -> list:
         args = []
@@ -125,8 +130,8 @@ class Session:
         self.step_count += 1
         sc = {"lr": self.optimizer.lr, "rng": self.rng_seed(self.step_count),
               **bias_corrections(self.optimizer, self.step_count)}
-        loss, out = self.train_ex(*self._args(self.train_ex, batch, sc))
-        return float(loss), out
+        res = dict(zip(self.train_ex.outputs, self.train_ex(*self._args(self.train_ex, batch, sc))))
+        return float(res["loss"]), res["output"]
 
     def rng_seed(self, step: int) -> int:
         """The random stream of a step: a function of the run's seed and the step number."""
@@ -139,11 +144,16 @@ class Session:
         total, outs = 0.0, []
         for s in range(0, n, batch_size):
             b = {k: np.ascontiguousarray(v[s:s + batch_size]) for k, v in split.items()}
-            res = dict(zip(self.eval_ex.outputs, self.eval_ex(*self._args(self.eval_ex, b))))
+            res = self.run_eval(b)
             total += float(res["loss"]) * len(b["x"] if "x" in b else next(iter(b.values())))
             outs.append(res["output"])
         out = np.concatenate(outs)
         return self._metrics(total / n, out, split.get("y"))
+
+    def run_eval(self, batch: dict, step: int = 0) -> dict:
+        """The evaluation program on one batch: {"loss", "output", "output2", ...}."""
+        sc = {"rng": self.rng_seed(step)}
+        return dict(zip(self.eval_ex.outputs, self.eval_ex(*self._args(self.eval_ex, batch, sc))))
 
     def _metrics(self, loss, out, y) -> dict:
         m = {"loss": loss}

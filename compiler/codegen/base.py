@@ -347,7 +347,8 @@ class _Kernel:
             pre = [f"xin = {names['x0']}.reshape(({rows}, {ncol}))", f"yout = {out}.reshape(({rows}, {ncol}))"]
             body = tmpl.format("xin", out="yout", rows=rows, n=ncol, T=NP_DTYPE[g.dtype(n)])
             return pre + body.rstrip().split("\n")
-        body = tmpl.format(out=out, T=NP_DTYPE[g.dtype(n)], **names)
+        attrs = {k: v for k, v in g.attrs(n).items() if k not in names and isinstance(v, (int, float))}
+        body = tmpl.format(out=out, T=NP_DTYPE[g.dtype(n)], **names, **attrs)
         return body.rstrip().split("\n")
 
     def template_body(self) -> list[str]:
