@@ -491,13 +491,19 @@ def main(argv=None):
         if torch_ok:
             log(f"PyTorch, threads={t or 'default'} ...", q)
             out["results"].append(run_worker("torch", a, threads=t))
+    for r in out["results"]:
+        r["contended"] = contended(r, out["machine"]["cores"])
     if torch_ok:
         for t in threads:
             d = next(r for r in out["results"] if r["framework"] == "dlc" and r["threads"] == t)
             p = next(r for r in out["results"] if r["framework"] == "torch" and r["threads"] == t)
-            out["ratios"].append({"threads": t, "dlc_over_torch": d["median_ms"] / p["median_ms"]})
-        best_d = min((r for r in out["results"] if r["framework"] == "dlc"), key=lambda r: r["median_ms"])
-        best_p = min((r for r in out["results"] if r["framework"] == "torch"), key=lambda r: r["median_ms"])
+            out["ratios"].append({"threads": t, "dlc_over_torch": d["median_ms"] / p["median_ms"],
+                                  "contended": d["contended"] or p["contended"]})
+
+        def best(fw):     # the fastest row, among the clean ones if there are any
+            rows = [r for r in out["results"] if r["framework"] == fw]
+            return min([r for r in rows if not r["contended"]] or rows, key=lambda r: r["median_ms"])
+        best_d, best_p = best("dlc"), best("torch")
         out["best"] = {"dlc_threads": best_d["threads"], "torch_threads": best_p["threads"],
                        "dlc_over_torch": best_d["median_ms"] / best_p["median_ms"]}
         if a.check:
@@ -508,8 +514,6 @@ def main(argv=None):
         out["torch"] = None
         out["torch_missing"] = ("PyTorch is not installed: pip install -e '.[bench]' "
                                 "(or pip install torch==2.13.0; the CPU wheel is enough)") if not a.no_torch else None
-    for r in out["results"]:
-        r["contended"] = contended(r, out["machine"]["cores"])
     out["load_avg_before"] = load_before
     out["load_avg_after"] = os.getloadavg()
 
@@ -541,11 +545,13 @@ def print_report(out: dict):
           "median of the repeats")
     print()
     ratio = {r["threads"]: r["dlc_over_torch"] for r in out["ratios"]}
+    ratio_bad = {r["threads"]: r["contended"] for r in out["ratios"]}
     hdr = f"{'framework':<20} {'threads':>7} {'median ms/step':>15} {'steps/s':>9} {'min-max ms':>17} {'dlc/torch':>10} {'others':>7}"
     print(hdr)
     print("-" * len(hdr))
     for r in out["results"]:
-        rr = f"{ratio[r['threads']]:.2f}" if r["framework"] == "dlc" and r["threads"] in ratio else ""
+        rr = (f"{ratio[r['threads']]:.2f}" + ("*" if ratio_bad[r["threads"]] else ""))\
+            if r["framework"] == "dlc" and r["threads"] in ratio else ""
         name = r["framework"] + ("" if r.get("adam_impl", "default") == "default" else f" ({r['adam_impl']} Adam)")
         mark = "*" if contended(r, out["machine"]["cores"]) else " "
         print(f"{name:<20} {fmt_threads(r['threads']):>7} {r['median_ms']:>15.4f} "

@@ -513,12 +513,16 @@ def _log_softmax_ref(x, *, axis=-1):
     return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
 
 
-_SOFTMAX_KERNEL = """\
+# Both row-wise kernels start from the row's maximum, for numerical stability.
+_ROW_MAX = """\
 for r in range({rows}):
     m = {0}[r, 0]
     for j in range(1, {n}):
         if {0}[r, j] > m:
             m = {0}[r, j]
+"""
+
+_SOFTMAX_KERNEL = _ROW_MAX + """\
     s = 0.0
     for j in range({n}):
         e = np.exp({0}[r, j] - m)
@@ -529,12 +533,7 @@ for r in range({rows}):
         {out}[r, j] = {out}[r, j] * inv
 """
 
-_LOG_SOFTMAX_KERNEL = """\
-for r in range({rows}):
-    m = {0}[r, 0]
-    for j in range(1, {n}):
-        if {0}[r, j] > m:
-            m = {0}[r, j]
+_LOG_SOFTMAX_KERNEL = _ROW_MAX + """\
     s = 0.0
     for j in range({n}):
         s += np.exp({0}[r, j] - m)
