@@ -181,12 +181,12 @@ def _run(args, options) -> int:
     return 0
 
 
-def _load_for_inspection(args):
+def _load_for_inspection(args, training: bool = True):
     from compiler.lower import Lowerer
     from dsl.parser import parse_file
     from runtime import data
     module = parse_file(args.file)
-    lw = Lowerer(module, args.dtype)
+    lw = Lowerer(module, args.dtype, training=training)
     if lw.trains:
         train = lw.trains[0]
         ds = data.load(train.data, Path(args.file).parent, 0)
@@ -239,7 +239,7 @@ def _ir(args) -> int:
     stage = ALIASES.get(args.stage, args.stage)
     if stage not in STAGES:
         raise DlcError(f"unknown stage `{args.stage}`; stages: {', '.join(STAGES)}")
-    module, lw, prog = _load_for_inspection(args)
+    module, lw, prog = _load_for_inspection(args, training=args.program == "train")
     if stage == "ast":
         text = module.dump() + "\n"
     elif stage == "summary":
