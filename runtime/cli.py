@@ -25,16 +25,20 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
-def _positive(kind):
+def _number(kind, allow_zero=False):
     def conv(s):
         try:
             v = kind(s)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number, got {s!r}") from None
-        if v <= 0 and not (kind is int and v == 0):
-            raise argparse.ArgumentTypeError(f"must be positive, got {s}")
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {s!r}") from None
+        if v < 0 or (v == 0 and not allow_zero):
+            raise argparse.ArgumentTypeError(f"must be {'non-negative' if allow_zero else 'positive'}, got {s}")
         return v
     return conv
+
+
+def _positive(kind):
+    return _number(kind)
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -50,14 +54,16 @@ def make_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("run", help="compile, train and evaluate a model")
     common(r)
-    r.add_argument("--epochs", type=_positive(int), help="override the file's epochs (0: evaluate only)")
+    r.add_argument("--epochs", type=_number(int, allow_zero=True), help="override the file's epochs (0: evaluate only)")
     r.add_argument("--batch", type=_positive(int), help="override the file's batch size")
     r.add_argument("--lr", type=_positive(float), help="override the optimizer's learning rate")
-    r.add_argument("--seed", type=_positive(int), help="seed for the split, initialization and shuffling")
+    r.add_argument("--seed", type=_number(int, allow_zero=True), help="seed for the split, initialization and shuffling")
     r.add_argument("--save", metavar="PATH", help="save parameters and optimizer state (.safetensors or .npz)")
     r.add_argument("--load", metavar="PATH", help="start from a checkpoint")
     r.add_argument("--json", action="store_true", help="print the final report as JSON on the last line")
     r.add_argument("--quiet", action="store_true", help="no progress output")
+    r.add_argument("--threads", type=_positive(int), help="BLAS threads (default: the library's, one per core; "
+                   "1 is steadier on a busy machine)")
 
     pr = sub.add_parser("predict", help="run a trained model on inputs and print its decoded output")
     common(pr)
@@ -105,7 +111,7 @@ def _dispatch(args) -> int:
         raise DlcError(f"no such file: {args.file}")
     if args.cmd == "run":
         return _run(args, Options(dtype=args.dtype, fuse=not args.no_fuse, epochs=args.epochs,
-                                  batch=args.batch, lr=args.lr, seed=args.seed))
+                                  batch=args.batch, lr=args.lr, seed=args.seed, threads=args.threads))
     if args.cmd == "check":
         return _check(args)
     if args.cmd == "predict":

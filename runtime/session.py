@@ -37,6 +37,7 @@ class Options:
     lr: float | None = None
     seed: int | None = None
     temperature: float = 0.0        # decoding in evaluation: 0 greedy, > 0 sampling
+    threads: int | None = None      # BLAS threads while running (None: the library's default)
     train: bool = True              # False: compile the evaluation program only (predict)
 
 
@@ -163,6 +164,13 @@ class Session:
 
     def fit(self, progress: bool = True, log=None) -> dict:
         """Train for the configured epochs; return the final report."""
+        from threadpoolctl import threadpool_limits
+        if self.opt.threads is None:
+            return self._fit(progress, log)
+        with threadpool_limits(self.opt.threads):
+            return self._fit(progress, log)
+
+    def _fit(self, progress: bool, log) -> dict:
         from tqdm import tqdm
         log = log or (lambda s: tqdm.write(s, file=sys.stderr))
         train = self.dataset.train

@@ -118,6 +118,11 @@ class _Kernel:
         return self.params[n]
 
     def out(self, n) -> str:
+        state = self.r.plan.inplace.get(n)
+        if state is not None:
+            # an in-place update is written through the array's one parameter: two names for
+            # one array would stop Numba from vectorizing the loop (it must assume aliasing)
+            return self.param(state)
         if n not in self.outs:
             self.outs[n] = f"y{len(self.outs)}"
             self.shapes.append(self.g.shape(n))
