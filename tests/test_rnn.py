@@ -1,11 +1,12 @@
 """Recurrent networks: `scan`, its gradient (backpropagation through time) and the layers built on it.
 
 1. Golden cases (`rnn_tanh`, `lstm`, `gru`, PyTorch in float64): loss, every gradient and the
-   forward outputs of the stdlib layers, compiled fused and unfused.
+   forward outputs of the stdlib layers, compiled fused and unfused. One program per case: the
+   model returns the loss first and the forward values as extra outputs (`output2`, ...).
 2. Scan gradients against central differences (NumPy evaluator, no Numba) for the shapes a
    recurrence can take: a carry feeding several outputs, a parameter used twice in the body, a
    carry used only through another, a `range(n)` scan with no input, an integer carry (argmax
-   fed back through an embedding).
+   fed back through an embedding). The same models compiled, against the evaluator (slow).
 3. One compiled program serves every sequence length: the loop is not unrolled.
 4. The sequence examples train end to end (slow).
 5. `dlc ir --stage grad` shows the scan and its reverse scan.
