@@ -133,12 +133,21 @@ def _reshape(x: np.ndarray, shape, loc):
         raise DlcError(f"cannot reshape examples of {x.shape[1:]} to {tuple(shape)}", loc) from None
 
 
-@source("digits", test=0.2, scale=True, shape=None)
-def _digits(call, base_dir, shape=None):
-    """The 1797 8x8 handwritten digits that scikit-learn ships (no download)."""
+@source("digits", test=0.2, scale=True, shape=None, resize=None)
+def _digits(call, base_dir, shape=None, resize=None):
+    """The 1797 8x8 handwritten digits that scikit-learn ships (no download). `resize = 28`
+    upsamples each image to 28x28 (bilinear, scipy.ndimage.zoom) before `shape` applies."""
     from sklearn.datasets import load_digits
     d = load_digits()
-    return {"x": _reshape(d.data.astype(np.float32), shape, call.loc), "y": d.target.astype(np.int32)}
+    x = d.data.astype(np.float32)
+    if resize is not None:
+        if not isinstance(resize, int) or isinstance(resize, bool) or not 8 <= resize <= 256:
+            raise DlcError(f"`digits`: `resize` is the new image side, an integer from 8 to 256, got {resize!r}",
+                           call.loc)
+        from scipy.ndimage import zoom
+        x = zoom(x.reshape(-1, 8, 8), (1, resize / 8, resize / 8), order=1, grid_mode=True, mode="nearest")
+        x = x.reshape(len(x), -1).astype(np.float32)
+    return {"x": _reshape(x, shape, call.loc), "y": d.target.astype(np.int32)}
 
 
 def _resolve(call, base_dir, path):

@@ -610,6 +610,28 @@ def test_argmax_reference_and_gradient():
     assert OPS["argmax"].grad(g, a, g.input("dy", (2, 2), "i32", "data")) == [None]
 
 
+def test_sample_reference_kernel_and_distribution():
+    """`sample` draws one class per row from softmax(logits / T) by inverting the CDF at the
+    counter-based uniform numbers: the kernel and the reference draw the same classes, the
+    frequencies follow the distribution, and there is no gradient."""
+    logits = np.log(np.array([[0.1, 0.2, 0.7]] * 4000))
+    src = "model s(x: f64[B, 3]) -> i32[B] { return sample(x, 1.0) }"
+    f = compile_function(src, training=False)
+    got = f(x=logits, rng=7)["output"]
+    assert got.dtype == np.int32
+    ref = OPS["sample"].ref(logits, np.array(7), salt=1, temperature=1.0)
+    np.testing.assert_array_equal(got, ref)
+    freq = np.bincount(got, minlength=3) / len(got)
+    np.testing.assert_allclose(freq, [0.1, 0.2, 0.7], atol=0.03)
+    cold = OPS["sample"].ref(logits[:2000], np.array(7), salt=1, temperature=0.05)
+    assert (cold == 2).all()                                           # a low temperature is greedy
+    assert not np.array_equal(f(x=logits, rng=8)["output"], got)        # another step, other draws
+    g, n = _graph({"x": logits[:2]})
+    seed = g.input("rng", (), "i64", "scalar")
+    a = g.add("sample", n["x"], seed, salt=1, temperature=1.0)
+    assert g.dtype(a) == "i32" and OPS["sample"].grad(g, a, None) == [None, None]
+
+
 SCAN_SRC = """
 model recur(x: f64[B, 4, 3], h0: f64[B, 2], Wx: f64[3, 2], Wh: f64[2, 2]) {
     ys = scan xt in x, h = h0 {
@@ -642,7 +664,7 @@ def test_scan_grad_is_backpropagation_through_time():
 GRAD_TESTED = (set(UNARY_DATA) | set(BINARY_INDEPENDENT) | set(ZERO_GRAD) |
                {"cast", "where", "broadcast_to", "reshape", "transpose", "matmul", "reduce_sum", "reduce_max",
                 "softmax", "log_softmax", "conv2d", "max_pool2d", "avg_pool2d", "rand_uniform",
-                "slice", "unslice", "take", "argmax", "scan",
+                "slice", "unslice", "take", "argmax", "sample", "scan",
                 # gradient primitives: their references are the analytic gradients checked above
                 "conv2d_grad_x", "conv2d_grad_w", "max_pool2d_grad", "avg_pool2d_grad", "scatter_add",
                 # a scan's results, differentiated by autodiff itself with the scan
@@ -854,6 +876,7 @@ def test_kernels_cover_every_primitive():
             # the backward pass runs the transposed matmul variants
             seen |= {f"matmul:{g.attrs(n).get('ta', False)}{g.attrs(n).get('tb', False)}"
                      for n in g.nodes() if g.op(n) == "matmul"}
+    seen.add("sample")      # compiled against its reference in test_sample_reference_kernel_and_distribution
     missing = set(PRIMITIVES) - seen
     assert not missing, f"primitives no compiled program runs: {sorted(missing)}"
     assert {"matmul:TrueFalse", "matmul:FalseTrue"} <= seen

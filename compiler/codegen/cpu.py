@@ -9,7 +9,7 @@ FASTMATH = "{'nsz', 'arcp', 'contract', 'afn', 'reassoc'}"
 class CpuTarget:
     name = "cpu"
     prelude = f"from numba import njit\n\nFASTMATH = {FASTMATH}"
-    kernel_decorator = f"@njit(cache=True, fastmath={FASTMATH}, error_model='numpy')"
+    kernel_decorator = f"@njit(cache=True, inline='always', fastmath={FASTMATH}, error_model='numpy')"
     step_decorator = f"@njit(cache=True, fastmath={FASTMATH}, error_model='numpy')"
     # overrides of the op registry's base templates (none needed on the CPU)
     scalar_templates: dict = {}
