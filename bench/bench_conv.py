@@ -517,6 +517,10 @@ def report(out):
             f"{ {'fwd': 'fwd', 'grad_x': 'dx', 'grad_w': 'dW'}[c]} {r['im2col_blas_only_us'][c]:.0f} of {r['us']['im2col'][c]:.0f} us"
             for c in ("fwd", "grad_x", "grad_w")))
     a, d = totals["im2col"], totals["best direct"]
+    hybrid = sum(min(r["us"]["im2col"][c], min(r["us"][v][c] for v in direct))
+                 for li, r in enumerate(out["layers"]) for c in USED[li])
+    print(f"the faster of im2col and the best direct loop for each pass: {hybrid:.0f} us a step "
+          f"({a - hybrid:.0f} us less than im2col throughout)")
     print(f"overall (the five passes of a LeNet step): im2col {a:.0f} us, best direct per pass {d:.0f} us "
           f"({a / d:.2f}x); im2col of the whole batch, one GEMM: {totals['im2col-batch']:.0f} us")
     print("thread pools: " + ", ".join(f"{p['lib'].split('-')[0]}={p['threads']}" for p in out["thread_pools"]))

@@ -33,7 +33,6 @@ T, FEATURES, HIDDEN, CLASSES = 32, 32, 128, 10
 
 
 def torch_model(prob, a):
-    import torch
     from torch import nn
 
     class Reader(nn.Module):

@@ -66,32 +66,52 @@ class Bench:
 # ---- timing (inside the workers) ---------------------------------------------------------------
 
 def time_steps(fn, steps: int, repeats: int, warmup: int, max_seconds: float | None = None):
-    """Seconds per call of fn(i), one figure per repeat (the mean over `steps` calls), and the
-    number of steps per repeat actually used: fewer than `steps` where `repeats * steps` calls
-    would take longer than `max_seconds` (estimated from a few calls after the warm-up)."""
+    """Seconds per call of fn(i), one figure per repeat (the mean over its calls), and the
+    number of calls per repeat actually made. With `max_seconds`, a repeat makes fewer than
+    `steps` calls where they would take longer than its share, max_seconds / repeats: the
+    number is estimated from a few calls after the warm-up, and a repeat also stops early once
+    it has used its share (calls can slow down suddenly when other work takes the cores)."""
+    t0 = time.perf_counter()
     for i in range(warmup):
         fn(i)
+        if max_seconds and time.perf_counter() - t0 > max_seconds / repeats:
+            break                   # a slow step is warm after a few calls
+    share = None
     if max_seconds:
-        k = max(1, min(3, steps))
-        t0 = time.perf_counter()
-        for i in range(k):
-            fn(warmup + i)
+        share = max_seconds / repeats
+        t0, k = time.perf_counter(), 0
+        while k < min(3, steps):
+            fn(warmup + k)
+            k += 1
+            if time.perf_counter() - t0 > share:
+                break
         est = (time.perf_counter() - t0) / k
-        steps = max(1, min(steps, int(max_seconds / (repeats * max(est, 1e-9)))))
-    per = []
+        steps = max(1, min(steps, int(share / max(est, 1e-9))))
+    per, used = [], steps
     was_enabled = gc.isenabled()
     gc.collect()
     gc.disable()
+    clock = time.perf_counter
     try:
         for _ in range(repeats):
-            t0 = time.perf_counter()
-            for i in range(steps):
-                fn(i)
-            per.append((time.perf_counter() - t0) / steps)
+            t0 = clock()
+            if share is None:
+                for i in range(steps):
+                    fn(i)
+                n = steps
+            else:
+                n = 0
+                while n < steps:
+                    fn(n)
+                    n += 1
+                    if clock() - t0 > share:
+                        break
+            per.append((clock() - t0) / n)
+            used = min(used, n)
     finally:
         if was_enabled:
             gc.enable()
-    return per, steps
+    return per, used
 
 
 def summary(per: list[float]) -> dict:
@@ -162,20 +182,26 @@ def _njit_loop(callee, nargs: int, name: str = "loop"):
 
 
 def _time_compiled(loop, args, inner: int, repeats: int, max_seconds: float | None = None) -> float:
-    """Median seconds per inner call of a compiled loop (fewer calls where `inner` of them
-    would take longer than max_seconds / repeats)."""
-    t0 = time.perf_counter()
-    loop(1, *args)              # compiles the loop (and times a call, roughly)
+    """Median seconds per inner call of a compiled loop. With `max_seconds`: fewer calls per
+    repeat where `inner` of them would take longer than max_seconds / repeats (re-estimated
+    after every repeat), and no further repeats once max_seconds have passed."""
+    loop(1, *args)              # compiles the loop
     t1 = time.perf_counter()
     loop(1, *args)
     est = time.perf_counter() - t1
-    if max_seconds:
-        inner = max(1, min(inner, int(max_seconds / (repeats * max(est, 1e-9)))))
+    share = max_seconds / repeats if max_seconds else None
+    if share:
+        inner = max(1, min(inner, int(share / max(est, 1e-9))))
     per = []
+    start = time.perf_counter()
     for _ in range(repeats):
         t0 = time.perf_counter()
         loop(inner, *args)
         per.append((time.perf_counter() - t0) / inner)
+        if share:
+            if time.perf_counter() - start > max_seconds:
+                break
+            inner = max(1, min(inner, int(share / max(per[-1], 1e-9))))
     return statistics.median(per)
 
 
@@ -296,7 +322,7 @@ def profile_dlc(s, batch: dict, steps: int, repeats: int, max_seconds: float) ->
 
     def recorder(name, fn):
         def call(*a):
-            calls.append((name, a))
+            calls.append((name, _copy_args(a)))     # the inputs as the kernel sees them (buffers are reused)
             return fn(*a)
         return call
 
@@ -311,17 +337,17 @@ def profile_dlc(s, batch: dict, steps: int, repeats: int, max_seconds: float) ->
     g2 = {"np": np}
     exec("def dot1(a, b, c):\n    np.dot(a, b, c)\n", g2)
     dot_loop = _njit_loop(njit(g2["dot1"]), 3, "dot_loop")
-    kbudget = max_seconds / 4
+    kbudget = max_seconds / 10
     for name, a in calls:
+        fresh = _copy_args(a) if heads.get(name) == "scan" else None
         kl = _njit_loop(kernels[name], len(a), f"loop_{name}")
-        a = _copy_args(a)
         t = _time_compiled(kl, a, inner, repeats, kbudget)
         total += t
         row = {"kernel": name, "pattern": heads.get(name, "?"), "first_op": first_ir.get(name, ""), "us": 1e6 * t}
         # for a matmul kernel, the BLAS call alone (the rest is its fused epilogue)
         row.update(_blas_alone(ex.source, name, a, dot_loop, inner, repeats, kbudget) or {})
         if row["pattern"] == "scan":
-            row["parts"] = _scan_parts(G, name, a, ex.source, dot_loop, inner, repeats, kbudget)
+            row["parts"] = _scan_parts(G, name, fresh, ex.source, dot_loop, inner, repeats, kbudget)
         rows.append(row)
     out["kernels"] = rows
     out["kernels_total_ms"] = 1e3 * total
@@ -339,7 +365,10 @@ def worker_dlc(a) -> dict:
     limiter = limit_threads(a.threads)
     batches = prob["batches"]
     nb = len(batches)
+    busy0, own0, t0 = _cpu_busy_seconds(), _own_cpu_seconds(), time.perf_counter()
     per, steps = time_steps(lambda i: s.train_step(batches[i % nb]), a.steps, a.repeats, a.warmup, a.max_seconds)
+    busy1, own1, t1 = _cpu_busy_seconds(), _own_cpu_seconds(), time.perf_counter()
+    others = max((busy1 - busy0) - (own1 - own0), 0.0) / (t1 - t0) if busy0 is not None else 0.0
     res = {"framework": "dlc", "threads": a.threads, **summary(per), "steps": steps,
            "thread_pools": thread_info(), "compile_seconds": s.compile_seconds, "kernel_cache_hit": s.cache_hit,
            "kernel_count": s.train_ex.kernels, "import_seconds": import_s}
@@ -347,7 +376,10 @@ def worker_dlc(a) -> dict:
         per_f, steps_f = time_steps(lambda i: float(s.run_eval(batches[i % nb])["loss"]), a.steps, a.repeats,
                                     a.warmup, a.max_seconds)
         res["forward"] = {**summary(per_f), "steps": steps_f, "eval_kernel_count": s.eval_ex.kernels}
-    if a.profile:
+    if a.profile and contended({"threads": a.threads, "other_load": others}, os.cpu_count()):
+        res["profile_skipped"] = (f"other processes kept {others:.2f} cores busy while the step was timed: "
+                                  "a profile would measure them")
+    elif a.profile:
         res["profile"] = profile_dlc(s, batches[0], a.steps, a.repeats, a.max_seconds)
     del limiter
     return res
@@ -510,6 +542,12 @@ def _wait_quiet(timeout: float, window: float = 2.0, limit: float = 0.1) -> bool
         if (_cpu_busy_seconds() - b0) / window < limit:
             return True
     return False
+
+
+def _own_cpu_seconds():
+    import resource
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
 
 
 def _children_cpu_seconds():
@@ -685,7 +723,7 @@ def drive(bench: Bench, a, shown: str) -> dict:
                        "dlc_over_torch": best_d["median_ms"] / best_p["median_ms"]}
         if a.check:
             log("checking that both compute the same steps ...", q)
-            out["check"] = run_worker(bench, "check", a)
+            out["check"] = run_worker(bench, "check", a, threads=1)
         out["torch"] = next(r["torch"] for r in out["results"] if r["framework"] == "torch")
     else:
         out["torch"] = None
@@ -771,6 +809,8 @@ def print_report(out: dict):
         print(f"  warm (kernel cache hit: {warm['kernel_cache_hit']!s:<5}) {warm['compile_seconds']:6.2f} s   "
               f"(parse + data + lowering: {warm['lower_seconds']:.2f} s; importing dlc first: {warm['import_seconds']:.2f} s)")
     for r in out["results"]:
+        if r["framework"] == "dlc" and "profile_skipped" in r:
+            print(f"\nno profile of the dlc step at threads={fmt_threads(r['threads'])}: {r['profile_skipped']}")
         if r["framework"] != "dlc" or "profile" not in r:
             continue
         p = r["profile"]
