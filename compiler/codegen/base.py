@@ -178,7 +178,8 @@ class _Kernel:
         """Assign node n's value at the loop index to a local; return the statement."""
         g = self.g
         spec = OPS[g.op(n)]
-        tmpl = self.t.scalar_templates.get(spec.name, spec.scalar)
+        tmpl = self.t.scalar_templates.get((spec.name, g.dtype(n))) or self.t.scalar_templates.get(spec.name,
+                                                                                                 spec.scalar)
         if spec.name == "size":
             x = g.args(n)[0]
             axes = g.attrs(n)["axes"]
@@ -374,8 +375,8 @@ class _Module:
         self.helpers: list[str] = []
         self.count = 0
 
-    def helper_for(self, op):
-        h = self.t.helpers.get(op, OPS[op].helpers)
+    def helper_for(self, op, dtype=None):
+        h = self.t.helpers.get((op, dtype)) or self.t.helpers.get(op, OPS[op].helpers)
         if h and h not in self.helpers:
             self.helpers.append(h)
 
@@ -392,7 +393,7 @@ class _Module:
         lines = []
         for grp in plan.order:
             for n in grp.nodes:
-                self.helper_for(g.op(n))
+                self.helper_for(g.op(n), g.dtype(n))
             if grp.pattern == "view":
                 n = grp.nodes[0]
                 plan.storage[n] = f"v{n}"
