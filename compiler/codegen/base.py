@@ -110,6 +110,8 @@ class _Kernel:
         self.params: dict[int, str] = {}      # outside node -> parameter name
         self.outs: dict[int, str] = {}        # written node -> parameter name
         self.shapes = []
+        self.flat_loop = False                # rendering a flat (1-D) loop
+        self.flat_views: dict[str, str] = {}  # parameter -> its 1-D view
 
     def param(self, n) -> str:
         if n not in self.params:
@@ -147,6 +149,8 @@ class _Kernel:
             return literal(g.attrs(a)["value"], g.dtype(a))
         if g.op(a) == "input" and self.r.input_kind[a] == "scalar":
             return self.param(a)
+        if self.flat_loop:
+            return f"{self.flat_view(self.param(a))}[i]"
         spec = OPS[g.op(consumer)]
         shape = g.shape(a)
         if spec.name == "onehot":           # the label at the output index without its last axis
@@ -227,8 +231,40 @@ class _Kernel:
                 out.append(f"{self.out(n)}[{ix}] = {local[n]}")
         return out
 
+    def flat_ok(self, nodes, shape) -> bool:
+        """Can the loop run over one flat index? Yes when every array it reads or writes has
+        the loop's exact shape and no op reads at a remapped index. (LLVM vectorizes the flat
+        loop, selects included; a nest over small inner dimensions it often does not.)"""
+        g = self.g
+        if len(shape) < 2:
+            return False
+        for n in nodes:
+            spec = OPS[g.op(n)]
+            if spec.remaps or spec.name in ("onehot", "unslice", "size"):
+                return False
+            for a in g.args(n):
+                if a in nodes or g.op(a) == "const" or (g.op(a) == "input" and self.r.input_kind[a] == "scalar"):
+                    continue
+                if tuple(g.shape(a)) != tuple(shape):
+                    return False
+        return True
+
+    def flat_view(self, name: str) -> str:
+        """A 1-D view of a kernel parameter, made once at the top of the kernel."""
+        self.flat_views.setdefault(name, f"{name}_f")
+        return self.flat_views[name]
+
     def loop_body(self, nodes, shape=None) -> list[str]:
         shape = shape if shape is not None else self.g.shape(nodes[-1])
+        if self.flat_ok(nodes, shape):
+            total = " * ".join(self.r.dim(d) for d in shape)
+            self.shapes.append(tuple(shape))
+            self.flat_loop = True
+            local: dict = {}
+            inner = [self.compute(n, ["i"], (total,), local) for n in nodes]
+            inner += [f"{self.flat_view(self.out(n))}[i] = {local[n]}" for n in nodes if n in self.grp.outputs]
+            self.flat_loop = False
+            return [f"for i in range({total}):"] + ["    " + x for x in inner]
 
         def body(idx):
             local: dict = {}
@@ -362,6 +398,7 @@ class _Kernel:
         return self.template_lines(n, self.out(n))
 
     def finish(self, body):
+        body = [f"{v} = {p}.reshape(-1)" for p, v in self.flat_views.items()] + body
         dims = self.r.dims_used(self.shapes)
         return body, list(self.params), list(self.outs), dims, self.params, self.outs
 
