@@ -363,19 +363,20 @@ class Lowerer:
     # ---- calls -----------------------------------------------------------------------------------
     def call(self, e: A.Call, frame: Frame):
         top = self.depth == 1 and frame.fn in self.models and frame.fn == getattr(self, "current_model", None)
-        before = (len(self.params), sum(_numel(p.shape) for p in self.params.values()),
-                  sum(_numel(p.shape) for p in self.states.values()))
+        before = (0, self._count(self.params), self._count(self.states)) if top else None
         nlayers = len(self.layers)
         result = self._call(e, frame)
         if top and isinstance(result, Tensor):     # a layer of the model, for its summary
             scope = self.last_scope if e.func in self.funcs else e.func
             inner = self.layers[nlayers:]          # layers among this call's arguments
             self.layers.append((scope, e.func, self.g.shape(result.node),
-                                sum(_numel(p.shape) for p in self.params.values()) - before[1]
-                                - sum(x[3] for x in inner),
-                                sum(_numel(p.shape) for p in self.states.values()) - before[2]
-                                - sum(x[4] for x in inner)))
+                                self._count(self.params) - before[1] - sum(x[3] for x in inner),
+                                self._count(self.states) - before[2] - sum(x[4] for x in inner)))
         return result
+
+    @staticmethod
+    def _count(table) -> int:
+        return sum(_numel(p.shape) for p in table.values())
 
     def _call(self, e: A.Call, frame: Frame):
         if e.func in self.funcs:

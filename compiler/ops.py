@@ -89,7 +89,7 @@ def _zero_like(g, n):
     return g.const(0, g.dtype(n))
 
 
-def _float(dtypes, who):
+def _float(dtypes):
     for d in dtypes:
         if d not in FLOATS:
             raise ShapeError(f"expects floating-point tensors, got {d}")
@@ -116,7 +116,7 @@ register(Op("size", Kind.ELEMENTWISE, _size_infer, scalar="{T}({size})",
 def _unary_infer(float_only=True):
     def infer(s, d, a):
         if float_only:
-            _float(d, None)
+            _float(d)
         return s[0], d[0]
     return infer
 
@@ -495,7 +495,7 @@ def _(g, n, dy):
 
 # ---- softmax family (row-wise over the last axis) ---------------------------------------------------
 def _softmax_infer(s, d, a):
-    _float(d, None)
+    _float(d)
     if a.get("axis", -1) not in (-1, len(s[0]) - 1):
         raise ShapeError("softmax is taken over the last axis; transpose first")
     if len(s[0]) == 0:

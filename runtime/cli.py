@@ -232,10 +232,8 @@ def summary(lw, prog) -> str:
 
 
 def _size(shape):
-    n = 1
-    for d in shape:
-        n *= d
-    return n
+    import math
+    return math.prod(shape)
 
 
 def _ir(args) -> int:
