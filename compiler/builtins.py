@@ -5,6 +5,10 @@ that every builtin reports arity and keyword mistakes the same way.
 """
 from __future__ import annotations
 
+import math
+
+import numpy as np
+
 from dsl.diagnostics import DlcError
 
 from .shapes import FLOATS, INTS, norm_axes, ShapeError
@@ -54,9 +58,25 @@ def _T(n):
     return Tensor(n)
 
 
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _fold(e, op, *vals):
+    """A primitive applied to numbers alone is computed now, with the op's NumPy reference."""
+    from .ops import OPS
+    with np.errstate(all="ignore"):
+        v = OPS[op].ref(*(np.float64(x) for x in vals)).item()
+    if not math.isfinite(v) and all(math.isfinite(x) for x in vals):
+        raise DlcError(f"`{e.func}({', '.join(map(repr, vals))})` is {v}", e.loc)
+    return int(v) if all(isinstance(x, int) for x in vals) and op in ("abs", "sign") else v
+
+
 def _unary(name, op=None):
     @builtin(name, "x")
     def f(lw, e, x):
+        if _number(x):
+            return _fold(e, op or name, x)
         return _T(lw.g.add(op or name, _tensor(lw, e, x)))
 
 
@@ -70,9 +90,8 @@ def _binary(name, op):
     @builtin(name, "a", "b")
     def f(lw, e, a, b):
         from .lower import Tensor
-        if not isinstance(a, Tensor) and not isinstance(b, Tensor):
-            import builtins as py
-            return {"maximum": py.max, "minimum": py.min}[name](a, b)
+        if _number(a) and _number(b):
+            return max(a, b) if name == "maximum" else min(a, b)
         da = lw.g.dtype(a.node) if isinstance(a, Tensor) else None
         db = lw.g.dtype(b.node) if isinstance(b, Tensor) else None
         return _T(lw.g.add(op, lw.to_tensor(a, db, e.loc).node, lw.to_tensor(b, da, e.loc).node))

@@ -50,7 +50,8 @@ def source(name, **defaults):
     return deco
 
 
-def load(call: A.Node, base_dir: Path, seed: int) -> Dataset:
+def load(call: A.Node, base_dir: Path, seed: int, float_dtype: str = "f32") -> Dataset:
+    """The data source `call` names, split and standardized; float fields in `float_dtype`."""
     if not isinstance(call, A.Call):
         raise DlcError("`on` takes a data source such as digits(test = 0.2)", call.loc)
     if call.func not in SOURCES:
@@ -72,7 +73,13 @@ def load(call: A.Node, base_dir: Path, seed: int) -> Dataset:
         extra["seed"] = seed
     arrays = fn(call, base_dir, *args, **extra)
     info = arrays.pop("__info__", None)
-    return _split(arrays, test, seed, opts.get("scale", True), call.loc, info)
+    ds = _split(arrays, test, seed, opts.get("scale", True), call.loc, info)
+    ftype = np.float64 if float_dtype == "f64" else np.float32
+    for split in (ds.train, ds.test):
+        for k, v in split.items():
+            if v.dtype.kind == "f":
+                split[k] = v.astype(ftype, copy=False)
+    return ds
 
 
 def _split(arrays: dict[str, np.ndarray], test: float, seed: int, scale, loc: Loc, info=None) -> Dataset:

@@ -61,7 +61,7 @@ class Session:
         train = self.lowerer.trains[0]
         seed = self.opt.seed if self.opt.seed is not None else _literal_setting(train, "seed")
         self.seed = int(seed) if seed is not None else DEFAULTS["seed"]
-        self.dataset = data.load(train.data, self.path.parent, self.seed)
+        self.dataset = data.load(train.data, self.path.parent, self.seed, self.opt.dtype)
         eval_lowerer = Lowerer(self.module, self.opt.dtype, training=False, temperature=self.opt.temperature)
         self.eval_program = eval_lowerer.lower_train(eval_lowerer.trains[0], self.dataset.fields())
         self.program = self.lowerer.lower_train(train, self.dataset.fields()) if self.opt.train else self.eval_program

@@ -1,0 +1,82 @@
+"""Regression tests for the bugs a new user met in the first hour (issue 7, "Bad input").
+
+Each test reproduces one reported bug with a minimal `.dl` file: the fix is either correct
+behaviour (checked against an independent NumPy computation) or one located error, exit 2.
+"""
+import json
+import math
+
+import numpy as np
+import pytest
+
+from compiler.api import compile_function, lower_function
+from runtime.cli import main
+from runtime.session import Options, Session
+
+MLP_HEAD = "model m(x: f32[B, 64]) -> f32[B, 10] {\n"
+
+
+def located_error(capsys, path, *argv, cmd="check"):
+    """Run `dlc CMD path`; expect exit 2 and one located message. Returns the message."""
+    code = main([cmd, str(path), *argv])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "Traceback" not in err
+    assert err.startswith(f"{path}:"), err
+    lines = err.splitlines()
+    assert lines[2].strip().startswith("^"), err
+    return err
+
+
+# ---- numbers-only arithmetic folds at compile time ---------------------------------------------
+def test_builtins_on_numbers_fold_to_numbers():
+    src = """
+model f(x: f64[3]) -> f64[3] {
+    return x / sqrt(2) + exp(1.0) * 2 * 3 - abs(-4) + maximum(1, 2.5) + erf(0.5) + tanh(0.3)
+}
+"""
+    _, prog = lower_function(src, "f")          # folded in the front end, before any pass
+    ops = {prog.graph.op(n) for n in prog.graph.topo()}
+    assert not ops & {"sqrt", "exp", "abs", "maximum", "erf", "tanh"}, ops
+    f = compile_function(src, "f")
+    x = np.array([1.0, -2.0, 0.5])
+    want = x / math.sqrt(2) + math.e * 6 - 4 + 2.5 + math.erf(0.5) + math.tanh(0.3)
+    np.testing.assert_allclose(f(x=x)["output"], want, rtol=1e-14)
+
+
+def test_sqrt_of_a_negative_number_is_a_located_error(capsys, dl_file):
+    p = dl_file(MLP_HEAD + "    return dense(x, 10) * sqrt(-1)\n}\n"
+                "train m on digits() {\n    loss = cross_entropy(m(x), y)\n}\n")
+    err = located_error(capsys, p)
+    assert "sqrt(-1)" in err and "nan" in err and f"{p}:2:" in err
+
+
+@pytest.mark.parametrize("act", ["gelu", "gelu_tanh"])
+def test_gelu_and_divide_by_sqrt_train(act, dl_file):
+    """`x / sqrt(2)` (stdlib gelu, attention's / sqrt(dh)) used to crash the fusion pass."""
+    p = dl_file(f"""
+model m(x: f32[B, 64]) -> f32[B, 10] {{
+    h = {act}(dense(x, 32))
+    return dense(h / sqrt(32), 10)
+}}
+train m on digits() {{
+    loss = cross_entropy(m(x), y)
+    optimizer = adam(lr = 0.01)
+    epochs = 2
+}}
+""")
+    rep = Session(p).fit(progress=False)
+    assert rep["test"]["accuracy"] > 0.5
+
+
+# ---- --dtype f64 -----------------------------------------------------------------------------------
+def test_f64_run_matches_f32(capsys):
+    from pathlib import Path
+    mlp = Path(__file__).resolve().parent.parent / "examples" / "mlp.dl"
+    reports = {}
+    for dt in ("f32", "f64"):
+        assert main(["run", str(mlp), "--dtype", dt, "--epochs", "2", "--json", "--quiet"]) == 0
+        reports[dt] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    a, b = reports["f32"]["test"], reports["f64"]["test"]
+    assert b["loss"] == pytest.approx(a["loss"], rel=1e-3)
+    assert b["accuracy"] == pytest.approx(a["accuracy"], abs=0.01)
