@@ -41,13 +41,39 @@ def literal(e: A.Node):
 
 
 SOURCES = {}
+REQUIRED = object()
 
 
-def source(name, **defaults):
+def source(name, order, **defaults):
+    """Register a data source: `order` lists its options in positional order; `defaults` maps
+    each option to its default (REQUIRED: must be given). `test` and `scale` are every source's."""
+    defaults = {**defaults, "test": 0.2, "scale": defaults.get("scale", True)}
+    assert set(order) == set(defaults), name
+
     def deco(fn):
-        SOURCES[name] = (fn, defaults)
+        SOURCES[name] = (fn, tuple(order), defaults)
         return fn
     return deco
+
+
+def _bind(call: A.Call, order, defaults) -> dict:
+    """The source's options from positional and keyword arguments, checked like a builtin's."""
+    if len(call.args) > len(order):
+        raise DlcError(f"`{call.func}` takes at most {len(order)} positional argument{'s' * (len(order) != 1)} "
+                       f"({', '.join(order)}), got {len(call.args)}", call.args[len(order)].loc)
+    opts = {k: literal(v) for k, v in zip(order, call.args)}
+    for k, v in call.kwargs:
+        if k not in defaults:
+            raise DlcError(f"`{call.func}` has no option `{k}`", v.loc, [f"options: {', '.join(order)}"])
+        if k in opts:
+            raise DlcError(f"`{call.func}`: option `{k}` given twice", v.loc)
+        opts[k] = literal(v)
+    for k, d in defaults.items():
+        if k not in opts:
+            if d is REQUIRED:
+                raise DlcError(f"`{call.func}` is missing `{k}`", call.loc, [f"options: {', '.join(order)}"])
+            opts[k] = d
+    return opts
 
 
 def load(call: A.Node, base_dir: Path, seed: int, float_dtype: str = "f32") -> Dataset:
@@ -56,24 +82,19 @@ def load(call: A.Node, base_dir: Path, seed: int, float_dtype: str = "f32") -> D
         raise DlcError("`on` takes a data source such as digits(test = 0.2)", call.loc)
     if call.func not in SOURCES:
         raise DlcError(f"unknown data source `{call.func}`", call.func_loc, [f"sources: {', '.join(SOURCES)}"])
-    fn, defaults = SOURCES[call.func]
-    args = [literal(a) for a in call.args]
-    kwargs = {}
-    for k, v in call.kwargs:
-        if k not in defaults:
-            raise DlcError(f"`{call.func}` has no option `{k}`", v.loc, [f"options: {', '.join(defaults)}"])
-        kwargs[k] = literal(v)
-    opts = dict(defaults)
-    opts.update(kwargs)
-    test = opts.get("test", 0.2)
-    if not isinstance(test, (int, float)) or not 0 <= test < 1:
+    fn, order, defaults = SOURCES[call.func]
+    opts = _bind(call, order, defaults)
+    test = opts["test"]
+    if isinstance(test, bool) or not isinstance(test, (int, float)) or not 0 <= test < 1:
         raise DlcError(f"`test` is the held-out fraction, between 0 and 1, got {test!r}", call.loc)
+    if not isinstance(opts["scale"], bool):
+        raise DlcError(f"`scale` is true or false, got {opts['scale']!r}", call.loc)
     extra = {k: v for k, v in opts.items() if k not in ("test", "scale")}
     if getattr(fn, "seeded", False):
         extra["seed"] = seed
-    arrays = fn(call, base_dir, *args, **extra)
+    arrays = fn(call, base_dir, **extra)
     info = arrays.pop("__info__", None)
-    ds = _split(arrays, test, seed, opts.get("scale", True), call.loc, info)
+    ds = _split(arrays, test, seed, opts["scale"], call.loc, info)
     ftype = np.float64 if float_dtype == "f64" else np.float32
     for split in (ds.train, ds.test):
         for k, v in split.items():
@@ -140,7 +161,7 @@ def _reshape(x: np.ndarray, shape, loc):
         raise DlcError(f"cannot reshape examples of {x.shape[1:]} to {tuple(shape)}", loc) from None
 
 
-@source("digits", test=0.2, scale=True, shape=None, resize=None)
+@source("digits", ("test", "scale", "shape", "resize"), shape=None, resize=None)
 def _digits(call, base_dir, shape=None, resize=None):
     """The 1797 8x8 handwritten digits that scikit-learn ships (no download). `resize = 28`
     upsamples each image to 28x28 (bilinear, scipy.ndimage.zoom) before `shape` applies."""
@@ -168,9 +189,11 @@ def _resolve(call, base_dir, path):
     return p
 
 
-@source("npz", test=0.2, scale=True, x="x", y="y", shape=None)
-def _npz(call, base_dir, path=None, x="x", y="y", shape=None):
+@source("npz", ("path", "x", "y", "shape", "test", "scale"), path=REQUIRED, x="x", y="y", shape=None)
+def _npz(call, base_dir, path, x="x", y="y", shape=None):
     p = _resolve(call, base_dir, path)
+    if not isinstance(x, str) or not isinstance(y, str):
+        raise DlcError("`npz`: `x` and `y` name arrays in the archive (strings)", call.loc)
     try:
         with np.load(p, allow_pickle=False) as f:
             files = set(f.files)
@@ -187,10 +210,14 @@ def _npz(call, base_dir, path=None, x="x", y="y", shape=None):
     return {"x": _reshape(xs.astype(np.float32), shape, call.loc), "y": _labels(ys, y, call.loc)}
 
 
-@source("csv", test=0.2, scale=True, label=-1, header=True, shape=None)
-def _csv(call, base_dir, path=None, label=-1, header=True, shape=None):
+@source("csv", ("path", "label", "header", "shape", "test", "scale"), path=REQUIRED, label=-1, header=True, shape=None)
+def _csv(call, base_dir, path, label=-1, header=True, shape=None):
     import csv as _csv_mod
     p = _resolve(call, base_dir, path)
+    if isinstance(label, bool) or not isinstance(label, (str, int)):
+        raise DlcError(f"`csv`: `label` is a column name or index, got {label!r}", call.loc)
+    if not isinstance(header, bool):
+        raise DlcError(f"`csv`: `header` is true or false, got {header!r}", call.loc)
     with open(p, newline="") as f:
         rows = list(_csv_mod.reader(f))
     rows = [r for r in rows if r and any(c.strip() for c in r)]
@@ -202,8 +229,10 @@ def _csv(call, base_dir, path=None, label=-1, header=True, shape=None):
         if label not in names:
             raise DlcError(f"{p.name} has no column `{label}` (columns: {', '.join(names)})", call.loc)
         li = names.index(label)
-    else:
+    elif -len(names) <= label < len(names):
         li = label % len(names)
+    else:
+        raise DlcError(f"{p.name} has {len(names)} columns; there is no column {label}", call.loc)
     data = []
     for i, r in enumerate(body, start=2 if header else 1):
         if len(r) != len(names):
@@ -244,7 +273,7 @@ def seeded(fn):
     return fn
 
 
-@source("tagging", test=0.2, scale=False, n=4000, length=12, vocab=10)
+@source("tagging", ("n", "length", "vocab", "test", "scale"), scale=False, n=4000, length=12, vocab=10)
 @seeded
 def _tagging(call, base_dir, n=4000, length=12, vocab=10, seed=0):
     """Many-to-many: tag each token 1 if the same token already occurred earlier in the
@@ -265,7 +294,7 @@ LETTERS = sorted(set("".join(DIGIT_NAMES)))
 WORD_VOCAB = ["<pad>", "<s>", "</s>"] + LETTERS
 
 
-@source("digit_names", test=0.2, scale=True)
+@source("digit_names", ("test", "scale"))
 def _digit_names(call, base_dir):
     """One-to-many: an 8x8 digit image (x) and its English name spelled letter by letter:
     y holds the letters then EOS (padding -1), y_in the decoder's input: BOS then the letters."""
@@ -284,7 +313,7 @@ def _digit_names(call, base_dir):
 SEQ_VOCAB = ["<pad>", "<s>", "</s>"] + [str(i) for i in range(10)]
 
 
-@source("reverse", test=0.2, scale=False, n=8000, min_len=5, max_len=8)
+@source("reverse", ("n", "min_len", "max_len", "test", "scale"), scale=False, n=8000, min_len=5, max_len=8)
 @seeded
 def _reverse(call, base_dir, n=8000, min_len=5, max_len=8, seed=0):
     """Sequence to sequence: a string of 5-8 digits in (x, left-padded with 0), the same digits

@@ -80,3 +80,49 @@ def test_f64_run_matches_f32(capsys):
     a, b = reports["f32"]["test"], reports["f64"]["test"]
     assert b["loss"] == pytest.approx(a["loss"], rel=1e-3)
     assert b["accuracy"] == pytest.approx(a["accuracy"], abs=0.01)
+
+
+# ---- data sources take positional arguments ---------------------------------------------------------
+def _source(text, base_dir, seed=0):
+    from dsl.parser import parse
+    from runtime import data
+    module = parse(f"model m(x: f32[B, 4]) -> f32[B, 4] {{\n    return x\n}}\ntrain m on {text} {{\n"
+                   "    loss = mean(m(x))\n}\n", str(base_dir / "t.dl"))
+    train = next(it for it in module.items if type(it).__name__ == "TrainDef")
+    return data.load(train.data, base_dir, seed)
+
+
+def test_data_sources_take_positional_arguments(tmp_path):
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(50, 4)).astype(np.float32)
+    y = (X[:, 0] > 0).astype(np.int64)
+    np.savez(tmp_path / "f.npz", features=X, labels=y)
+    (tmp_path / "f.csv").write_text("a,b,c,d,species\n" + "".join(
+        ",".join(map(str, r)) + f",{k}\n" for r, k in zip(X.tolist(), y)))
+    d = _source("digits(0.3)", tmp_path)
+    assert d.info["test_size"] == pytest.approx(0.3 * 1797, abs=1)
+    t = _source("tagging(200, 12, 20)", tmp_path)
+    assert t.train["x"].shape[1] == 12 and t.train["x"].max() <= 20 and t.info["train_size"] == 160
+    for text in ('csv("f.csv", "species")', 'npz("f.npz", "features", "labels")'):
+        ds = _source(text, tmp_path)
+        xs = np.concatenate([ds.train["x"], ds.test["x"]])
+        ys = np.concatenate([ds.train["y"], ds.test["y"]])
+        assert xs.shape == (50, 4) and sorted(ys.tolist()) == sorted(y.tolist())
+    assert _source('npz("f.npz", "features", "labels")', tmp_path).train["y"].tolist() == \
+        _source('npz("f.npz", x = "features", y = "labels")', tmp_path).train["y"].tolist()
+
+
+@pytest.mark.parametrize("text, words", [
+    ("digits(0.3, test = 0.2)", "`digits`: option `test` given twice"),
+    ("tagging(1, 2, 3, 0.2, false, 7)", "`tagging` takes at most 5 positional arguments (n, length, vocab, test, scale)"),
+    ("csv()", "`csv` is missing `path`"),
+    ('csv("f.csv", 2.5)', "`label` is a column name or index"),
+    ('csv("f.csv", 9)', "there is no column 9"),
+    ("digits(scale = 3)", "`scale` is true or false"),
+])
+def test_data_source_argument_errors(capsys, dl_file, tmp_path, text, words):
+    (tmp_path / "f.csv").write_text("a,b,c,d,label\n1,2,3,4,0\n5,6,7,8,1\n")
+    p = dl_file(f"model m(x: f32[B, 4]) -> f32[B, 4] {{\n    return x\n}}\ntrain m on {text} {{\n"
+                "    loss = mean(m(x))\n}\n")
+    err = located_error(capsys, p)
+    assert words in err and f"{p}:4:" in err
