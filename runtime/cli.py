@@ -121,6 +121,7 @@ def _dispatch(args) -> int:
 
 def _predict(args) -> int:
     import numpy as np
+    from runtime import data
     from runtime.predict import decode_rows, encode_inputs
     from runtime.session import Options, Session
     if args.temperature < 0:
@@ -131,6 +132,7 @@ def _predict(args) -> int:
     ds = s.dataset
     if args.input:
         batch, shown = encode_inputs(ds, args.input)
+        data.check_indices(s.index_reads, batch, "--input")
         targets = [None] * len(args.input)
     else:
         n = len(next(iter(ds.test.values())))
@@ -194,9 +196,14 @@ def _load_for_inspection(args, training: bool = True):
     module = parse_file(args.file)
     lw = Lowerer(module, args.dtype, training=training)
     if lw.trains:
+        from compiler.bounds import index_reads
         train = lw.trains[0]
         ds = data.load(train.data, Path(args.file).parent, 0)
-        return module, lw, lw.lower_train(train, ds.fields())
+        prog = lw.lower_train(train, ds.fields())
+        reads = index_reads(prog.graph)
+        for split in (ds.train, ds.test):
+            data.check_indices(reads, split, data.describe(train.data), train.data.loc)
+        return module, lw, prog
     if not lw.models:
         raise DlcError("this file defines no model", module.loc)
     return module, lw, lw.lower_model(next(iter(lw.models)))

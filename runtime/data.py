@@ -103,6 +103,30 @@ def load(call: A.Node, base_dir: Path, seed: int, float_dtype: str = "f32") -> D
     return ds
 
 
+def check_indices(reads, arrays: dict[str, np.ndarray], origin: str, origin_loc: Loc | None = None) -> None:
+    """Every integer field read as an index (`compiler.bounds.index_reads`) holds values in
+    range: an embedding's ids below its rows, labels below the loss's classes."""
+    for r in reads:
+        v = arrays.get(r.input)
+        if v is None or v.size == 0:
+            continue
+        lo, hi = int(v.min()), int(v.max())
+        bad = hi if hi >= r.limit else lo if lo < 0 and not r.negative_ok else None
+        if bad is None:
+            continue
+        kind = "label" if r.negative_ok else "id"
+        valid = f"{kind}s 0 to {r.limit - 1}" + (", negative labels are padding" if r.negative_ok else "")
+        notes = [f"`{r.input}` holds {lo} to {hi}"]
+        if origin_loc is not None:
+            notes.append(f"the data source is at {origin_loc}")
+        raise DlcError(f"`{r.input}` from {origin} holds the {kind} {bad}, but {r.what} ({valid})", r.loc, notes)
+
+
+def describe(call: A.Call) -> str:
+    """How a data source call reads in messages: `digits(...)`."""
+    return f"`{call.func}({'...' if call.args or call.kwargs else ''})`"
+
+
 def _split(arrays: dict[str, np.ndarray], test: float, seed: int, scale, loc: Loc, info=None) -> Dataset:
     from sklearn.model_selection import train_test_split
     n = len(next(iter(arrays.values())))

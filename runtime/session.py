@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from compiler.bounds import index_reads
 from compiler.driver import Executable, build, example_args, optimize
 from compiler.lower import Lowerer, OptimizerSpec
 from compiler.optim import bias_corrections
@@ -65,6 +66,9 @@ class Session:
         eval_lowerer = Lowerer(self.module, self.opt.dtype, training=False, temperature=self.opt.temperature)
         self.eval_program = eval_lowerer.lower_train(eval_lowerer.trains[0], self.dataset.fields())
         self.program = self.lowerer.lower_train(train, self.dataset.fields()) if self.opt.train else self.eval_program
+        self.index_reads = index_reads(self.eval_program.graph) + (index_reads(self.program.graph) if self.opt.train else [])
+        for split in (self.dataset.train, self.dataset.test):
+            data.check_indices(self.index_reads, split, data.describe(train.data), train.data.loc)
         s = self.program.settings
         self.settings = {**DEFAULTS, **{k: v for k, v in s.items() if k != "loss"}}
         self.settings["seed"] = self.seed

@@ -5,6 +5,7 @@ behaviour (checked against an independent NumPy computation) or one located erro
 """
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -126,3 +127,69 @@ def test_data_source_argument_errors(capsys, dl_file, tmp_path, text, words):
                 "    loss = mean(m(x))\n}\n")
     err = located_error(capsys, p)
     assert words in err and f"{p}:4:" in err
+
+
+# ---- indices are checked before any kernel reads them ---------------------------------------------
+EMBED = """model m(x: i32[B, 12]) -> f32[B, 12, 2] {
+    h = embedding(x, 20, 16)
+    return dense(h, 2)
+}
+train m on tagging(200, 12, 20) {
+    loss = cross_entropy(m(x), y)
+}
+"""
+
+
+@pytest.mark.parametrize("cmd", ["check", "run"])
+def test_embedding_ids_beyond_the_table_are_a_data_error(capsys, dl_file, cmd):
+    """Ids 1..20 into a 20-row table used to corrupt memory (double free) after a few epochs."""
+    p = dl_file(EMBED)
+    err = located_error(capsys, p, cmd=cmd)
+    assert f"{p}:2:9:" in err and "embedding(x, 20, 16)" in err
+    assert "`x` from `tagging(...)` holds the id 20" in err
+    assert "`m/embedding_1/E` [20, 16] has 20 rows (ids 0 to 19)" in err
+    assert f"the data source is at {p}:5:12" in err
+
+
+def test_embedding_ids_in_range_train(dl_file):
+    rep = Session(dl_file(EMBED.replace("20, 16", "21, 16"))).fit(progress=False)
+    assert math.isfinite(rep["test"]["loss"])
+
+
+def test_labels_beyond_the_classes_are_a_data_error(capsys, dl_file):
+    """A 5-way head on the 10 digit classes used to train to 35.6 % without a word."""
+    p = dl_file("model m(x: f32[B, 64]) -> f32[B, 5] {\n    return dense(x, 5)\n}\n"
+                "train m on digits() {\n    loss = cross_entropy(m(x), y)\n}\n")
+    err = located_error(capsys, p, cmd="run")
+    assert f"{p}:5:12:" in err and "`y` from `digits()` holds the label 9" in err
+    assert "has 5 classes (labels 0 to 4" in err and "`y` holds 0 to 9" in err
+
+
+SEQ2SEQ = (Path(__file__).resolve().parent.parent / "examples" / "seq2seq.dl").read_text()
+
+
+@pytest.mark.parametrize("edit, words", [
+    (("out = dense(h, 13)", "out = dense(h, 15)"), "indexed with come from argmax over 15 classes"),
+    (("tok = full([B], 1,", "tok = full([B], 13,"), "indexed with include the constant 13"),
+])
+def test_decoder_ids_computed_beyond_the_table_are_a_compile_error(capsys, dl_file, edit, words):
+    """A greedy decoder feeding back argmax over more classes than its embedding has rows."""
+    src = SEQ2SEQ.replace(*edit).replace("f32[B, 9, 13]", "f32[B, 9, 15]" if "15" in edit[1] else "f32[B, 9, 13]")
+    p = dl_file(src)
+    err = located_error(capsys, p, "--epochs", "0", cmd="run")
+    assert "e = embedding(tok, 13, 32)" in err and "`reverser/embedding_2/E` [13, 32] has 13 rows" in err
+    assert words in err
+
+
+def test_index_reads_follow_data_into_scans():
+    from compiler.bounds import index_reads
+    from compiler.lower import lower_train
+    from dsl.parser import parse_file
+    from runtime import data
+    path = Path(__file__).resolve().parent.parent / "examples" / "seq2seq.dl"
+    module = parse_file(path)
+    ds = data.load(next(it for it in module.items if type(it).__name__ == "TrainDef").data, path.parent, 0)
+    prog, _ = lower_train(module, ds.fields())
+    reads = {(r.input, r.limit, r.negative_ok) for r in index_reads(prog.graph)}
+    # x: the encoder's embedding; y_in: the decoder's, inside the scan body; y: the loss's onehot
+    assert reads == {("x", 13, False), ("y_in", 13, False), ("y", 13, True)}
