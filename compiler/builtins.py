@@ -125,7 +125,10 @@ def _axes(lw, e, x, axis):
 
 @builtin("sum", "x", axis=None, keepdims=False)
 def _sum(lw, e, x, axis, keepdims):
+    """The sum; of booleans, the count (an i32), as NumPy does."""
     x = _tensor(lw, e, x)
+    if lw.g.dtype(x) == "bool":
+        x = lw.g.add("cast", x, dtype="i32")
     return _T(lw.g.add("reduce_sum", x, axes=_axes(lw, e, x, axis), keepdims=bool(keepdims)))
 
 

@@ -193,3 +193,31 @@ def test_index_reads_follow_data_into_scans():
     reads = {(r.input, r.limit, r.negative_ok) for r in index_reads(prog.graph)}
     # x: the encoder's embedding; y_in: the decoder's, inside the scan body; y: the loss's onehot
     assert reads == {("x", 13, False), ("y_in", 13, False), ("y", 13, True)}
+
+
+# ---- reductions over integers and booleans --------------------------------------------------------
+def test_integer_max_of_negative_values():
+    """Integer max started from -inf cast to int32: max of [[-7, -2, -9, -4]] gave -1."""
+    f = compile_function("model f(x: i32[B, 4]) -> i32[B] {\n    return max(x, axis = 1)\n}\n", "f")
+    x = np.array([[-7, -2, -9, -4], [3, -1, 8, 0]], np.int32)
+    out = f(x=x)["output"]
+    assert out.dtype == np.int32 and out.tolist() == x.max(axis=1).tolist()
+    g = compile_function("model f(x: i64[B, 3]) -> i64[B] {\n    return max(x, axis = 1)\n}\n", "f")
+    y = np.array([[-2**40, -5, -2**62]], np.int64)
+    assert g(x=y)["output"].tolist() == y.max(axis=1).tolist()
+
+
+def test_max_of_booleans_is_any():
+    f = compile_function("model f(x: f64[B, 4]) -> bool[B] {\n    return max(x > 0, axis = 1)\n}\n", "f")
+    x = np.array([[-1.0, -2, -3, -4], [-1.0, 2, -3, -4]])
+    assert f(x=x)["output"].tolist() == [False, True]
+
+
+def test_sum_of_booleans_counts():
+    """sum(x > 0) returned a bool: a count silently became "any"."""
+    f = compile_function("model f(x: f64[B, 5]) -> i32[B] {\n    return sum(x > 0, axis = 1)\n}\n", "f")
+    x = np.array([[1.0, -2, 3, 4, -5], [-1.0, -2, -3, -4, -5]])
+    out = f(x=x)["output"]
+    assert out.dtype == np.int32 and out.tolist() == (x > 0).sum(axis=1).tolist()
+    total = compile_function("model f(x: f64[B, 5]) -> i32[] {\n    return sum(x > 0)\n}\n", "f")
+    assert int(total(x=x)["output"]) == int((x > 0).sum())

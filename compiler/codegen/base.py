@@ -283,7 +283,8 @@ class _Kernel:
         self.shapes.append(in_shape)
         is_max = g.op(r) == "reduce_max"
         acc_dt = "np.float64" if g.dtype(r) in ("f32", "f64") else NP_DTYPE[g.dtype(r)]
-        init = f"np.full({self.r.shape_expr(kshape)}, -np.inf, {acc_dt})" if is_max else \
+        lowest = {"i32": -2**31, "i64": -2**63, "bool": False}.get(g.dtype(r), "-np.inf")   # max starts below all
+        init = f"np.full({self.r.shape_expr(kshape)}, {lowest}, {acc_dt})" if is_max else \
             f"np.zeros({self.r.shape_expr(kshape)}, {acc_dt})"
         lines = [f"acc = {init}"]
 
