@@ -11,7 +11,7 @@ import numpy as np
 
 from dsl.diagnostics import DlcError
 
-from .shapes import FLOATS, INTS, norm_axes, ShapeError
+from .shapes import FLOATS, INTS, ShapeError, broadcast, norm_axes
 
 _REQUIRED = object()
 BUILTINS: dict = {}
@@ -99,6 +99,27 @@ def _binary(name, op):
 
 _binary("maximum", "maximum")
 _binary("minimum", "minimum")
+
+
+def matmul(lw, a: int, b: int) -> int:
+    """a @ b with NumPy's batch broadcasting: an operand whose batch dimensions differ from the
+    broadcast batch is broadcast to it first (a 2-D right operand is applied to every row as is)."""
+    sa, sb = lw.g.shape(a), lw.g.shape(b)
+    if len(sa) >= 2 and len(sb) >= 2 and not (len(sb) == 2 or sa[:-2] == sb[:-2]):
+        try:
+            batch = broadcast(tuple(sa[:-2]), tuple(sb[:-2]))
+        except ShapeError:
+            return lw.g.add("matmul", a, b)          # its shape rule reports the mismatch
+        if tuple(sa[:-2]) != batch:
+            a = lw.g.add("broadcast_to", a, shape=batch + tuple(sa[-2:]))
+        if tuple(sb[:-2]) != batch:
+            b = lw.g.add("broadcast_to", b, shape=batch + tuple(sb[-2:]))
+    return lw.g.add("matmul", a, b)
+
+
+@builtin("matmul", "a", "b")
+def _matmul(lw, e, a, b):
+    return _T(matmul(lw, _tensor(lw, e, a), _tensor(lw, e, b)))
 
 
 @builtin("where", "cond", "a", "b")

@@ -351,7 +351,7 @@ class Lowerer:
         if op == "@":
             if not (isinstance(a, Tensor) and isinstance(b, Tensor)):
                 raise DlcError(f"`@` multiplies two tensors, got {self._describe(a)} @ {self._describe(b)}", e.loc)
-            return Tensor(self.g.add("matmul", a.node, b.node))
+            return Tensor(matmul(self, a.node, b.node))
         da = self.g.dtype(a.node) if isinstance(a, Tensor) else None
         db = self.g.dtype(b.node) if isinstance(b, Tensor) else None
         ta = self.to_tensor(a, db, e.loc)
@@ -811,7 +811,7 @@ CONSTANTS = {"pi": math.pi, "e": math.e, "inf": math.inf}
 METRICS = ("accuracy", "exact", "loss")
 TRAIN_SETTINGS = ("loss", "optimizer", "batch", "epochs", "seed", "metrics")
 
-from .builtins import BUILTINS  # noqa: E402  (the builtins use Tensor and Lowerer above)
+from .builtins import BUILTINS, matmul  # noqa: E402  (the builtins use Tensor and Lowerer above)
 
 
 def lower_train(module: A.Module, fields, float_dtype="f32", train_index=0, training=True) -> tuple[Program, "Lowerer"]:

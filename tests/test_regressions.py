@@ -221,3 +221,26 @@ def test_sum_of_booleans_counts():
     assert out.dtype == np.int32 and out.tolist() == (x > 0).sum(axis=1).tolist()
     total = compile_function("model f(x: f64[B, 5]) -> i32[] {\n    return sum(x > 0)\n}\n", "f")
     assert int(total(x=x)["output"]) == int((x > 0).sum())
+
+
+# ---- matmul with broadcast batch dimensions ----------------------------------------------------------
+@pytest.mark.parametrize("sa, sb", [((3, 4), (2, 4, 5)), ((1, 3, 4), (2, 4, 5)), ((2, 1, 3, 4), (6, 4, 5))])
+def test_matmul_broadcasts_batch_dimensions(sa, sb):
+    """f64[3,4] @ f64[2,4,5] passed the shape rule, then codegen raised NotImplementedError."""
+    dims = lambda s: ", ".join(map(str, s))  # noqa: E731
+    out = np.broadcast_shapes(sa[:-2], sb[:-2]) + (sa[-2], sb[-1])
+    src = (f"model f(a: f64[{dims(sa)}], b: f64[{dims(sb)}], u: f64[{dims(out)}]) -> f64[] {{\n"
+           "    return sum((a @ b) * u)\n}\n")
+    r = np.random.default_rng(0)
+    a, b, u = r.normal(size=sa), r.normal(size=sb), r.normal(size=out)
+    f = compile_function(src, "f", grad=["a", "b"])
+    res = f(a=a, b=b, u=u)
+    np.testing.assert_allclose(res["loss"], np.sum((a @ b) * u), rtol=1e-12)
+    # d/da sum(u * a@b) = u @ b^T summed back over a's broadcast axes; d/db = a^T @ u likewise
+    np.testing.assert_allclose(res["grad:a"], _unbroadcast(u @ np.swapaxes(b, -1, -2), sa), rtol=1e-10)
+    np.testing.assert_allclose(res["grad:b"], _unbroadcast(np.swapaxes(a, -1, -2) @ u, sb), rtol=1e-10)
+
+
+def _unbroadcast(x, shape):
+    x = x.sum(axis=tuple(range(x.ndim - len(shape))))
+    return x.sum(axis=tuple(i for i, d in enumerate(shape) if d == 1), keepdims=True)
