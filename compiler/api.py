@@ -78,13 +78,19 @@ def compile_function(src: str, model: str | None = None, *, grad=(), dtype: str 
     return Function(build(g), prog.params, g)
 
 
+def rng_seed(seed: int, step: int) -> int:
+    """The random stream of a training step (`rand_like`, `sample`): a function of the run's
+    seed and the step number, the same for `TrainStep` and `runtime.Session`."""
+    return (seed * 0x9E3779B1 + step * 0x85EBCA77) & 0x7FFFFFFFFFFFFFFF
+
+
 class TrainStep:
     """A compiled training step (forward, backward, optimizer update) over a model whose
     output is the loss. Parameters and optimizer state live in `params` and `state` and are
-    updated in place by each call."""
+    updated in place by each call; step t draws the random numbers `rng_seed(seed, t)`."""
 
-    def __init__(self, ex: Executable, params: dict, optimizer):
-        self.ex, self.optimizer, self.t = ex, optimizer, 0
+    def __init__(self, ex: Executable, params: dict, optimizer, seed: int = 0):
+        self.ex, self.optimizer, self.t, self.seed = ex, optimizer, 0, seed
         self.params = {k: None for k in params}
         self.state = {name: np.zeros(shape, DTYPES[dtype]) for name, kind, shape, dtype in ex.inputs
                       if kind == "state"}
@@ -92,7 +98,7 @@ class TrainStep:
     def __call__(self, **data) -> float:
         from .optim import bias_corrections
         self.t += 1
-        sc = {"lr": self.optimizer.lr, "rng": self.t, **bias_corrections(self.optimizer, self.t)}
+        sc = {"lr": self.optimizer.lr, "rng": rng_seed(self.seed, self.t), **bias_corrections(self.optimizer, self.t)}
         args = []
         for name, kind, shape, dtype in self.ex.inputs:
             if kind == "param":
@@ -107,11 +113,11 @@ class TrainStep:
 
 
 def compile_train_step(src: str, optimizer, model: str | None = None, *, dtype: str = "f64",
-                       fuse: bool = True, filename: str = "<test>.dl") -> TrainStep:
+                       fuse: bool = True, filename: str = "<test>.dl", seed: int = 0) -> TrainStep:
     """`optimizer` is an `OptimizerSpec`; set `step.params[name]` to contiguous arrays first."""
     lw, prog = lower_function(src, model, dtype, filename)
     g = prog.graph
     g.outputs["loss"] = g.outputs.pop("output")
     ctx = Context(params={k: v.node for k, v in prog.params.items()}, optimizer=optimizer)
     g = optimize(g, "train", ctx, fuse)
-    return TrainStep(build(g), prog.params, optimizer)
+    return TrainStep(build(g), prog.params, optimizer, seed)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from compiler.api import rng_seed
 from compiler.bounds import index_reads
 from compiler.driver import Executable, build, example_args, optimize
 from compiler.lower import Lowerer, OptimizerSpec
@@ -42,10 +43,14 @@ class Options:
     train: bool = True              # False: compile the evaluation program only (predict)
 
 
-def _literal_setting(train: A.TrainDef, name: str):
+def _literal_setting(lowerer: Lowerer, train: A.TrainDef, name: str):
+    """A setting needed before lowering (the seed splits the data), when it is a compile-time
+    integer such as `seed = 2 * 3`; lowering reports any other value."""
+    from compiler.lower import Frame
     for st in train.body:
-        if isinstance(st, A.Assign) and st.name == name and isinstance(st.value, A.Number):
-            return st.value.value
+        if isinstance(st, A.Assign) and st.name == name:
+            v = lowerer.eval(st.value, Frame({}, {}, "", "train", None))
+            return v if isinstance(v, int) and not isinstance(v, bool) else None
     return None
 
 
@@ -60,7 +65,7 @@ class Session:
             raise DlcError("this file has no `train` block, so there is nothing to run", self.module.loc,
                            ["`dlc check` type-checks a file without one"])
         train = self.lowerer.trains[0]
-        seed = self.opt.seed if self.opt.seed is not None else _literal_setting(train, "seed")
+        seed = self.opt.seed if self.opt.seed is not None else _literal_setting(self.lowerer, train, "seed")
         self.seed = int(seed) if seed is not None else DEFAULTS["seed"]
         self.dataset = data.load(train.data, self.path.parent, self.seed, self.opt.dtype)
         eval_lowerer = Lowerer(self.module, self.opt.dtype, training=False, temperature=self.opt.temperature)
@@ -140,7 +145,7 @@ class Session:
 
     def rng_seed(self, step: int) -> int:
         """The random stream of a step: a function of the run's seed and the step number."""
-        return (self.seed * 0x9E3779B1 + step * 0x85EBCA77) & 0x7FFFFFFFFFFFFFFF
+        return rng_seed(self.seed, step)
 
     def evaluate(self, split: dict, batch_size: int = 512) -> dict:
         n = len(next(iter(split.values())))

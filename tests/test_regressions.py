@@ -244,3 +244,57 @@ def test_matmul_broadcasts_batch_dimensions(sa, sb):
 def _unbroadcast(x, shape):
     x = x.sum(axis=tuple(range(x.ndim - len(shape))))
     return x.sum(axis=tuple(i for i, d in enumerate(shape) if d == 1), keepdims=True)
+
+
+# ---- builtin arguments of the wrong kind are located errors ----------------------------------------
+@pytest.mark.parametrize("expr, words", [
+    ("initial(0.0, 4)", "`initial`: shape must be a list of dimensions"),
+    ("full([2, 4], x)", "`full`: value must be a number, got f32[B, 64]"),
+    ('full([2, 4], "a")', "`full`: value must be a number, got 'a'"),
+    ('full([B], 1.5, dtype = "i32")', "`full`: an i32 tensor holds integers, got 1.5"),
+    ("slice(x, 0.5, 2)", "`slice`: start must be an integer >= 0, got the number 0.5"),
+    ("transpose(x, perm = 3)", "`transpose`: perm must list the axes 0 to 1 in a new order, got the number 3"),
+    ("transpose(x, perm = [0, 0])", "got [0, 0]"),
+    ("sum(x, keepdims = 3)", "`sum`: keepdims must be true or false"),
+    ("concat([x, 3])", "`concat` joins tensors of one rank"),
+    ("zeros([B, -1])", "`zeros`: shape must be a list of dimensions"),
+    ("reshape(x, [B, 2.5])", "got [B, 2.5]"),
+    ("initial(x, [B, 3])", "an initial state must be [B, 3], got f32[B, 64]"),
+    ("sqrt(-1)", "`sqrt(-1)` is nan"),
+])
+def test_builtin_argument_errors(capsys, dl_file, expr, words):
+    p = dl_file(f"model m(x: f32[B, 64]) -> f32[B, 64] {{\n    h = {expr}\n    return x\n}}\n")
+    err = located_error(capsys, p)
+    assert f"{p}:2:9:" in err and words in err
+
+
+# ---- seeds --------------------------------------------------------------------------------------------
+def test_seed_expression_in_a_train_block_is_used(dl_file):
+    """`seed = 2 * 3` was ignored and 0 used."""
+    body = "model m(x: f32[B, 64]) -> f32[B, 10] {\n    return dense(x, 10)\n}\n" \
+           "train m on digits() {\n    loss = cross_entropy(m(x), y)\n    seed = %s\n}\n"
+    a = Session(dl_file(body % "2 * 3", "a.dl"), Options(train=False))
+    b = Session(dl_file(body % "6", "b.dl"), Options(train=False))
+    c = Session(dl_file(body % "0", "c.dl"), Options(train=False))
+    assert a.seed == 6
+    np.testing.assert_array_equal(a.dataset.test["y"], b.dataset.test["y"])
+    np.testing.assert_array_equal(a.params["m/dense_1/W"], b.params["m/dense_1/W"])
+    assert not np.array_equal(a.params["m/dense_1/W"], c.params["m/dense_1/W"])
+
+
+def test_train_step_and_session_draw_the_same_random_stream(dl_file, tmp_path):
+    """api.TrainStep seeded its steps 1, 2, ... while Session mixed in the run's seed."""
+    from compiler.api import compile_train_step
+    from compiler.lower import OptimizerSpec
+    r = np.random.default_rng(0)
+    np.savez(tmp_path / "d.npz", x=r.normal(size=(40, 4)), y=np.arange(40) % 2)
+    p = dl_file('model m(x: f32[B, 4]) -> f32[B, 4] {\n    param w: [4] = ones\n    return x * w * rand_like(x)\n}\n'
+                'train m on npz("d.npz", scale = false) {\n    loss = mean(m(x))\n    optimizer = sgd(lr = 0)\n'
+                '    seed = 5\n}\n')
+    s = Session(p, Options(dtype="f64"))
+    step = compile_train_step("model m(x: f64[B, 4]) -> f64[] {\n    param w: [4] = ones\n"
+                              "    return mean(x * w * rand_like(x))\n}\n", OptimizerSpec("sgd", 0.0), seed=5)
+    step.params["m/w"] = np.ones(4)
+    batch = {"x": s.dataset.train["x"][:8].copy(), "y": s.dataset.train["y"][:8].copy()}
+    for _ in range(3):
+        assert step(x=batch["x"]) == pytest.approx(s.train_step(batch)[0], rel=1e-12)
