@@ -144,19 +144,58 @@ def _axes(lw, e, x, axis):
         raise DlcError(f"`{e.func}`: {err}", e.loc) from None
 
 
+def _flag(lw, e, v, what):
+    if not isinstance(v, bool):
+        raise DlcError(f"`{e.func}`: {what} must be true or false, got {_show(lw, v)}", e.loc)
+    return v
+
+
+def _int(lw, e, v, what, low=None):
+    if not _integer(v) or (low is not None and v < low):
+        need = "an integer" if low is None else f"an integer >= {low}"
+        raise DlcError(f"`{e.func}`: {what} must be {need}, got {_show(lw, v)}", e.loc)
+    return v
+
+
+def _integer(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _show(lw, v, inner=False) -> str:
+    """A value as a message shows it: tensors by type, lists as written, dimensions by name."""
+    from .lower import SymDim
+    if isinstance(v, list):
+        return "[" + ", ".join(_show(lw, x, True) for x in v) + "]"
+    if isinstance(v, SymDim) or inner and _number(v):
+        return str(v)
+    return lw._describe(v)
+
+
+def _shape(lw, e, shape, what="shape", infer=False) -> tuple:
+    """A list of dimensions: positive integers or symbolic names such as B (and one -1 with `infer`)."""
+    from .lower import SymDim
+    ok = isinstance(shape, list) and all(isinstance(d, SymDim) or (_integer(d) and (d > 0 or infer and d == -1))
+                                         for d in shape)
+    if not ok or (infer and shape.count(-1) > 1):
+        extra = " (one may be -1)" if infer else ""
+        raise DlcError(f"`{e.func}`: {what} must be a list of dimensions{extra}: positive integers or names such as "
+                       f"B, got {_show(lw, shape)}", e.loc)
+    return tuple(shape)
+
+
 @builtin("sum", "x", axis=None, keepdims=False)
 def _sum(lw, e, x, axis, keepdims):
     """The sum; of booleans, the count (an i32), as NumPy does."""
     x = _tensor(lw, e, x)
     if lw.g.dtype(x) == "bool":
         x = lw.g.add("cast", x, dtype="i32")
-    return _T(lw.g.add("reduce_sum", x, axes=_axes(lw, e, x, axis), keepdims=bool(keepdims)))
+    return _T(lw.g.add("reduce_sum", x, axes=_axes(lw, e, x, axis), keepdims=_flag(lw, e, keepdims, "keepdims")))
 
 
 @builtin("max", "x", axis=None, keepdims=False)
 def _max(lw, e, x, axis, keepdims):
     x = _tensor(lw, e, x)
-    return _T(lw.g.add("reduce_max", x, axes=_axes(lw, e, x, axis), keepdims=bool(keepdims)))
+    return _T(lw.g.add("reduce_max", x, axes=_axes(lw, e, x, axis), keepdims=_flag(lw, e, keepdims, "keepdims")))
 
 
 @builtin("mean", "x", axis=None, keepdims=False)
@@ -166,7 +205,7 @@ def _mean(lw, e, x, axis, keepdims):
     if lw.g.dtype(x) not in FLOATS:
         x = lw.g.add("cast", x, dtype=lw.float_dtype)
     axes = _axes(lw, e, x, axis)
-    s = lw.g.add("reduce_sum", x, axes=axes, keepdims=bool(keepdims))
+    s = lw.g.add("reduce_sum", x, axes=axes, keepdims=_flag(lw, e, keepdims, "keepdims"))
     n = lw.g.add("size", x, axes=axes, dtype=lw.g.dtype(x))
     return _T(lw.g.add("div", s, n))
 
@@ -197,17 +236,34 @@ def _float(lw, e, x):
 @builtin("reshape", "x", "shape")
 def _reshape(lw, e, x, shape):
     x = _tensor(lw, e, x)
-    if not isinstance(shape, list) or not all(isinstance(d, (int, str)) for d in shape):
-        raise DlcError("`reshape`: shape must be a list of integers (one may be -1)", e.loc)
-    return _T(lw.g.add("reshape", x, shape=tuple(shape)))
+    return _T(lw.g.add("reshape", x, shape=_shape(lw, e, shape, infer=True)))
 
 
 @builtin("transpose", "x", perm=None)
 def _transpose(lw, e, x, perm):
     x = _tensor(lw, e, x)
     rank = len(lw.g.shape(x))
-    perm = tuple(range(rank))[::-1] if perm is None else tuple(perm)
-    return _T(lw.g.add("transpose", x, perm=perm))
+    if perm is None:
+        perm = list(range(rank))[::-1]
+    if not isinstance(perm, list) or sorted(p for p in perm if _integer(p)) != list(range(rank)):
+        raise DlcError(f"`transpose`: perm must list the axes 0 to {rank - 1} in a new order, got {_show(lw, perm)}",
+                       e.loc)
+    return _T(lw.g.add("transpose", x, perm=tuple(perm)))
+
+
+@builtin("choice", "value", "options")
+def _choice(lw, e, value, options):
+    """`returns = choice(returns, ["sequence", "last", "state"])`: a string option checked
+    against its allowed values (a misspelt option must not silently mean the default)."""
+    if not isinstance(options, list) or not options or not all(isinstance(o, str) for o in options):
+        raise DlcError("`choice` takes the allowed values as a list of strings", e.loc)
+    if value not in options:
+        from dsl import ast as A
+        what = f"`{e.args[0].name}`" if e.args and isinstance(e.args[0], A.Name) else "the option"
+        allowed = ", ".join(f'"{o}"' for o in options)
+        got = f'"{value}"' if isinstance(value, str) else _show(lw, value)
+        raise DlcError(f"{what} must be one of {allowed}, got {got}", e.loc)
+    return value
 
 
 # ---- convolutional networks ---------------------------------------------------------------------
@@ -244,7 +300,7 @@ builtin("avg_pool", "x", kernel=2, stride=None, padding=0)(_pool("avg_pool2d"))
 def _flatten(lw, e, x, start):
     x = _tensor(lw, e, x)
     shape = lw.g.shape(x)
-    if not isinstance(start, int) or not 0 <= start < len(shape):
+    if not _integer(start) or not 0 <= start < len(shape):
         raise DlcError(f"`flatten`: start must be an axis of the input (rank {len(shape)})", e.loc)
     return _T(lw.g.add("reshape", x, shape=tuple(shape[:start]) + (-1,)))
 
@@ -301,6 +357,7 @@ def _range(lw, e, n):
 def _slice(lw, e, x, start, stop, axis):
     x = _tensor(lw, e, x)
     (ax,) = _axes(lw, e, x, axis)
+    start, stop = _int(lw, e, start, "start", 0), _int(lw, e, stop, "stop", 0)
     return _T(lw.g.add("slice", x, axis=ax, start=start, stop=stop))
 
 
@@ -310,7 +367,7 @@ def _split(lw, e, x, parts, axis):
     x = _tensor(lw, e, x)
     (ax,) = _axes(lw, e, x, axis)
     size = lw.g.shape(x)[ax]
-    if not isinstance(parts, int) or parts < 1 or not isinstance(size, int) or size % parts:
+    if not _integer(parts) or parts < 1 or not isinstance(size, int) or size % parts:
         raise DlcError(f"`split`: cannot cut axis {ax} of size {size} into {parts} equal parts", e.loc)
     k = size // parts
     return tuple(_T(lw.g.add("slice", x, axis=ax, start=i * k, stop=(i + 1) * k)) for i in range(parts))
@@ -322,6 +379,10 @@ def _concat(lw, e, parts, axis):
     if not isinstance(parts, list) or not parts:
         raise DlcError("`concat` takes a list of tensors", e.loc)
     xs = [_tensor(lw, e, p) for p in parts]
+    ranks = {len(lw.g.shape(x)) for x in xs}
+    if len(ranks) > 1 or 0 in ranks:
+        raise DlcError("`concat` joins tensors of one rank (at least 1), got "
+                       + ", ".join(lw._describe(_T(x)) for x in xs), e.loc)
     (ax,) = _axes(lw, e, xs[0], axis)
     sizes = [lw.g.shape(x)[ax] for x in xs]
     if not all(isinstance(s, int) for s in sizes):
@@ -349,22 +410,22 @@ def _argmax(lw, e, x):
 @builtin("zeros", "shape")
 def _zeros(lw, e, shape):
     """A zero tensor; `shape` may name symbolic dimensions: zeros([N, units])."""
-    if not isinstance(shape, list) or not all(isinstance(d, (int, str)) and not isinstance(d, bool) for d in shape):
-        raise DlcError("`zeros` takes a list of dimensions", e.loc)
-    return _T(lw.g.add("broadcast_to", lw.g.const(0.0, lw.float_dtype), shape=tuple(shape)))
+    return _T(lw.g.add("broadcast_to", lw.g.const(0.0, lw.float_dtype), shape=_shape(lw, e, shape)))
 
 
 @builtin("initial", "value", "shape")
 def _initial(lw, e, value, shape):
     """An initial state: a tensor of `shape` as given, or a number broadcast to it."""
     from .lower import Tensor
+    shape = _shape(lw, e, shape)
     if isinstance(value, Tensor):
         got = lw.g.shape(value.node)
         if len(got) != len(shape) or any(isinstance(w, int) and w != d for w, d in zip(shape, got)):
-            raise DlcError(f"an initial state must be {list(shape)}, got {lw._describe(value)}", e.loc)
+            raise DlcError(f"an initial state must be {_show(lw, list(shape))}, got {lw._describe(value)}", e.loc)
         return value
-    node = lw.to_tensor(value, None, e.loc).node
-    return _T(lw.g.add("broadcast_to", node, shape=tuple(shape)))
+    if not _number(value):
+        raise DlcError(f"`initial`: value must be a tensor or a number, got {_show(lw, value)}", e.loc)
+    return _T(lw.g.add("broadcast_to", lw.to_tensor(value, None, e.loc).node, shape=shape))
 
 
 @builtin("full", "shape", "value", dtype="float")
@@ -373,9 +434,12 @@ def _full(lw, e, shape, value, dtype):
     dt = lw.float_dtype if dtype == "float" else dtype
     if dt not in ("f32", "f64", "i32", "i64"):
         raise DlcError('`full`: dtype is "float", "i32" or "i64"', e.loc)
-    if not isinstance(shape, list) or not all(isinstance(d, (int, str)) and not isinstance(d, bool) for d in shape):
-        raise DlcError("`full` takes a list of dimensions", e.loc)
-    return _T(lw.g.add("broadcast_to", lw.g.const(value, dt), shape=tuple(shape)))
+    if not _number(value):
+        raise DlcError(f"`full`: value must be a number, got {_show(lw, value)}", e.loc,
+                       ["for a tensor's shape and values use initial(value, shape)"])
+    if dt in INTS and value != int(value):
+        raise DlcError(f"`full`: an {dt} tensor holds integers, got {value}", e.loc)
+    return _T(lw.g.add("broadcast_to", lw.g.const(value if dt in FLOATS else int(value), dt), shape=_shape(lw, e, shape)))
 
 
 @builtin("sample", "logits", temperature=1.0)

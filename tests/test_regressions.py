@@ -298,3 +298,14 @@ def test_train_step_and_session_draw_the_same_random_stream(dl_file, tmp_path):
     batch = {"x": s.dataset.train["x"][:8].copy(), "y": s.dataset.train["y"][:8].copy()}
     for _ in range(3):
         assert step(x=batch["x"]) == pytest.approx(s.train_step(batch)[0], rel=1e-12)
+
+
+# ---- string options are checked ------------------------------------------------------------------------
+@pytest.mark.parametrize("layer", ["rnn", "lstm", "gru"])
+def test_misspelt_returns_is_an_error(capsys, dl_file, layer):
+    """`returns = "final"` silently meant "sequence"."""
+    p = dl_file(f'model m(x: f32[B, 8, 8]) -> f32[B, 10] {{\n    h = {layer}(x, 16, returns = "final")\n'
+                "    return dense(h, 10)\n}\n")
+    err = located_error(capsys, p)
+    assert f"{p}:2:9:" in err and f"inside `{layer}`" in err
+    assert '`returns` must be one of "sequence", "last", "state", got "final"' in err
