@@ -11,7 +11,7 @@ import numpy as np
 
 from dsl.diagnostics import DlcError
 
-from .shapes import FLOATS, INTS, ShapeError, broadcast, norm_axes
+from .shapes import FLOATS, INTS, ShapeError, broadcast, fmt_shape, norm_axes, same_dim
 
 _REQUIRED = object()
 BUILTINS: dict = {}
@@ -264,6 +264,25 @@ def _choice(lw, e, value, options):
         got = f'"{value}"' if isinstance(value, str) else _show(lw, value)
         raise DlcError(f"{what} must be one of {allowed}, got {got}", e.loc)
     return value
+
+
+@builtin("same_shape", "a", "b", drop=0)
+def _same_shape(lw, e, a, b, drop):
+    """`a`, checked to have `b`'s shape without b's last `drop` axes (numbers pass): a loss
+    compares predictions and targets element by element; broadcasting [B, 1] against [B]
+    would compare every example with every other one."""
+    from dsl import ast as A
+    if _number(a):
+        return a
+    na, nb = _tensor(lw, e, a), _tensor(lw, e, b)
+    sa, sb = lw.g.shape(na), lw.g.shape(nb)
+    want = sb[:len(sb) - _int(lw, e, drop, "drop", 0)]
+    if len(sa) != len(want) or not all(same_dim(x, y) for x, y in zip(sa, want)):
+        name = [f"`{x.name}`" if isinstance(x, A.Name) else f"argument {i + 1}" for i, x in enumerate(e.args[:2])]
+        raise DlcError(f"{name[0]} is {lw._describe(_T(na))} but {name[1]} is {lw._describe(_T(nb))}: they are "
+                       f"compared element by element, so {name[0]} must be {fmt_shape(want)}", e.loc,
+                       ["reshape one of them to the other's shape"])
+    return a
 
 
 # ---- convolutional networks ---------------------------------------------------------------------

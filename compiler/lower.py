@@ -808,7 +808,7 @@ _TENSOR_BINOPS = {"+": "add", "-": "sub", "*": "mul", "/": "div", "**": "pow", "
                   "<": "lt", "<=": "le", ">": "gt", ">=": "ge"}
 
 CONSTANTS = {"pi": math.pi, "e": math.e, "inf": math.inf}
-METRICS = ("accuracy", "exact", "loss")
+METRICS = ("accuracy", "exact", "loss", "mse", "mae")     # which apply follows the loss (runtime/metrics.py)
 TRAIN_SETTINGS = ("loss", "optimizer", "batch", "epochs", "seed", "metrics")
 
 from .builtins import BUILTINS, matmul  # noqa: E402  (the builtins use Tensor and Lowerer above)

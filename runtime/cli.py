@@ -122,7 +122,7 @@ def _dispatch(args) -> int:
 def _predict(args) -> int:
     import numpy as np
     from runtime import data
-    from runtime.predict import decode_rows, encode_inputs
+    from runtime.predict import decode_rows, encode_inputs, predictions
     from runtime.session import Options, Session
     if args.temperature < 0:
         raise DlcError("--temperature must be >= 0")
@@ -143,10 +143,10 @@ def _predict(args) -> int:
         batch = {k: np.ascontiguousarray(v[idx]) for k, v in ds.test.items()}
         shown = [f"#{k}: {t}" for k, t in zip(idx, decode_rows(ds, batch["x"], "input_vocab"))] \
             if ds.info.get("input_vocab") else [f"held-out #{k}" for k in idx]
-        targets = decode_rows(ds, batch["y"]) if "y" in batch else [None] * len(idx)
+        tgt = s.task.target or "y"
+        targets = predictions(ds, s.task, {"output": batch[tgt]}, target=True) if tgt in batch else [None] * len(idx)
     res = s.run_eval(batch, step=args.seed)
-    out = res.get("output2")
-    preds = decode_rows(ds, out if out is not None else res["output"].argmax(-1))
+    preds = predictions(ds, s.task, res)
     rows = [{"input": i, "prediction": p, **({"target": t} if t is not None else {})}
             for i, p, t in zip(shown, preds, targets)]
     if args.json:
@@ -167,8 +167,9 @@ def _run(args, options) -> int:
     progress = not args.quiet
     if progress:
         hit = "reused cached kernels" if s.cache_hit else "compiled"
-        print(f"dlc: {s.program.model}: {len(s.params)} parameter tensors "
-              f"({sum(p.size for p in s.params.values()):,} values), {s.train_ex.kernels} kernels in the step; "
+        print(f"dlc: {s.program.model}: {_plural(len(s.params), 'parameter tensor')} "
+              f"({_plural(sum(p.size for p in s.params.values()), 'value')}), "
+              f"{_plural(s.train_ex.kernels, 'kernel')} in the step; "
               f"{hit} in {s.compile_seconds:.2f}s", file=sys.stderr)
     if args.load:
         s.load(args.load)
@@ -181,11 +182,9 @@ def _run(args, options) -> int:
         print(json.dumps(report))
     else:
         t = report["test"]
-        line = f"test: loss {t.get('loss', float('nan')):.4f}"
-        if "accuracy" in t:
-            line += f"  accuracy {t['accuracy']:.4f}"
-        print(line + f"  (train {report['train_seconds']:.1f}s, compile {report['compile_seconds']:.1f}s,"
-                     f" {report['step_ms']} ms/step)")
+        line = "test: " + "  ".join(f"{k} {v:.4f}" for k, v in t.items()) if t else "test: no held-out examples"
+        step = f", {report['step_ms']} ms/step" if report["step_ms"] is not None else ""
+        print(line + f"  (train {report['train_seconds']:.1f}s, compile {report['compile_seconds']:.1f}s{step})")
     return 0
 
 
@@ -212,7 +211,8 @@ def _load_for_inspection(args, training: bool = True):
 def _check(args) -> int:
     _, lw, prog = _load_for_inspection(args)
     n = sum(_size(info.shape) for info in prog.params.values())
-    print(f"{args.file}: ok — model `{prog.model}`, {len(prog.params)} parameter tensors ({n:,} values)")
+    print(f"{args.file}: ok — model `{prog.model}`, {_plural(len(prog.params), 'parameter tensor')} "
+          f"({_plural(n, 'value')})")
     sys.stdout.write(summary(lw, prog))
     return 0
 
@@ -236,6 +236,10 @@ def summary(lw, prog) -> str:
     for name, info in prog.params.items():
         out.append(f"  {name:<32} {info.dtype}[{', '.join(map(str, info.shape))}]  init={info.init}")
     return "\n".join(out) + "\n"
+
+
+def _plural(n: int, noun: str) -> str:
+    return f"{n:,} {noun}{'s' * (n != 1)}"
 
 
 def _size(shape):

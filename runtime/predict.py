@@ -55,3 +55,28 @@ def decode_rows(ds, ids: np.ndarray, which: str = "vocab") -> list[str]:
         sep = "" if vocab and all(len(v) == 1 for v in toks) and ds.info.get("join") == "" else " "
         out.append(sep.join(toks))
     return out
+
+
+def predictions(ds, task, res: dict, target: bool = False) -> list[str]:
+    """Each example's prediction as text, by what the model is trained to do (`task`, from
+    runtime/metrics.py): decoded tokens when the model returns them, a class for a classifier,
+    0/1 for a binary one (logit > 0), and the values themselves otherwise (a regression, an
+    autoencoder). With `target`, `res["output"]` holds the targets, shown the same way."""
+    out = res["output"]
+    if not target and res.get("output2") is not None:
+        return decode_rows(ds, res["output2"])
+    if task.kind == "classification":
+        return decode_rows(ds, out if target else out.argmax(-1))
+    if task.kind == "binary":
+        return [values_text(r) for r in ((out > 0.5) if target else (out > 0)).astype(np.int32)]
+    return [values_text(r) for r in out]
+
+
+def values_text(row, limit: int = 6) -> str:
+    """1.234, or [0.12, -0.5, ...] (64 values)."""
+    row = np.asarray(row)
+    if row.size == 1:
+        return f"{row.reshape(())[()]:.4g}"
+    flat = row.reshape(-1)
+    shown = ", ".join(f"{v:.4g}" for v in flat[:limit])
+    return f"[{shown}{', ...' if flat.size > limit else ''}]" + (f" ({flat.size} values)" if flat.size > limit else "")

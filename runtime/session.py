@@ -24,10 +24,10 @@ from dsl import ast as A
 from dsl.diagnostics import DlcError
 from dsl.parser import parse_file
 
-from . import checkpoint, data
+from . import checkpoint, data, metrics
 from .initializers import initialize
 
-DEFAULTS = {"batch": 32, "epochs": 10, "seed": 0, "metrics": ["accuracy", "loss"]}
+DEFAULTS = {"batch": 32, "epochs": 10, "seed": 0}       # metrics: the loss's (runtime/metrics.py)
 
 
 @dataclass
@@ -77,6 +77,10 @@ class Session:
         s = self.program.settings
         self.settings = {**DEFAULTS, **{k: v for k, v in s.items() if k != "loss"}}
         self.settings["seed"] = self.seed
+        user_defs = {k: f for k, f in self.lowerer.funcs.items() if f.loc.file in self.lowerer.user_files}
+        self.task = metrics.task_of(train, user_defs, self.dataset.train)
+        self.settings.setdefault("metrics", self.task.defaults)
+        metrics.check(self.task, self.settings["metrics"], self.program.setting_locs.get("metrics"))
         for k in ("epochs", "batch"):
             if getattr(self.opt, k) is not None:
                 self.settings[k] = getattr(self.opt, k)
@@ -151,25 +155,18 @@ class Session:
         n = len(next(iter(split.values())))
         if n == 0:
             return {}
-        total, outs = 0.0, []
+        total, acc = 0.0, metrics.Accumulator(self.task, self.settings["metrics"])
         for s in range(0, n, batch_size):
             b = {k: np.ascontiguousarray(v[s:s + batch_size]) for k, v in split.items()}
             res = self.run_eval(b)
             total += float(res["loss"]) * len(b["x"] if "x" in b else next(iter(b.values())))
-            outs.append(res["output"])
-        out = np.concatenate(outs)
-        return self._metrics(total / n, out, split.get("y"))
+            acc.add(res["output"], b)
+        return {"loss": total / n, **acc.result()}
 
     def run_eval(self, batch: dict, step: int = 0) -> dict:
         """The evaluation program on one batch: {"loss", "output", "output2", ...}."""
         sc = {"rng": self.rng_seed(step)}
         return dict(zip(self.eval_ex.outputs, self.eval_ex(*self._args(self.eval_ex, batch, sc))))
-
-    def _metrics(self, loss, out, y) -> dict:
-        m = {"loss": loss}
-        if y is not None and y.dtype.kind in "iu" and out.ndim == y.ndim + 1:
-            m.update(label_metrics(out, y, self.settings["metrics"]))
-        return m
 
     def fit(self, progress: bool = True, log=None) -> dict:
         """Train for the configured epochs; return the final report."""
@@ -191,7 +188,8 @@ class Session:
         ep_metrics = {}
         for ep in range(epochs):
             perm = rng.permutation(n)
-            total, t_ep, outs, ys = 0.0, time.perf_counter(), [], []
+            total, t_ep = 0.0, time.perf_counter()
+            acc = metrics.Accumulator(self.task, self.settings["metrics"])
             bar = tqdm(range(0, n, batch), desc=f"epoch {ep + 1}/{epochs}", leave=False, file=sys.stderr,
                        disable=not (progress and sys.stderr.isatty()), unit="batch")
             for s in bar:
@@ -204,25 +202,14 @@ class Session:
                     raise DlcError(f"the loss became {loss} at epoch {ep + 1}, step {self.step_count}; "
                                    "try a smaller learning rate", self.program.setting_locs.get("optimizer"))
                 total += loss * len(idx)
-                if "y" in b and b["y"].dtype.kind in "iu" and out.ndim == b["y"].ndim + 1:
-                    outs.append(out.argmax(-1))
-                    ys.append(b["y"])
-            ep_metrics = {"loss": total / n}
-            if outs:
-                ep_metrics.update(label_metrics(np.concatenate(outs), np.concatenate(ys), self.settings["metrics"],
-                                                predicted=True))
+                acc.add(out, b)
+            ep_metrics = {"loss": total / n, **acc.result()}
             test = self.evaluate(self.dataset.test)
             history.append({"epoch": ep + 1, "train": ep_metrics, "test": test})
             if progress:
-                msg = f"epoch {ep + 1:>3}/{epochs}  loss {ep_metrics['loss']:.4f}"
-                if "accuracy" in ep_metrics:
-                    msg += f"  acc {ep_metrics['accuracy']:.4f}"
+                msg = f"epoch {ep + 1:>3}/{epochs}  loss {ep_metrics['loss']:.4f}" + metrics.text(ep_metrics)
                 if test:
-                    msg += f"  test_loss {test['loss']:.4f}"
-                    if "accuracy" in test:
-                        msg += f"  test_acc {test['accuracy']:.4f}"
-                    if "exact" in test:
-                        msg += f"  test_exact {test['exact']:.4f}"
+                    msg += f"  test_loss {test['loss']:.4f}" + metrics.text(test, "test_")
                 msg += f"  ({time.perf_counter() - t_ep:.2f}s)"
                 log(msg)
         train_seconds = time.perf_counter() - t_train
@@ -260,17 +247,3 @@ class Session:
             if k in self.state and v.shape == self.state[k].shape:
                 self.state[k][...] = v
         self.step_count = int(meta.get("step", 0)) if set(state) == set(self.state) else 0
-
-
-def label_metrics(out: np.ndarray, y: np.ndarray, wanted, predicted: bool = False) -> dict:
-    """Accuracy against integer labels; negative labels (padding) are skipped. For sequence
-    labels [N, T] also the exact-match rate: every labelled position of a sequence right."""
-    pred = out if predicted else out.argmax(-1)
-    mask = y >= 0
-    m = {}
-    if "accuracy" in wanted and mask.any():
-        m["accuracy"] = float((pred[mask] == y[mask]).mean())
-    if y.ndim >= 2 and ("exact" in wanted or "accuracy" in wanted):
-        right = (pred == y) | ~mask
-        m["exact"] = float(right.reshape(len(y), -1).all(axis=1).mean())
-    return m
