@@ -309,3 +309,111 @@ def test_misspelt_returns_is_an_error(capsys, dl_file, layer):
     err = located_error(capsys, p)
     assert f"{p}:2:9:" in err and f"inside `{layer}`" in err
     assert '`returns` must be one of "sequence", "last", "state", got "final"' in err
+
+
+# ---- losses compare like with like; metrics follow the loss ---------------------------------------------
+def _regression_data(tmp_path):
+    r = np.random.default_rng(0)
+    X = r.normal(size=(200, 3)).astype(np.float32)
+    y = (X @ np.array([1.0, -2.0, 0.5]) + 0.1 * r.normal(size=200)).astype(np.float32)
+    np.savez(tmp_path / "reg.npz", x=X, y=y)
+
+
+def test_mse_of_b1_against_b_is_an_error_naming_both_shapes(capsys, dl_file, tmp_path):
+    """mse(pred [B, 1], y [B]) broadcast to [B, B] and trained to a wrong MSE (10.75, not 0.023)."""
+    _regression_data(tmp_path)
+    p = dl_file("model m(x: f32[B, 3]) -> f32[B, 1] {\n    return dense(x, 1)\n}\n"
+                'train m on npz("reg.npz") {\n    loss = mse(m(x), y)\n}\n')
+    err = located_error(capsys, p)
+    assert f"{p}:5:12:" in err and "inside `mse`" in err
+    assert "`target` is f32[B] but `pred` is f32[B, 1]" in err and "must be [B, 1]" in err
+
+
+@pytest.mark.parametrize("loss, words", [
+    ("bce_with_logits(m(x), y)", "`target` is i32[B] but `logits` is f32[B, 1]"),
+    ("cross_entropy(m(x), reshape(y, [-1, 1]))", "`labels` is i32[B, 1] but `logits` is f32[B, 1]"),
+])
+def test_other_losses_reject_broadcast_targets(capsys, dl_file, tmp_path, loss, words):
+    np.savez(tmp_path / "b.npz", x=np.zeros((20, 3), np.float32), y=np.arange(20) % 2)
+    p = dl_file("model m(x: f32[B, 3]) -> f32[B, 1] {\n    return dense(x, 1)\n}\n"
+                f'train m on npz("b.npz") {{\n    loss = {loss}\n}}\n')
+    err = located_error(capsys, p)
+    assert words in err
+
+
+def test_regression_reports_mse_and_mae_not_accuracy(dl_file, tmp_path):
+    _regression_data(tmp_path)
+    p = dl_file("model m(x: f32[B, 3]) -> f32[B] {\n    return reshape(dense(x, 1), [-1])\n}\n"
+                'train m on npz("reg.npz") {\n    loss = mse(m(x), y)\n    optimizer = adam(lr = 0.05)\n'
+                "    epochs = 30\n}\n")
+    s = Session(p)
+    rep = s.fit(progress=False)
+    t = rep["test"]
+    assert set(t) == {"loss", "mse", "mae"}
+    pred = s.run_eval(s.dataset.test)["output"]
+    y = s.dataset.test["y"]
+    assert t["mse"] == pytest.approx(np.mean((pred - y) ** 2), rel=1e-5) == pytest.approx(t["loss"], rel=1e-5)
+    assert t["mae"] == pytest.approx(np.mean(np.abs(pred - y)), rel=1e-5)
+    assert t["mse"] < 0.05                       # the noise is 0.01; a [B, B] broadcast gave 10.75
+
+
+def test_autoencoder_reports_no_accuracy_and_predicts_values(capsys, dl_file, tmp_path):
+    p = dl_file("model ae(x: f32[B, 64]) -> f32[B, 64] {\n    return dense(relu(dense(x, 16)), 64)\n}\n"
+                "train ae on digits() {\n    loss = mse(ae(x), x)\n    epochs = 1\n}\n")
+    ck = tmp_path / "ae.npz"
+    assert main(["run", str(p), "--quiet", "--save", str(ck)]) == 0
+    out = capsys.readouterr().out
+    assert "accuracy" not in out and "mae" in out
+    s = Session(p)
+    t = s.evaluate(s.dataset.test)
+    pred = s.run_eval(s.dataset.test)["output"]
+    assert t["mae"] == pytest.approx(np.mean(np.abs(pred - s.dataset.test["x"])), rel=1e-5)   # against x, the target
+    assert main(["predict", str(p), "--load", str(ck), "--index", "0", "--json"]) == 0
+    row = json.loads(capsys.readouterr().out)["predictions"][0]
+    assert row["prediction"].startswith("[") and "(64 values)" in row["prediction"]
+
+
+def test_bce_reports_binary_accuracy(dl_file, tmp_path):
+    r = np.random.default_rng(1)
+    X = r.normal(size=(300, 2)).astype(np.float32)
+    np.savez(tmp_path / "b.npz", x=X, y=(X[:, 0] + X[:, 1] > 0).astype(np.float32))
+    p = dl_file("model m(x: f32[B, 2]) -> f32[B] {\n    return reshape(dense(x, 1), [-1])\n}\n"
+                'train m on npz("b.npz") {\n    loss = bce_with_logits(m(x), y)\n    optimizer = adam(lr = 0.05)\n'
+                "    epochs = 10\n}\n")
+    s = Session(p)
+    t = s.fit(progress=False)["test"]
+    assert set(t) == {"loss", "accuracy"}
+    logits = s.run_eval(s.dataset.test)["output"]
+    assert t["accuracy"] == pytest.approx(np.mean((logits > 0) == (s.dataset.test["y"] > 0.5)))
+    assert t["accuracy"] > 0.9
+
+
+def test_metric_the_loss_does_not_have_is_an_error(capsys, dl_file, tmp_path):
+    _regression_data(tmp_path)
+    p = dl_file("model m(x: f32[B, 3]) -> f32[B] {\n    return reshape(dense(x, 1), [-1])\n}\n"
+                'train m on npz("reg.npz") {\n    loss = mse(m(x), y)\n    metrics = [accuracy, loss]\n}\n')
+    err = located_error(capsys, p, "--epochs", "0", cmd="run")
+    assert f"{p}:6:15:" in err and "`accuracy` is not a metric of a model trained with `mse`" in err
+    assert "its metrics: mse, mae, loss" in err
+
+
+def test_metrics_follow_the_loss_through_a_users_def(dl_file):
+    from runtime.metrics import Task
+    p = dl_file("model m(x: f32[B, 64]) -> f32[B, 10] {\n    return dense(x, 10)\n}\n"
+                "def objective(x, y) {\n    return cross_entropy(m(x), y) + 0.0\n}\n"
+                "train m on digits() {\n    loss = objective(x, y)\n    epochs = 1\n}\n")
+    s = Session(p)
+    assert s.task == Task("cross_entropy", "y")
+    assert set(s.fit(progress=False)["test"]) == {"loss", "accuracy"}
+
+
+# ---- what the command prints -------------------------------------------------------------------------
+def test_run_output_lines(capsys, dl_file):
+    p = dl_file("model m(x: f32[B, 64]) -> f32[B, 64] {\n    param w: [64] = ones\n    return x * w\n}\n"
+                "train m on digits() {\n    loss = mse(m(x), x)\n    metrics = [mae, loss]\n}\n")
+    assert main(["run", str(p), "--epochs", "0"]) == 0
+    cap = capsys.readouterr()
+    assert "1 parameter tensor (64 values)" in cap.err          # not "1 parameter tensors"
+    test = cap.out.strip().splitlines()[-1]
+    assert test.startswith("test: loss 0.0000") and "mae 0.0000" in test      # every metric asked for
+    assert "None" not in test and "ms/step" not in test               # no steps were run
