@@ -8,6 +8,7 @@ the named inputs and parameters (`grad=True`: every parameter).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,13 +33,31 @@ class Function:
         return self.ex.source
 
     def __call__(self, **arrays) -> dict[str, np.ndarray]:
-        args = []
+        args, dims = [], {}
         for name, kind, shape, dtype in self.ex.inputs:
             if name not in arrays:
                 raise KeyError(f"missing value for {kind} `{name}`")
             a = np.asarray(arrays[name], dtype=DTYPES[dtype])   # (ascontiguousarray makes 0-d 1-d)
+            check_shape(name, a.shape, shape, dtype, dims)
             args.append(DTYPES[dtype](a) if kind == "scalar" else np.ascontiguousarray(a) if a.ndim else a)
         return dict(zip(self.ex.outputs, self.ex(*args)))
+
+
+def check_shape(name: str, got: tuple, shape: tuple, dtype: str, dims: dict) -> None:
+    """An argument's shape against its declared one; symbolic dims (B) bind on first use and
+    must agree afterwards (`dims` holds the bindings). Raises ValueError naming the input."""
+    from .shapes import dim_factors, fmt_type
+    ok = len(got) == len(shape)
+    for want, n in zip(shape, got) if ok else ():
+        c, syms = dim_factors(want)
+        if len(syms) == 1 and syms[0] not in dims and n % c == 0:
+            dims[syms[0]] = n // c
+        if all(s in dims for s in syms):        # (a product of unbound symbols is not checked)
+            ok = ok and c * math.prod(dims[s] for s in syms) == n
+    if not ok:
+        bound = ", ".join(f"{k} = {v}" for k, v in dims.items())
+        raise ValueError(f"input `{name}` must be {fmt_type(dtype, shape)}, got shape {list(got)}"
+                         + (f" (with {bound})" if bound else ""))
 
 
 def lower_function(src: str, model: str | None = None, dtype: str = "f64", filename: str = "<test>.dl",

@@ -417,3 +417,16 @@ def test_run_output_lines(capsys, dl_file):
     test = cap.out.strip().splitlines()[-1]
     assert test.startswith("test: loss 0.0000") and "mae 0.0000" in test      # every metric asked for
     assert "None" not in test and "ms/step" not in test               # no steps were run
+
+
+# ---- compile_function checks its arguments ----------------------------------------------------------
+def test_compile_function_names_a_misshapen_input():
+    f = compile_function("model f(x: f64[B, 4], y: f64[B]) -> f64[B] {\n    return sum(x, axis = 1) + y\n}\n", "f")
+    x = np.ones((3, 4))
+    np.testing.assert_allclose(f(x=x, y=np.arange(3.0))["output"], 4 + np.arange(3.0))
+    with pytest.raises(ValueError, match=r"input `x` must be f64\[B, 4\], got shape \[3, 5\]"):
+        f(x=np.ones((3, 5)), y=np.zeros(3))
+    with pytest.raises(ValueError, match=r"input `y` must be f64\[B\], got shape \[2\] \(with B = 3\)"):
+        f(x=x, y=np.zeros(2))
+    with pytest.raises(ValueError, match=r"input `x` must be f64\[B, 4\], got shape \[4\]"):
+        f(x=np.ones(4), y=np.zeros(3))
