@@ -362,7 +362,8 @@ class Lowerer:
 
     # ---- calls -----------------------------------------------------------------------------------
     def call(self, e: A.Call, frame: Frame):
-        top = self.depth == 1 and frame.fn in self.models and frame.fn == getattr(self, "current_model", None)
+        # a call in the body of the model being trained (however deep the loss calls it), on its first call
+        top = frame.fn == getattr(self, "current_model", None) and frame.scope == frame.fn and not self.model_outputs
         before = (0, self._count(self.params), self._count(self.states)) if top else None
         nlayers = len(self.layers)
         result = self._call(e, frame)

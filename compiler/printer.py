@@ -146,7 +146,8 @@ def to_text(g, stage: str = "", params: dict | None = None, dims: dict | None = 
 
 
 def _q(s: str) -> str:
-    return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    """A DOT string: quotes and backslashes escaped, line breaks as DOT's `\\n` escape."""
+    return '"' + s.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
 
 
 def to_dot(g, stage: str = "") -> str:
@@ -158,10 +159,10 @@ def to_dot(g, stage: str = "") -> str:
     def node(n):
         d = g[n]
         if d["op"] == "input":
-            label = f"{d['name']}\\n{fmt_type(d['dtype'], d['shape'])}"
+            label = f"{d['name']}\n{fmt_type(d['dtype'], d['shape'])}"
             style = ', style=filled, fillcolor="#e8f0ff"' if d["attrs"]["kind"] == "param" else ""
             return f"  n{n} [label={_q(label)}, shape=ellipse{style}];"
-        label = f"{names[n]} {d['op']}\\n{fmt_type(d['dtype'], d['shape'])}"
+        label = f"{names[n]} {d['op']}\n{fmt_type(d['dtype'], d['shape'])}"
         if d["op"] == "const":
             label = repr(d["attrs"]["value"])
         color = {"grad": ', color="#c04000"', "update": ', color="#008000"'}.get(d["role"], "")

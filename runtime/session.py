@@ -186,11 +186,12 @@ class Session:
         step_times, history = [], []
         t_train = time.perf_counter()
         ep_metrics = {}
-        for ep in range(epochs):
+        first = self.step_count // math.ceil(n / batch)     # a resumed run goes on counting epochs
+        for ep in range(first, first + epochs):
             perm = rng.permutation(n)
             total, t_ep = 0.0, time.perf_counter()
             acc = metrics.Accumulator(self.task, self.settings["metrics"])
-            bar = tqdm(range(0, n, batch), desc=f"epoch {ep + 1}/{epochs}", leave=False, file=sys.stderr,
+            bar = tqdm(range(0, n, batch), desc=f"epoch {ep + 1}/{first + epochs}", leave=False, file=sys.stderr,
                        disable=not (progress and sys.stderr.isatty()), unit="batch")
             for s in bar:
                 idx = perm[s:s + batch]
@@ -207,7 +208,7 @@ class Session:
             test = self.evaluate(self.dataset.test)
             history.append({"epoch": ep + 1, "train": ep_metrics, "test": test})
             if progress:
-                msg = f"epoch {ep + 1:>3}/{epochs}  loss {ep_metrics['loss']:.4f}" + metrics.text(ep_metrics)
+                msg = f"epoch {ep + 1:>3}/{first + epochs}  loss {ep_metrics['loss']:.4f}" + metrics.text(ep_metrics)
                 if test:
                     msg += f"  test_loss {test['loss']:.4f}" + metrics.text(test, "test_")
                 msg += f"  ({time.perf_counter() - t_ep:.2f}s)"

@@ -430,3 +430,35 @@ def test_compile_function_names_a_misshapen_input():
         f(x=x, y=np.zeros(2))
     with pytest.raises(ValueError, match=r"input `x` must be f64\[B, 4\], got shape \[4\]"):
         f(x=np.ones(4), y=np.zeros(3))
+
+
+# ---- cosmetics -----------------------------------------------------------------------------------------
+def test_dot_labels_break_lines(capsys):
+    from pathlib import Path
+    mlp = Path(__file__).resolve().parent.parent / "examples" / "mlp.dl"
+    assert main(["ir", str(mlp), "--format", "dot"]) == 0
+    dot = capsys.readouterr().out
+    assert 'n0 [label="x\\nf32[B, 64]"' in dot          # DOT's line break, not a literal backslash
+    assert "\\\\n" not in dot
+
+
+def test_summary_lists_the_layers_when_the_loss_calls_the_model_through_a_def(capsys, dl_file):
+    p = dl_file("model m(x: f32[B, 64]) -> f32[B, 10] {\n    return dense(relu(dense(x, 32)), 10)\n}\n"
+                "def objective(x, y) {\n    return cross_entropy(m(x), y)\n}\n"
+                "train m on digits() {\n    loss = objective(x, y)\n}\n")
+    assert main(["check", str(p)]) == 0
+    out = capsys.readouterr().out
+    assert "dense_1 (dense)  [B, 32]            2,080" in out
+    assert "dense_2 (dense)  [B, 10]              330" in out
+
+
+def test_a_resumed_run_goes_on_numbering_epochs(capsys, dl_file, tmp_path):
+    p = dl_file("model m(x: f32[B, 64]) -> f32[B, 10] {\n    return dense(x, 10)\n}\n"
+                "train m on digits() {\n    loss = cross_entropy(m(x), y)\n    batch = 256\n}\n")
+    ck = tmp_path / "ck.npz"
+    assert main(["run", str(p), "--epochs", "2", "--save", str(ck)]) == 0
+    first = capsys.readouterr().err
+    assert "epoch   1/2" in first and "epoch   2/2" in first
+    assert main(["run", str(p), "--epochs", "2", "--load", str(ck)]) == 0
+    again = capsys.readouterr().err
+    assert "epoch   3/4" in again and "epoch   4/4" in again and "epoch   1/" not in again
