@@ -172,8 +172,6 @@ class Lowerer:
                 prev = table.get(item.name)
                 if prev is not None and not stdlib and prev.loc.file in self.user_files and prev.loc.file == item.loc.file:
                     raise DlcError(f"`{item.name}` is defined twice (first at {prev.loc})", item.loc)
-                if item.name in BUILTINS and not stdlib:
-                    pass  # a user's def shadows a builtin
                 table[item.name] = item
             elif isinstance(item, A.TrainDef) and not stdlib:
                 self.trains.append(item)

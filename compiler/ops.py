@@ -35,8 +35,6 @@ class Kind:
     OUT_ELEMENTWISE_FUSABLE = "out_elementwise_fusable"  # matmul: elementwise epilogue fuses
     OPAQUE = "opaque"                     # its own kernel (softmax)
 
-    LOOP = (ELEMENTWISE, BROADCAST)
-
 
 @dataclass
 class Op:

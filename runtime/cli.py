@@ -11,9 +11,10 @@ import os
 import sys
 from pathlib import Path
 
+from compiler.passes import PASS_NAMES
 from dsl.diagnostics import DlcError
 
-STAGES = ["ast", "summary", "lowered", "autodiff", "optimizer", "simplify", "cse", "dce", "fusion", "source"]
+STAGES = ["ast", "summary", "lowered", *PASS_NAMES, "source"]    # `dlc ir --stage`: the passes' names
 ALIASES = {"grad": "autodiff", "backward": "autodiff", "train": "optimizer", "opt": "dce", "optimized": "dce",
            "fused": "fusion", "kernels": "fusion", "numba": "source", "code": "source"}
 
@@ -150,7 +151,6 @@ def _predict(args) -> int:
     rows = [{"input": i, "prediction": p, **({"target": t} if t is not None else {})}
             for i, p, t in zip(shown, preds, targets)]
     if args.json:
-        import json
         print(json.dumps({"predictions": rows, "temperature": args.temperature}))
     else:
         for r in rows:
@@ -250,7 +250,7 @@ def _size(shape):
 def _ir(args) -> int:
     from compiler import printer
     from compiler.driver import build, optimize
-    from compiler.passes import PASS_NAMES, Context
+    from compiler.passes import Context
     stage = ALIASES.get(args.stage, args.stage)
     if stage not in STAGES:
         raise DlcError(f"unknown stage `{args.stage}`; stages: {', '.join(STAGES)}")

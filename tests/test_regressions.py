@@ -462,3 +462,11 @@ def test_a_resumed_run_goes_on_numbering_epochs(capsys, dl_file, tmp_path):
     assert main(["run", str(p), "--epochs", "2", "--load", str(ck)]) == 0
     again = capsys.readouterr().err
     assert "epoch   3/4" in again and "epoch   4/4" in again and "epoch   1/" not in again
+
+
+def test_ir_stages_are_the_passes():
+    """The `dlc ir` stages were listed in three places; now the pipeline names them."""
+    from compiler.passes import PASS_NAMES, TRAIN_PIPELINE
+    from runtime.cli import STAGES
+    assert PASS_NAMES == [p.__name__ for p in TRAIN_PIPELINE]
+    assert STAGES == ["ast", "summary", "lowered", *PASS_NAMES, "source"]

@@ -53,4 +53,4 @@ def run_pipeline(graph, passes, ctx: Context, stop_after: str | None = None):
     return graph
 
 
-PASS_NAMES = ["autodiff", "optimizer", "simplify", "cse", "dce", "fusion"]
+PASS_NAMES = [p.__name__ for p in TRAIN_PIPELINE]     # every pass, in order: `dlc ir --stage` names
