@@ -343,9 +343,13 @@ class Lowerer:
             return (a == b) if op == "==" else (a != b)
         if isinstance(a, num) and isinstance(b, num) and not isinstance(a, bool) and not isinstance(b, bool):
             try:
-                return _PY_BINOPS[op](a, b)
+                v = _PY_BINOPS[op](a, b)
             except (ZeroDivisionError, OverflowError, KeyError) as err:
                 raise DlcError(f"cannot compute {a} {op} {b}: {err}", e.loc) from None
+            if isinstance(v, complex) or isinstance(v, int) and not -2**63 <= v < 2**63 or \
+                    isinstance(v, float) and not math.isfinite(v) and math.isfinite(a) and math.isfinite(b):
+                raise DlcError(f"cannot compute {a} {op} {b}: the result is not a finite real number", e.loc)
+            return v
         if op == "@":
             if not (isinstance(a, Tensor) and isinstance(b, Tensor)):
                 raise DlcError(f"`@` multiplies two tensors, got {self._describe(a)} @ {self._describe(b)}", e.loc)

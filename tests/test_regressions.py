@@ -261,6 +261,9 @@ def _unbroadcast(x, shape):
     ("reshape(x, [B, 2.5])", "got [B, 2.5]"),
     ("initial(x, [B, 3])", "an initial state must be [B, 3], got f32[B, 64]"),
     ("sqrt(-1)", "`sqrt(-1)` is nan"),
+    ("log(0)", "`log(0)` is -inf"),
+    ("x * (-8) ** 0.5", "cannot compute -8 ** 0.5: the result is not a finite real number"),
+    ("x * 10 ** 400", "cannot compute 10 ** 400: the result is not a finite real number"),
 ])
 def test_builtin_argument_errors(capsys, dl_file, expr, words):
     p = dl_file(f"model m(x: f32[B, 64]) -> f32[B, 64] {{\n    h = {expr}\n    return x\n}}\n")
