@@ -268,7 +268,7 @@ def _unbroadcast(x, shape):
 def test_builtin_argument_errors(capsys, dl_file, expr, words):
     p = dl_file(f"model m(x: f32[B, 64]) -> f32[B, 64] {{\n    h = {expr}\n    return x\n}}\n")
     err = located_error(capsys, p)
-    assert f"{p}:2:9:" in err and words in err
+    assert f"{p}:2:{9 + 4 * expr.startswith('x * ')}:" in err and words in err
 
 
 # ---- seeds --------------------------------------------------------------------------------------------
