@@ -21,8 +21,7 @@ from dataclasses import dataclass
 from dsl.diagnostics import DlcError, Loc
 
 # ops whose integer output holds only values of the given argument positions
-_MOVES = {"reshape": (0,), "transpose": (0,), "slice": (0,), "broadcast_to": (0,), "where": (1, 2),
-          "get": (0,)}
+_MOVES = {"reshape": (0,), "transpose": (0,), "slice": (0,), "broadcast_to": (0,), "where": (1, 2)}
 
 
 @dataclass(frozen=True)
@@ -73,7 +72,7 @@ def _flow(g, start, parents=()):
                 found.append((g2, c, par))
             elif op == "scan":
                 todo.append((g2.attrs(c)["body"], g2.attrs(c)["body"].inputs[pos], par + ((g2, c),)))
-            elif pos in _MOVES.get(op, ()) or (op == "cast" and g2.dtype(c) != "bool"):
+            elif pos in _MOVES.get(op, ()) or (op == "cast" and g2.dtype(c) in ("i32", "i64")):
                 todo.append((g2, c, par))
     return found
 
