@@ -48,7 +48,7 @@ def _readers(g, n, parents):
         outer, scan = parents[-1]
         k = int(name[1:])
         if name[0] == "c":
-            out.extend((g, b, None, parents) for b in [g.inputs[k]])
+            out.append((g, g.inputs[k], None, parents))
         index = k if name[0] == "c" else outer.attrs(scan)["n_carry"] + k
         out.extend((outer, r, None, parents[:-1]) for r in outer.consumers(scan)
                    if outer.op(r) == "get" and outer.attrs(r)["index"] == index)
@@ -98,7 +98,7 @@ def _limit(g, c, parents):
 
 def index_reads(graph) -> list[IndexRead]:
     """The index reads of each integer data input; raises a located error where a value the
-    graph computes (argmax, sample) can exceed the rows of a table it indexes."""
+    graph computes (argmax, sample, constants) can fall outside a table it indexes."""
     reads = []
     for n in graph.inputs:
         if graph.attrs(n)["kind"] == "data" and graph.dtype(n) in ("i32", "i64"):

@@ -9,6 +9,7 @@ import math
 
 import numpy as np
 
+from dsl import ast as A
 from dsl.diagnostics import DlcError
 
 from .shapes import FLOATS, INTS, ShapeError, broadcast, fmt_shape, norm_axes, same_dim
@@ -185,7 +186,7 @@ def _shape(lw, e, shape, what="shape", infer=False) -> tuple:
 
 @builtin("sum", "x", axis=None, keepdims=False)
 def _sum(lw, e, x, axis, keepdims):
-    """The sum; of booleans, the count (an i32), as NumPy does."""
+    """The sum; of booleans, the count (as an i32)."""
     x = _tensor(lw, e, x)
     if lw.g.dtype(x) == "bool":
         x = lw.g.add("cast", x, dtype="i32")
@@ -258,7 +259,6 @@ def _choice(lw, e, value, options):
     if not isinstance(options, list) or not options or not all(isinstance(o, str) for o in options):
         raise DlcError("`choice` takes the allowed values as a list of strings", e.loc)
     if value not in options:
-        from dsl import ast as A
         what = f"`{e.args[0].name}`" if e.args and isinstance(e.args[0], A.Name) else "the option"
         allowed = ", ".join(f'"{o}"' for o in options)
         got = f'"{value}"' if isinstance(value, str) else _show(lw, value)
@@ -271,7 +271,6 @@ def _same_shape(lw, e, a, b, drop):
     """`a`, checked to have `b`'s shape without b's last `drop` axes (numbers pass): a loss
     compares predictions and targets element by element; broadcasting [B, 1] against [B]
     would compare every example with every other one."""
-    from dsl import ast as A
     if _number(a):
         return a
     na, nb = _tensor(lw, e, a), _tensor(lw, e, b)
