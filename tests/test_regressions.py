@@ -473,3 +473,22 @@ def test_ir_stages_are_the_passes():
     from runtime.cli import STAGES
     assert PASS_NAMES == [p.__name__ for p in TRAIN_PIPELINE]
     assert STAGES == ["ast", "summary", "lowered", *PASS_NAMES, "source"]
+
+
+def test_predict_input_tokens_are_checked_like_data():
+    """`dlc predict --input` batches go through the same check as the data (defence in depth:
+    its tokens come from the data source's vocabulary, which the model may not cover)."""
+    from compiler.bounds import IndexRead
+    from dsl.diagnostics import DlcError
+    from runtime import data
+    reads = [IndexRead("x", 5, False, "the embedding table `m/E` [5, 8] has 5 rows", None)]
+    data.check_indices(reads, {"x": np.array([[0, 4, 1]], np.int32)}, "--input")
+    with pytest.raises(DlcError, match=r"`x` from --input holds the id 7, but the embedding table `m/E` \[5, 8\] "
+                                       r"has 5 rows \(ids 0 to 4\)"):
+        data.check_indices(reads, {"x": np.array([[0, 7, 1]], np.int32)}, "--input")
+    with pytest.raises(DlcError, match="holds the id -1"):
+        data.check_indices(reads, {"x": np.array([[0, -1]], np.int32)}, "--input")
+    labels = [IndexRead("y", 3, True, "the onehot of the loss here has 3 classes", None)]
+    data.check_indices(labels, {"y": np.array([-1, 0, 2])}, "`digits()`")      # -1: padding
+    with pytest.raises(DlcError, match="holds the label 3"):
+        data.check_indices(labels, {"y": np.array([-1, 3])}, "`digits()`")
