@@ -210,6 +210,8 @@ def _load_for_inspection(args, training: bool = True):
 
 def _check(args) -> int:
     _, lw, prog = _load_for_inspection(args)
+    if lw.trains:           # and the evaluation program, whose branches (greedy decoders) differ
+        _load_for_inspection(args, training=False)
     n = sum(_size(info.shape) for info in prog.params.values())
     print(f"{args.file}: ok — model `{prog.model}`, {_plural(len(prog.params), 'parameter tensor')} "
           f"({_plural(n, 'value')})")

@@ -176,6 +176,7 @@ def test_decoder_ids_computed_beyond_the_table_are_a_compile_error(capsys, dl_fi
     """A greedy decoder feeding back argmax over more classes than its embedding has rows."""
     src = SEQ2SEQ.replace(*edit).replace("f32[B, 9, 13]", "f32[B, 9, 15]" if "15" in edit[1] else "f32[B, 9, 13]")
     p = dl_file(src)
+    assert "e = embedding(tok, 13, 32)" in located_error(capsys, p)      # dlc check lowers both programs
     err = located_error(capsys, p, "--epochs", "0", cmd="run")
     assert "e = embedding(tok, 13, 32)" in err and "`reverser/embedding_2/E` [13, 32] has 13 rows" in err
     assert words in err
