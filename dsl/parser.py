@@ -17,6 +17,7 @@ _GRAMMAR = Path(__file__).with_name("grammar.lark")
 # argument lists may continue on the next line.
 _CONTINUES = {"PLUS", "MINUS", "STAR", "SLASH", "AT", "__ANON_0", "COMMA", "EQUAL", "COMPARE",
               "LPAR", "LSQB", "LBRACE", "COLON"}
+_CONTINUES_WORDS = {"**", "//", "and", "or", "not"}
 _OPEN = {"LPAR": "RPAR", "LSQB": "RSQB"}
 
 
@@ -38,7 +39,7 @@ class _NewlineFilter:
                 self.open.pop()
             depth = len(self.open)
             if tok.type == "_NL":
-                if depth > 0 or (prev is not None and (prev.type in _CONTINUES or prev.value == "**")):
+                if depth > 0 or (prev is not None and (prev.type in _CONTINUES or prev.value in _CONTINUES_WORDS)):
                     continue
             prev = tok
             yield tok
@@ -60,6 +61,7 @@ _TOKEN_NAMES = {
     "PLUS": "'+'", "MINUS": "'-'", "STAR": "'*'", "SLASH": "'/'", "AT": "'@'", "$END": "end of file",
     "COMPARE": "a comparison", "ELLIPSIS": "'...'", "SEMICOLON": "';'", "RETURN": "'return'",
     "PARAM": "'param'", "STATE": "'state'", "IF": "'if'", "DEF": "'def'", "MODEL": "'model'", "TRAIN": "'train'", "IMPORT": "'import'",
+    "AND": "'and'", "OR": "'or'", "NOT": "'not'",
 }
 
 
@@ -215,6 +217,25 @@ class _ToAst(Transformer):
         return f
 
     add, sub, mul, div, matmul, pow = _bin("+"), _bin("-"), _bin("*"), _bin("/"), _bin("@"), _bin("**")
+    floordiv, and_, or_ = _bin("//"), _bin("and"), _bin("or")
+
+    @v_args(meta=True)
+    def not_(self, meta, c):
+        return A.Not(self._loc(meta), c[0])
+
+    @v_args(meta=True)
+    def index(self, meta, c):
+        return A.Index(self._loc(meta), c[0], c[1])
+
+    def subscripts(self, c):
+        return tuple(c)
+
+    @v_args(meta=True)
+    def slice_item(self, meta, c):
+        return A.SliceItem(self._loc(meta), c[0], c[1])
+
+    def ellipsis_item(self, c):
+        return A.EllipsisItem(self._tloc(c[0]))
 
     @v_args(meta=True)
     def compare(self, meta, c):
