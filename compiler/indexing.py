@@ -79,7 +79,7 @@ def _slice_bounds(it: Item, size: int, what: str) -> tuple[int, int]:
     hi = stop + size if stop < 0 else stop
     if not 0 <= lo < hi <= size:
         text = f"{'' if it.start is None else start}:{'' if it.stop is None else stop}"
-        raise DlcError(f"slice {text} is out of range for {what} of size {size}", it.loc,
+        raise DlcError(f"slice {text} is out of range for {what} (size {size})", it.loc,
                        ["a slice must select at least one position inside the axis"])
     return lo, hi
 
@@ -110,6 +110,8 @@ def _index_tensor(lw, x: int, items: list[Item], loc: Loc) -> int:
         if it.kind == "slice" and it.start is None and it.stop is None:
             continue                                   # `:` takes the whole axis, any size
         what = f"axis {ax}"
+        if it.kind == "index":
+            _bound(it.value, "an index", it.loc)
         if not isinstance(size, int):
             raise DlcError(f"cannot {'index' if it.kind == 'index' else 'slice'} {what} of {fmt_shape(shape)}: "
                            f"its size {size} is only known at run time", it.loc,
@@ -122,7 +124,7 @@ def _index_tensor(lw, x: int, items: list[Item], loc: Loc) -> int:
             cuts.append((ax, i, i + 1))
             drop.append(ax)
         else:
-            lo, hi = _slice_bounds(it, size, f"{what} of {fmt_shape(shape)},")
+            lo, hi = _slice_bounds(it, size, f"{what} of {fmt_shape(shape)}")
             if (lo, hi) != (0, size):
                 cuts.append((ax, lo, hi))
     with g.at(loc):
