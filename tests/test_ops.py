@@ -917,7 +917,7 @@ def test_kernels_cover_every_primitive():
     assert {"matmul:TrueFalse", "matmul:FalseTrue"} <= seen
 
 
-F32_MODES = [("elementwise", "fwd"), ("elementwise", "grad"), ("layout", "fwd"), ("cnn", "fwd")]
+F32_MODES = [("elementwise", "fwd"), ("elementwise", "grad"), ("layout", "fwd"), ("cnn", "fwd"), ("math", "fwd")]
 
 
 @pytest.mark.parametrize("prog,mode", F32_MODES)
