@@ -8,6 +8,7 @@ test_ops.py's "math" program. Misuse is one located error with exit status 2.
 """
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -306,3 +307,40 @@ def test_misuse_is_one_located_error(capsys, dl_file, expr, width, words, col):
     assert err.splitlines()[0].startswith(f"{p}:2:{12 + col}:"), err
     assert words in err, err
     assert err.splitlines()[2].strip().startswith("^"), err
+
+
+# ---- compiled kernels beyond test_ops.py's "math" program -----------------------------------------
+def test_integer_floordiv_and_cumsum_kernels():
+    """Integer `//` rounds toward -inf in the kernel as in Python; cumsum keeps the int dtype."""
+    f = compile_function("model m(a: i64[B, 3], b: i64[3]) { return cumsum(a // b, axis = 0) }")
+    a = np.array([[-7, 7, -1], [9, -9, 0], [5, 6, -4]])
+    b = np.array([2, -2, 3])
+    y = f(a=a, b=b)["output"]
+    assert y.dtype == np.int64
+    np.testing.assert_array_equal(y, np.cumsum([[int(p) // int(q) for p, q in zip(row, b)] for row in a], 0))
+
+
+@pytest.mark.slow
+def test_training_through_indexing_and_flip(tmp_path, capsys):
+    """`dlc run` trains a model that reads the digits by row through indexing, flip and
+    cumsum: the gradients of slice/reshape/flip/cumsum reach the parameters."""
+    p = tmp_path / "rows.dl"
+    p.write_text("""
+model rows(x: f32[B, 64]) -> f32[B, 10] {
+    img = reshape(x, [-1, 8, 8])
+    top = reshape(img[:, 0:4], [-1, 32])
+    bottom = reshape(flip(img, 1)[:, :4, ...], [-1, 32])      # rows 7, 6, 5, 4
+    running = cumsum(img, axis = 1)[:, -1] / 8                 # the column means
+    h = relu(dense(top, 32) + dense(bottom, 32) + dense(running, 32))
+    return dense(h, 10)
+}
+train rows on digits(test = 0.2) {
+    loss = cross_entropy(rows(x), y)
+    optimizer = adam(lr = 3e-3)
+    epochs = 8
+    batch = 64
+}
+""")
+    assert main(["run", str(p), "--json", "--quiet"]) == 0
+    rep = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert rep["test"]["accuracy"] >= 0.9
