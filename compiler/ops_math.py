@@ -126,18 +126,21 @@ def _cumsum_ref(x, *, axis, reverse):
 
 
 # Inclusive running sum along the axis; `reverse` sums from the end (the adjoint of the other).
+# Row by row, each row the previous row plus the input: the inner loop runs over contiguous Q.
 cumsum = register(Op(
     "cumsum", Kind.OPAQUE, _cumsum_infer, canon=_axis, kernel_sizes=_pnq, ref=_cumsum_ref,
     kernel="""\
 xin = {x0}.reshape(({P}, {N}, {Q}))
 yout = {out}.reshape(({P}, {N}, {Q}))
 for p in range({P}):
+    k = {N} - 1 if {reverse} else 0
     for q in range({Q}):
-        acc = {T}(0)
-        for s in range({N}):
-            k = {N} - 1 - s if {reverse} else s
-            acc += xin[p, k, q]
-            yout[p, k, q] = acc
+        yout[p, k, q] = xin[p, k, q]
+    for s in range(1, {N}):
+        k = {N} - 1 - s if {reverse} else s
+        j = k + 1 if {reverse} else k - 1
+        for q in range({Q}):
+            yout[p, k, q] = yout[p, j, q] + xin[p, k, q]
 """))
 
 
