@@ -157,7 +157,7 @@ class _ToAst(Transformer):
 
     @v_args(meta=True)
     def assign(self, meta, c):
-        return A.Assign(self._loc(meta), str(c[0]), c[1])
+        return A.Assign(self._loc(meta), _not_keyword(c[0], self._tloc(c[0])), c[1])
 
     @v_args(meta=True)
     def param_decl(self, meta, c):
@@ -261,7 +261,7 @@ class _ToAst(Transformer):
             if k in seen:
                 raise DlcError(f"keyword argument `{k}` given twice", v.loc)
             seen.add(k)
-        return A.Call(self._loc(meta), str(name), self._tloc(name), tuple(pos), tuple(kw))
+        return A.Call(self._loc(meta), _not_keyword(name, self._tloc(name)), self._tloc(name), tuple(pos), tuple(kw))
 
     def args(self, c):
         return tuple(c)
@@ -270,7 +270,7 @@ class _ToAst(Transformer):
         return (str(c[0]), c[1])
 
     def name(self, c):
-        return A.Name(self._tloc(c[0]), str(c[0]))
+        return A.Name(self._tloc(c[0]), _not_keyword(c[0], self._tloc(c[0])))
 
     def number(self, c):
         t = c[0]
@@ -292,6 +292,16 @@ class _ToAst(Transformer):
     @v_args(meta=True)
     def list(self, meta, c):
         return A.List(self._loc(meta), tuple(x for x in c if x is not None))
+
+
+_KEYWORDS = {"and", "or", "not"}
+
+
+def _not_keyword(tok, loc: Loc) -> str:
+    """Where the grammar takes no operator, the lexer reads `and` as a name: refuse it."""
+    if str(tok) in _KEYWORDS:
+        raise DlcError(f"`{tok}` is a keyword and cannot be used as a name", loc)
+    return str(tok)
 
 
 def _unquote(tok) -> str:

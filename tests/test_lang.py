@@ -19,6 +19,7 @@ from compiler.api import compile_function, lower_function
 from compiler.ir import Graph
 from compiler.ops import OPS, evaluate
 from dsl import ast as A
+from dsl.diagnostics import DlcError
 from dsl.parser import parse
 from runtime.cli import main
 
@@ -344,3 +345,10 @@ train rows on digits(test = 0.2) {
     assert main(["run", str(p), "--json", "--quiet"]) == 0
     rep = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert rep["test"]["accuracy"] >= 0.9
+
+
+@pytest.mark.parametrize("src", ["and = 3", "return or(x)", "y = x[not]"])
+def test_keywords_are_not_names(src):
+    with pytest.raises(DlcError) as err:
+        parse(f"def f(x) {{\n    {src}\n    return x\n}}\n")
+    assert err.value.loc.line == 2 and ("keyword" in str(err.value) or "syntax error" in str(err.value))
