@@ -5,6 +5,8 @@ that every builtin reports arity and keyword mistakes the same way.
 """
 from __future__ import annotations
 
+import math
+
 from dsl.diagnostics import DlcError
 
 from .shapes import FLOATS, INTS, norm_axes, ShapeError
@@ -355,14 +357,8 @@ def _folding_unary(name, fold):
         return _T(lw.g.add(name, _tensor(lw, e, x)))
 
 
-def _init_math():
-    import math
-    _folding_unary("floor", math.floor)
-    _folding_unary("sin", math.sin)
-    _folding_unary("cos", math.cos)
-
-
-_init_math()
+for _n, _fold in (("floor", math.floor), ("sin", math.sin), ("cos", math.cos)):
+    _folding_unary(_n, _fold)
 
 
 def _one_axis(lw, e, x, axis):
@@ -402,10 +398,9 @@ def _dims(lw, e, shape, what="shape"):
 
 
 def _index_dtype(lw, e, dtype):
-    dt = lw.float_dtype if dtype == "float" else dtype
-    if dt not in ("i32", "i64", "f32", "f64"):
+    if dtype not in ("i32", "i64", "float"):
         raise DlcError(f'`{e.func}`: dtype is "i32", "i64" or "float", got {lw._describe(dtype)}', e.loc)
-    return dt
+    return lw.float_dtype if dtype == "float" else dtype
 
 
 @builtin("iota", "shape", "axis", dtype="i32")
