@@ -4,7 +4,9 @@ Python's rules, checked at compile time: an integer picks one position and drops
 `a:b` keeps the axis (either bound may be left out), negative positions count from the end,
 and one `...` stands for as many full slices as the rank needs. Every position must be inside
 its axis (an out-of-range index or slice is an error, never clamped), so the kernels never
-read out of bounds; an axis of symbolic size (the batch) can only be taken whole.
+read out of bounds. An axis of symbolic size (the batch, a sequence length) can be taken
+whole, or at its first (0) or last (-1) position, the only ones known to exist: such a pick
+is a masked sum over the axis (`_pick`), since `slice` needs a fixed size.
 
 A tensor is sliced with `slice` (one per cut axis) and a `reshape` drops the indexed axes. A
 single integer tensor indexing the rows of a 2-D table is a gather (`take`). Lists and the
@@ -105,7 +107,7 @@ def _index_tensor(lw, x: int, items: list[Item], loc: Loc) -> int:
     if tensors:
         return _gather(lw, x, items, tensors, loc)
 
-    cuts, drop = [], []
+    cuts, picks, drop = [], [], []
     for ax, (it, size) in enumerate(zip(items, shape)):
         if it.kind == "slice" and it.start is None and it.stop is None:
             continue                                   # `:` takes the whole axis, any size
@@ -113,9 +115,14 @@ def _index_tensor(lw, x: int, items: list[Item], loc: Loc) -> int:
         if it.kind == "index":
             _bound(it.value, "an index", it.loc)
         if not isinstance(size, int):
+            if it.kind == "index" and it.value in (0, -1):
+                picks.append((ax, it.value))
+                drop.append(ax)
+                continue
             raise DlcError(f"cannot {'index' if it.kind == 'index' else 'slice'} {what} of {fmt_shape(shape)}: "
                            f"its size {size} is only known at run time", it.loc,
-                           ["only a whole symbolic axis (`:`) can be taken"])
+                           ["an axis of symbolic size can be taken whole (`:`), or at its first (0) or "
+                            "last (-1) position"])
         if it.kind == "index":
             i = _bound(it.value, "an index", it.loc)
             if not -size <= i < size:
@@ -130,9 +137,24 @@ def _index_tensor(lw, x: int, items: list[Item], loc: Loc) -> int:
     with g.at(loc):
         for ax, lo, hi in cuts:
             x = g.add("slice", x, axis=ax, start=lo, stop=hi)
+        for ax, k in picks:
+            x = _pick(g, x, ax, k)
         if drop:
             x = g.add("reshape", x, shape=tuple(d for ax, d in enumerate(g.shape(x)) if ax not in drop))
     return x
+
+
+def _pick(g, x: int, ax: int, k: int) -> int:
+    """Position k (0 or -1) of an axis of symbolic size, kept as an axis of size 1: the sum
+    over the axis of x where the position is k, else 0. It reads every position (one fused
+    reduction), never outside the axis."""
+    pos = g.add("iota", x, axis=ax, dtype="i64")
+    if k >= 0:
+        target = g.const(k, "i64")
+    else:
+        target = g.add("sub", g.add("size", x, axes=(ax,), dtype="i64"), g.const(-k, "i64"))
+    hit = g.add("where", g.add("eq", pos, target), x, g.const(0, g.dtype(x)))
+    return g.add("reduce_sum", hit, axes=(ax,), keepdims=True)
 
 
 def _is_tensor(v) -> bool:

@@ -195,6 +195,22 @@ def test_whole_symbolic_axis_and_gather():
     np.testing.assert_array_equal(y, E[ids][:, -1] * 2.0)
 
 
+@pytest.mark.parametrize("expr,fn", [("x[:, -1]", lambda x: x[:, -1]), ("x[:, 0, 1:]", lambda x: x[:, 0, 1:]),
+                                     ("x[-1, ..., 0]", lambda x: x[-1, ..., 0]), ("x[0, -1]", lambda x: x[0, -1])])
+def test_first_and_last_of_a_symbolic_axis(expr, fn):
+    """x: [B, T, 3] with B and T symbolic: positions 0 and -1 always exist."""
+    x = rng(11).normal(size=(4, 5, 3))
+    y, grads = dl_grad_check(f"model m(x: f64[B, T, 3]) {{ return {expr} * 1.0 }}", {"x": x})
+    np.testing.assert_array_equal(y, fn(x))
+
+
+def test_last_position_kernel_with_symbolic_length():
+    f = compile_function("model m(h: f64[B, T, 3]) { return h[:, -1] * 2.0 + h[:, 0] }")
+    for T in (1, 4):
+        h = rng(12).normal(size=(2, T, 3))
+        np.testing.assert_array_equal(f(h=h)["output"], h[:, -1] * 2.0 + h[:, 0])
+
+
 def test_indexing_lists_and_tuples_at_compile_time():
     src = """
 def two(x) { return x * 2.0, x * 3.0 }
@@ -280,7 +296,9 @@ def test_tril_triu_match_numpy():
 ERRORS = [
     ("x[:, 7]", 4, "index 7 is out of range for axis 1 of [B, 4] (size 4)", "x[:, 7]".index("7")),
     ("x[:, -5]", 4, "index -5 is out of range", "x[:, -5]".index("-")),
-    ("x[0]", 4, "cannot index axis 0 of [B, 4]: its size B is only known at run time", 2),
+    ("x[1]", 4, "cannot index axis 0 of [B, 4]: its size B is only known at run time", 2),
+    ("x[-2]", 4, "first (0) or last (-1) position", 2),
+    ("x[1:]", 4, "cannot slice axis 0 of [B, 4]", 2),
     ("x[:, 2:2]", 4, "slice 2:2 is out of range for axis 1 of [B, 4] (size 4)", 5),
     ("x[:, 1:9]", 4, "slice 1:9 is out of range", 5),
     ("x[:, :, 0]", 4, "3 indices for a tensor of rank 2 [B, 4]", 0),
