@@ -279,6 +279,22 @@ model att(q: f64[B, T, 4], k: f64[B, T, 4]) {
     np.testing.assert_allclose(f(q=q, k=k)["output"], e / e.sum(-1, keepdims=True) + np.arange(5), rtol=1e-12)
 
 
+def test_sinusoidal_positions_from_arange():
+    """A Transformer's positional encoding written in .dl: arange, //, exp, sin, cos."""
+    src = """
+def positions(x: [N, T, D]) {
+    pos = reshape(float(arange(T)), [T, 1])
+    freq = exp(float(arange(D // 2)) * (-2 * 9.210340371976184 / D))
+    angle = pos * reshape(freq, [1, D // 2])
+    return x + concat([sin(angle), cos(angle)])
+}
+model m(x: f64[B, 6, 8]) { return positions(x) }"""
+    x = rng(13).normal(size=(2, 6, 8))
+    y, _ = dl_grad_check(src, {"x": x})
+    angle = np.arange(6)[:, None] * 10000.0 ** (-2 * np.arange(4) / 8)
+    np.testing.assert_allclose(y, x + np.concatenate([np.sin(angle), np.cos(angle)], -1), rtol=1e-12, atol=1e-15)
+
+
 def test_clip_gradient_passes_inside_the_range():
     x = np.array([-2.0, -0.9, 0.1, 0.7, 1.5])
     y, grads = dl_grad_check("model m(x: f64[5]) { return clip(x, -1, 1) }", {"x": x})
