@@ -70,7 +70,9 @@ def _fold(e, op, *vals):
         v = OPS[op].ref(*(np.float64(x) for x in vals)).item()
     if not math.isfinite(v) and all(math.isfinite(x) for x in vals):
         raise DlcError(f"`{e.func}({', '.join(map(repr, vals))})` is {v}", e.loc)
-    return int(v) if all(isinstance(x, int) for x in vals) and op in ("abs", "sign") else v
+    if op == "floor" or op in ("abs", "sign") and all(isinstance(x, int) for x in vals):
+        return int(v)                           # floor(7 / 2) is the integer 3, usable as a size
+    return v
 
 
 def _unary(name, op=None):
@@ -468,3 +470,68 @@ def _sample(lw, e, logits, temperature):
     lw.rng_salt += 1
     return _T(lw.g.add("sample", _tensor(lw, e, logits), lw.rng_input(), salt=lw.rng_salt,
                        temperature=float(temperature)))
+
+
+# ---- math: floor, sin, cos, flip, cumsum, arange, iota ---------------------------------------------
+for _n in ("floor", "sin", "cos"):          # (fold on numbers like the other unary builtins)
+    _unary(_n)
+
+
+def _one_axis(lw, e, x, axis):
+    if not isinstance(axis, int) or isinstance(axis, bool):
+        raise DlcError(f"`{e.func}`: axis must be an integer, got {lw._describe(axis)}", e.loc)
+    (ax,) = _axes(lw, e, x, axis)
+    return ax
+
+
+@builtin("flip", "x", axis=-1)
+def _flip(lw, e, x, axis):
+    """Reverse the order along an axis (or each axis of a list)."""
+    x = _tensor(lw, e, x)
+    for ax in _axes(lw, e, x, axis) if isinstance(axis, list) else (_one_axis(lw, e, x, axis),):
+        x = lw.g.add("flip", x, axis=ax)
+    return _T(x)
+
+
+@builtin("cumsum", "x", axis=-1, reverse=False)
+def _cumsum(lw, e, x, axis, reverse):
+    """Inclusive running sum along an axis (from the end with `reverse = true`); a running
+    count for a boolean mask."""
+    x = _tensor(lw, e, x)
+    if not isinstance(reverse, bool):
+        raise DlcError("`cumsum`: reverse must be true or false", e.loc)
+    return _T(lw.g.add("cumsum", x, axis=_one_axis(lw, e, x, axis), reverse=reverse))
+
+
+def _dims(lw, e, shape, what="shape"):
+    from .lower import SymDim
+    dims = shape if isinstance(shape, list) else [shape]
+    ok = all((isinstance(d, int) and not isinstance(d, bool) and d > 0) or isinstance(d, SymDim) for d in dims)
+    if not dims or not ok:
+        raise DlcError(f"`{e.func}`: {what} must be a positive size or a list of sizes, got {lw._describe(shape)}",
+                       e.loc)
+    return tuple(dims)
+
+
+def _index_dtype(lw, e, dtype):
+    if dtype not in ("i32", "i64", "float"):
+        raise DlcError(f'`{e.func}`: dtype is "i32", "i64" or "float", got {lw._describe(dtype)}', e.loc)
+    return lw.float_dtype if dtype == "float" else dtype
+
+
+@builtin("iota", "shape", "axis", dtype="i32")
+def _iota(lw, e, shape, axis, dtype):
+    """A tensor of `shape` holding each element's index along `axis`: iota([T, T], 0) >=
+    iota([T, T], 1) is a causal mask."""
+    shape = _dims(lw, e, shape)
+    dt = _index_dtype(lw, e, dtype)
+    like = lw.g.add("broadcast_to", lw.g.const(0, dt), shape=shape)
+    return _T(lw.g.add("iota", like, axis=_one_axis(lw, e, like, axis), dtype=dt))
+
+
+@builtin("arange", "n", dtype="i32")
+def _arange(lw, e, n, dtype):
+    """0, 1, ..., n - 1 (n may be a symbolic size such as a sequence length)."""
+    (n,) = _dims(lw, e, n, "n")
+    dt = _index_dtype(lw, e, dtype)
+    return _T(lw.g.add("iota", lw.g.add("broadcast_to", lw.g.const(0, dt), shape=(n,)), axis=0, dtype=dt))
