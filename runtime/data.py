@@ -123,8 +123,15 @@ def check_indices(reads, arrays: dict[str, np.ndarray], origin: str, origin_loc:
 
 
 def describe(call: A.Call) -> str:
-    """How a data source call reads in messages: `digits(...)`."""
-    return f"`{call.func}({'...' if call.args or call.kwargs else ''})`"
+    """How a data source call reads in messages: `tagging(2000, 12, 20)`, `npz("d.npz", x = "a")`."""
+    def show(v):
+        if isinstance(v, str):
+            return f'"{v}"'
+        if isinstance(v, list):
+            return "[" + ", ".join(map(show, v)) + "]"
+        return str(v).lower() if isinstance(v, bool) else str(v)
+    args = [show(literal(a)) for a in call.args] + [f"{k} = {show(literal(v))}" for k, v in call.kwargs]
+    return f"`{call.func}({', '.join(args)})`"
 
 
 def _split(arrays: dict[str, np.ndarray], test: float, seed: int, scale, loc: Loc, info=None) -> Dataset:

@@ -138,7 +138,7 @@ def test_embedding_ids_beyond_the_table_are_a_data_error(capsys, dl_file, cmd):
     p = dl_file(EMBED)
     err = located_error(capsys, p, cmd=cmd)
     assert f"{p}:2:9:" in err and "embedding(x, 20, 16)" in err
-    assert "`x` from `tagging(...)` holds the id 20" in err
+    assert "`x` from `tagging(200, 12, 20)` holds the id 20" in err
     assert "`m/embedding_1/E` [20, 16] has 20 rows (ids 0 to 19)" in err
     assert f"the data source is at {p}:5:12" in err
 
