@@ -17,6 +17,7 @@ from dsl.diagnostics import DlcError, Loc
 from dsl.parser import parse_file
 
 from .ir import Graph
+from .optim import OPTIMIZERS, OptimizerSpec
 from .shapes import FLOATS, INTS, dim_div, dim_factors, dim_mul, fmt_shape, fmt_type, same_dim
 
 STDLIB_DIR = Path(__file__).resolve().parent.parent / "dsl" / "stdlib"
@@ -47,28 +48,6 @@ INITIALIZERS = {
     "glorot": {}, "xavier": {}, "glorot_normal": {}, "he": {}, "kaiming": {}, "he_uniform": {},
     "zeros": {}, "ones": {}, "normal": {"mean": 0.0, "std": 0.01}, "uniform": {"low": -0.05, "high": 0.05},
     "constant": {"value": 0.0},
-}
-
-
-@dataclass(frozen=True)
-class OptimizerSpec:
-    name: str
-    lr: float
-    momentum: float = 0.0
-    nesterov: bool = False
-    beta1: float = 0.9
-    beta2: float = 0.999
-    eps: float = 1e-8
-    alpha: float = 0.99
-    weight_decay: float = 0.0
-    decay: object = "weights"          # "weights" (rank >= 2), "all", or a list of name globs
-
-
-OPTIMIZERS = {
-    "sgd": dict(lr=0.01, momentum=0.0, nesterov=False, weight_decay=0.0, decay="weights"),
-    "adam": dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, decay="weights"),
-    "adamw": dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01, decay="weights"),
-    "rmsprop": dict(lr=0.01, alpha=0.99, eps=1e-8, weight_decay=0.0, decay="weights"),
 }
 
 
@@ -403,29 +382,28 @@ class Lowerer:
         raise DlcError(f"unknown function `{e.func}`", e.func_loc, _suggest(e.func, options))
 
     def _optimizer(self, e: A.Call, frame: Frame) -> OptimizerSpec:
-        defaults = OPTIMIZERS[e.func]
+        defaults = OPTIMIZERS[e.func].defaults
         if e.args:
             raise DlcError(f"`{e.func}` takes keyword options, e.g. {e.func}(lr = 0.01)", e.loc)
-        opts = dict(defaults)
+        opts = {}
         for k, v in e.kwargs:
             if k not in defaults:
                 raise DlcError(f"`{e.func}` has no option `{k}`", v.loc,
                                _suggest(k, defaults) + [f"options: {', '.join(defaults)}"])
             val = self.eval(v, frame)
-            if k == "nesterov":
-                if not isinstance(val, bool):
-                    raise DlcError("nesterov must be true or false", v.loc)
-            elif k == "decay":
+            if k == "decay":
                 if not (val in ("weights", "all") or (isinstance(val, list) and all(isinstance(s, str) for s in val))):
                     raise DlcError('decay must be "weights", "all" or a list of parameter name patterns', v.loc)
+            elif isinstance(defaults[k], bool):
+                if not isinstance(val, bool):
+                    raise DlcError(f"`{k}` must be true or false", v.loc)
             elif isinstance(val, bool) or not isinstance(val, (int, float)) or val < 0:
                 raise DlcError(f"`{k}` must be a non-negative number, got {self._describe(val)}", v.loc)
             opts[k] = val
-        if opts.get("nesterov") and not opts.get("momentum"):
+        spec = OptimizerSpec(e.func, **opts)
+        if getattr(spec, "nesterov", False) and not spec.momentum:
             raise DlcError("nesterov needs momentum > 0", e.loc)
-        if isinstance(opts.get("decay"), list):
-            opts["decay"] = tuple(opts["decay"])
-        return OptimizerSpec(e.func, **opts)
+        return spec
 
     def _metrics(self, e: A.Node):
         items = e.items if isinstance(e, A.List) else (e,)

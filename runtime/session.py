@@ -73,7 +73,7 @@ class Session:
                 self.settings[k] = getattr(self.opt, k)
         spec = self.settings.get("optimizer") or OptimizerSpec("sgd", 0.01)
         if self.opt.lr is not None:
-            spec = OptimizerSpec(**{**spec.__dict__, "lr": self.opt.lr})
+            spec = spec.replace(lr=self.opt.lr)
         self.optimizer = spec
         self.lower_seconds = time.perf_counter() - t0
         self.params_info = self.program.params
