@@ -8,8 +8,9 @@ A model is one scope: calling it twice uses the same parameters.
 from __future__ import annotations
 
 import difflib
+import fnmatch
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from dsl import ast as A
@@ -62,6 +63,27 @@ class ParamInfo:
 
 
 @dataclass
+class Phase:
+    """One training phase: a loss, the parameters it trains, its optimizer and its schedule.
+    A train block without `phase`s is one phase named "" that trains every parameter."""
+
+    name: str
+    loss: int                       # the loss node in the program's graph
+    params: list[str]               # names of the parameters it trains
+    optimizer: OptimizerSpec
+    steps: int = 1                  # consecutive steps per round
+    every: int = 1                  # runs in every `every`-th round
+    loc: Loc | None = None
+    setting_locs: dict = field(default_factory=dict)
+    updates: dict = field(default_factory=dict)     # state updates (`<-`) made by its own calls
+
+    @property
+    def output(self) -> str:
+        """The graph output holding its loss (in the evaluation program too)."""
+        return f"loss:{self.name}" if self.name else "loss"
+
+
+@dataclass
 class Program:
     """What lowering produces: the forward graph and what the runtime needs to drive it."""
 
@@ -72,6 +94,15 @@ class Program:
     settings: dict = field(default_factory=dict)
     setting_locs: dict = field(default_factory=dict)
     model: str = ""
+    phases: list[Phase] = field(default_factory=list)
+
+    def step_graph(self, phase: Phase) -> Graph:
+        """The forward graph of one phase's training step: its loss, the model's outputs, and
+        the state updates made outside any phase or inside this one."""
+        g = self.graph.copy()
+        g.outputs = {"loss": phase.loss, **{k: v for k, v in self.graph.outputs.items() if k.startswith("output")}}
+        g.updates = {**self.graph.updates, **phase.updates}
+        return g
 
 
 @dataclass
@@ -82,6 +113,7 @@ class Frame:
     fn: str
     user_loc: Loc | None
     yielded: list | None = None       # in a scan body: the values of its `yield`
+    counters: dict = field(default_factory=dict)   # def name -> calls so far (scope names f_1, f_2)
 
 
 @dataclass(frozen=True)
@@ -113,10 +145,9 @@ class Lowerer:
         self.scans: list[dict] = []
         self.params: dict[str, ParamInfo] = {}
         self.states: dict[str, ParamInfo] = {}     # non-trainable state declared with `state`
-        self.counters: dict[tuple[str, str], int] = {}
         self.depth = 0
-        self.model_outputs: list[int] = []
-        self.model_extras: list[int] = []
+        self.model_outputs: list[int] = []     # the trained model's results, at its first call
+        self.current_model = None
         self.rng_salt = 0
         self.layers: list[tuple] = []     # (scope, function, output shape, params, state values)
         self.last_scope = ""
@@ -130,7 +161,7 @@ class Lowerer:
         return self.capture(self._rng) if self.scans else self._rng
 
     # ---- modules -------------------------------------------------------------------------------
-    def _load(self, module: A.Module, seen: set):
+    def _load(self, module: A.Module, seen: set, top: bool = True):
         for item in module.items:
             if isinstance(item, A.Import):
                 path = (Path(item.loc.file).parent / item.path).resolve()
@@ -141,10 +172,12 @@ class Lowerer:
                     raise DlcError(f"cannot import \"{item.path}\": no such file {path}", item.loc)
                 sub = parse_file(path)
                 self.user_files.add(sub.loc.file)
-                self._load(sub, seen)
-        self._collect(module, stdlib=False)
+                self._load(sub, seen, top=False)
+        self._collect(module, stdlib=False, trains=top)
 
-    def _collect(self, module: A.Module, stdlib: bool):
+    def _collect(self, module: A.Module, stdlib: bool, trains: bool = False):
+        """Gather definitions; train blocks only from the file being run (an imported file's
+        train block is not run, so a file may import another example's models)."""
         for item in module.items:
             if isinstance(item, A.FuncDef):
                 table = self.models if item.kind == "model" else self.funcs
@@ -154,12 +187,23 @@ class Lowerer:
                 if item.name in BUILTINS and not stdlib:
                     pass  # a user's def shadows a builtin
                 table[item.name] = item
-            elif isinstance(item, A.TrainDef) and not stdlib:
+            elif isinstance(item, A.TrainDef) and trains:
+                if self.trains:
+                    first = self.trains[0]
+                    raise DlcError(f"a second `train` block (the first, for `{first.model}`, is at "
+                                   f"{Path(first.loc.file).name}:{first.loc.line})", item.loc,
+                                   ["a file has one train block; to train with several losses, declare "
+                                    "`phase`s inside it"])
                 self.trains.append(item)
 
     # ---- entry points --------------------------------------------------------------------------
     def lower_train(self, train: A.TrainDef, fields: dict[str, tuple[str, tuple]]) -> Program:
-        """Lower a train block. `fields` maps each data field to (dtype, per-example shape)."""
+        """Lower a train block. `fields` maps each data field to (dtype, per-example shape).
+
+        The block's statements run in order: settings, bindings (`fake = G(z)`, `a, b = m(x)`)
+        and `phase` blocks, all lowered into one graph, so that every call of a model uses the
+        same parameters. Each phase's loss is an output; `Program.step_graph` cuts one phase's
+        training step out of the graph."""
         if train.model not in self.models:
             raise DlcError(f"unknown model `{train.model}`", train.loc, _suggest(train.model, self.models))
         self.g.name = train.model
@@ -172,38 +216,131 @@ class Lowerer:
             frame.vars[fname] = Tensor(n)
         prog = Program(self.g, self.params, data, self.states, model=train.model)
         self.current_model = train.model
+        bound: dict[str, Loc] = {}
+        declared: list[tuple[A.Phase, dict, dict, dict]] = []
         for st in train.body:
-            if not isinstance(st, A.Assign):
-                raise DlcError("a train block holds settings (`name = value`)", st.loc)
-            if st.name not in TRAIN_SETTINGS:
-                raise DlcError(f"unknown train setting `{st.name}`", st.loc,
-                               _suggest(st.name, TRAIN_SETTINGS) + [f"settings: {', '.join(TRAIN_SETTINGS)}"])
-            if st.name == "metrics":
-                val = self._metrics(st.value)
+            if isinstance(st, A.Phase):
+                if st.name in {p.name for p, *_ in declared}:
+                    raise DlcError(f"phase `{st.name}` is declared twice", st.loc)
+                inner = Frame(dict(frame.vars), {}, "", "train", None, counters=frame.counters)
+                settings, locs = {}, {}
+                outer_updates, self.g.updates = self.g.updates, {}
+                try:
+                    self._train_stmts(st.body, inner, settings, locs, PHASE_SETTINGS, bound, "phase")
+                finally:
+                    updates, self.g.updates = self.g.updates, outer_updates
+                declared.append((st, settings, locs, updates))
             else:
-                val = self.eval(st.value, frame)
-            if st.name == "loss":
-                if not isinstance(val, Tensor) or self.g.shape(val.node) != () or self.g.dtype(val.node) not in FLOATS:
-                    got = self._describe(val)
-                    raise DlcError(f"the loss must be a float scalar, got {got}", st.value.loc,
-                                   ["reduce it with mean(...) or sum(...)"])
-                self.g.outputs["loss"] = val.node
-                if self.model_outputs:
-                    self.g.outputs["output"] = self.model_outputs[0]
-                    for i, x in enumerate(self.model_extras):
-                        self.g.outputs[f"output{i + 2}"] = x
-            elif st.name == "optimizer" and not isinstance(val, OptimizerSpec):
-                raise DlcError("optimizer must be one of " + ", ".join(OPTIMIZERS) + "(...)", st.value.loc)
-            elif st.name in ("batch", "epochs", "seed") and (not isinstance(val, int) or isinstance(val, bool) or val < (0 if st.name == "seed" else 1)):
-                raise DlcError(f"`{st.name}` must be a {'non-negative' if st.name == 'seed' else 'positive'} integer, got {val!r}", st.value.loc)
-            prog.settings[st.name] = val
-            prog.setting_locs[st.name] = st.value.loc
-            frame.vars[st.name] = val
-        if "loss" not in prog.settings:
-            raise DlcError(f"train block for `{train.model}` sets no `loss`", train.loc)
+                self._train_stmts((st,), frame, prog.settings, prog.setting_locs, TRAIN_SETTINGS, bound, "train block")
+        self._check_bindings(train, bound)
+        for k in ("loss", "params"):
+            if declared and k in prog.settings:
+                raise DlcError(f"with phases, each phase sets its own `{k}`", prog.setting_locs[k])
+        if not declared:       # the block is its one phase
+            if "loss" not in prog.settings:
+                raise DlcError(f"train block for `{train.model}` sets no `loss`", train.loc)
+            own = [k for k in ("loss", "params") if k in prog.settings]
+            declared = [(A.Phase(train.loc, "", ()), {k: prog.settings[k] for k in own},
+                         {k: prog.setting_locs[k] for k in own}, {})]
+        default_opt = prog.settings.get("optimizer") or OptimizerSpec("sgd", 0.01)
+        for st, settings, locs, updates in declared:
+            if "loss" not in settings:
+                raise DlcError(f"phase `{st.name}` sets no `loss`", st.loc)
+            names = (self._select_params(settings["params"], locs["params"], st.name)
+                     if "params" in settings else list(self.params))
+            phase = Phase(st.name, settings["loss"].node, names, settings.get("optimizer", default_opt),
+                          settings.get("steps", 1), settings.get("every", 1), st.loc, locs, updates)
+            if "params" in settings:
+                self._check_reached(phase)
+            prog.phases.append(phase)
+            self.g.outputs[phase.output] = phase.loss
         if not self.model_outputs:
-            raise DlcError(f"the loss never calls the model `{train.model}`", prog.setting_locs["loss"])
+            raise DlcError(f"the loss never calls the model `{train.model}`",
+                           prog.phases[0].setting_locs["loss"])
+        self._model_outputs()
         return prog
+
+    def _train_stmts(self, stmts, frame: Frame, settings: dict, locs: dict, allowed: tuple, bound: dict, where: str):
+        """Settings (`name = value` for a name in `allowed`) and bindings of a train block or phase."""
+        for st in stmts:
+            if isinstance(st, A.MultiAssign):
+                self.run_stmts((st,), frame)          # `logits, tokens = m(x)`
+                continue
+            if not isinstance(st, A.Assign):
+                raise DlcError(f"a {where} holds settings (`name = value`), bindings"
+                               + (" and `phase` blocks" if where == "train block" else ""), st.loc)
+            if st.name not in allowed:
+                if st.name in TRAIN_SETTINGS + PHASE_SETTINGS:
+                    raise DlcError(f"`{st.name}` is a setting of the "
+                                   f"{'train block' if where == 'phase' else 'phases'}, not of a {where}", st.loc)
+                frame.vars[st.name] = self.eval(st.value, frame)      # a binding: `fake = G(z)`
+                bound[st.name] = st.loc
+                continue
+            if st.name in settings:
+                raise DlcError(f"`{st.name}` is set twice (first at line {locs[st.name].line})", st.loc)
+            val = self._metrics(st.value) if st.name == "metrics" else self.eval(st.value, frame)
+            settings[st.name] = self._check_setting(st.name, val, st.value.loc)
+            locs[st.name] = st.value.loc
+            frame.vars[st.name] = val
+
+    def _check_setting(self, name: str, val, loc: Loc):
+        if name == "loss":
+            if not isinstance(val, Tensor) or self.g.shape(val.node) != () or self.g.dtype(val.node) not in FLOATS:
+                raise DlcError(f"the loss must be a float scalar, got {self._describe(val)}", loc,
+                               ["reduce it with mean(...) or sum(...)"])
+        elif name == "optimizer" and not isinstance(val, OptimizerSpec):
+            raise DlcError("optimizer must be one of " + ", ".join(OPTIMIZERS) + "(...)", loc)
+        elif name in ("batch", "epochs", "seed", "steps", "every"):
+            low = 0 if name == "seed" else 1
+            if not isinstance(val, int) or isinstance(val, bool) or val < low:
+                raise DlcError(f"`{name}` must be a {'non-negative' if low == 0 else 'positive'} integer, "
+                               f"got {self._describe(val)}", loc)
+        elif name == "params":
+            if isinstance(val, str):
+                val = [val]
+            if not (isinstance(val, list) and val and all(isinstance(v, str) and v for v in val)):
+                raise DlcError('`params` is a list of parameter names, scopes or patterns, e.g. ["D/*"]', loc)
+        return val
+
+    def _check_bindings(self, train: A.TrainDef, bound: dict):
+        """A name bound in a train block and never used is most likely a misspelt setting."""
+        used = set(_names_in(train.body))
+        for name, loc in bound.items():
+            if name not in used:
+                raise DlcError(f"unknown train setting `{name}` (as a name bound here, it is never used)", loc,
+                               _suggest(name, TRAIN_SETTINGS + PHASE_SETTINGS)
+                               + [f"settings: {', '.join(TRAIN_SETTINGS)}; in a phase: {', '.join(PHASE_SETTINGS)}"])
+
+    def _select_params(self, patterns: list, loc: Loc, phase: str) -> list[str]:
+        """The parameters a phase trains: each pattern is a name, a scope (`D` is everything
+        under `D/`) or a glob (`D/dense_*/W`)."""
+        chosen = set()
+        for pat in patterns:
+            hits = {n for n in self.params
+                    if fnmatch.fnmatchcase(n, pat) or n.startswith(pat.rstrip("/") + "/")}
+            if not hits:
+                scopes = sorted({n.split("/")[0] for n in self.params})
+                raise DlcError(f"phase `{phase}`: `params` pattern \"{pat}\" matches no parameter", loc,
+                               _suggest(pat, scopes) + [f"top-level scopes: {', '.join(scopes) or 'none'}"])
+            chosen |= hits
+        return [n for n in self.params if n in chosen]
+
+    def _check_reached(self, phase: Phase):
+        """Every parameter a phase selects must affect its loss other than through a stop_gradient."""
+        seen, todo = set(), [phase.loss]
+        while todo:
+            n = todo.pop()
+            if n in seen:
+                continue
+            seen.add(n)
+            if self.g.op(n) != "stop_gradient":
+                todo.extend(self.g.args(n))
+        missed = [n for n in phase.params if self.params[n].node not in seen]
+        if missed:
+            more = f" and {len(missed) - 3} more" if len(missed) > 3 else ""
+            raise DlcError(f"phase `{phase.name}` trains {', '.join(missed[:3])}{more}, but its loss does not "
+                           "depend on them", phase.setting_locs["params"],
+                           ["is a stop_gradient in the way, or does the loss not call that model?"])
 
     def lower_model(self, name: str, loc: Loc | None = None) -> Program:
         """Lower a model alone, its inputs typed by its signature (for inference and checks)."""
@@ -230,11 +367,13 @@ class Lowerer:
         prog = Program(self.g, self.params, {self.g[a.node]["name"]: a.node for a in args}, self.states, model=name)
         call = A.Call(fn.loc, name, fn.loc, tuple(A.Name(fn.loc, p.name) for p in fn.params), ())
         frame.vars.update({p.name: a for p, a in zip(fn.params, args)})
-        out = self.eval(call, frame)
-        self.g.outputs["output"] = out.node
-        for i, x in enumerate(self.model_extras):
-            self.g.outputs[f"output{i + 2}"] = x
+        self.eval(call, frame)
+        self._model_outputs()
         return prog
+
+    def _model_outputs(self):
+        for i, n in enumerate(self.model_outputs):
+            self.g.outputs["output" if i == 0 else f"output{i + 1}"] = n
 
     # ---- expressions ---------------------------------------------------------------------------
     def loc_of(self, node: A.Node, frame: Frame) -> Loc:
@@ -306,6 +445,8 @@ class Lowerer:
             return f"the boolean {str(v).lower()}"
         if isinstance(v, (int, float)):
             return f"the number {v}"
+        if isinstance(v, tuple):
+            return f"{len(v)} values (unpack them: `a, b = f(...)`)"
         return type(v).__name__ if not isinstance(v, (InitSpec, OptimizerSpec, str)) else repr(str(v))
 
     def to_tensor(self, v, like_dtype: str | None, loc: Loc) -> Tensor:
@@ -341,7 +482,7 @@ class Lowerer:
 
     # ---- calls -----------------------------------------------------------------------------------
     def call(self, e: A.Call, frame: Frame):
-        top = self.depth == 1 and frame.fn in self.models and frame.fn == getattr(self, "current_model", None)
+        top = self.depth == 1 and frame.fn in self.models and frame.fn == self.current_model
         before = (0, self._count(self.params), self._count(self.states)) if top else None
         nlayers = len(self.layers)
         result = self._call(e, frame)
@@ -442,9 +583,10 @@ class Lowerer:
             if share is not None:
                 local = share
             else:
-                key = (base, fn.name)
-                self.counters[key] = self.counters.get(key, 0) + 1
-                local = f"{fn.name}_{self.counters[key]}"
+                # numbered per call of the enclosing function: a model called twice, or two
+                # calls given one `name`, make the same scopes inside and so share parameters
+                frame.counters[fn.name] = frame.counters.get(fn.name, 0) + 1
+                local = f"{fn.name}_{frame.counters[fn.name]}"
             scope = f"{base}/{local}" if base else local
         user_loc = e.loc if e.loc.file in self.user_files else frame.user_loc
         inner = Frame({}, {}, scope, fn.name, user_loc)
@@ -474,17 +616,15 @@ class Lowerer:
             raise
         finally:
             self.depth -= 1
-        extras = ()
-        if fn.kind == "model" and isinstance(result, tuple):
-            # a model's main output comes first; the rest (e.g. decoded tokens) are extra outputs
-            result, extras = result[0], result[1:]
+        # several values (`return a, b`) are a tuple, unpacked with `a, b = f(x)`; the declared
+        # result type is the first one's. The first call of the trained model gives the
+        # program's outputs: "output" (the metrics read it), then "output2", ... (decoded tokens)
+        values = result if isinstance(result, tuple) else (result,)
         if fn.ret is not None:
             ret_loc = self._return_loc(fn) if fn.loc.file in self.user_files else e.loc
-            self.check_type(fn.ret, result, inner, f"the result of `{fn.name}`", ret_loc)
-        if fn.kind == "model" and isinstance(result, Tensor) and getattr(self, "current_model", None) == fn.name:
-            self.model_outputs.append(result.node)
-            if len(self.model_outputs) == 1:
-                self.model_extras = [x.node for x in extras if isinstance(x, Tensor)]
+            self.check_type(fn.ret, values[0], inner, f"the result of `{fn.name}`", ret_loc)
+        if fn.kind == "model" and fn.name == self.current_model and not self.model_outputs:
+            self.model_outputs = [v.node for v in values if isinstance(v, Tensor)]
         self.last_scope = scope
         return result
 
@@ -577,6 +717,7 @@ class Lowerer:
         inner = Frame({k: (_Outer(v.node) if isinstance(v, Tensor) else v) for k, v in frame.vars.items()},
                       dict(frame.dims), frame.scope, frame.fn, frame.user_loc)
         inner.yielded = []
+        inner.counters = frame.counters          # the body is in its enclosing call's scope
         with body.at(loc):
             for name, n in carries:
                 inner.vars[name] = Tensor(body.input(name, outer.shape(n), outer.dtype(n), "data"))
@@ -787,7 +928,20 @@ _TENSOR_BINOPS = {"+": "add", "-": "sub", "*": "mul", "/": "div", "**": "pow", "
 
 CONSTANTS = {"pi": math.pi, "e": math.e, "inf": math.inf}
 METRICS = ("accuracy", "exact", "loss")
-TRAIN_SETTINGS = ("loss", "optimizer", "batch", "epochs", "seed", "metrics")
+TRAIN_SETTINGS = ("loss", "optimizer", "params", "batch", "epochs", "seed", "metrics")
+PHASE_SETTINGS = ("loss", "params", "optimizer", "steps", "every")
+
+
+def _names_in(node):
+    """Every name an AST (or tuple of them) reads."""
+    if isinstance(node, A.Name):
+        yield node.name
+    if isinstance(node, A.Node):
+        for f in fields(node):
+            yield from _names_in(getattr(node, f.name))
+    elif isinstance(node, tuple):
+        for x in node:
+            yield from _names_in(x)
 
 from .builtins import BUILTINS  # noqa: E402  (the builtins use Tensor and Lowerer above)
 
