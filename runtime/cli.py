@@ -86,6 +86,7 @@ def make_parser() -> argparse.ArgumentParser:
                    + ", ".join(f"{k}={v}" for k, v in ALIASES.items()) + ")")
     i.add_argument("--program", choices=["train", "eval"], default="train",
                    help="the training step (default) or the evaluation program")
+    i.add_argument("--phase", help="which phase's training step (default: the first)")
     i.add_argument("--format", choices=["text", "dot"], default="text")
     i.add_argument("-o", "--output", help="write to a file instead of standard output")
     return p
@@ -166,7 +167,8 @@ def _run(args, options) -> int:
     if progress:
         hit = "reused cached kernels" if s.cache_hit else "compiled"
         print(f"dlc: {s.program.model}: {len(s.params)} parameter tensors "
-              f"({sum(p.size for p in s.params.values()):,} values), {s.train_ex.kernels} kernels in the step; "
+              f"({sum(p.size for p in s.params.values()):,} values), {s.kernels} kernels in "
+              f"{'the step' if len(s.phases) == 1 else f'the steps of {len(s.phases)} phases'}; "
               f"{hit} in {s.compile_seconds:.2f}s", file=sys.stderr)
     if args.load:
         s.load(args.load)
@@ -236,6 +238,16 @@ def _size(shape):
     return math.prod(shape)
 
 
+def _phase(prog, name):
+    if name is None:
+        return prog.phases[0]
+    for ph in prog.phases:
+        if ph.name == name:
+            return ph
+    names = ", ".join(ph.name for ph in prog.phases if ph.name)
+    raise DlcError(f"--phase {name}: no such phase; " + (f"phases: {names}" if names else "this train block has no phases"))
+
+
 def _ir(args) -> int:
     from compiler import printer
     from compiler.driver import build, optimize
@@ -252,11 +264,10 @@ def _ir(args) -> int:
         g = prog.graph
         kind = "train" if (args.program == "train" and lw.trains) else "eval"
         if stage != "lowered":
-            opt = prog.settings.get("optimizer")
-            if kind == "train" and opt is None:
-                from compiler.lower import OptimizerSpec
-                opt = OptimizerSpec("sgd", 0.01)
-            ctx = Context(params={k: v.node for k, v in prog.params.items()}, optimizer=opt)
+            ctx = Context()
+            if kind == "train":
+                phase = _phase(prog, args.phase)
+                g, ctx = prog.step_graph(phase), Context.for_phase(prog, phase)
             if kind == "eval" and stage in ("autodiff", "optimizer"):
                 raise DlcError(f"the evaluation program has no `{stage}` stage")
             g = optimize(g, kind, ctx, fuse=not args.no_fuse,

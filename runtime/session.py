@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from compiler.driver import Executable, build, example_args, optimize
-from compiler.lower import Lowerer, OptimizerSpec
-from compiler.optim import bias_corrections
+from compiler.lower import Lowerer, Phase
+from compiler.optim import step_scalars
 from compiler.passes import Context
 from compiler.shapes import DTYPES
 from dsl import ast as A
@@ -66,29 +66,34 @@ class Session:
         self.eval_program = eval_lowerer.lower_train(eval_lowerer.trains[0], self.dataset.fields())
         self.program = self.lowerer.lower_train(train, self.dataset.fields()) if self.opt.train else self.eval_program
         s = self.program.settings
-        self.settings = {**DEFAULTS, **{k: v for k, v in s.items() if k != "loss"}}
+        self.settings = {**DEFAULTS, **{k: v for k, v in s.items() if k not in ("loss", "params")}}
         self.settings["seed"] = self.seed
         for k in ("epochs", "batch"):
             if getattr(self.opt, k) is not None:
                 self.settings[k] = getattr(self.opt, k)
-        spec = self.settings.get("optimizer") or OptimizerSpec("sgd", 0.01)
-        if self.opt.lr is not None:
-            spec = spec.replace(lr=self.opt.lr)
-        self.optimizer = spec
+        self.phases: list[Phase] = self.program.phases
+        if self.opt.lr is not None:             # --lr sets every phase's learning rate
+            for ph in self.phases:
+                ph.optimizer = ph.optimizer.replace(lr=self.opt.lr)
+        self.optimizer = self.phases[0].optimizer
+        self.schedule = schedule(self.phases)
         self.lower_seconds = time.perf_counter() - t0
         self.params_info = self.program.params
         # the evaluation program is the forward graph lowered with `training` false (dropout
         # off, batch norm on running statistics, decoders feeding back their own predictions);
-        # the training step adds the backward pass and the optimizer's update
+        # each phase's training step adds its backward pass and its optimizer's update
         self.eval_graph = optimize(self.eval_program.graph, "eval", Context(), self.opt.fuse)
         self.eval_ex = build(self.eval_graph)
-        self.train_ex = None
+        self.train_exes: list[Executable] = []
         if self.opt.train:
-            ctx = Context(params={k: v.node for k, v in self.params_info.items()}, optimizer=spec)
-            self.train_graph = optimize(self.program.graph, "train", ctx, self.opt.fuse)
-            self.train_ex = build(self.train_graph)
+            for ph in self.phases:
+                g = optimize(self.program.step_graph(ph), "train", Context.for_phase(self.program, ph), self.opt.fuse)
+                self.train_exes.append(build(g))
+        self.train_ex = self.train_exes[0] if self.train_exes else None
+        self.train_graph = self.train_ex.graph if self.train_ex else None
         self.params, self.state = self._init_params()
-        self.step_count = 0
+        self.step_count = 0                                  # steps of every phase
+        self.phase_steps = {ph.name: 0 for ph in self.phases}   # each phase's own (bias corrections)
         self._compile()
         self.compile_seconds = time.perf_counter() - t0
 
@@ -101,14 +106,15 @@ class Session:
         state = {}          # the model's own state (running statistics), then the optimizer's
         for name, info in self.program.states.items():
             state[name] = initialize(info.init, info.shape, DTYPES[info.dtype], rng, info.loc)
-        for (name, kind, shape, dtype) in (self.train_ex.inputs if self.train_ex else []):
-            if kind == "state" and name not in state:
-                state[name] = np.zeros(shape, DTYPES[dtype])
+        for ex in self.train_exes:
+            for (name, kind, shape, dtype) in ex.inputs:
+                if kind == "state" and name not in state:
+                    state[name] = np.zeros(shape, DTYPES[dtype])
         return params, state
 
     def _compile(self):
         b = int(self.settings["batch"])
-        exes = [ex for ex in (self.train_ex, self.eval_ex) if ex is not None]
+        exes = self.train_exes + [self.eval_ex]
         for ex in exes:
             ex.compile_for(example_args(ex, {"B": b}))
         self.cache_hit = all(ex.cache_hit for ex in exes)
@@ -127,11 +133,23 @@ class Session:
         return args
 
     # ---- running ---------------------------------------------------------------------------------
+    @property
+    def next_phase(self) -> int:
+        """The phase the schedule runs at the next step (an index into `phases`)."""
+        return self.schedule[self.step_count % len(self.schedule)]
+
+    @property
+    def kernels(self) -> int:
+        return sum(ex.kernels for ex in self.train_exes)
+
     def train_step(self, batch: dict) -> tuple[float, np.ndarray]:
+        """One step of the phase the schedule is at: its loss and the model's output."""
+        i = self.next_phase
+        ph, ex = self.phases[i], self.train_exes[i]
         self.step_count += 1
-        sc = {"lr": self.optimizer.lr, "rng": self.rng_seed(self.step_count),
-              **bias_corrections(self.optimizer, self.step_count)}
-        res = dict(zip(self.train_ex.outputs, self.train_ex(*self._args(self.train_ex, batch, sc))))
+        self.phase_steps[ph.name] += 1
+        sc = {"rng": self.rng_seed(self.step_count), **step_scalars(ph.optimizer, self.phase_steps[ph.name])}
+        res = dict(zip(ex.outputs, ex(*self._args(ex, batch, sc))))
         return float(res["loss"]), res["output"]
 
     def rng_seed(self, step: int) -> int:
@@ -142,22 +160,23 @@ class Session:
         n = len(next(iter(split.values())))
         if n == 0:
             return {}
-        total, outs = 0.0, []
+        totals, outs = {ph.output: 0.0 for ph in self.phases}, []
         for s in range(0, n, batch_size):
             b = {k: np.ascontiguousarray(v[s:s + batch_size]) for k, v in split.items()}
             res = self.run_eval(b)
-            total += float(res["loss"]) * len(b["x"] if "x" in b else next(iter(b.values())))
+            for k in totals:
+                totals[k] += float(res[k]) * len(next(iter(b.values())))
             outs.append(res["output"])
         out = np.concatenate(outs)
-        return self._metrics(total / n, out, split.get("y"))
+        return self._metrics({k: v / n for k, v in totals.items()}, out, split.get("y"))
 
     def run_eval(self, batch: dict, step: int = 0) -> dict:
         """The evaluation program on one batch: {"loss", "output", "output2", ...}."""
         sc = {"rng": self.rng_seed(step)}
         return dict(zip(self.eval_ex.outputs, self.eval_ex(*self._args(self.eval_ex, batch, sc))))
 
-    def _metrics(self, loss, out, y) -> dict:
-        m = {"loss": loss}
+    def _metrics(self, losses: dict, out, y) -> dict:
+        m = dict(losses)
         if y is not None and y.dtype.kind in "iu" and out.ndim == y.ndim + 1:
             m.update(label_metrics(out, y, self.settings["metrics"]))
         return m
@@ -182,34 +201,39 @@ class Session:
         ep_metrics = {}
         for ep in range(epochs):
             perm = rng.permutation(n)
-            total, t_ep, outs, ys = 0.0, time.perf_counter(), [], []
+            totals = {ph.output: [0.0, 0] for ph in self.phases}     # loss * examples, examples
+            t_ep, outs, ys = time.perf_counter(), [], []
             bar = tqdm(range(0, n, batch), desc=f"epoch {ep + 1}/{epochs}", leave=False, file=sys.stderr,
                        disable=not (progress and sys.stderr.isatty()), unit="batch")
             for s in bar:
                 idx = perm[s:s + batch]
                 b = {k: np.ascontiguousarray(v[idx]) for k, v in train.items()}
+                ph = self.phases[self.next_phase]
                 t0 = time.perf_counter()
                 loss, out = self.train_step(b)
                 step_times.append(time.perf_counter() - t0)
                 if not math.isfinite(loss):
-                    raise DlcError(f"the loss became {loss} at epoch {ep + 1}, step {self.step_count}; "
-                                   "try a smaller learning rate", self.program.setting_locs.get("optimizer"))
-                total += loss * len(idx)
+                    which = f" of phase `{ph.name}`" if ph.name else ""
+                    raise DlcError(f"the loss{which} became {loss} at epoch {ep + 1}, step {self.step_count}; "
+                                   "try a smaller learning rate",
+                                   ph.setting_locs.get("optimizer") or self.program.setting_locs.get("optimizer"))
+                totals[ph.output][0] += loss * len(idx)
+                totals[ph.output][1] += len(idx)
                 if "y" in b and b["y"].dtype.kind in "iu" and out.ndim == b["y"].ndim + 1:
                     outs.append(out.argmax(-1))
                     ys.append(b["y"])
-            ep_metrics = {"loss": total / n}
+            ep_metrics = {k: t / m for k, (t, m) in totals.items() if m}
             if outs:
                 ep_metrics.update(label_metrics(np.concatenate(outs), np.concatenate(ys), self.settings["metrics"],
                                                 predicted=True))
             test = self.evaluate(self.dataset.test)
             history.append({"epoch": ep + 1, "train": ep_metrics, "test": test})
             if progress:
-                msg = f"epoch {ep + 1:>3}/{epochs}  loss {ep_metrics['loss']:.4f}"
+                msg = f"epoch {ep + 1:>3}/{epochs}  " + self._losses_text(ep_metrics)
                 if "accuracy" in ep_metrics:
                     msg += f"  acc {ep_metrics['accuracy']:.4f}"
                 if test:
-                    msg += f"  test_loss {test['loss']:.4f}"
+                    msg += "  " + self._losses_text(test, "test_")
                     if "accuracy" in test:
                         msg += f"  test_acc {test['accuracy']:.4f}"
                     if "exact" in test:
@@ -231,10 +255,16 @@ class Session:
             "seed": self.seed,
         }
 
+    def _losses_text(self, metrics: dict, prefix: str = "") -> str:
+        """`loss 0.1234`, or one `loss:PHASE` per phase."""
+        return "  ".join(f"{prefix}{ph.output} {metrics[ph.output]:.4f}" for ph in self.phases if ph.output in metrics)
+
     # ---- checkpoints -----------------------------------------------------------------------------
     def save(self, path) -> None:
-        checkpoint.save(path, self.params, self.state, {"step": self.step_count, "model": self.program.model,
-                                                        "optimizer": self.optimizer.name})
+        checkpoint.save(path, self.params, self.state, {
+            "step": self.step_count, "model": self.program.model,
+            "phases": {ph.name: {"optimizer": ph.optimizer.name, "step": self.phase_steps[ph.name]}
+                       for ph in self.phases}})
 
     def load(self, path) -> None:
         params, state, meta = checkpoint.load(path)
@@ -250,7 +280,22 @@ class Session:
         for k, v in state.items():
             if k in self.state and v.shape == self.state[k].shape:
                 self.state[k][...] = v
-        self.step_count = int(meta.get("step", 0)) if set(state) == set(self.state) else 0
+        # the step counts go with the optimizer state: a checkpoint of another optimizer (or
+        # phases) restarts them, with the state it lacks at zero
+        same = set(state) == set(self.state)
+        self.step_count = int(meta.get("step", 0)) if same else 0
+        saved = meta.get("phases", {"": {"step": self.step_count}})
+        for ph in self.phases:
+            self.phase_steps[ph.name] = int(saved.get(ph.name, {}).get("step", 0)) if same else 0
+
+
+def schedule(phases: list[Phase]) -> list[int]:
+    """One period of the phase schedule, as phase indices, one per step. Rounds r = 0, 1, ...
+    run, in the block's order, each phase due in that round (r % every == 0) `steps` times;
+    the period is lcm(every) rounds. Step s runs phase `period[s % len(period)]`, so the
+    schedule follows from the step count alone (and resumes from a checkpoint)."""
+    rounds = math.lcm(*(ph.every for ph in phases))
+    return [i for r in range(rounds) for i, ph in enumerate(phases) if r % ph.every == 0 for _ in range(ph.steps)]
 
 
 def label_metrics(out: np.ndarray, y: np.ndarray, wanted, predicted: bool = False) -> dict:
