@@ -181,7 +181,7 @@ def _run(args, options) -> int:
         print(json.dumps(report))
     else:
         t = report["test"]
-        line = f"test: loss {t.get('loss', float('nan')):.4f}"
+        line = "test: " + s.losses_text(t)
         if "accuracy" in t:
             line += f"  accuracy {t['accuracy']:.4f}"
         print(line + f"  (train {report['train_seconds']:.1f}s, compile {report['compile_seconds']:.1f}s,"

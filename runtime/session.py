@@ -229,11 +229,11 @@ class Session:
             test = self.evaluate(self.dataset.test)
             history.append({"epoch": ep + 1, "train": ep_metrics, "test": test})
             if progress:
-                msg = f"epoch {ep + 1:>3}/{epochs}  " + self._losses_text(ep_metrics)
+                msg = f"epoch {ep + 1:>3}/{epochs}  " + self.losses_text(ep_metrics)
                 if "accuracy" in ep_metrics:
                     msg += f"  acc {ep_metrics['accuracy']:.4f}"
                 if test:
-                    msg += "  " + self._losses_text(test, "test_")
+                    msg += "  " + self.losses_text(test, "test_")
                     if "accuracy" in test:
                         msg += f"  test_acc {test['accuracy']:.4f}"
                     if "exact" in test:
@@ -255,7 +255,7 @@ class Session:
             "seed": self.seed,
         }
 
-    def _losses_text(self, metrics: dict, prefix: str = "") -> str:
+    def losses_text(self, metrics: dict, prefix: str = "") -> str:
         """`loss 0.1234`, or one `loss:PHASE` per phase."""
         return "  ".join(f"{prefix}{ph.output} {metrics[ph.output]:.4f}" for ph in self.phases if ph.output in metrics)
 
