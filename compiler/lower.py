@@ -1,9 +1,13 @@
 """Lowering: the AST becomes the graph IR, with every shape checked.
 
 `def`s and `model`s are inlined at each call; every call site of a `def` gets its own
-parameters, named hierarchically (`mlp/dense_1/W`). Passing `name = "..."` to a call names its
-scope explicitly, and two calls given the same name share one set of parameters (weight tying).
-A model is one scope: calling it twice uses the same parameters.
+parameters, named hierarchically (`mlp/dense_1/W`), the calls numbered within each call of the
+enclosing function. A model is one scope, so calling it twice makes the same names and uses
+the same parameters; so does passing the same `name = "..."` to two calls (weight tying, of
+everything the function calls too).
+
+A train block lowers to one graph holding every phase's loss (`Program.phases`); each phase's
+training step is cut out of it (`Program.step_graph`).
 """
 from __future__ import annotations
 
@@ -669,6 +673,8 @@ class Lowerer:
                 frame.vars.update(zip(st.names, v))
             elif isinstance(st, A.Scan):
                 self.run_scan(st, frame)
+            elif isinstance(st, A.Phase):
+                raise DlcError("`phase` blocks belong in a train block", st.loc)
             elif isinstance(st, A.Yield):
                 if frame.yielded is None:
                     raise DlcError("`yield` belongs in the body of a `scan`", st.loc)

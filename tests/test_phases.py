@@ -348,8 +348,10 @@ model D(x: f32[B, 64]) -> f32[B, 1] { return dense(x, 1) }
     ("train G on digits() {\n loss = mean(G(x))\n optimiser = adam()\n}\n", 6,
      "unknown train setting `optimiser`"),
     ("train G on digits() {\n a, b = G(x)\n loss = mean(a)\n}\n", 5, "2 names on the left but 1 value"),
-    ("train G on digits() {\n loss = mean(G(x))\n phase d { loss = mean(G(x)); steps = 0 }\n}\n", 6,
+    ("train G on digits() {\n phase d { loss = mean(G(x)); steps = 0 }\n}\n", 5,
      "`steps` must be a positive integer"),
+    ("def f(x) {\n phase d { loss = 1 }\n return x\n}\ntrain G on digits() { loss = mean(G(f(x))) }\n", 5,
+     "`phase` blocks belong in a train block"),
 ])
 def test_phase_mistakes_are_located(capsys, dl_file, body, line, words):
     p = dl_file(HEAD + body)
