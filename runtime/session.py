@@ -247,6 +247,7 @@ class Session:
             "train": ep_metrics,
             "epochs": epochs,
             "steps": self.step_count,
+            **({"phase_steps": dict(self.phase_steps)} if self.phases[0].name else {}),
             "compile_seconds": round(self.compile_seconds, 3),
             "train_seconds": round(train_seconds, 3),
             "step_ms": round(1000 * float(np.median(step_times)), 4) if step_times else None,

@@ -155,6 +155,9 @@ def test_fit_reports_each_phase_loss(dl_file):
     rep = s.fit(progress=True, log=lines.append)
     assert set(rep["train"]) >= {"loss:u", "loss:v"} and set(rep["test"]) >= {"loss:u", "loss:v"}
     assert "loss:u" in lines[0] and "test_loss:v" in lines[0]
+    n = len(s.dataset.train["x"])
+    steps = -(-n // 16)
+    assert rep["phase_steps"] == {"u": steps - steps // 3, "v": steps // 3}
     # each phase's loss is the mean over its own steps: on the held-out split both phases
     # have the same loss expression, so their test losses agree
     assert rep["test"]["loss:u"] == pytest.approx(rep["test"]["loss:v"], rel=1e-6)
@@ -400,3 +403,13 @@ def test_gan_example_learns_the_digits():
     p = clf.predict_proba(generated())
     assert p.max(1).mean() > 0.7
     assert (np.bincount(p.argmax(1), minlength=10) / len(p) >= 0.03).sum() >= 8
+
+
+def test_ir_shows_one_phase_step(capsys, dl_file):
+    p = dl_file(ALTERNATING)
+    assert main(["ir", str(p), "--stage", "optimizer", "--phase", "v"]) == 0
+    out = capsys.readouterr().out
+    assert "v:adam.m/M/V" in out and "sgd.momentum" not in out
+    assert "d loss / d M/V" in out and "d loss / d M/U" not in out
+    assert main(["ir", str(p), "--stage", "grad", "--phase", "w"]) == 2
+    assert "no such phase; phases: u, v" in capsys.readouterr().err
