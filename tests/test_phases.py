@@ -413,3 +413,26 @@ def test_ir_shows_one_phase_step(capsys, dl_file):
     assert "d loss / d M/V" in out and "d loss / d M/U" not in out
     assert main(["ir", str(p), "--stage", "grad", "--phase", "w"]) == 2
     assert "no such phase; phases: u, v" in capsys.readouterr().err
+
+
+def test_state_updates_belong_to_the_phase_that_makes_them(dl_file):
+    """Running statistics change in the steps of the phase whose loss calls the layer (and
+    a layer called by two phases updates them in each: once per step, not an error)."""
+    s = _session(dl_file, """
+model M(x: f32[B, 64]) -> f32[B, 10] { return dense(batch_norm(x), 10) }
+model N(x: f32[B, 64]) -> f32[B, 10] { return dense(x, 10) }
+train M on digits() {
+    phase a { loss = cross_entropy(M(x), y); params = ["M"] }
+    phase b { loss = mse(N(x), M(x)); params = ["N"] }
+    phase c { loss = mean(N(x) ** 2); params = ["N"] }
+}
+""")
+    key = "M/batch_norm_1/running_mean"
+    seen = []
+    for b in _batches(s, 3):
+        before = s.state[key].copy()
+        s.train_step(b)
+        seen.append(not np.array_equal(s.state[key], before))
+        if seen[-1]:
+            np.testing.assert_allclose(s.state[key], 0.9 * before + 0.1 * b["x"].mean(0), rtol=1e-12)
+    assert seen == [True, True, False]
