@@ -87,7 +87,10 @@ class OptimizerSpec:
         return hash(self._key())
 
     def __repr__(self):
-        return f"{self.name}({', '.join(f'{k}={v!r}' for k, v in self.options.items())})"
+        """As written in a `.dl` file: the learning rate and the options not at their defaults."""
+        d = self.entry.defaults
+        shown = {k: v for k, v in self.options.items() if k == "lr" or v != d[k]}
+        return f"{self.name}({', '.join(f'{k} = {v!r}' for k, v in shown.items())})"
 
 
 # ---- building the update ----------------------------------------------------------------------

@@ -209,6 +209,9 @@ def _check(args) -> int:
     n = sum(_size(info.shape) for info in prog.params.values())
     print(f"{args.file}: ok — model `{prog.model}`, {len(prog.params)} parameter tensors ({n:,} values)")
     sys.stdout.write(summary(lw, prog))
+    for ph in prog.phases if prog.phases and prog.phases[0].name else ():
+        sched = f"{ph.steps} step{'s' * (ph.steps != 1)}" + (f" every {ph.every} rounds" if ph.every > 1 else "")
+        print(f"phase {ph.name}: {len(ph.params)} parameter tensors, {ph.optimizer}, {sched}")
     return 0
 
 
