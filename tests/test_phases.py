@@ -436,3 +436,28 @@ train M on digits() {
         if seen[-1]:
             np.testing.assert_allclose(s.state[key], 0.9 * before + 0.1 * b["x"].mean(0), rtol=1e-12)
     assert seen == [True, True, False]
+
+
+def test_two_phases_training_one_parameter_keep_separate_states(dl_file):
+    s = _session(dl_file, """
+model M(x: f32[B, 64]) -> f32[B, 10] { return dense(x, 10) }
+train M on digits() {
+    optimizer = adam(lr = 0.01)                        # the phases' default
+    phase a { loss = cross_entropy(M(x), y); params = ["M/dense_1/W"] }
+    phase b { loss = mean(M(x) ** 2); params = "M/dense_1/W"; optimizer = adam(lr = 0.001, beta1 = 0.5) }
+}
+""")
+    assert [ph.optimizer for ph in s.phases] == [OptimizerSpec("adam", 0.01), OptimizerSpec("adam", 0.001, beta1=0.5)]
+    assert set(s.state) == {"a:adam.m/M/dense_1/W", "a:adam.v/M/dense_1/W", "b:adam.m/M/dense_1/W",
+                            "b:adam.v/M/dense_1/W"}
+    b1, b2 = _batches(s, 2)
+    s.train_step(b1)
+    assert np.any(s.state["a:adam.m/M/dense_1/W"]) and not np.any(s.state["b:adam.m/M/dense_1/W"])
+    m_a = s.state["a:adam.m/M/dense_1/W"].copy()
+    W = s.params["M/dense_1/W"].copy()
+    s.train_step(b2)
+    np.testing.assert_array_equal(s.state["a:adam.m/M/dense_1/W"], m_a)
+    # phase b's first step: its own bias correction (t = 1), so the step is lr * sign(g)
+    step = W - s.params["M/dense_1/W"]
+    nz = np.abs(s.state["b:adam.m/M/dense_1/W"]) > 1e-4      # away from eps
+    np.testing.assert_allclose(np.abs(step[nz]), 0.001, rtol=1e-3)
