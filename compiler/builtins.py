@@ -5,6 +5,8 @@ that every builtin reports arity and keyword mistakes the same way.
 """
 from __future__ import annotations
 
+import math
+
 from dsl.diagnostics import DlcError
 
 from .shapes import FLOATS, INTS, norm_axes, ShapeError
@@ -344,3 +346,77 @@ def _sample(lw, e, logits, temperature):
     lw.rng_salt += 1
     return _T(lw.g.add("sample", _tensor(lw, e, logits), lw.rng_input(), salt=lw.rng_salt,
                        temperature=float(temperature)))
+
+
+# ---- math: floor, sin, cos, flip, cumsum, arange, iota ---------------------------------------------
+def _folding_unary(name, fold):
+    """An elementwise builtin that folds on numbers at compile time (`sin(pi / 2)` is 1.0)."""
+    @builtin(name, "x")
+    def f(lw, e, x):
+        if isinstance(x, (int, float)) and not isinstance(x, bool):
+            return fold(x)
+        return _T(lw.g.add(name, _tensor(lw, e, x)))
+
+
+for _n, _fold in (("floor", math.floor), ("sin", math.sin), ("cos", math.cos)):
+    _folding_unary(_n, _fold)
+
+
+def _one_axis(lw, e, x, axis):
+    if not isinstance(axis, int) or isinstance(axis, bool):
+        raise DlcError(f"`{e.func}`: axis must be an integer, got {lw._describe(axis)}", e.loc)
+    (ax,) = _axes(lw, e, x, axis)
+    return ax
+
+
+@builtin("flip", "x", axis=-1)
+def _flip(lw, e, x, axis):
+    """Reverse the order along an axis (or each axis of a list)."""
+    x = _tensor(lw, e, x)
+    for ax in _axes(lw, e, x, axis) if isinstance(axis, list) else (_one_axis(lw, e, x, axis),):
+        x = lw.g.add("flip", x, axis=ax)
+    return _T(x)
+
+
+@builtin("cumsum", "x", axis=-1, reverse=False)
+def _cumsum(lw, e, x, axis, reverse):
+    """Inclusive running sum along an axis (from the end with `reverse = true`); a running
+    count for a boolean mask."""
+    x = _tensor(lw, e, x)
+    if not isinstance(reverse, bool):
+        raise DlcError("`cumsum`: reverse must be true or false", e.loc)
+    return _T(lw.g.add("cumsum", x, axis=_one_axis(lw, e, x, axis), reverse=reverse))
+
+
+def _dims(lw, e, shape, what="shape"):
+    from .lower import SymDim
+    dims = shape if isinstance(shape, list) else [shape]
+    ok = all((isinstance(d, int) and not isinstance(d, bool) and d > 0) or isinstance(d, SymDim) for d in dims)
+    if not dims or not ok:
+        raise DlcError(f"`{e.func}`: {what} must be a positive size or a list of sizes, got {lw._describe(shape)}",
+                       e.loc)
+    return tuple(dims)
+
+
+def _index_dtype(lw, e, dtype):
+    if dtype not in ("i32", "i64", "float"):
+        raise DlcError(f'`{e.func}`: dtype is "i32", "i64" or "float", got {lw._describe(dtype)}', e.loc)
+    return lw.float_dtype if dtype == "float" else dtype
+
+
+@builtin("iota", "shape", "axis", dtype="i32")
+def _iota(lw, e, shape, axis, dtype):
+    """A tensor of `shape` holding each element's index along `axis`: iota([T, T], 0) >=
+    iota([T, T], 1) is a causal mask."""
+    shape = _dims(lw, e, shape)
+    dt = _index_dtype(lw, e, dtype)
+    like = lw.g.add("broadcast_to", lw.g.const(0, dt), shape=shape)
+    return _T(lw.g.add("iota", like, axis=_one_axis(lw, e, like, axis), dtype=dt))
+
+
+@builtin("arange", "n", dtype="i32")
+def _arange(lw, e, n, dtype):
+    """0, 1, ..., n - 1 (n may be a symbolic size such as a sequence length)."""
+    (n,) = _dims(lw, e, n, "n")
+    dt = _index_dtype(lw, e, dtype)
+    return _T(lw.g.add("iota", lw.g.add("broadcast_to", lw.g.const(0, dt), shape=(n,)), axis=0, dtype=dt))

@@ -20,6 +20,7 @@ from dsl import ast as A
 from dsl.diagnostics import DlcError, Loc
 from dsl.parser import parse_file
 
+from . import indexing
 from .ir import Graph
 from .optim import OPTIMIZERS, OptimizerSpec
 from .shapes import FLOATS, INTS, dim_div, dim_factors, dim_mul, fmt_shape, fmt_type, same_dim
@@ -274,9 +275,27 @@ class Lowerer:
                 raise DlcError(f"cannot negate {self._describe(v)}", e.loc)
             if isinstance(e, A.BinOp):
                 return self.binop(e.op, self.eval(e.left, frame), self.eval(e.right, frame), e)
+            if isinstance(e, A.Not):
+                v = self.eval(e.operand, frame)
+                if isinstance(v, bool):
+                    return not v
+                if isinstance(v, Tensor) and self.g.dtype(v.node) == "bool":
+                    return Tensor(self.g.add("logical_not", v.node))
+                raise DlcError(f"`not` takes a boolean or a comparison, got {self._describe(v)}", e.loc)
+            if isinstance(e, A.Index):
+                return indexing.index(self, self.eval(e.value, frame), [self._subscript(i, frame) for i in e.items],
+                                      e.loc)
             if isinstance(e, A.Call):
                 return self.call(e, frame)
         raise DlcError(f"unsupported expression {type(e).__name__}", e.loc)  # pragma: no cover
+
+    def _subscript(self, it: A.Node, frame: Frame) -> indexing.Item:
+        if isinstance(it, A.EllipsisItem):
+            return indexing.Item("ellipsis", it.loc)
+        if isinstance(it, A.SliceItem):
+            bound = [None if b is None else self.eval(b, frame) for b in (it.start, it.stop)]
+            return indexing.Item("slice", it.loc, start=bound[0], stop=bound[1])
+        return indexing.Item("index", it.loc, value=self.eval(it, frame))
 
     def _name(self, e: A.Name, frame: Frame):
         if e.name in frame.vars:
@@ -327,6 +346,10 @@ class Lowerer:
         num = (int, float)
         if op in ("==", "!=") and isinstance(a, (str, bool)) and isinstance(b, (str, bool)):
             return (a == b) if op == "==" else (a != b)
+        if op in ("and", "or"):
+            return self._logical(op, a, b, e)
+        if isinstance(a, SymDim) or isinstance(b, SymDim):
+            return self._dim_arith(op, a, b, e)
         if isinstance(a, num) and isinstance(b, num) and not isinstance(a, bool) and not isinstance(b, bool):
             try:
                 return _PY_BINOPS[op](a, b)
@@ -343,6 +366,37 @@ class Lowerer:
         if op == "**" and not isinstance(b, Tensor) and b == 2:
             return Tensor(self.g.add("mul", ta.node, ta.node))
         return Tensor(self.g.add(_TENSOR_BINOPS[op], ta.node, tb.node))
+
+    def _logical(self, op: str, a, b, e: A.Node):
+        """`and`/`or`: on booleans known at compile time, or elementwise on bool tensors."""
+        for v in (a, b):
+            if not (isinstance(v, bool) or (isinstance(v, Tensor) and self.g.dtype(v.node) == "bool")):
+                raise DlcError(f"`{op}` takes booleans or comparisons, got {self._describe(v)}", e.loc)
+        if isinstance(a, bool) and isinstance(b, bool):
+            return (a and b) if op == "and" else (a or b)
+        if isinstance(a, bool) or isinstance(b, bool):       # `t and true` is t; `t and false` all false
+            known, t = (a, b) if isinstance(a, bool) else (b, a)
+            if known == (op == "and"):
+                return t
+            return Tensor(self.g.add("broadcast_to", self.g.const(known, "bool"), shape=self.g.shape(t.node)))
+        return Tensor(self.g.add("logical_and" if op == "and" else "logical_or", a.node, b.node))
+
+    def _dim_arith(self, op: str, a, b, e: A.Node):
+        """Sizes as values: a symbolic size (the batch) times or exactly divided by another."""
+        ok = all(isinstance(v, SymDim) or (isinstance(v, int) and not isinstance(v, bool)) for v in (a, b))
+        r = None
+        if ok and op == "*":
+            r = dim_mul(a, b)
+        elif ok and op == "//":
+            r = dim_div(a, b)
+            if r is None:
+                raise DlcError(f"the size {a} is not known to be divisible by {b}", e.loc)
+        elif ok and op in ("==", "!="):
+            return same_dim(a, b) == (op == "==")
+        if r is None:
+            raise DlcError(f"cannot compute {self._describe(a)} {op} {self._describe(b)} at compile time", e.loc,
+                           ["a symbolic size can be multiplied and divided exactly (`B * T`, `N // 2`)"])
+        return SymDim(r) if isinstance(r, str) else r
 
     # ---- calls -----------------------------------------------------------------------------------
     def call(self, e: A.Call, frame: Frame):
@@ -788,9 +842,11 @@ _PY_BINOPS = {
     "+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b, "/": lambda a, b: a / b,
     "**": lambda a, b: a ** b, "==": lambda a, b: a == b, "!=": lambda a, b: a != b, "<": lambda a, b: a < b,
     "<=": lambda a, b: a <= b, ">": lambda a, b: a > b, ">=": lambda a, b: a >= b,
+    "//": lambda a, b: a // b,
 }
 _TENSOR_BINOPS = {"+": "add", "-": "sub", "*": "mul", "/": "div", "**": "pow", "==": "eq", "!=": "ne",
-                  "<": "lt", "<=": "le", ">": "gt", ">=": "ge"}
+                  "<": "lt", "<=": "le", ">": "gt", ">=": "ge",
+                  "//": "floordiv"}
 
 CONSTANTS = {"pi": math.pi, "e": math.e, "inf": math.inf}
 METRICS = ("accuracy", "exact", "loss")

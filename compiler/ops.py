@@ -622,3 +622,4 @@ for _name in ("size", "sign", "onehot", "lt", "le", "gt", "ge", "eq", "ne", "sto
 from . import ops_nn  # noqa: E402,F401  (registers the convolution, pooling and random ops)
 from . import ops_scan  # noqa: E402,F401  (registers scan and get)
 from . import ops_seq  # noqa: E402,F401  (registers slice, unslice, take, scatter_add, argmax)
+from . import ops_math  # noqa: E402,F401  (registers floor, sin, cos, //, logical ops, iota, flip, cumsum)

@@ -103,7 +103,7 @@ class List(Node):
 
 @dataclass(frozen=True)
 class BinOp(Node):
-    op: str                    # + - * / @ ** == != < <= > >=
+    op: str                    # + - * / // @ ** == != < <= > >= and or
     left: Node
     right: Node
 
@@ -111,6 +111,31 @@ class BinOp(Node):
 @dataclass(frozen=True)
 class Neg(Node):
     operand: Node
+
+
+@dataclass(frozen=True)
+class Not(Node):
+    operand: Node
+
+
+@dataclass(frozen=True)
+class SliceItem(Node):
+    """`start:stop` inside `x[...]`; either bound may be omitted (None)."""
+    start: Node | None
+    stop: Node | None
+
+
+@dataclass(frozen=True)
+class EllipsisItem(Node):
+    """`...` inside `x[...]`: as many full slices as the rank needs."""
+
+
+@dataclass(frozen=True)
+class Index(Node):
+    """`value[items]`: each item an expression (an index, dropping its axis), a `SliceItem`
+    or an `EllipsisItem`."""
+    value: Node
+    items: tuple
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ _GRAMMAR = Path(__file__).with_name("grammar.lark")
 # argument lists may continue on the next line.
 _CONTINUES = {"PLUS", "MINUS", "STAR", "SLASH", "AT", "__ANON_0", "COMMA", "EQUAL", "COMPARE",
               "LPAR", "LSQB", "LBRACE", "COLON"}
+_CONTINUES_WORDS = {"**", "//", "and", "or", "not"}
 _OPEN = {"LPAR": "RPAR", "LSQB": "RSQB"}
 
 
@@ -38,7 +39,7 @@ class _NewlineFilter:
                 self.open.pop()
             depth = len(self.open)
             if tok.type == "_NL":
-                if depth > 0 or (prev is not None and (prev.type in _CONTINUES or prev.value == "**")):
+                if depth > 0 or (prev is not None and (prev.type in _CONTINUES or prev.value in _CONTINUES_WORDS)):
                     continue
             prev = tok
             yield tok
@@ -60,7 +61,7 @@ _TOKEN_NAMES = {
     "PLUS": "'+'", "MINUS": "'-'", "STAR": "'*'", "SLASH": "'/'", "AT": "'@'", "$END": "end of file",
     "COMPARE": "a comparison", "ELLIPSIS": "'...'", "SEMICOLON": "';'", "RETURN": "'return'",
     "PARAM": "'param'", "STATE": "'state'", "IF": "'if'", "DEF": "'def'", "MODEL": "'model'", "TRAIN": "'train'", "IMPORT": "'import'",
-    "PHASE": "'phase'",
+    "AND": "'and'", "OR": "'or'", "NOT": "'not'", "PHASE": "'phase'",
 }
 
 
@@ -156,7 +157,7 @@ class _ToAst(Transformer):
 
     @v_args(meta=True)
     def assign(self, meta, c):
-        return A.Assign(self._loc(meta), str(c[0]), c[1])
+        return A.Assign(self._loc(meta), _not_keyword(c[0], self._tloc(c[0])), c[1])
 
     @v_args(meta=True)
     def param_decl(self, meta, c):
@@ -220,6 +221,25 @@ class _ToAst(Transformer):
         return f
 
     add, sub, mul, div, matmul, pow = _bin("+"), _bin("-"), _bin("*"), _bin("/"), _bin("@"), _bin("**")
+    floordiv, and_, or_ = _bin("//"), _bin("and"), _bin("or")
+
+    @v_args(meta=True)
+    def not_(self, meta, c):
+        return A.Not(self._loc(meta), c[0])
+
+    @v_args(meta=True)
+    def index(self, meta, c):
+        return A.Index(self._loc(meta), c[0], c[1])
+
+    def subscripts(self, c):
+        return tuple(c)
+
+    @v_args(meta=True)
+    def slice_item(self, meta, c):
+        return A.SliceItem(self._loc(meta), c[0], c[1])
+
+    def ellipsis_item(self, c):
+        return A.EllipsisItem(self._tloc(c[0]))
 
     @v_args(meta=True)
     def compare(self, meta, c):
@@ -245,7 +265,7 @@ class _ToAst(Transformer):
             if k in seen:
                 raise DlcError(f"keyword argument `{k}` given twice", v.loc)
             seen.add(k)
-        return A.Call(self._loc(meta), str(name), self._tloc(name), tuple(pos), tuple(kw))
+        return A.Call(self._loc(meta), _not_keyword(name, self._tloc(name)), self._tloc(name), tuple(pos), tuple(kw))
 
     def args(self, c):
         return tuple(c)
@@ -254,7 +274,7 @@ class _ToAst(Transformer):
         return (str(c[0]), c[1])
 
     def name(self, c):
-        return A.Name(self._tloc(c[0]), str(c[0]))
+        return A.Name(self._tloc(c[0]), _not_keyword(c[0], self._tloc(c[0])))
 
     def number(self, c):
         t = c[0]
@@ -276,6 +296,16 @@ class _ToAst(Transformer):
     @v_args(meta=True)
     def list(self, meta, c):
         return A.List(self._loc(meta), tuple(x for x in c if x is not None))
+
+
+_KEYWORDS = {"and", "or", "not"}
+
+
+def _not_keyword(tok, loc: Loc) -> str:
+    """Where the grammar takes no operator, the lexer reads `and` as a name: refuse it."""
+    if str(tok) in _KEYWORDS:
+        raise DlcError(f"`{tok}` is a keyword and cannot be used as a name", loc)
+    return str(tok)
 
 
 def _unquote(tok) -> str:

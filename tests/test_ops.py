@@ -669,6 +669,8 @@ GRAD_TESTED = (set(UNARY_DATA) | set(BINARY_INDEPENDENT) | set(ZERO_GRAD) |
                 "conv2d_grad_x", "conv2d_grad_w", "max_pool2d_grad", "avg_pool2d_grad", "scatter_add",
                 # a scan's results, differentiated by autodiff itself with the scan
                 "get"})
+GRAD_TESTED |= {"floor", "sin", "cos", "floordiv", "logical_and", "logical_or", "logical_not", "iota",
+                "flip", "cumsum"}    # in tests/test_lang.py
 GRAD_TESTED |= {"stop_gradient"}      # finite differences through it in tests/test_phases.py
 
 
@@ -800,11 +802,44 @@ def scan_data(dtype):
     return {k: v.astype(dtype) for k, v in d.items()}
 
 
+# indexing, masks, `and`/`or`/`not`, `//`, and the math ops of ops_math (docs/language.md)
+MATH_SRC = """
+model mth(x: f64[B, 5, 4], W: f64[3, 5, 4]) {
+    a = x[:, -1] * 2 + x[..., 0] @ W[0, :, 1:2]
+    s = where(causal_mask(5) and not (x[:, :, 0:1] > 0 or x[:, :, 1:2] < -1), 1.0, 0.0)
+    c = cumsum(x, axis = 1) + cumsum(x, axis = 0, reverse = true) + flip(x, 1) * cos(x) + sin(x) * floor(x)
+    t = tril(x) + triu(x, 1) + clip(x, -0.5, 0.5)
+    r = float(iota([B, 5, 4], 1)) + float(arange(4) // 3) + x // 0.3 + float(cumsum(x > 0, 2))
+    return c + s[:, :, 1:] + t + r + reshape(a, [-1, 1, 4])
+}
+model mthloss(x: f64[B, 5, 4], W: f64[3, 5, 4], u: f64[B, 5, 4]) {
+    return sum(mth(x, W) * u)
+}
+"""
+
+
+def math_numpy(d):
+    x, W = d["x"], d["W"]
+    a = x[:, -1] * 2 + x[..., 0] @ W[0, :, 1:2]
+    s = np.where(np.tril(np.ones((5, 5), bool)) & ~((x[:, :, 0:1] > 0) | (x[:, :, 1:2] < -1)), 1.0, 0.0)
+    c = np.cumsum(x, 1) + np.cumsum(x[::-1], 0)[::-1] + x[:, ::-1] * np.cos(x) + np.sin(x) * np.floor(x)
+    t = np.tril(x) + np.triu(x, 1) + np.clip(x, -0.5, 0.5)
+    r = np.arange(5)[:, None] + np.arange(4) // 3 + x // 0.3 + np.cumsum(x > 0, 2)
+    return c + s[:, :, 1:] + t + r + a[:, None, :]
+
+
+def math_data(dtype):
+    r = rng(25)
+    d = {"x": r.normal(size=(3, 5, 4)), "W": r.normal(size=(3, 5, 4)), "u": r.normal(size=(3, 5, 4))}
+    return {k: v.astype(dtype) for k, v in d.items()}
+
+
 PROGRAMS = {  # name -> (source, forward model, loss model, data, NumPy forward, grad wrt)
     "elementwise": (ELEMENTWISE_SRC, "ew", "ewloss", ew_data, ew_numpy, ["x", "y", "z", "w"]),
     "layout": (LAYOUT_SRC, "red", "redloss", red_data, red_numpy, ["x", "W", "E"]),
     "cnn": (CNN_SRC, "cnn", "cnnloss", cnn_data, cnn_numpy, ["x", "cnn/K", "cnn/W"]),
     "scan": (SCAN_LOSS_SRC, None, "recurloss", scan_data, scan_numpy, ["x", "h0", "Wx", "Wh"]),
+    "math": (MATH_SRC, "mth", "mthloss", math_data, math_numpy, ["x", "W"]),
 }
 FORWARD = [p for p in PROGRAMS if PROGRAMS[p][1]]   # a scan compiles once, with its gradient (slow)
 _compiled: dict = {}
@@ -884,7 +919,7 @@ def test_kernels_cover_every_primitive():
     assert {"matmul:TrueFalse", "matmul:FalseTrue"} <= seen
 
 
-F32_MODES = [("elementwise", "fwd"), ("elementwise", "grad"), ("layout", "fwd"), ("cnn", "fwd")]
+F32_MODES = [("elementwise", "fwd"), ("elementwise", "grad"), ("layout", "fwd"), ("cnn", "fwd"), ("math", "fwd")]
 
 
 @pytest.mark.parametrize("prog,mode", F32_MODES)

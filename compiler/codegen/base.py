@@ -240,7 +240,7 @@ class _Kernel:
             return False
         for n in nodes:
             spec = OPS[g.op(n)]
-            if spec.remaps or spec.name in ("onehot", "unslice", "size"):
+            if spec.remaps or spec.name in ("onehot", "unslice", "size", "iota"):
                 return False
             for a in g.args(n):
                 if a in nodes or g.op(a) == "const" or (g.op(a) == "input" and self.r.input_kind[a] == "scalar"):
