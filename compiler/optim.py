@@ -132,14 +132,6 @@ def decays(spec: OptimizerSpec, name: str, shape: tuple) -> bool:
     return any(fnmatch.fnmatchcase(name, pat) for pat in spec.decay)
 
 
-def state_names(spec: OptimizerSpec) -> list[str]:
-    return list(spec.entry.slots(spec))
-
-
-def scalar_inputs(spec: OptimizerSpec) -> list[str]:
-    return list(spec.entry.scalars)
-
-
 def state_name(spec: OptimizerSpec, slot: str, param: str, phase: str = "") -> str:
     """The name of one optimizer state tensor (a checkpoint key): `adam.m/mlp/dense_1/W`,
     prefixed with the phase's name when the train block declares phases."""
