@@ -68,8 +68,8 @@ def _session(dl_file, src, dtype="f64", **opts):
 
 def _batches(s, n, size=16):
     x, y = s.dataset.train["x"].astype(s.opt.dtype.replace("f", "float")), s.dataset.train["y"]
-    return [{"x": np.ascontiguousarray(x[i * size:(i + 1) * size]), "y": np.ascontiguousarray(y[i * size:(i + 1) * size])}
-            for i in range(n)]
+    return [{"x": np.ascontiguousarray(x[i * size:(i + 1) * size]),
+             "y": np.ascontiguousarray(y[i * size:(i + 1) * size])} for i in range(n)]
 
 
 class _Reference:
