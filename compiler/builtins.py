@@ -87,6 +87,7 @@ for _n in ("exp", "log", "sqrt", "tanh", "sigmoid", "relu", "erf"):
     _unary(_n)
 _unary("abs")
 _unary("sign")
+_unary("stop_gradient")
 
 
 def _binary(name, op):

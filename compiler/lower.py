@@ -1,9 +1,13 @@
 """Lowering: the AST becomes the graph IR, with every shape checked.
 
 `def`s and `model`s are inlined at each call; every call site of a `def` gets its own
-parameters, named hierarchically (`mlp/dense_1/W`). Passing `name = "..."` to a call names its
-scope explicitly, and two calls given the same name share one set of parameters (weight tying).
-A model is one scope: calling it twice uses the same parameters.
+parameters, named hierarchically (`mlp/dense_1/W`), the calls numbered within each call of the
+enclosing function. A model is one scope, so calling it twice makes the same names and uses
+the same parameters; so does passing the same `name = "..."` to two calls (weight tying, of
+everything the function calls too).
+
+A train block lowers to one graph holding every phase's loss (`Program.phases`); each phase's
+training step is cut out of it (`Program.step_graph`).
 """
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ from dsl.parser import parse_file
 
 from . import indexing
 from .ir import Graph
+from .optim import OPTIMIZERS, OptimizerSpec
 from .shapes import FLOATS, INTS, dim_div, dim_factors, dim_mul, fmt_shape, fmt_type, same_dim
 
 STDLIB_DIR = Path(__file__).resolve().parent.parent / "dsl" / "stdlib"
@@ -51,28 +56,6 @@ INITIALIZERS = {
 }
 
 
-@dataclass(frozen=True)
-class OptimizerSpec:
-    name: str
-    lr: float
-    momentum: float = 0.0
-    nesterov: bool = False
-    beta1: float = 0.9
-    beta2: float = 0.999
-    eps: float = 1e-8
-    alpha: float = 0.99
-    weight_decay: float = 0.0
-    decay: object = "weights"          # "weights" (rank >= 2), "all", or a list of name globs
-
-
-OPTIMIZERS = {
-    "sgd": dict(lr=0.01, momentum=0.0, nesterov=False, weight_decay=0.0, decay="weights"),
-    "adam": dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, decay="weights"),
-    "adamw": dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01, decay="weights"),
-    "rmsprop": dict(lr=0.01, alpha=0.99, eps=1e-8, weight_decay=0.0, decay="weights"),
-}
-
-
 @dataclass
 class ParamInfo:
     name: str
@@ -81,6 +64,27 @@ class ParamInfo:
     dtype: str
     init: InitSpec
     loc: Loc
+
+
+@dataclass
+class Phase:
+    """One training phase: a loss, the parameters it trains, its optimizer and its schedule.
+    A train block without `phase`s is one phase named "" that trains every parameter."""
+
+    name: str
+    loss: int                       # the loss node in the program's graph
+    params: list[str]               # names of the parameters it trains
+    optimizer: OptimizerSpec
+    steps: int = 1                  # consecutive steps per round
+    every: int = 1                  # runs in every `every`-th round
+    loc: Loc | None = None
+    setting_locs: dict = field(default_factory=dict)
+    updates: dict = field(default_factory=dict)     # state updates (`<-`) made by its own calls
+
+    @property
+    def output(self) -> str:
+        """The graph output holding its loss (in the evaluation program too)."""
+        return f"loss:{self.name}" if self.name else "loss"
 
 
 @dataclass
@@ -94,6 +98,15 @@ class Program:
     settings: dict = field(default_factory=dict)
     setting_locs: dict = field(default_factory=dict)
     model: str = ""
+    phases: list[Phase] = field(default_factory=list)
+
+    def step_graph(self, phase: Phase) -> Graph:
+        """The forward graph of one phase's training step: its loss, the model's outputs, and
+        the state updates made outside any phase or inside this one."""
+        g = self.graph.copy()
+        g.outputs = {"loss": phase.loss, **{k: v for k, v in self.graph.outputs.items() if k.startswith("output")}}
+        g.updates = {**self.graph.updates, **phase.updates}
+        return g
 
 
 @dataclass
@@ -104,6 +117,7 @@ class Frame:
     fn: str
     user_loc: Loc | None
     yielded: list | None = None       # in a scan body: the values of its `yield`
+    counters: dict = field(default_factory=dict)   # def name -> calls so far (scope names f_1, f_2)
 
 
 @dataclass(frozen=True)
@@ -135,10 +149,9 @@ class Lowerer:
         self.scans: list[dict] = []
         self.params: dict[str, ParamInfo] = {}
         self.states: dict[str, ParamInfo] = {}     # non-trainable state declared with `state`
-        self.counters: dict[tuple[str, str], int] = {}
         self.depth = 0
-        self.model_outputs: list[int] = []
-        self.model_extras: list[int] = []
+        self.model_outputs: list[int] = []     # the trained model's results, at its first call
+        self.current_model = None
         self.rng_salt = 0
         self.layers: list[tuple] = []     # (scope, function, output shape, params, state values)
         self.last_scope = ""
@@ -152,7 +165,7 @@ class Lowerer:
         return self.capture(self._rng) if self.scans else self._rng
 
     # ---- modules -------------------------------------------------------------------------------
-    def _load(self, module: A.Module, seen: set):
+    def _load(self, module: A.Module, seen: set, top: bool = True):
         for item in module.items:
             if isinstance(item, A.Import):
                 path = (Path(item.loc.file).parent / item.path).resolve()
@@ -163,10 +176,12 @@ class Lowerer:
                     raise DlcError(f"cannot import \"{item.path}\": no such file {path}", item.loc)
                 sub = parse_file(path)
                 self.user_files.add(sub.loc.file)
-                self._load(sub, seen)
-        self._collect(module, stdlib=False)
+                self._load(sub, seen, top=False)
+        self._collect(module, stdlib=False, trains=top)
 
-    def _collect(self, module: A.Module, stdlib: bool):
+    def _collect(self, module: A.Module, stdlib: bool, trains: bool = False):
+        """Gather definitions; train blocks only from the file being run (an imported file's
+        train block is not run, so a file may import another example's models)."""
         for item in module.items:
             if isinstance(item, A.FuncDef):
                 table = self.models if item.kind == "model" else self.funcs
@@ -174,56 +189,21 @@ class Lowerer:
                 if prev is not None and not stdlib and prev.loc.file in self.user_files and prev.loc.file == item.loc.file:
                     raise DlcError(f"`{item.name}` is defined twice (first at {prev.loc})", item.loc)
                 table[item.name] = item
-            elif isinstance(item, A.TrainDef) and not stdlib:
+            elif isinstance(item, A.TrainDef) and trains:
+                if self.trains:
+                    first = self.trains[0]
+                    raise DlcError(f"a second `train` block (the first, for `{first.model}`, is at "
+                                   f"{Path(first.loc.file).name}:{first.loc.line})", item.loc,
+                                   ["a file has one train block; to train with several losses, declare "
+                                    "`phase`s inside it"])
                 self.trains.append(item)
 
     # ---- entry points --------------------------------------------------------------------------
     def lower_train(self, train: A.TrainDef, fields: dict[str, tuple[str, tuple]]) -> Program:
-        """Lower a train block. `fields` maps each data field to (dtype, per-example shape)."""
-        if train.model not in self.models:
-            raise DlcError(f"unknown model `{train.model}`", train.loc, _suggest(train.model, self.models))
-        self.g.name = train.model
-        frame = Frame({}, {}, "", "train", None)
-        data = {}
-        for fname, (dtype, tail) in fields.items():
-            dt = self.float_dtype if dtype in FLOATS else dtype
-            n = self.g.input(fname, ("B",) + tuple(tail), dt, "data", loc=train.data.loc)
-            data[fname] = n
-            frame.vars[fname] = Tensor(n)
-        prog = Program(self.g, self.params, data, self.states, model=train.model)
-        self.current_model = train.model
-        for st in train.body:
-            if not isinstance(st, A.Assign):
-                raise DlcError("a train block holds settings (`name = value`)", st.loc)
-            if st.name not in TRAIN_SETTINGS:
-                raise DlcError(f"unknown train setting `{st.name}`", st.loc,
-                               _suggest(st.name, TRAIN_SETTINGS) + [f"settings: {', '.join(TRAIN_SETTINGS)}"])
-            if st.name == "metrics":
-                val = self._metrics(st.value)
-            else:
-                val = self.eval(st.value, frame)
-            if st.name == "loss":
-                if not isinstance(val, Tensor) or self.g.shape(val.node) != () or self.g.dtype(val.node) not in FLOATS:
-                    got = self._describe(val)
-                    raise DlcError(f"the loss must be a float scalar, got {got}", st.value.loc,
-                                   ["reduce it with mean(...) or sum(...)"])
-                self.g.outputs["loss"] = val.node
-                if self.model_outputs:
-                    self.g.outputs["output"] = self.model_outputs[0]
-                    for i, x in enumerate(self.model_extras):
-                        self.g.outputs[f"output{i + 2}"] = x
-            elif st.name == "optimizer" and not isinstance(val, OptimizerSpec):
-                raise DlcError("optimizer must be one of " + ", ".join(OPTIMIZERS) + "(...)", st.value.loc)
-            elif st.name in ("batch", "epochs", "seed") and (not isinstance(val, int) or isinstance(val, bool) or val < (0 if st.name == "seed" else 1)):
-                raise DlcError(f"`{st.name}` must be a {'non-negative' if st.name == 'seed' else 'positive'} integer, got {val!r}", st.value.loc)
-            prog.settings[st.name] = val
-            prog.setting_locs[st.name] = st.value.loc
-            frame.vars[st.name] = val
-        if "loss" not in prog.settings:
-            raise DlcError(f"train block for `{train.model}` sets no `loss`", train.loc)
-        if not self.model_outputs:
-            raise DlcError(f"the loss never calls the model `{train.model}`", prog.setting_locs["loss"])
-        return prog
+        """Lower a train block (`compiler/train_block.py`). `fields` maps each data field to
+        (dtype, per-example shape)."""
+        from .train_block import lower_train_block
+        return lower_train_block(self, train, fields)
 
     def lower_model(self, name: str, loc: Loc | None = None) -> Program:
         """Lower a model alone, its inputs typed by its signature (for inference and checks)."""
@@ -250,11 +230,13 @@ class Lowerer:
         prog = Program(self.g, self.params, {self.g[a.node]["name"]: a.node for a in args}, self.states, model=name)
         call = A.Call(fn.loc, name, fn.loc, tuple(A.Name(fn.loc, p.name) for p in fn.params), ())
         frame.vars.update({p.name: a for p, a in zip(fn.params, args)})
-        out = self.eval(call, frame)
-        self.g.outputs["output"] = out.node
-        for i, x in enumerate(self.model_extras):
-            self.g.outputs[f"output{i + 2}"] = x
+        self.eval(call, frame)
+        self._model_outputs()
         return prog
+
+    def _model_outputs(self):
+        for i, n in enumerate(self.model_outputs):
+            self.g.outputs["output" if i == 0 else f"output{i + 1}"] = n
 
     # ---- expressions ---------------------------------------------------------------------------
     def loc_of(self, node: A.Node, frame: Frame) -> Loc:
@@ -344,6 +326,8 @@ class Lowerer:
             return f"the boolean {str(v).lower()}"
         if isinstance(v, (int, float)):
             return f"the number {v}"
+        if isinstance(v, tuple):
+            return f"{len(v)} values (unpack them: `a, b = f(...)`)"
         return type(v).__name__ if not isinstance(v, (InitSpec, OptimizerSpec, str)) else repr(str(v))
 
     def to_tensor(self, v, like_dtype: str | None, loc: Loc) -> Tensor:
@@ -419,7 +403,7 @@ class Lowerer:
     # ---- calls -----------------------------------------------------------------------------------
     def call(self, e: A.Call, frame: Frame):
         # a call in the body of the model being trained (however deep the loss calls it), on its first call
-        top = frame.fn == getattr(self, "current_model", None) and frame.scope == frame.fn and not self.model_outputs
+        top = frame.fn == self.current_model and frame.scope == frame.fn and not self.model_outputs
         before = (0, self._count(self.params), self._count(self.states)) if top else None
         nlayers = len(self.layers)
         result = self._call(e, frame)
@@ -460,29 +444,28 @@ class Lowerer:
         raise DlcError(f"unknown function `{e.func}`", e.func_loc, _suggest(e.func, options))
 
     def _optimizer(self, e: A.Call, frame: Frame) -> OptimizerSpec:
-        defaults = OPTIMIZERS[e.func]
+        defaults = OPTIMIZERS[e.func].defaults
         if e.args:
             raise DlcError(f"`{e.func}` takes keyword options, e.g. {e.func}(lr = 0.01)", e.loc)
-        opts = dict(defaults)
+        opts = {}
         for k, v in e.kwargs:
             if k not in defaults:
                 raise DlcError(f"`{e.func}` has no option `{k}`", v.loc,
                                _suggest(k, defaults) + [f"options: {', '.join(defaults)}"])
             val = self.eval(v, frame)
-            if k == "nesterov":
-                if not isinstance(val, bool):
-                    raise DlcError("nesterov must be true or false", v.loc)
-            elif k == "decay":
+            if k == "decay":
                 if not (val in ("weights", "all") or (isinstance(val, list) and all(isinstance(s, str) for s in val))):
                     raise DlcError('decay must be "weights", "all" or a list of parameter name patterns', v.loc)
+            elif isinstance(defaults[k], bool):
+                if not isinstance(val, bool):
+                    raise DlcError(f"`{k}` must be true or false", v.loc)
             elif isinstance(val, bool) or not isinstance(val, (int, float)) or val < 0:
                 raise DlcError(f"`{k}` must be a non-negative number, got {self._describe(val)}", v.loc)
             opts[k] = val
-        if opts.get("nesterov") and not opts.get("momentum"):
+        spec = OptimizerSpec(e.func, **opts)
+        if getattr(spec, "nesterov", False) and not spec.momentum:
             raise DlcError("nesterov needs momentum > 0", e.loc)
-        if isinstance(opts.get("decay"), list):
-            opts["decay"] = tuple(opts["decay"])
-        return OptimizerSpec(e.func, **opts)
+        return spec
 
     def _metrics(self, e: A.Node):
         items = e.items if isinstance(e, A.List) else (e,)
@@ -521,9 +504,10 @@ class Lowerer:
             if share is not None:
                 local = share
             else:
-                key = (base, fn.name)
-                self.counters[key] = self.counters.get(key, 0) + 1
-                local = f"{fn.name}_{self.counters[key]}"
+                # numbered per call of the enclosing function: a model called twice, or two
+                # calls given one `name`, make the same scopes inside and so share parameters
+                frame.counters[fn.name] = frame.counters.get(fn.name, 0) + 1
+                local = f"{fn.name}_{frame.counters[fn.name]}"
             scope = f"{base}/{local}" if base else local
         user_loc = e.loc if e.loc.file in self.user_files else frame.user_loc
         inner = Frame({}, {}, scope, fn.name, user_loc)
@@ -553,17 +537,15 @@ class Lowerer:
             raise
         finally:
             self.depth -= 1
-        extras = ()
-        if fn.kind == "model" and isinstance(result, tuple):
-            # a model's main output comes first; the rest (e.g. decoded tokens) are extra outputs
-            result, extras = result[0], result[1:]
+        # several values (`return a, b`) are a tuple, unpacked with `a, b = f(x)`; the declared
+        # result type is the first one's. The first call of the trained model gives the
+        # program's outputs: "output" (the metrics read it), then "output2", ... (decoded tokens)
+        values = result if isinstance(result, tuple) else (result,)
         if fn.ret is not None:
             ret_loc = self._return_loc(fn) if fn.loc.file in self.user_files else e.loc
-            self.check_type(fn.ret, result, inner, f"the result of `{fn.name}`", ret_loc)
-        if fn.kind == "model" and isinstance(result, Tensor) and getattr(self, "current_model", None) == fn.name:
-            self.model_outputs.append(result.node)
-            if len(self.model_outputs) == 1:
-                self.model_extras = [x.node for x in extras if isinstance(x, Tensor)]
+            self.check_type(fn.ret, values[0], inner, f"the result of `{fn.name}`", ret_loc)
+        if fn.kind == "model" and fn.name == self.current_model and not self.model_outputs:
+            self.model_outputs = [v.node for v in values if isinstance(v, Tensor)]
         self.last_scope = scope
         return result
 
@@ -608,6 +590,8 @@ class Lowerer:
                 frame.vars.update(zip(st.names, v))
             elif isinstance(st, A.Scan):
                 self.run_scan(st, frame)
+            elif isinstance(st, A.Phase):
+                raise DlcError("`phase` blocks belong in a train block", st.loc)
             elif isinstance(st, A.Yield):
                 if frame.yielded is None:
                     raise DlcError("`yield` belongs in the body of a `scan`", st.loc)
@@ -656,6 +640,7 @@ class Lowerer:
         inner = Frame({k: (_Outer(v.node) if isinstance(v, Tensor) else v) for k, v in frame.vars.items()},
                       dict(frame.dims), frame.scope, frame.fn, frame.user_loc)
         inner.yielded = []
+        inner.counters = frame.counters          # the body is in its enclosing call's scope
         with body.at(loc):
             for name, n in carries:
                 inner.vars[name] = Tensor(body.input(name, outer.shape(n), outer.dtype(n), "data"))
@@ -868,7 +853,6 @@ _TENSOR_BINOPS = {"+": "add", "-": "sub", "*": "mul", "/": "div", "**": "pow", "
 
 CONSTANTS = {"pi": math.pi, "e": math.e, "inf": math.inf}
 METRICS = ("accuracy", "exact", "loss", "mse", "mae")     # which apply follows the loss (runtime/metrics.py)
-TRAIN_SETTINGS = ("loss", "optimizer", "batch", "epochs", "seed", "metrics")
 
 from .builtins import BUILTINS, matmul  # noqa: E402  (the builtins use Tensor and Lowerer above)
 

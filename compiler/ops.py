@@ -133,6 +133,8 @@ relu = unary("relu", lambda x: np.maximum(x, 0), "({0} if {0} > {T}(0.0) else {T
 absolute = unary("abs", np.abs, "abs({0})", float_only=False)
 sign = unary("sign", np.sign, "np.sign({0})", float_only=False)
 erf = unary("erf", special.erf, "math.erf({0})")
+# identity in the forward pass; differentiation treats its result as a constant (gradient None)
+stop_gradient = unary("stop_gradient", lambda x: x, "{0}", float_only=False)
 
 
 @neg.def_grad
@@ -611,7 +613,7 @@ def _no_grad(g, n, dy):
     return [None] * len(g.args(n))
 
 
-for _name in ("size", "sign", "onehot", "lt", "le", "gt", "ge", "eq", "ne"):
+for _name in ("size", "sign", "onehot", "lt", "le", "gt", "ge", "eq", "ne", "stop_gradient"):
     OPS[_name].grad = _no_grad
 
 

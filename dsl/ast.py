@@ -226,6 +226,13 @@ class FuncDef(Node):
 
 
 @dataclass(frozen=True)
+class Phase(Node):
+    """`phase NAME { loss = ...; params = [...]; optimizer = ...; steps = k }` in a train block."""
+    name: str
+    body: tuple
+
+
+@dataclass(frozen=True)
 class TrainDef(Node):
     model: str
     data: Node

@@ -61,7 +61,7 @@ _TOKEN_NAMES = {
     "PLUS": "'+'", "MINUS": "'-'", "STAR": "'*'", "SLASH": "'/'", "AT": "'@'", "$END": "end of file",
     "COMPARE": "a comparison", "ELLIPSIS": "'...'", "SEMICOLON": "';'", "RETURN": "'return'",
     "PARAM": "'param'", "STATE": "'state'", "IF": "'if'", "DEF": "'def'", "MODEL": "'model'", "TRAIN": "'train'", "IMPORT": "'import'",
-    "AND": "'and'", "OR": "'or'", "NOT": "'not'",
+    "AND": "'and'", "OR": "'or'", "NOT": "'not'", "PHASE": "'phase'",
 }
 
 
@@ -179,6 +179,10 @@ class _ToAst(Transformer):
         if isinstance(orelse, A.If):
             orelse = (orelse,)
         return A.If(self._loc(meta), cond, then, orelse or ())
+
+    @v_args(meta=True)
+    def phase_stmt(self, meta, c):
+        return A.Phase(self._loc(meta), str(c[0]), c[1])
 
     @v_args(meta=True)
     def multi_assign(self, meta, c):

@@ -87,6 +87,7 @@ def make_parser() -> argparse.ArgumentParser:
                    + ", ".join(f"{k}={v}" for k, v in ALIASES.items()) + ")")
     i.add_argument("--program", choices=["train", "eval"], default="train",
                    help="the training step (default) or the evaluation program")
+    i.add_argument("--phase", help="which phase's training step (default: the first)")
     i.add_argument("--format", choices=["text", "dot"], default="text")
     i.add_argument("-o", "--output", help="write to a file instead of standard output")
     return p
@@ -168,8 +169,8 @@ def _run(args, options) -> int:
     if progress:
         hit = "reused cached kernels" if s.cache_hit else "compiled"
         print(f"dlc: {s.program.model}: {_plural(len(s.params), 'parameter tensor')} "
-              f"({_plural(sum(p.size for p in s.params.values()), 'value')}), "
-              f"{_plural(s.train_ex.kernels, 'kernel')} in the step; "
+              f"({_plural(sum(p.size for p in s.params.values()), 'value')}), {_plural(s.kernels, 'kernel')} in "
+              f"{'the step' if len(s.phases) == 1 else f'the steps of {len(s.phases)} phases'}; "
               f"{hit} in {s.compile_seconds:.2f}s", file=sys.stderr)
     if args.load:
         s.load(args.load)
@@ -216,6 +217,9 @@ def _check(args) -> int:
     print(f"{args.file}: ok — model `{prog.model}`, {_plural(len(prog.params), 'parameter tensor')} "
           f"({_plural(n, 'value')})")
     sys.stdout.write(summary(lw, prog))
+    for ph in prog.phases if prog.phases and prog.phases[0].name else ():
+        sched = f"{ph.steps} step{'s' * (ph.steps != 1)}" + (f" every {ph.every} rounds" if ph.every > 1 else "")
+        print(f"phase {ph.name}: {len(ph.params)} parameter tensors, {ph.optimizer}, {sched}")
     return 0
 
 
@@ -249,6 +253,16 @@ def _size(shape):
     return math.prod(shape)
 
 
+def _phase(prog, name):
+    if name is None:
+        return prog.phases[0]
+    for ph in prog.phases:
+        if ph.name == name:
+            return ph
+    names = ", ".join(ph.name for ph in prog.phases if ph.name)
+    raise DlcError(f"--phase {name}: no such phase; " + (f"phases: {names}" if names else "this train block has no phases"))
+
+
 def _ir(args) -> int:
     from compiler import printer
     from compiler.driver import build, optimize
@@ -265,11 +279,10 @@ def _ir(args) -> int:
         g = prog.graph
         kind = "train" if (args.program == "train" and lw.trains) else "eval"
         if stage != "lowered":
-            opt = prog.settings.get("optimizer")
-            if kind == "train" and opt is None:
-                from compiler.lower import OptimizerSpec
-                opt = OptimizerSpec("sgd", 0.01)
-            ctx = Context(params={k: v.node for k, v in prog.params.items()}, optimizer=opt)
+            ctx = Context()
+            if kind == "train":
+                phase = _phase(prog, args.phase)
+                g, ctx = prog.step_graph(phase), Context.for_phase(prog, phase)
             if kind == "eval" and stage in ("autodiff", "optimizer"):
                 raise DlcError(f"the evaluation program has no `{stage}` stage")
             g = optimize(g, kind, ctx, fuse=not args.no_fuse,

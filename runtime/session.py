@@ -16,8 +16,8 @@ import numpy as np
 from compiler.api import rng_seed
 from compiler.bounds import index_reads
 from compiler.driver import Executable, build, example_args, optimize
-from compiler.lower import Lowerer, OptimizerSpec
-from compiler.optim import bias_corrections
+from compiler.lower import Lowerer, Phase
+from compiler.optim import step_scalars
 from compiler.passes import Context
 from compiler.shapes import DTYPES
 from dsl import ast as A
@@ -75,7 +75,7 @@ class Session:
         for split in (self.dataset.train, self.dataset.test):
             data.check_indices(self.index_reads, split, data.describe(train.data), train.data.loc)
         s = self.program.settings
-        self.settings = {**DEFAULTS, **{k: v for k, v in s.items() if k != "loss"}}
+        self.settings = {**DEFAULTS, **{k: v for k, v in s.items() if k not in ("loss", "params")}}
         self.settings["seed"] = self.seed
         user_defs = {k: f for k, f in self.lowerer.funcs.items() if f.loc.file in self.lowerer.user_files}
         self.task = metrics.task_of(train, user_defs, self.dataset.train)
@@ -84,24 +84,29 @@ class Session:
         for k in ("epochs", "batch"):
             if getattr(self.opt, k) is not None:
                 self.settings[k] = getattr(self.opt, k)
-        spec = self.settings.get("optimizer") or OptimizerSpec("sgd", 0.01)
-        if self.opt.lr is not None:
-            spec = OptimizerSpec(**{**spec.__dict__, "lr": self.opt.lr})
-        self.optimizer = spec
+        self.phases: list[Phase] = self.program.phases
+        if self.opt.lr is not None:             # --lr sets every phase's learning rate
+            for ph in self.phases:
+                ph.optimizer = ph.optimizer.replace(lr=self.opt.lr)
+        self.optimizer = self.phases[0].optimizer
+        self.schedule = schedule(self.phases)
         self.lower_seconds = time.perf_counter() - t0
         self.params_info = self.program.params
         # the evaluation program is the forward graph lowered with `training` false (dropout
         # off, batch norm on running statistics, decoders feeding back their own predictions);
-        # the training step adds the backward pass and the optimizer's update
+        # each phase's training step adds its backward pass and its optimizer's update
         self.eval_graph = optimize(self.eval_program.graph, "eval", Context(), self.opt.fuse)
         self.eval_ex = build(self.eval_graph)
-        self.train_ex = None
+        self.train_exes: list[Executable] = []
         if self.opt.train:
-            ctx = Context(params={k: v.node for k, v in self.params_info.items()}, optimizer=spec)
-            self.train_graph = optimize(self.program.graph, "train", ctx, self.opt.fuse)
-            self.train_ex = build(self.train_graph)
+            for ph in self.phases:
+                g = optimize(self.program.step_graph(ph), "train", Context.for_phase(self.program, ph), self.opt.fuse)
+                self.train_exes.append(build(g))
+        self.train_ex = self.train_exes[0] if self.train_exes else None
+        self.train_graph = self.train_ex.graph if self.train_ex else None
         self.params, self.state = self._init_params()
-        self.step_count = 0
+        self.step_count = 0                                  # steps of every phase
+        self.phase_steps = {ph.name: 0 for ph in self.phases}   # each phase's own (bias corrections)
         self._compile()
         self.compile_seconds = time.perf_counter() - t0
 
@@ -114,14 +119,15 @@ class Session:
         state = {}          # the model's own state (running statistics), then the optimizer's
         for name, info in self.program.states.items():
             state[name] = initialize(info.init, info.shape, DTYPES[info.dtype], rng, info.loc)
-        for (name, kind, shape, dtype) in (self.train_ex.inputs if self.train_ex else []):
-            if kind == "state" and name not in state:
-                state[name] = np.zeros(shape, DTYPES[dtype])
+        for ex in self.train_exes:
+            for (name, kind, shape, dtype) in ex.inputs:
+                if kind == "state" and name not in state:
+                    state[name] = np.zeros(shape, DTYPES[dtype])
         return params, state
 
     def _compile(self):
         b = int(self.settings["batch"])
-        exes = [ex for ex in (self.train_ex, self.eval_ex) if ex is not None]
+        exes = self.train_exes + [self.eval_ex]
         for ex in exes:
             ex.compile_for(example_args(ex, {"B": b}))
         self.cache_hit = all(ex.cache_hit for ex in exes)
@@ -140,11 +146,23 @@ class Session:
         return args
 
     # ---- running ---------------------------------------------------------------------------------
+    @property
+    def next_phase(self) -> int:
+        """The phase the schedule runs at the next step (an index into `phases`)."""
+        return self.schedule[self.step_count % len(self.schedule)]
+
+    @property
+    def kernels(self) -> int:
+        return sum(ex.kernels for ex in self.train_exes)
+
     def train_step(self, batch: dict) -> tuple[float, np.ndarray]:
+        """One step of the phase the schedule is at: its loss and the model's output."""
+        i = self.next_phase
+        ph, ex = self.phases[i], self.train_exes[i]
         self.step_count += 1
-        sc = {"lr": self.optimizer.lr, "rng": self.rng_seed(self.step_count),
-              **bias_corrections(self.optimizer, self.step_count)}
-        res = dict(zip(self.train_ex.outputs, self.train_ex(*self._args(self.train_ex, batch, sc))))
+        self.phase_steps[ph.name] += 1
+        sc = {"rng": self.rng_seed(self.step_count), **step_scalars(ph.optimizer, self.phase_steps[ph.name])}
+        res = dict(zip(ex.outputs, ex(*self._args(ex, batch, sc))))
         return float(res["loss"]), res["output"]
 
     def rng_seed(self, step: int) -> int:
@@ -155,13 +173,14 @@ class Session:
         n = len(next(iter(split.values())))
         if n == 0:
             return {}
-        total, acc = 0.0, metrics.Accumulator(self.task, self.settings["metrics"])
+        totals, acc = {ph.output: 0.0 for ph in self.phases}, metrics.Accumulator(self.task, self.settings["metrics"])
         for s in range(0, n, batch_size):
             b = {k: np.ascontiguousarray(v[s:s + batch_size]) for k, v in split.items()}
             res = self.run_eval(b)
-            total += float(res["loss"]) * len(b["x"] if "x" in b else next(iter(b.values())))
+            for k in totals:
+                totals[k] += float(res[k]) * len(next(iter(b.values())))
             acc.add(res["output"], b)
-        return {"loss": total / n, **acc.result()}
+        return {**{k: v / n for k, v in totals.items()}, **acc.result()}
 
     def run_eval(self, batch: dict, step: int = 0) -> dict:
         """The evaluation program on one batch: {"loss", "output", "output2", ...}."""
@@ -189,28 +208,34 @@ class Session:
         first = self.step_count // math.ceil(n / batch)     # a resumed run goes on counting epochs
         for ep in range(first, first + epochs):
             perm = rng.permutation(n)
-            total, t_ep = 0.0, time.perf_counter()
+            totals = {ph.output: [0.0, 0] for ph in self.phases}     # loss * examples, examples
+            t_ep = time.perf_counter()
             acc = metrics.Accumulator(self.task, self.settings["metrics"])
             bar = tqdm(range(0, n, batch), desc=f"epoch {ep + 1}/{first + epochs}", leave=False, file=sys.stderr,
                        disable=not (progress and sys.stderr.isatty()), unit="batch")
             for s in bar:
                 idx = perm[s:s + batch]
                 b = {k: np.ascontiguousarray(v[idx]) for k, v in train.items()}
+                ph = self.phases[self.next_phase]
                 t0 = time.perf_counter()
                 loss, out = self.train_step(b)
                 step_times.append(time.perf_counter() - t0)
                 if not math.isfinite(loss):
-                    raise DlcError(f"the loss became {loss} at epoch {ep + 1}, step {self.step_count}; "
-                                   "try a smaller learning rate", self.program.setting_locs.get("optimizer"))
-                total += loss * len(idx)
+                    which = f" of phase `{ph.name}`" if ph.name else ""
+                    raise DlcError(f"the loss{which} became {loss} at epoch {ep + 1}, step {self.step_count}; "
+                                   "try a smaller learning rate",
+                                   ph.setting_locs.get("optimizer") or self.program.setting_locs.get("optimizer"))
+                totals[ph.output][0] += loss * len(idx)
+                totals[ph.output][1] += len(idx)
                 acc.add(out, b)
-            ep_metrics = {"loss": total / n, **acc.result()}
+            ep_metrics = {k: t / m for k, (t, m) in totals.items() if m}
+            ep_metrics.update(acc.result())
             test = self.evaluate(self.dataset.test)
             history.append({"epoch": ep + 1, "train": ep_metrics, "test": test})
             if progress:
-                msg = f"epoch {ep + 1:>3}/{first + epochs}  loss {ep_metrics['loss']:.4f}" + metrics.text(ep_metrics)
+                msg = f"epoch {ep + 1:>3}/{first + epochs}  " + self.losses_text(ep_metrics) + metrics.text(ep_metrics)
                 if test:
-                    msg += f"  test_loss {test['loss']:.4f}" + metrics.text(test, "test_")
+                    msg += "  " + self.losses_text(test, "test_") + metrics.text(test, "test_")
                 msg += f"  ({time.perf_counter() - t_ep:.2f}s)"
                 log(msg)
         train_seconds = time.perf_counter() - t_train
@@ -220,6 +245,7 @@ class Session:
             "train": ep_metrics,
             "epochs": epochs,
             "steps": self.step_count,
+            **({"phase_steps": dict(self.phase_steps)} if self.phases[0].name else {}),
             "compile_seconds": round(self.compile_seconds, 3),
             "train_seconds": round(train_seconds, 3),
             "step_ms": round(1000 * float(np.median(step_times)), 4) if step_times else None,
@@ -228,10 +254,16 @@ class Session:
             "seed": self.seed,
         }
 
+    def losses_text(self, metrics: dict, prefix: str = "") -> str:
+        """`loss 0.1234`, or one `loss:PHASE` per phase."""
+        return "  ".join(f"{prefix}{ph.output} {metrics[ph.output]:.4f}" for ph in self.phases if ph.output in metrics)
+
     # ---- checkpoints -----------------------------------------------------------------------------
     def save(self, path) -> None:
-        checkpoint.save(path, self.params, self.state, {"step": self.step_count, "model": self.program.model,
-                                                        "optimizer": self.optimizer.name})
+        checkpoint.save(path, self.params, self.state, {
+            "step": self.step_count, "model": self.program.model,
+            "phases": {ph.name: {"optimizer": ph.optimizer.name, "step": self.phase_steps[ph.name]}
+                       for ph in self.phases}})
 
     def load(self, path) -> None:
         params, state, meta = checkpoint.load(path)
@@ -247,4 +279,20 @@ class Session:
         for k, v in state.items():
             if k in self.state and v.shape == self.state[k].shape:
                 self.state[k][...] = v
-        self.step_count = int(meta.get("step", 0)) if set(state) == set(self.state) else 0
+        # the step counts go with the optimizer state: a checkpoint of another optimizer (or
+        # phases) restarts them, with the state it lacks at zero
+        same = set(state) == set(self.state)
+        self.step_count = int(meta.get("step", 0)) if same else 0
+        saved = meta.get("phases", {"": {"step": self.step_count}})
+        for ph in self.phases:
+            self.phase_steps[ph.name] = int(saved.get(ph.name, {}).get("step", 0)) if same else 0
+
+
+def schedule(phases: list[Phase]) -> list[int]:
+    """One period of the phase schedule, as phase indices, one per step. Rounds r = 0, 1, ...
+    run, in the block's order, each phase due in that round (r % every == 0) `steps` times;
+    the period is lcm(every) rounds. Step s runs phase `period[s % len(period)]`, so the
+    schedule follows from the step count alone (and resumes from a checkpoint)."""
+    rounds = math.lcm(*(ph.every for ph in phases))
+    return [i for r in range(rounds) for i, ph in enumerate(phases) if r % ph.every == 0 for _ in range(ph.steps)]
+

@@ -671,6 +671,7 @@ GRAD_TESTED = (set(UNARY_DATA) | set(BINARY_INDEPENDENT) | set(ZERO_GRAD) |
                 "get"})
 GRAD_TESTED |= {"floor", "sin", "cos", "floordiv", "logical_and", "logical_or", "logical_not", "iota",
                 "flip", "cumsum"}    # in tests/test_lang.py
+GRAD_TESTED |= {"stop_gradient"}      # finite differences through it in tests/test_phases.py
 
 
 def test_every_primitive_has_a_gradient_test():
@@ -912,6 +913,7 @@ def test_kernels_cover_every_primitive():
             seen |= {f"matmul:{g.attrs(n).get('ta', False)}{g.attrs(n).get('tb', False)}"
                      for n in g.nodes() if g.op(n) == "matmul"}
     seen.add("sample")      # compiled against its reference in test_sample_reference_kernel_and_distribution
+    seen.add("stop_gradient")   # compiled and differentiated in tests/test_phases.py
     missing = set(PRIMITIVES) - seen
     assert not missing, f"primitives no compiled program runs: {sorted(missing)}"
     assert {"matmul:TrueFalse", "matmul:FalseTrue"} <= seen

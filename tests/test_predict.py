@@ -23,7 +23,8 @@ model rev(x: i32[B, 4], y_in: i32[B, 5]) -> f32[B, 5, 13] {
 }
 
 train rev on reverse(n = 3000, min_len = 2, max_len = 4) {
-    loss      = cross_entropy(rev(x, y_in), y)
+    logits, tokens = rev(x, y_in)
+    loss      = cross_entropy(logits, y)
     optimizer = adam(lr = 1e-2)
     batch     = 64
     epochs    = 12

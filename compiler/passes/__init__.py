@@ -21,10 +21,19 @@ class CompilerBug(Exception):
 
 @dataclass
 class Context:
+    """What the passes of one compiled program need: for a training step, the parameters its
+    phase trains (their gradients are taken, the rest are constants of the step) and the
+    phase's optimizer, whose state is named after the phase."""
     params: dict = field(default_factory=dict)      # name -> input node
     optimizer: object = None                         # OptimizerSpec or None
+    phase: str = ""                                  # the training phase ("" without phases)
     expose_grads: bool = False                       # add d loss / d p as outputs
     grads: dict = field(default_factory=dict)        # filled by autodiff
+
+    @classmethod
+    def for_phase(cls, program, phase) -> "Context":
+        return cls(params={n: program.params[n].node for n in phase.params}, optimizer=phase.optimizer,
+                   phase=phase.name)
 
 
 TRAIN_PIPELINE = [autodiff, optimizer, simplify, cse, dce, fusion]

@@ -4,5 +4,5 @@ from ..optim import build_update
 
 def optimizer(g, ctx):
     if ctx.optimizer is not None:
-        build_update(g, ctx.optimizer, ctx.params, ctx.grads)
+        build_update(g, ctx.optimizer, ctx.params, ctx.grads, ctx.phase)
     return g
