@@ -313,6 +313,22 @@ def _pool(op):
     return f
 
 
+@builtin("conv_transpose", "x", "w", stride=1, padding=0, dilation=1, output_padding=0)
+def _conv_transpose(lw, e, x, w, stride, padding, dilation, output_padding):
+    """The adjoint of `conv` in its input (weights [in, out, kh, kw]): upsamples by `stride`."""
+    geo = {k: _ints(lw, e, v, k.replace("_", " ")) for k, v in
+           dict(stride=stride, padding=padding, dilation=dilation, output_padding=output_padding).items()}
+    if min(geo["stride"] + geo["dilation"]) < 1 or min(geo["padding"] + geo["output_padding"]) < 0:
+        raise DlcError(f"`{e.func}`: stride and dilation must be >= 1, padding and output_padding >= 0", e.loc)
+    return _T(lw.g.add("conv_transpose2d", _tensor(lw, e, x), _tensor(lw, e, w), **geo))
+
+
+@builtin("pair", "v")
+def _pair_builtin(lw, e, v):
+    """An integer or a list of two as a pair: `kh, kw = pair(kernel)` (non-square kernels)."""
+    return _ints(lw, e, v, "the value")
+
+
 builtin("max_pool", "x", kernel=2, stride=None, padding=0)(_pool("max_pool2d"))
 builtin("avg_pool", "x", kernel=2, stride=None, padding=0)(_pool("avg_pool2d"))
 

@@ -621,3 +621,4 @@ from . import ops_nn  # noqa: E402,F401  (registers the convolution, pooling and
 from . import ops_scan  # noqa: E402,F401  (registers scan and get)
 from . import ops_seq  # noqa: E402,F401  (registers slice, unslice, take, scatter_add, argmax)
 from . import ops_math  # noqa: E402,F401  (registers floor, sin, cos, //, logical ops, iota, flip, cumsum)
+from . import ops_layers  # noqa: E402,F401  (registers conv_transpose2d)
