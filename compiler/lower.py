@@ -22,7 +22,7 @@ from dsl.parser import parse_file
 
 from . import indexing
 from .ir import Graph
-from .optim import OPTIMIZERS, OptimizerSpec
+from .optim import OPTIMIZERS, SCHEDULES, OptimizerSpec, ScheduleSpec
 from .shapes import FLOATS, INTS, dim_div, dim_factors, dim_mul, fmt_shape, fmt_type, same_dim
 
 STDLIB_DIR = Path(__file__).resolve().parent.parent / "dsl" / "stdlib"
@@ -440,6 +440,13 @@ class Lowerer:
             return InitSpec(e.func, tuple(sorted(kwargs.items())))
         if e.func in OPTIMIZERS:
             return self._optimizer(e, frame)
+        if e.func in SCHEDULES:           # a learning-rate schedule: `adam(schedule = cosine(warmup = 1))`
+            if e.args:
+                raise DlcError(f"`{e.func}` takes keyword options, e.g. cosine(warmup = 1)", e.loc)
+            try:
+                return ScheduleSpec.make(e.func, **{k: self.eval(v, frame) for k, v in e.kwargs})
+            except (TypeError, ValueError) as err:
+                raise DlcError(str(err), e.loc) from None
         options = list(self.funcs) + list(self.models) + list(BUILTINS)
         raise DlcError(f"unknown function `{e.func}`", e.func_loc, _suggest(e.func, options))
 
@@ -453,7 +460,11 @@ class Lowerer:
                 raise DlcError(f"`{e.func}` has no option `{k}`", v.loc,
                                _suggest(k, defaults) + [f"options: {', '.join(defaults)}"])
             val = self.eval(v, frame)
-            if k == "decay":
+            if k == "schedule":
+                if not isinstance(val, ScheduleSpec):
+                    raise DlcError(f"`schedule` is one of {', '.join(SCHEDULES)}(...), got {self._describe(val)}",
+                                   v.loc)
+            elif k == "decay":
                 if not (val in ("weights", "all") or (isinstance(val, list) and all(isinstance(s, str) for s in val))):
                     raise DlcError('decay must be "weights", "all" or a list of parameter name patterns', v.loc)
             elif isinstance(defaults[k], bool):

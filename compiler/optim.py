@@ -8,16 +8,23 @@ written back after the step (`graph.updates`). Semantics follow torch.optim: `we
 parameter itself. Run-time scalars are graph inputs, so a learning-rate schedule needs no
 recompilation.
 
+Every optimizer also takes `schedule` (a learning-rate schedule: `cosine(warmup = 1)`, see
+SCHEDULES below; the step's `lr` input follows it, so it needs no recompilation), `clip_norm`
+(rescale the phase's gradients so their global L2 norm is at most this, as
+torch.nn.utils.clip_grad_norm_) and `clip_value` (clamp each gradient to [-v, v], as
+clip_grad_value_); 0 turns clipping off. Clipping is graph ops in the step, before weight decay.
+
 A `.dl` file picks an entry with `adam(lr = 1e-3, ...)`: an `OptimizerSpec`. Training phases
 each carry their own spec; their optimizer state is named per phase (`phase:adam.m/param`).
 """
 from __future__ import annotations
 
 import fnmatch
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 from typing import Callable
 
-_COMMON = {"weight_decay": 0.0, "decay": "weights"}
+_COMMON = {"weight_decay": 0.0, "decay": "weights", "schedule": None, "clip_norm": 0.0, "clip_value": 0.0}
 
 
 @dataclass(frozen=True)
@@ -147,6 +154,8 @@ def build_update(g, spec: OptimizerSpec, params: dict[str, int], grads: dict[int
     dtype = g.dtype(next(iter(params.values())))
     with g.at(None, role="update"):
         scal = {s: g.input(s, (), dtype, "scalar") for s in entry.scalars}
+        grads = clip_gradients(g, spec, [grads[p] for p in params.values()], dtype)
+        grads = dict(zip(params.values(), grads))
         for name, p in params.items():
             loc = g[p]["loc"]
             with g.at(loc, role="update"):
@@ -163,10 +172,33 @@ def build_update(g, spec: OptimizerSpec, params: dict[str, int], grads: dict[int
                 g.updates[p] = entry.update(u, spec)
 
 
-def step_scalars(spec: OptimizerSpec, t: int) -> dict[str, float]:
-    """The run-time scalars of step t (1-based) of this optimizer."""
+def clip_gradients(g, spec: OptimizerSpec, grads: list[int], dtype: str) -> list[int]:
+    """The gradients clipped as the spec asks: each to [-clip_value, clip_value], then all of them
+    scaled by min(1, clip_norm / (norm + 1e-6)), norm being their global L2 norm (torch's rule)."""
+    if spec.clip_value:
+        v = g.const(spec.clip_value, dtype)
+        grads = [g.add("minimum", g.add("maximum", gp, g.add("neg", v)), v) for gp in grads]
+    if spec.clip_norm:
+        squares = [g.add("reduce_sum", g.add("mul", gp, gp), axes=tuple(range(len(g.shape(gp)))), keepdims=False)
+                   for gp in grads]
+        total = squares[0]
+        for sq in squares[1:]:
+            total = g.add("add", total, sq)
+        norm = g.add("sqrt", total)
+        scale = g.add("minimum", g.const(1.0, dtype),
+                      g.add("div", g.const(spec.clip_norm, dtype), g.add("add", norm, g.const(1e-6, dtype))))
+        grads = [g.add("mul", gp, scale) for gp in grads]
+    return grads
+
+
+def step_scalars(spec: OptimizerSpec, t: int, plan: "SchedulePlan | None" = None) -> dict[str, float]:
+    """The run-time scalars of step t (1-based) of this optimizer; with a schedule, the
+    learning rate at that step of the run `plan` describes."""
     extra = spec.entry.step_scalars(spec, t) if spec.entry.step_scalars else {}
-    return {"lr": spec.lr, **extra}
+    lr = spec.lr
+    if spec.schedule is not None:
+        lr *= spec.schedule.factor(t - 1, plan or SchedulePlan(1, 1))
+    return {"lr": lr, **extra}
 
 
 def bias_corrections(spec: OptimizerSpec, t: int) -> dict[str, float]:
@@ -210,3 +242,107 @@ register(Optimizer("adamw", dict(**_ADAM, **{**_COMMON, "weight_decay": 0.01}), 
                    decoupled_decay=True))
 register(Optimizer("rmsprop", dict(lr=0.01, alpha=0.99, eps=1e-8, **_COMMON), slots=lambda s: ("v",),
                    update=_rmsprop))
+
+
+# ---- learning-rate schedules ---------------------------------------------------------------------
+# A schedule is a factor of the optimizer's `lr` at each step, a function of the step, the
+# steps in an epoch and in the run (so the schedule is a run-time input of the compiled step).
+# Durations are in epochs (fractions allowed). Each takes `warmup = E`: the first E epochs' W
+# steps ramp the factor linearly, (t + 1) / W, then the schedule runs over the remaining steps
+# (torch's SequentialLR of LinearLR(start_factor = 1 / W, total_iters = W - 1) and the schedule).
+@dataclass(frozen=True)
+class SchedulePlan:
+    """The run a schedule is laid over: steps per epoch, and steps in all."""
+    steps_per_epoch: int
+    total_steps: int
+
+
+@dataclass(frozen=True)
+class Schedule:
+    name: str
+    defaults: dict
+    factor: Callable                      # (t (0-based), steps, plan, options) -> factor of lr
+    doc: str = ""
+
+
+SCHEDULES: dict[str, Schedule] = {}
+
+
+def _schedule(name, doc, **defaults):
+    def deco(fn):
+        SCHEDULES[name] = Schedule(name, {**defaults, "warmup": 0.0}, fn, doc)
+        return fn
+    return deco
+
+
+@_schedule("constant", "the optimizer's lr throughout (with `warmup`, after it)")
+def _constant(t, steps, plan, o):
+    return 1.0
+
+
+@_schedule("step_decay", "lr * gamma ** (epochs done // every), as torch's StepLR stepped per epoch",
+           every=1.0, gamma=0.1)
+def _step_decay(t, steps, plan, o):
+    return o["gamma"] ** math.floor(t / plan.steps_per_epoch / o["every"] + 1e-9)
+
+
+@_schedule("exponential", "lr * gamma ** epochs done, as torch's ExponentialLR stepped per epoch", gamma=0.9)
+def _exponential(t, steps, plan, o):
+    return o["gamma"] ** (t // plan.steps_per_epoch)
+
+
+@_schedule("cosine", "from lr down to lr * final along half a cosine, as torch's CosineAnnealingLR "
+                     "(T_max = the run's steps) stepped per batch", final=0.0)
+def _cosine(t, steps, plan, o):
+    return o["final"] + (1 - o["final"]) * (1 + math.cos(math.pi * min(t, steps) / max(steps, 1))) / 2
+
+
+@_schedule("one_cycle", "up from lr / div to lr over the first `rise` of the run, then down to lr / div / "
+                        "final_div, both along cosines: torch's OneCycleLR (max_lr = lr) stepped per batch",
+           rise=0.3, div=25.0, final_div=1e4)
+def _one_cycle(t, steps, plan, o):
+    def anneal(start, end, pct):
+        return end + (start - end) / 2 * (math.cos(math.pi * pct) + 1)
+    low, peak = 1 / o["div"], 1.0
+    end_up = o["rise"] * steps - 1
+    if t <= end_up:
+        return anneal(low, peak, t / end_up)
+    return anneal(peak, low / o["final_div"], (t - end_up) / max(steps - 1 - end_up, 1e-12))
+
+
+@dataclass(frozen=True)
+class ScheduleSpec:
+    """A schedule as a `.dl` file writes it (`cosine(warmup = 1)`): a registry entry and its options."""
+    name: str
+    options: tuple = field(default=())
+
+    @classmethod
+    def make(cls, name: str, **options) -> "ScheduleSpec":
+        if name not in SCHEDULES:
+            raise ValueError(f"unknown schedule {name!r}; schedules: {', '.join(SCHEDULES)}")
+        defaults = SCHEDULES[name].defaults
+        unknown = set(options) - set(defaults)
+        if unknown:
+            raise TypeError(f"schedule `{name}` has no option {', '.join(sorted(unknown))}; "
+                            f"options: {', '.join(defaults)}")
+        for k, v in options.items():
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
+                raise TypeError(f"`{k}` must be a non-negative number, got {v!r}")
+        if name == "one_cycle" and not 0 < options.get("rise", defaults["rise"]) < 1:
+            raise TypeError("`rise` is the part of the run spent rising: a number between 0 and 1")
+        if options.get("every", 1) <= 0 or options.get("div", 1) <= 0 or options.get("final_div", 1) <= 0:
+            raise TypeError("`every`, `div` and `final_div` must be positive")
+        return cls(name, tuple(sorted({**defaults, **options}.items())))
+
+    def factor(self, t: int, plan: SchedulePlan) -> float:
+        """The factor of lr at step t (0-based) of the run `plan` describes."""
+        o = dict(self.options)
+        warm = round(o["warmup"] * plan.steps_per_epoch)
+        if t < warm:
+            return (t + 1) / warm
+        return SCHEDULES[self.name].factor(t - warm, plan.total_steps - warm, plan, o)
+
+    def __repr__(self):
+        d = SCHEDULES[self.name].defaults
+        shown = ", ".join(f"{k} = {v!r}" for k, v in self.options if v != d[k])
+        return f"{self.name}({shown})"

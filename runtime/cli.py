@@ -65,6 +65,14 @@ def make_parser() -> argparse.ArgumentParser:
     r.add_argument("--quiet", action="store_true", help="no progress output")
     r.add_argument("--threads", type=_positive(int), help="BLAS threads (default: the library's, one per core; "
                    "1 is steadier on a busy machine)")
+    from compiler.optim import SCHEDULES
+    r.add_argument("--schedule", choices=list(SCHEDULES), help="every phase's learning-rate schedule")
+    r.add_argument("--warmup", type=_number(float, allow_zero=True), metavar="EPOCHS",
+                   help="linear learning-rate warm-up over this many epochs")
+    r.add_argument("--clip-norm", type=_number(float, allow_zero=True), metavar="X",
+                   help="clip the gradients' global L2 norm to X (0: off)")
+    r.add_argument("--clip-value", type=_number(float, allow_zero=True), metavar="X",
+                   help="clip each gradient to [-X, X] (0: off)")
 
     pr = sub.add_parser("predict", help="run a trained model on inputs and print its decoded output")
     common(pr)
@@ -113,7 +121,9 @@ def _dispatch(args) -> int:
         raise DlcError(f"no such file: {args.file}")
     if args.cmd == "run":
         return _run(args, Options(dtype=args.dtype, fuse=not args.no_fuse, epochs=args.epochs,
-                                  batch=args.batch, lr=args.lr, seed=args.seed, threads=args.threads))
+                                  batch=args.batch, lr=args.lr, seed=args.seed, threads=args.threads,
+                                  schedule=args.schedule, warmup=args.warmup, clip_norm=args.clip_norm,
+                                  clip_value=args.clip_value))
     if args.cmd == "check":
         return _check(args)
     if args.cmd == "predict":

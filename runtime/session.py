@@ -17,7 +17,7 @@ from compiler.api import rng_seed
 from compiler.bounds import index_reads
 from compiler.driver import Executable, build, example_args, optimize
 from compiler.lower import Lowerer, Phase
-from compiler.optim import step_scalars
+from compiler.optim import SchedulePlan, ScheduleSpec, step_scalars
 from compiler.passes import Context
 from compiler.shapes import DTYPES
 from dsl import ast as A
@@ -41,6 +41,10 @@ class Options:
     temperature: float = 0.0        # decoding in evaluation: 0 greedy, > 0 sampling
     threads: int | None = None      # BLAS threads while running (None: the library's default)
     train: bool = True              # False: compile the evaluation program only (predict)
+    schedule: str | None = None     # --schedule NAME (with --warmup E): every phase's lr schedule
+    warmup: float | None = None
+    clip_norm: float | None = None  # --clip-norm / --clip-value: every phase's gradient clipping
+    clip_value: float | None = None
 
 
 def _literal_setting(lowerer: Lowerer, train: A.TrainDef, name: str):
@@ -88,8 +92,10 @@ class Session:
         if self.opt.lr is not None:             # --lr sets every phase's learning rate
             for ph in self.phases:
                 ph.optimizer = ph.optimizer.replace(lr=self.opt.lr)
+        self._override_optimizers()
         self.optimizer = self.phases[0].optimizer
         self.schedule = schedule(self.phases)
+        self.lr_plans: dict[str, SchedulePlan] = {}          # set by fit: the run each lr schedule spans
         self.lower_seconds = time.perf_counter() - t0
         self.params_info = self.program.params
         # the evaluation program is the forward graph lowered with `training` false (dropout
@@ -124,6 +130,36 @@ class Session:
                 if kind == "state" and name not in state:
                     state[name] = np.zeros(shape, DTYPES[dtype])
         return params, state
+
+    def _override_optimizers(self):
+        """--schedule/--warmup and --clip-norm/--clip-value apply to every phase's optimizer."""
+        o = self.opt
+        for ph in self.phases:
+            spec, changes = ph.optimizer, {}
+            if o.schedule is not None or o.warmup is not None:
+                base = spec.schedule or ScheduleSpec.make("constant")
+                name = o.schedule or base.name
+                keep = {k: v for k, v in base.options if k != "warmup"} if name == base.name else {}
+                warm = o.warmup if o.warmup is not None else dict(base.options)["warmup"]
+                changes["schedule"] = ScheduleSpec.make(name, **keep, warmup=warm)
+            if o.clip_norm is not None:
+                changes["clip_norm"] = o.clip_norm
+            if o.clip_value is not None:
+                changes["clip_value"] = o.clip_value
+            if changes:
+                ph.optimizer = spec.replace(**changes)
+
+    def _plan_schedules(self, n: int, batch: int, epochs: int) -> None:
+        """Lay each phase's lr schedule over the run: its steps per epoch (its share of the
+        batches) and its steps in all, from the first epoch (a resumed run included)."""
+        batches = math.ceil(n / batch)
+        for i, ph in enumerate(self.phases):
+            per_epoch = max(1, round(batches * self.schedule.count(i) / len(self.schedule)))
+            self.lr_plans[ph.name] = SchedulePlan(per_epoch, per_epoch * epochs)
+
+    def lr(self, phase: Phase) -> float:
+        """The learning rate the phase's next step uses."""
+        return step_scalars(phase.optimizer, self.phase_steps[phase.name] + 1, self.lr_plans.get(phase.name))["lr"]
 
     def _compile(self):
         b = int(self.settings["batch"])
@@ -161,7 +197,8 @@ class Session:
         ph, ex = self.phases[i], self.train_exes[i]
         self.step_count += 1
         self.phase_steps[ph.name] += 1
-        sc = {"rng": self.rng_seed(self.step_count), **step_scalars(ph.optimizer, self.phase_steps[ph.name])}
+        sc = {"rng": self.rng_seed(self.step_count), **step_scalars(ph.optimizer, self.phase_steps[ph.name],
+                                                                  self.lr_plans.get(ph.name))}
         res = dict(zip(ex.outputs, ex(*self._args(ex, batch, sc))))
         return float(res["loss"]), res["output"]
 
@@ -206,6 +243,7 @@ class Session:
         t_train = time.perf_counter()
         ep_metrics = {}
         first = self.step_count // math.ceil(n / batch)     # a resumed run goes on counting epochs
+        self._plan_schedules(n, batch, first + epochs)
         for ep in range(first, first + epochs):
             perm = rng.permutation(n)
             totals = {ph.output: [0.0, 0] for ph in self.phases}     # loss * examples, examples
