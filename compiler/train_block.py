@@ -19,7 +19,7 @@ from .lower import Frame, Lowerer, Phase, Program, Tensor, _suggest
 from .optim import OPTIMIZERS, OptimizerSpec
 from .shapes import FLOATS
 
-TRAIN_SETTINGS = ("loss", "optimizer", "params", "batch", "epochs", "seed", "metrics")
+TRAIN_SETTINGS = ("loss", "optimizer", "params", "batch", "epochs", "seed", "metrics", "patience", "monitor")
 PHASE_SETTINGS = ("loss", "params", "optimizer", "steps", "every")
 
 
@@ -114,8 +114,10 @@ def _check_setting(lw: Lowerer, name: str, val, loc: Loc):
                            ["reduce it with mean(...) or sum(...)"])
     elif name == "optimizer" and not isinstance(val, OptimizerSpec):
         raise DlcError("optimizer must be one of " + ", ".join(OPTIMIZERS) + "(...)", loc)
-    elif name in ("batch", "epochs", "seed", "steps", "every"):
-        low = 0 if name == "seed" else 1
+    elif name == "monitor" and not isinstance(val, str):
+        raise DlcError(f'`monitor` names a validation metric, e.g. "loss" or "accuracy", got {lw._describe(val)}', loc)
+    elif name in ("batch", "epochs", "seed", "steps", "every", "patience"):
+        low = 0 if name in ("seed", "patience") else 1
         if not isinstance(val, int) or isinstance(val, bool) or val < low:
             raise DlcError(f"`{name}` must be a {'non-negative' if low == 0 else 'positive'} integer, "
                            f"got {lw._describe(val)}", loc)

@@ -71,6 +71,14 @@ def make_parser() -> argparse.ArgumentParser:
                    help="linear learning-rate warm-up over this many epochs")
     r.add_argument("--clip-norm", type=_number(float, allow_zero=True), metavar="X",
                    help="clip the gradients' global L2 norm to X (0: off)")
+    r.add_argument("--patience", type=_number(int, allow_zero=True), metavar="N",
+                   help="early stopping: stop after N epochs without a better validation metric (needs `val = ...`)")
+    r.add_argument("--monitor", metavar="METRIC", help="the validation metric early stopping and --save-best watch "
+                   "(default: the loss)")
+    r.add_argument("--save-best", metavar="PATH", help="checkpoint the best epoch by the monitored validation metric; "
+                   "the test report is that epoch's")
+    r.add_argument("--log", metavar="PATH", help="write one JSON line per epoch (run.jsonl)")
+    r.add_argument("--plot", metavar="PNG", help="draw the train and validation curves (matplotlib)")
     r.add_argument("--clip-value", type=_number(float, allow_zero=True), metavar="X",
                    help="clip each gradient to [-X, X] (0: off)")
 
@@ -123,7 +131,8 @@ def _dispatch(args) -> int:
         return _run(args, Options(dtype=args.dtype, fuse=not args.no_fuse, epochs=args.epochs,
                                   batch=args.batch, lr=args.lr, seed=args.seed, threads=args.threads,
                                   schedule=args.schedule, warmup=args.warmup, clip_norm=args.clip_norm,
-                                  clip_value=args.clip_value))
+                                  clip_value=args.clip_value, patience=args.patience, monitor=args.monitor,
+                                  save_best=args.save_best, log_path=args.log))
     if args.cmd == "check":
         return _check(args)
     if args.cmd == "predict":
@@ -185,6 +194,11 @@ def _run(args, options) -> int:
     if args.load:
         s.load(args.load)
     report = s.fit(progress=progress)
+    if args.plot:
+        from runtime.history import plot
+        plot(report["history"], args.plot, f"{Path(args.file).name}: {s.program.model}")
+        if progress:
+            print(f"dlc: plotted {args.plot}", file=sys.stderr)
     if args.save:
         s.save(args.save)
         if progress:

@@ -20,6 +20,7 @@ class Dataset:
     train: dict[str, np.ndarray]
     test: dict[str, np.ndarray]
     info: dict = field(default_factory=dict)
+    val: dict[str, np.ndarray] = field(default_factory=dict)    # `val = 0.1`: reported each epoch
 
     def fields(self) -> dict[str, tuple[str, tuple]]:
         """Each field's dtype kind and per-example shape, for the compiler."""
@@ -46,9 +47,9 @@ REQUIRED = object()
 
 def source(name, order, **defaults):
     """Register a data source: `order` lists its options in positional order; `defaults` maps
-    each option to its default (REQUIRED: must be given). `test` and `scale` are every source's."""
-    defaults = {**defaults, "test": 0.2, "scale": defaults.get("scale", True)}
-    assert set(order) == set(defaults), name
+    each option to its default (REQUIRED: must be given). `test`, `val` and `scale` are every source's."""
+    defaults = {**defaults, "test": 0.2, "val": 0.0, "scale": defaults.get("scale", True)}
+    assert set(order) | {"val"} == set(defaults), name       # `val` is keyword-only
 
     def deco(fn):
         SOURCES[name] = (fn, tuple(order), defaults)
@@ -87,16 +88,20 @@ def load(call: A.Node, base_dir: Path, seed: int, float_dtype: str = "f32") -> D
     test = opts["test"]
     if isinstance(test, bool) or not isinstance(test, (int, float)) or not 0 <= test < 1:
         raise DlcError(f"`test` is the held-out fraction, between 0 and 1, got {test!r}", call.loc)
+    val = opts["val"]
+    if isinstance(val, bool) or not isinstance(val, (int, float)) or not 0 <= val < 1 - test:
+        raise DlcError(f"`val` is the fraction held out for validation, between 0 and 1 - test = {1 - test:g}, "
+                       f"got {val!r}", call.loc)
     if not isinstance(opts["scale"], bool):
         raise DlcError(f"`scale` is true or false, got {opts['scale']!r}", call.loc)
-    extra = {k: v for k, v in opts.items() if k not in ("test", "scale")}
+    extra = {k: v for k, v in opts.items() if k not in ("test", "val", "scale")}
     if getattr(fn, "seeded", False):
         extra["seed"] = seed
     arrays = fn(call, base_dir, **extra)
     info = arrays.pop("__info__", None)
-    ds = _split(arrays, test, seed, opts["scale"], call.loc, info)
+    ds = _split(arrays, test, seed, opts["scale"], call.loc, info, val)
     ftype = np.float64 if float_dtype == "f64" else np.float32
-    for split in (ds.train, ds.test):
+    for split in (ds.train, ds.val, ds.test):
         for k, v in split.items():
             if v.dtype.kind == "f":
                 split[k] = v.astype(ftype, copy=False)
@@ -134,7 +139,8 @@ def describe(call: A.Call) -> str:
     return f"`{call.func}({', '.join(args)})`"
 
 
-def _split(arrays: dict[str, np.ndarray], test: float, seed: int, scale, loc: Loc, info=None) -> Dataset:
+def _split(arrays: dict[str, np.ndarray], test: float, seed: int, scale, loc: Loc, info=None,
+           val: float = 0.0) -> Dataset:
     from sklearn.model_selection import train_test_split
     n = len(next(iter(arrays.values())))
     for k, v in arrays.items():
@@ -153,8 +159,17 @@ def _split(arrays: dict[str, np.ndarray], test: float, seed: int, scale, loc: Lo
             tr, te = train_test_split(idx, test_size=test, random_state=seed)
     else:
         tr, te = idx, idx[:0]
+    va = tr[:0]
+    if val > 0:                 # from the training part, stratified the same way, before scaling
+        part = val / (1 - test)
+        try:
+            tr, va = train_test_split(tr, test_size=part, random_state=seed,
+                                      stratify=strat[tr] if strat is not None else None)
+        except ValueError:
+            tr, va = train_test_split(tr, test_size=part, random_state=seed)
     train = {k: v[tr] for k, v in arrays.items()}
     testd = {k: v[te] for k, v in arrays.items()}
+    vald = {k: v[va] for k, v in arrays.items()}
     if scale:
         for k, v in train.items():
             if v.dtype.kind == "f" and k != "y":
@@ -163,10 +178,11 @@ def _split(arrays: dict[str, np.ndarray], test: float, seed: int, scale, loc: Lo
                 sd[sd == 0] = 1.0
                 train[k] = ((v - mu) / sd).astype(np.float32)
                 testd[k] = ((testd[k] - mu) / sd).astype(np.float32)
-    info = {**(info or {}), "train_size": len(tr), "test_size": len(te)}
+                vald[k] = ((vald[k] - mu) / sd).astype(np.float32)
+    info = {**(info or {}), "train_size": len(tr), "test_size": len(te), "val_size": len(va)}
     if labels is not None and labels.dtype.kind in "iu":
         info["classes"] = int(labels.max()) + 1
-    return Dataset(train, testd, info)
+    return Dataset(train, testd, info, vald)
 
 
 def _labels(v: np.ndarray, name: str, loc) -> np.ndarray:

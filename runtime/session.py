@@ -25,6 +25,7 @@ from dsl.diagnostics import DlcError
 from dsl.parser import parse_file
 
 from . import checkpoint, data, metrics
+from .history import EarlyStopping, History
 from .initializers import initialize
 
 DEFAULTS = {"batch": 32, "epochs": 10, "seed": 0}       # metrics: the loss's (runtime/metrics.py)
@@ -45,6 +46,10 @@ class Options:
     warmup: float | None = None
     clip_norm: float | None = None  # --clip-norm / --clip-value: every phase's gradient clipping
     clip_value: float | None = None
+    patience: int | None = None     # --patience N: stop after N epochs without a better validation metric
+    monitor: str | None = None      # --monitor METRIC: the validation metric watched (default: the loss)
+    save_best: str | None = None    # --save-best PATH: checkpoint the best epoch (by the monitored metric)
+    log_path: str | None = None     # --log run.jsonl: one JSON line per epoch
 
 
 def _literal_setting(lowerer: Lowerer, train: A.TrainDef, name: str):
@@ -76,7 +81,7 @@ class Session:
         self.eval_program = eval_lowerer.lower_train(eval_lowerer.trains[0], self.dataset.fields())
         self.program = self.lowerer.lower_train(train, self.dataset.fields()) if self.opt.train else self.eval_program
         self.index_reads = index_reads(self.eval_program.graph) + (index_reads(self.program.graph) if self.opt.train else [])
-        for split in (self.dataset.train, self.dataset.test):
+        for split in (self.dataset.train, self.dataset.val, self.dataset.test):
             data.check_indices(self.index_reads, split, data.describe(train.data), train.data.loc)
         s = self.program.settings
         self.settings = {**DEFAULTS, **{k: v for k, v in s.items() if k not in ("loss", "params")}}
@@ -85,7 +90,7 @@ class Session:
         self.task = metrics.task_of(train, user_defs, self.dataset.train)
         self.settings.setdefault("metrics", self.task.defaults)
         metrics.check(self.task, self.settings["metrics"], self.program.setting_locs.get("metrics"))
-        for k in ("epochs", "batch"):
+        for k in ("epochs", "batch", "patience", "monitor"):
             if getattr(self.opt, k) is not None:
                 self.settings[k] = getattr(self.opt, k)
         self.phases: list[Phase] = self.program.phases
@@ -148,6 +153,22 @@ class Session:
                 changes["clip_value"] = o.clip_value
             if changes:
                 ph.optimizer = spec.replace(**changes)
+
+    def _early_stopping(self) -> EarlyStopping:
+        """From `patience`/`monitor` (train block or flags); the monitored metric must be one the
+        validation split reports."""
+        monitor, patience = self.settings.get("monitor", "loss"), int(self.settings.get("patience", 0))
+        monitor = monitor.removeprefix("val_")
+        if monitor == "loss" and self.phases[0].name:
+            monitor = self.phases[0].output
+        offered = [ph.output for ph in self.phases] + [m for m in self.settings["metrics"] if m != "loss"]
+        if monitor not in offered:
+            raise DlcError(f"cannot monitor `{monitor}`: the validation split reports {', '.join(offered)}",
+                           self.program.setting_locs.get("monitor"))
+        if (patience or self.opt.save_best) and not any(len(v) for v in self.dataset.val.values()):
+            raise DlcError("early stopping and --save-best watch a validation split: give the data source "
+                           "`val = 0.1`", self.program.setting_locs.get("patience") or self.lowerer.trains[0].data.loc)
+        return EarlyStopping(monitor, patience)
 
     def _plan_schedules(self, n: int, batch: int, epochs: int) -> None:
         """Lay each phase's lr schedule over the run: its steps per epoch (its share of the
@@ -239,7 +260,9 @@ class Session:
         n = len(train["x"])
         batch, epochs = int(self.settings["batch"]), int(self.settings["epochs"])
         rng = np.random.default_rng(self.seed + 1)
-        step_times, history = [], []
+        step_times, history = [], History(self.opt.log_path)
+        stopper = self._early_stopping()
+        best = None                          # the best epoch's parameters and state (with validation)
         t_train = time.perf_counter()
         ep_metrics = {}
         first = self.step_count // math.ceil(n / batch)     # a resumed run goes on counting epochs
@@ -248,6 +271,7 @@ class Session:
             perm = rng.permutation(n)
             totals = {ph.output: [0.0, 0] for ph in self.phases}     # loss * examples, examples
             t_ep = time.perf_counter()
+            lrs = {ph.output: self.lr(ph) for ph in self.phases}
             acc = metrics.Accumulator(self.task, self.settings["metrics"])
             bar = tqdm(range(0, n, batch), desc=f"epoch {ep + 1}/{first + epochs}", leave=False, file=sys.stderr,
                        disable=not (progress and sys.stderr.isatty()), unit="batch")
@@ -268,20 +292,37 @@ class Session:
                 acc.add(out, b)
             ep_metrics = {k: t / m for k, (t, m) in totals.items() if m}
             ep_metrics.update(acc.result())
-            test = self.evaluate(self.dataset.test)
-            history.append({"epoch": ep + 1, "train": ep_metrics, "test": test})
+            val = self.evaluate(self.dataset.val)       # the test split waits for the end
+            improved = stopper.update(ep + 1, val) if val else False
+            if improved:
+                best = ({k: v.copy() for k, v in self.params.items()}, {k: v.copy() for k, v in self.state.items()})
+                if self.opt.save_best:
+                    self.save(self.opt.save_best)
+            history.add({"epoch": ep + 1, "lr": lrs if len(lrs) > 1 else lrs[self.phases[0].output],
+                         "train": ep_metrics, "val": val, "seconds": round(time.perf_counter() - t_ep, 3)})
             if progress:
                 msg = f"epoch {ep + 1:>3}/{first + epochs}  " + self.losses_text(ep_metrics) + metrics.text(ep_metrics)
-                if test:
-                    msg += "  " + self.losses_text(test, "test_") + metrics.text(test, "test_")
+                if val:
+                    msg += "  " + self.losses_text(val, "val_") + metrics.text(val, "val_") + (" *" if improved else "")
                 msg += f"  ({time.perf_counter() - t_ep:.2f}s)"
                 log(msg)
+            if stopper.should_stop:
+                if progress:
+                    log(f"early stop: val {stopper.monitor} has not improved for {stopper.patience} epochs "
+                        f"(best {stopper.best:.4f} at epoch {stopper.best_epoch})")
+                break
+        if best is not None:                 # test the best epoch's model, as --save-best keeps it
+            for k, v in best[0].items():
+                self.params[k][...] = v
+            for k, v in best[1].items():
+                self.state[k][...] = v
         train_seconds = time.perf_counter() - t_train
         return {
             "model": self.program.model,
             "test": self.evaluate(self.dataset.test),
             "train": ep_metrics,
-            "epochs": epochs,
+            "epochs": len(history.epochs),
+            **({"best_epoch": stopper.best_epoch, f"best_val_{stopper.monitor}": stopper.best} if best else {}),
             "steps": self.step_count,
             **({"phase_steps": dict(self.phase_steps)} if self.phases[0].name else {}),
             "compile_seconds": round(self.compile_seconds, 3),
@@ -290,6 +331,7 @@ class Session:
             "kernel_cache_hit": self.cache_hit,
             "parameters": int(sum(p.size for p in self.params.values())),
             "seed": self.seed,
+            "history": history.epochs,
         }
 
     def losses_text(self, metrics: dict, prefix: str = "") -> str:

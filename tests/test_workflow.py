@@ -7,7 +7,9 @@ compiled SGD step in NumPy.
 """
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,6 +18,7 @@ from compiler.api import compile_function, compile_train_step
 from compiler.optim import OptimizerSpec, SchedulePlan, ScheduleSpec, step_scalars
 from runtime.cli import main
 
+ROOT = Path(__file__).resolve().parent.parent
 PLAN = SchedulePlan(steps_per_epoch=10, total_steps=60)
 
 
@@ -190,3 +193,95 @@ def test_layer_errors_are_located(capsys, dl_file, body, words):
     assert main(["check", str(p)]) == 2
     err = capsys.readouterr().err
     assert f"{p}:3:" in err and words in err, err
+
+
+# ---- validation, early stopping, history ---------------------------------------------------------
+def test_validation_split_is_disjoint_stratified_and_scaled_on_train_only():
+    from dsl.parser import parse
+    from runtime import data
+    call = parse("train m on digits(test = 0.2, val = 0.1) {\n}\n").items[0].data
+    ds = data.load(call, ROOT, seed=0, float_dtype="f64")
+    sizes = {k: len(getattr(ds, k)["y"]) for k in ("train", "val", "test")}
+    assert sum(sizes.values()) == 1797 and sizes["val"] == pytest.approx(0.1 * 1797, abs=2)
+    assert sizes["test"] == pytest.approx(0.2 * 1797, abs=1)
+    rows = {k: {r.tobytes() for r in getattr(ds, k)["x"]} for k in ("train", "val", "test")}
+    assert not rows["train"] & rows["val"] and not rows["val"] & rows["test"]
+    share = np.bincount(ds.val["y"], minlength=10) / sizes["val"]
+    np.testing.assert_allclose(share, np.bincount(ds.train["y"], minlength=10) / sizes["train"], atol=0.02)
+    np.testing.assert_allclose(ds.train["x"].mean(axis=0), 0, atol=1e-6)      # scaled on train alone:
+    assert np.abs(ds.val["x"].mean(axis=0)).max() > 1e-3                        # val is not re-centred
+
+
+@pytest.mark.parametrize("monitor, values, best, stop_at", [
+    ("loss", [1.0, 0.8, 0.9, 0.7, 0.75], 4, None),
+    ("loss", [1.0, 0.8, 0.9, 0.85, 0.95], 2, 4),
+    ("accuracy", [0.5, 0.7, 0.6, 0.65, 0.69], 2, 4),
+])
+def test_early_stopping(monitor, values, best, stop_at):
+    from runtime.history import EarlyStopping
+    es, stopped = EarlyStopping(monitor, patience=2), None
+    for ep, v in enumerate(values, 1):
+        es.update(ep, {monitor: v})
+        if es.should_stop and stopped is None:
+            stopped = ep
+    assert es.best_epoch == best and stopped == stop_at
+
+
+CNN_VAL = """
+model m(x: f32[B, 64]) -> f32[B, 10] {
+    return dense(dropout(relu(dense(x, 32)), 0.2), 10)
+}
+train m on digits(test = 0.2, val = 0.1) {
+    loss = cross_entropy(m(x), y)
+    optimizer = adam(lr = 0.01, schedule = cosine(warmup = 0.5))
+    batch = 64
+    epochs = 4
+}
+"""
+
+
+def test_fit_reports_validation_each_epoch_and_tests_once(dl_file, tmp_path, monkeypatch):
+    from runtime.session import Options, Session
+    s = Session(dl_file(CNN_VAL), Options(log_path=str(tmp_path / "run.jsonl"), save_best=str(tmp_path / "best.npz"),
+                                          monitor="val_accuracy"))
+    seen = []
+    evaluate = s.evaluate
+    monkeypatch.setattr(s, "evaluate", lambda split, *a: seen.append(len(split["y"]) if split else 0)
+                        or evaluate(split, *a))
+    lines = []
+    rep = s.fit(progress=True, log=lines.append)
+    n_val, n_test = len(s.dataset.val["y"]), len(s.dataset.test["y"])
+    assert seen == [n_val] * 4 + [n_test]                  # the test split, once, at the end
+    assert all("val_loss" in ln and "test_" not in ln for ln in lines)
+    logged = [json.loads(ln) for ln in (tmp_path / "run.jsonl").read_text().splitlines()]
+    assert logged == rep["history"] and [e["epoch"] for e in logged] == [1, 2, 3, 4]
+    spe = -(-len(s.dataset.train["y"]) // 64)
+    assert logged[0]["lr"] == pytest.approx(0.01 / round(0.5 * spe))         # warm-up's first step
+    accs = [e["val"]["accuracy"] for e in logged]
+    assert rep["best_epoch"] == 1 + int(np.argmax(accs)) and rep["best_val_accuracy"] == max(accs)
+    # the test report is the best epoch's model, which --save-best wrote
+    s2 = Session(dl_file(CNN_VAL), Options(epochs=0))
+    s2.load(tmp_path / "best.npz")
+    for k in s.params:
+        np.testing.assert_array_equal(s2.params[k], s.params[k])
+    assert s2.evaluate(s2.dataset.test)["accuracy"] == pytest.approx(rep["test"]["accuracy"])
+
+
+def test_plot_draws_a_png(tmp_path):
+    from runtime.history import plot
+    hist = [{"epoch": e, "train": {"loss": 1 / e, "accuracy": 1 - 1 / e}, "val": {"loss": 1.1 / e}}
+            for e in range(1, 4)]
+    plot(hist, tmp_path / "c.png")
+    assert (tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("data, extra, words", [
+    ("digits()", "    patience = 3\n", "early stopping and --save-best watch a validation split"),
+    ("digits(val = 0.1)", '    monitor = "f1"\n', "cannot monitor `f1`"),
+    ("digits(test = 0.5, val = 0.6)", "", "`val` is the fraction held out for validation"),
+])
+def test_validation_errors(capsys, dl_file, data, extra, words):
+    p = dl_file(TRAIN.format(opt="adam()").replace("digits()", data).replace("    optimizer", extra + "    optimizer"))
+    code = main(["run", str(p), "--epochs", "1", "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and words in err and f"{p}:" in err, err
