@@ -27,6 +27,9 @@ CASES = {   # golden case -> the layer applied to x, as a .dl expression
     "group_norm": "group_norm(x, 3, name = \"gn\")",
     "global_avg_pool": "global_avg_pool(x)",
     "residual": "residual(x, 5, stride = 2, name = \"res\")",
+    "rnn_bidirectional": "rnn(x, 4, bidirectional = true, name = \"rnn\")",
+    "lstm_bidirectional": "lstm(x, 4, bidirectional = true, name = \"lstm\")",
+    "gru_bidirectional": "gru(x, 4, bidirectional = true, name = \"gru\")",
 }
 
 

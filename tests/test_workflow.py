@@ -285,3 +285,16 @@ def test_validation_errors(capsys, dl_file, data, extra, words):
     code = main(["run", str(p), "--epochs", "1", "--quiet"])
     err = capsys.readouterr().err
     assert code == 2 and words in err and f"{p}:" in err, err
+
+
+@pytest.mark.parametrize("layer, shape", [
+    ('lstm(x, 8, returns = "last", bidirectional = true)', ("B", 16)),
+    ('gru(x, 8, bidirectional = true)', ("B", 5, 16)),
+    ('rnn(x, 8, returns = "last", bidirectional = true)', ("B", 16)),
+])
+def test_bidirectional_shapes_and_parameters(layer, shape):
+    from compiler.api import lower_function
+    lw, prog = lower_function(f"model net(x: f64[B, 5, 3]) {{\n    return {layer}\n}}\n")
+    assert prog.graph.shape(prog.graph.outputs["output"]) == shape
+    scopes = {name.split("/")[2] for name in prog.params}
+    assert scopes == {"fwd", "bwd"}, sorted(prog.params)

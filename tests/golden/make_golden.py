@@ -143,6 +143,48 @@ def residual():
                     "batch norms in training mode; 3 -> 5 channels", y=y)
 
 
+def _bidirectional(kind: str, seed: int):
+    """torch.nn.{RNN,LSTM,GRU}(bidirectional=True) with weights from dlc-layout leaves:
+    Wx [I, G*H], Wh [H, G*H] per direction (torch's weight_ih is Wx.T); biases b (RNN, LSTM: as
+    bias_ih, bias_hh zero) or bx, bh (GRU)."""
+    from torch.func import functional_call
+    t = Leaves(seed)
+    n, steps, i, h = 2, 5, 3, 4
+    gates = {"rnn": 1, "lstm": 4, "gru": 3}[kind]
+    x = t("input.x", n, steps, i)
+    weights = {}
+    for direction, suffix in (("fwd", ""), ("bwd", "_reverse")):
+        p = f"param.{kind}.{direction}"
+        weights[f"weight_ih_l0{suffix}"] = t(f"{p}.Wx", i, gates * h).T
+        weights[f"weight_hh_l0{suffix}"] = t(f"{p}.Wh", h, gates * h).T
+        if kind == "gru":
+            weights[f"bias_ih_l0{suffix}"] = t(f"{p}.bx", gates * h)
+            weights[f"bias_hh_l0{suffix}"] = t(f"{p}.bh", gates * h)
+        else:
+            weights[f"bias_ih_l0{suffix}"] = t(f"{p}.b", gates * h)
+            weights[f"bias_hh_l0{suffix}"] = torch.zeros(gates * h, dtype=torch.float64)
+    cls = {"rnn": torch.nn.RNN, "lstm": torch.nn.LSTM, "gru": torch.nn.GRU}[kind]
+    mod = cls(i, h, batch_first=True, bidirectional=True).double()
+    y = functional_call(mod, weights, (x,))[0]
+    return t.finish(f"y = torch.nn.{cls.__name__}({i}, {h}, batch_first=True, bidirectional=True)(x)[0], weights "
+                    f"from dlc-layout leaves (weight_ih = Wx.T, ...); x [{n}, {steps}, {i}]", y=y)
+
+
+@case
+def rnn_bidirectional():
+    return _bidirectional("rnn", 110)
+
+
+@case
+def lstm_bidirectional():
+    return _bidirectional("lstm", 111)
+
+
+@case
+def gru_bidirectional():
+    return _bidirectional("gru", 112)
+
+
 def main():
     for name, fn in CASES.items():
         np.savez(HERE / f"{name}.npz", **fn())
