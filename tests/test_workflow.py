@@ -298,3 +298,13 @@ def test_bidirectional_shapes_and_parameters(layer, shape):
     assert prog.graph.shape(prog.graph.outputs["output"]) == shape
     scopes = {name.split("/")[2] for name in prog.params}
     assert scopes == {"fwd", "bwd"}, sorted(prog.params)
+
+
+@pytest.mark.slow
+def test_tuned_cnn_example(capsys):
+    """examples/cnn_tuned.dl: validation, cosine + warm-up, early stopping, the best epoch tested."""
+    assert main(["run", str(ROOT / "examples" / "cnn_tuned.dl"), "--json", "--quiet"]) == 0
+    rep = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert rep["test"]["accuracy"] >= 0.98, rep["test"]
+    assert rep["best_epoch"] <= rep["epochs"] and len(rep["history"]) == rep["epochs"]
+    assert min(e["val"]["loss"] for e in rep["history"]) == rep["best_val_loss"]
