@@ -308,3 +308,17 @@ def test_tuned_cnn_example(capsys):
     assert rep["test"]["accuracy"] >= 0.98, rep["test"]
     assert rep["best_epoch"] <= rep["epochs"] and len(rep["history"]) == rep["epochs"]
     assert min(e["val"]["loss"] for e in rep["history"]) == rep["best_val_loss"]
+
+
+def test_flags_override_every_phase_schedule_and_clipping(dl_file):
+    from runtime.session import Options, Session
+    src = TRAIN.format(opt="adam(lr = 0.01, schedule = step_decay(gamma = 0.5, every = 2))")
+    s = Session(dl_file(src), Options(warmup=1.0, clip_norm=2.0, epochs=1))
+    spec = s.phases[0].optimizer
+    assert spec.schedule == ScheduleSpec.make("step_decay", gamma=0.5, every=2, warmup=1.0)   # options kept
+    assert spec.clip_norm == 2.0 and spec.clip_value == 0.0
+    s2 = Session(dl_file(src), Options(schedule="cosine", epochs=1))
+    assert s2.phases[0].optimizer.schedule == ScheduleSpec.make("cosine")                  # another schedule
+    s2.fit(progress=False)
+    spe = -(-len(s2.dataset.train["y"]) // 32)
+    assert s2.lr(s2.phases[0]) == pytest.approx(0.01 * (1 + math.cos(math.pi * spe / spe)) / 2, abs=1e-12)
