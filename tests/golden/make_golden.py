@@ -139,8 +139,8 @@ def residual():
     h = bn(F.conv2d(h, *p["conv2"], padding=1), "bn2")
     s = bn(F.conv2d(x, *p["proj"], stride=2), "bn_proj")
     y = F.relu(h + s)
-    return t.finish("y = relu(bn2(conv2(relu(bn1(conv1(x, stride 2, pad 1))), pad 1)) + bn_proj(proj1x1(x, stride 2))), "
-                    "batch norms in training mode; 3 -> 5 channels", y=y)
+    return t.finish("y = relu(bn2(conv2(relu(bn1(conv1(x, stride 2, pad 1))), pad 1)) "
+                    "+ bn_proj(proj1x1(x, stride 2))), batch norms in training mode; 3 -> 5 channels", y=y)
 
 
 def _bidirectional(kind: str, seed: int):
