@@ -278,6 +278,13 @@ def test_attention_dropout_drops_weights_only_in_training():
     np.testing.assert_allclose(f(x=x, **params)["output"], np_mha(x, x, p, 2)[0], rtol=1e-10)
 
 
+def test_no_mask_costs_nothing():
+    """`mask = true` (the default) is folded away at compile time: no `where` in the graph."""
+    _, prog = lower_function("model m(x: f64[B, 4, 8]) { return multi_head_attention(x, heads = 2) }", dtype="f64")
+    ops = {prog.graph.op(n) for n in prog.graph.nodes()}
+    assert "where" not in ops and "softmax" in ops
+
+
 # ---- blocks -----------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("norm", ["pre", "post"])
@@ -340,6 +347,30 @@ def test_a_bad_option_is_one_located_error_with_status_2(tmp_path, capsys):
     err = capsys.readouterr().err
     assert re.search(r"bad\.dl:2:12: error: `returns` must be one of \"output\", \"weights\"; got 'both'", err)
     assert "Traceback" not in err
+
+
+# ---- the number-words task (runtime/data.py) --------------------------------------------------------
+
+def test_number_words_read_back_to_every_number():
+    from runtime.data import NUMBER_WORDS, ONES, TENS, number_words
+    value = {w: i for i, w in enumerate(ONES)} | {w: 10 * i for i, w in enumerate(TENS) if w}
+
+    def read(words):                      # an independent reader: units, x100, x1000
+        total = part = 0
+        for w in words:
+            if w == "thousand":
+                total, part = total + part * 1000, 0
+            elif w == "hundred":
+                part *= 100
+            else:
+                part += value[w]
+        return total + part
+
+    texts = [number_words(k) for k in range(10000)]
+    assert all(read(t) == k for k, t in enumerate(texts))
+    assert len({" ".join(t) for t in texts}) == 10000
+    assert {w for t in texts for w in t} == set(NUMBER_WORDS)
+    assert " ".join(number_words(3042)) == "three thousand forty two"
 
 
 # ---- the example ------------------------------------------------------------------------------------
