@@ -19,9 +19,7 @@ import pytest
 from test_ops import check_graph, rng
 
 from compiler.api import compile_function, lower_function
-from compiler.driver import optimize
 from compiler.ops import evaluate
-from compiler.passes import Context
 from dsl.diagnostics import DlcError
 from runtime.cli import main
 
@@ -283,21 +281,6 @@ def test_no_mask_costs_nothing():
     _, prog = lower_function("model m(x: f64[B, 4, 8]) { return multi_head_attention(x, heads = 2) }", dtype="f64")
     ops = {prog.graph.op(n) for n in prog.graph.nodes()}
     assert "where" not in ops and "softmax" in ops
-
-
-def test_the_head_split_and_key_transpose_are_one_copy():
-    """split_heads(k) then kᵀ: two transposes of the key projection, simplified into one."""
-    src = "model m(x: f64[B, 4, 8]) { return multi_head_attention(x, heads = 2) }"
-    _, prog = lower_function(src, dtype="f64")
-    g = optimize(prog.graph, "eval", Context(), True)
-    perms = sorted(tuple(g.attrs(n)["perm"]) for n in g.nodes() if g.op(n) == "transpose")
-    assert perms == [(0, 2, 1, 3)] * 3 + [(0, 2, 3, 1)]      # q, v, the output's merge; kᵀ
-    x = rng(11).normal(size=(3, 4, 8))
-    f = compile_function(src)
-    r = rng(12)
-    params = {n: r.normal(scale=0.5, size=p.shape) for n, p in sorted(f.params.items())}
-    np.testing.assert_allclose(f(x=x, **params)["output"],
-                               np_mha(x, x, Params(params).sub("m/multi_head_attention_1"), 2)[0], rtol=1e-10)
 
 
 # ---- blocks -----------------------------------------------------------------------------------------

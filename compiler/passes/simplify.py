@@ -1,8 +1,7 @@
 """Pass `simplify`: constant folding and algebraic identities.
 
 Folds ops whose arguments are all constants (with the op's NumPy reference), and rewrites
-x+0, x-0, x*1, x/1, --x, x**1, x**2 -> x*x, reshape(constant) -> broadcast, transpose(transpose(x))
--> one transpose, and no-op reshapes, broadcasts and casts.
+x+0, x-0, x*1, x/1, --x, x**1, x**2 -> x*x, reshape(constant) -> broadcast, and no-op reshapes, broadcasts and casts.
 """
 import numpy as np
 
@@ -53,14 +52,6 @@ def _rewrite(g, n):
     if op == "reshape" and g.op(args[0]) == "const":       # a filled array, not a view of nothing
         with g.at(g[n]["loc"], g[n]["role"]):
             return g.add("broadcast_to", args[0], shape=g.shape(n))
-    if op == "transpose" and g.op(args[0]) == "transpose":     # two transposes are one
-        first = g.attrs(args[0])["perm"]
-        perm = tuple(first[i] for i in g.attrs(n)["perm"])
-        inner = g.args(args[0])[0]
-        if perm == tuple(range(len(perm))):
-            return inner
-        with g.at(g[n]["loc"], g[n]["role"]):
-            return g.add("transpose", inner, perm=perm)
     if op == "reshape" and g.op(args[0]) == "reshape":
         with g.at(g[n]["loc"], g[n]["role"]):
             return g.add("reshape", g.args(args[0])[0], shape=g.shape(n))
