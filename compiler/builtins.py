@@ -129,6 +129,11 @@ def _matmul(lw, e, a, b):
 @builtin("where", "cond", "a", "b")
 def _where(lw, e, cond, a, b):
     from .lower import Tensor
+    if isinstance(cond, bool):              # known at compile time (`mask = true`)
+        pick, other = (a, b) if cond else (b, a)
+        if isinstance(pick, Tensor) and not isinstance(other, Tensor):
+            return pick
+        cond = _T(lw.g.const(cond, "bool"))
     c = _tensor(lw, e, cond, "the condition")
     da = lw.g.dtype(a.node) if isinstance(a, Tensor) else None
     db = lw.g.dtype(b.node) if isinstance(b, Tensor) else None
@@ -552,3 +557,17 @@ def _arange(lw, e, n, dtype):
     (n,) = _dims(lw, e, n, "n")
     dt = _index_dtype(lw, e, dtype)
     return _T(lw.g.add("iota", lw.g.add("broadcast_to", lw.g.const(0, dt), shape=(n,)), axis=0, dtype=dt))
+
+
+@builtin("one_of", "value", "options")
+def _one_of(lw, e, value, options):
+    """An option checked at compile time: `one_of(norm, ["pre", "post"])` is `norm`, or one
+    error naming the choices."""
+    from dsl import ast as A
+    if not isinstance(options, list) or not options:
+        raise DlcError("`one_of`: options must be a non-empty list", e.loc)
+    if value not in options or isinstance(value, bool) != isinstance(options[0], bool):
+        what = f"`{e.args[0].name}`" if e.args and isinstance(e.args[0], A.Name) else "the option"
+        choices = ", ".join(f'"{o}"' if isinstance(o, str) else str(o) for o in options)
+        raise DlcError(f"{what} must be one of {choices}; got {lw._describe(value)}", e.loc)
+    return value

@@ -381,3 +381,45 @@ def _reverse(call, base_dir, n=8000, min_len=5, max_len=8, seed=0):
         y[i, :k + 1] = out
         y_in[i, :k + 1] = [BOS] + out[:-1]
     return {"x": x, "y": y, "y_in": y_in, "__info__": {"input_vocab": SEQ_VOCAB, "vocab": SEQ_VOCAB, "pad": "left"}}
+
+
+ONES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven",
+        "twelve", "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen"]
+TENS = ["", "", "twenty", "thirty", "forty", "fifty", "sixty", "seventy", "eighty", "ninety"]
+NUMBER_WORDS = ONES + TENS[2:] + ["hundred", "thousand"]
+
+
+def number_words(k: int) -> list[str]:
+    """English words for 0 <= k <= 9999: 3042 -> three thousand forty two."""
+    if k == 0:
+        return ["zero"]
+    words = []
+    if k >= 1000:
+        words += [ONES[k // 1000], "thousand"]
+    if k % 1000 >= 100:
+        words += [ONES[k % 1000 // 100], "hundred"]
+    k %= 100
+    if k >= 20:
+        words += [TENS[k // 10]] + ([ONES[k % 10]] if k % 10 else [])
+    elif k:
+        words.append(ONES[k])
+    return words
+
+
+@source("number_words", test=0.2, scale=False)
+def _number_words(call, base_dir):
+    """Sequence to sequence: every number 0..9999 once, as English words (x: word ids,
+    right-padded with -1, the padding convention) and as digits (y: digits then EOS, padding
+    -1; y_in: BOS then the digits). Held-out numbers are never seen in training."""
+    n = 10000
+    words = [number_words(k) for k in range(n)]
+    x = np.full((n, max(map(len, words))), IGNORE, np.int32)
+    y = np.full((n, 5), IGNORE, np.int32)
+    y_in = np.full((n, 5), PAD, np.int32)
+    for k, ws in enumerate(words):
+        x[k, :len(ws)] = [NUMBER_WORDS.index(w) for w in ws]
+        out = [SEQ_VOCAB.index(c) for c in str(k)] + [EOS]
+        y[k, :len(out)] = out
+        y_in[k, :len(out)] = [BOS] + out[:-1]
+    return {"x": x, "y": y, "y_in": y_in,
+            "__info__": {"input_vocab": NUMBER_WORDS, "vocab": SEQ_VOCAB, "join": "", "pad": "right"}}
