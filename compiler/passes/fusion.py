@@ -42,7 +42,7 @@ class _Groups:
     creates a cycle exactly when some producer P of M, outside M, depends on M: the path
     M -> ... -> P -> M leaves and re-enters the merged kernel. That is one AND per producer.
     After a merge, the kernels downstream of it inherit its ancestors; the propagation stops
-    at a kernel that already has them all, so it visits each (kernel, ancestor) pair rarely.
+    at a kernel that already has them all (then so do the kernels below it).
     `work` counts the kernels visited by checks and propagation (the test of linear scaling).
     """
 
@@ -152,8 +152,9 @@ class _Groups:
         self._propagate(target)
 
     def _propagate(self, gid: int) -> None:
-        """Kernels downstream of gid depend on everything gid now depends on."""
-        need = self.anc[gid] | self.ids[gid]
+        """Kernels downstream of gid depend on everything gid now depends on. (They already
+        hold one of gid's `ids`, which now stands for all of them.)"""
+        need = self.anc[gid]
         stack = list(self.succs[gid])
         while stack:
             s = self.find(stack.pop())
@@ -176,6 +177,12 @@ def _optimize_bodies(g, fuse: bool):
 
 def fusion(g, ctx):
     _optimize_bodies(g, fuse=True)
+    g.groups = _finish(g, partition(g))
+    return g
+
+
+def partition(g) -> _Groups:
+    """The fusion decisions: nodes (in topological order) into kernels."""
     G = _Groups(g)
     for n in g.topo():
         op = g.op(n)
@@ -220,8 +227,7 @@ def fusion(g, ctx):
                     G.of[n] = gid
         else:
             G.new(n)
-    g.groups = _finish(g, G)
-    return g
+    return G
 
 
 def no_fusion(g, ctx):
