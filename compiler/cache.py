@@ -34,10 +34,10 @@ def module_key(source: str, target: str) -> str:
     return h.hexdigest()[:24]
 
 
-def load(source: str, target: str):
-    """Import the module for `source`, writing it to the cache the first time."""
-    key = module_key(source, target)
-    name = f"dlc_{key}"
+def load(source: str, target: str, name: str | None = None):
+    """Import the module for `source` (named `name`, by default by its hash), writing it to the
+    cache the first time."""
+    name = name or f"dlc_{module_key(source, target)}"
     if name in sys.modules:
         return sys.modules[name]
     path = cache_dir() / f"{name}.py"

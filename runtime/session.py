@@ -61,7 +61,9 @@ class Session:
         train = self.lowerer.trains[0]
         seed = self.opt.seed if self.opt.seed is not None else _literal_setting(train, "seed")
         self.seed = int(seed) if seed is not None else DEFAULTS["seed"]
+        t1 = time.perf_counter()
         self.dataset = data.load(train.data, self.path.parent, self.seed)
+        self.data_seconds = time.perf_counter() - t1
         eval_lowerer = Lowerer(self.module, self.opt.dtype, training=False, temperature=self.opt.temperature)
         self.eval_program = eval_lowerer.lower_train(eval_lowerer.trains[0], self.dataset.fields())
         self.program = self.lowerer.lower_train(train, self.dataset.fields()) if self.opt.train else self.eval_program
@@ -80,17 +82,33 @@ class Session:
         # the evaluation program is the forward graph lowered with `training` false (dropout
         # off, batch norm on running statistics, decoders feeding back their own predictions);
         # the training step adds the backward pass and the optimizer's update
+        t1 = time.perf_counter()
         self.eval_graph = optimize(self.eval_program.graph, "eval", Context(), self.opt.fuse)
+        self.passes_seconds = time.perf_counter() - t1
         self.eval_ex = build(self.eval_graph)
         self.train_ex = None
         if self.opt.train:
             ctx = Context(params={k: v.node for k, v in self.params_info.items()}, optimizer=spec)
+            t1 = time.perf_counter()
             self.train_graph = optimize(self.program.graph, "train", ctx, self.opt.fuse)
+            self.passes_seconds += time.perf_counter() - t1
             self.train_ex = build(self.train_graph)
         self.params, self.state = self._init_params()
         self.step_count = 0
         self._compile()
         self.compile_seconds = time.perf_counter() - t0
+
+    def compile_report(self) -> dict:
+        """Where the compile time went (seconds: parsing and lowering, passes, code generation,
+        Numba; loading the data is apart), and the kernels of both programs: call sites, and
+        distinct kernels (each compiled once)."""
+        exes = [ex for ex in (self.train_ex, self.eval_ex) if ex is not None]
+        return {"front_end": round(self.lower_seconds - self.data_seconds, 3), "data": round(self.data_seconds, 3),
+                "passes": round(self.passes_seconds, 3),
+                "codegen": round(sum(ex.codegen_seconds for ex in exes), 3),
+                "numba": round(sum(ex.numba_seconds for ex in exes), 3),
+                "kernels": sum(ex.kernels for ex in exes),
+                "distinct_kernels": len({id(fn) for ex in exes for fn in ex.kernel_functions()})}
 
     # ---- setup ----------------------------------------------------------------------------------
     def _init_params(self):
@@ -227,6 +245,7 @@ class Session:
             "train_seconds": round(train_seconds, 3),
             "step_ms": round(1000 * float(np.median(step_times)), 4) if step_times else None,
             "kernel_cache_hit": self.cache_hit,
+            "compile": self.compile_report(),
             "parameters": int(sum(p.size for p in self.params.values())),
             "seed": self.seed,
         }
