@@ -34,6 +34,11 @@ def module_key(source: str, target: str) -> str:
     return h.hexdigest()[:24]
 
 
+def compiled(name: str) -> bool:
+    """Has Numba cached any function of module `name` (an index file in its `__pycache__`)?"""
+    return any((cache_dir() / "__pycache__").glob(f"{name}.*.nbi"))
+
+
 def load(source: str, target: str, name: str | None = None):
     """Import the module for `source` (named `name`, by default by its hash), writing it to the
     cache the first time."""

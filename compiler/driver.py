@@ -1,6 +1,9 @@
 """The compiler's front door: program -> pipeline -> memory plan -> code -> loaded kernels."""
 from __future__ import annotations
 
+import inspect
+import multiprocessing
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -33,7 +36,7 @@ class Executable:
     compile_seconds: float = 0.0
     cache_hit: bool = False
     stats: dict = field(default_factory=dict)
-    calls: list = field(default_factory=list)    # Python step: [(kernel dispatcher, signature)]
+    calls: list = field(default_factory=list)    # kernels called, not inlined: [(dispatcher, signature)]
     functions: list = field(default_factory=list)  # every distinct kernel function
     distinct_kernels: int = 0
     codegen_seconds: float = 0.0
@@ -49,24 +52,73 @@ class Executable:
     def compiled_step(self) -> bool:
         return isinstance(self.fn, numba.core.dispatcher.Dispatcher)
 
+    def jobs(self, args) -> list[tuple]:
+        """What Numba must compile to run on arguments like `args`: (function, signature)."""
+        if self.compiled_step:        # the kernels its scans call, then the step (inlining the rest)
+            return list(self.calls) + [(self.fn, tuple(numba.typeof(a) for a in args))]
+        return list(self.calls)
+
     def compile_for(self, args) -> None:
         """Compile (or load from Numba's cache) for these argument types now."""
-        t0 = time.perf_counter()
-        if self.compiled_step:
-            sig = tuple(numba.typeof(a) for a in args)
-            self.fn.compile(sig)
-            st = self.fn.stats
-            self.cache_hit = st.cache_hits.get(sig, 0) > 0 if hasattr(st, "cache_hits") else False
-        else:
-            hits = []
-            for fn, sig in self.calls:
-                if sig not in fn.overloads:
-                    fn.compile(sig)
-                    hits.append(fn.stats.cache_hits.get(sig, 0) > 0)
-            self.cache_hit = all(hits)
-        dt = time.perf_counter() - t0
-        self.compile_seconds += dt
-        self.numba_seconds += dt
+        compile_programs([(self, args)])
+
+
+def compile_programs(programs: list[tuple[Executable, list]], workers: int | None = None) -> None:
+    """Compile programs for their example arguments: each distinct (function, signature) once.
+
+    Functions that Numba's disk cache does not hold yet are shared out between this process
+    and `workers` forked processes (default: one per further CPU core; `DLC_COMPILE_WORKERS`
+    overrides), which compile them into the cache; this process then compiles its share and
+    loads the others' from the cache. Each program's `cache_hit` says whether all it needed
+    was cached already."""
+    t0 = time.perf_counter()
+    jobs, seen = [], set()
+    for ex, args in programs:
+        for fn, sig in ex.jobs(args):
+            if (id(fn), sig) not in seen and sig not in fn.overloads:
+                seen.add((id(fn), sig))
+                jobs.append((ex, fn, sig))
+    fresh = [j for j in jobs if not cache.compiled(j[1].py_func.__module__)]
+    if workers is None:
+        workers = int(os.environ.get("DLC_COMPILE_WORKERS", max((os.cpu_count() or 1) - 1, 0)))
+    shares = _share([(fn, sig) for _, fn, sig in fresh], workers + 1) if len(fresh) > 1 and workers > 0 else []
+    children = []
+    if len(shares) > 1:
+        ctx = multiprocessing.get_context("fork")          # the children inherit the loaded modules
+        for share in shares[1:]:
+            p = ctx.Process(target=_compile_share, args=(share,), daemon=True)
+            p.start()
+            children.append(p)
+        _compile_share(shares[0])
+        for p in children:
+            p.join()
+    for ex, fn, sig in jobs:                          # the rest: loaded from the cache the children filled
+        fn.compile(sig)
+    dt = time.perf_counter() - t0
+    for ex, _ in programs:
+        ex.cache_hit = not any(j[0] is ex for j in fresh)
+    total = len(jobs) or 1
+    for ex, _ in programs:                            # wall time, split by each program's share of jobs
+        share = sum(1 for j in jobs if j[0] is ex) / total
+        ex.compile_seconds += dt * share
+        ex.numba_seconds += dt * share
+
+
+def _share(jobs: list, n: int) -> list[list]:
+    """Split jobs into n lists of about equal cost (longest first onto the least loaded)."""
+    def cost(job):
+        return len(inspect.getsource(job[0].py_func))
+    loads = [[0, i, []] for i in range(n)]
+    for job in sorted(jobs, key=cost, reverse=True):
+        least = min(loads)
+        least[0] += cost(job)
+        least[2].append(job)
+    return [x[2] for x in sorted(loads, key=lambda x: x[1]) if x[2]]
+
+
+def _compile_share(share: list) -> None:
+    for fn, sig in share:
+        fn.compile(sig)
 
 
 def optimize(graph, kind: str, ctx: Context, fuse: bool = True, stop_after: str | None = None):
@@ -82,10 +134,13 @@ def _numba_type(t: tuple):
 
 def build(graph, target: str = "cpu", compiled_step: bool | None = None) -> Executable:
     """Generate and load the program's modules (Numba compiles on `compile_for` or first call).
-    `compiled_step`: one inlined `@njit` step (default: for at most INLINE_MAX_KERNELS kernels)."""
+    `compiled_step`: one inlined `@njit` step (default: for at most INLINE_MAX_KERNELS kernels;
+    the environment's `DLC_STEP=compiled` or `python` decides for every program)."""
     t0 = time.perf_counter()
     tgt = TARGETS[target]()
     p = plan_memory(graph)
+    if compiled_step is None and os.environ.get("DLC_STEP") in ("compiled", "python"):
+        compiled_step = os.environ["DLC_STEP"] == "compiled"
     if compiled_step is None:
         compiled_step = sum(1 for grp in p.order if grp.pattern != "view") <= INLINE_MAX_KERNELS
     source, meta = generate(graph, p, tgt, compiled_step)

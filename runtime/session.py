@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from compiler.driver import Executable, build, example_args, optimize
+from compiler.driver import Executable, build, compile_programs, example_args, optimize
 from compiler.lower import Lowerer, OptimizerSpec
 from compiler.optim import bias_corrections
 from compiler.passes import Context
@@ -127,8 +127,7 @@ class Session:
     def _compile(self):
         b = int(self.settings["batch"])
         exes = [ex for ex in (self.train_ex, self.eval_ex) if ex is not None]
-        for ex in exes:
-            ex.compile_for(example_args(ex, {"B": b}))
+        compile_programs([(ex, example_args(ex, {"B": b})) for ex in exes])
         self.cache_hit = all(ex.cache_hit for ex in exes)
 
     def _args(self, ex: Executable, batch: dict, scalars: dict | None = None) -> list:
