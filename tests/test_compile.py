@@ -64,7 +64,7 @@ def test_repeated_blocks_share_their_kernels():
         source, meta = rendered(blocks)
         counts[blocks] = (meta["kernels"], meta["distinct_kernels"])
         # every call goes to an imported distinct kernel; each module is imported once
-        imported = re.findall(r"^from (dlc_\w+) import kernel as (k\d+)$", source, re.M)
+        imported = re.findall(r"^from (dlc_\w+) import kernel as (k\d+), inlined as k\d+i$", source, re.M)
         assert sorted(m for m, _ in imported) == sorted(meta["modules"])
         called = set(re.findall(r"^    (k\d+)\(", source, re.M))
         assert called == {k for _, k in imported}
