@@ -286,6 +286,24 @@ def test_no_cycle_through_a_kernel():
     close(out["output2"], s * v, "p")
 
 
+def test_issue_reproducer_divide_by_sqrt_in_a_trained_model():
+    """`x / sqrt(2)` in a trained model made the fusion pass raise `NetworkXUnfeasible`."""
+    src = """
+model m(x: f64[B, 4], y: i64[B]) {
+    h = dense(x, 4)
+    return cross_entropy(h / sqrt(2.0), y)
+}
+"""
+    _, prog = lower_function(src)
+    g = prog.graph
+    g.outputs["loss"] = g.outputs.pop("output")
+    ctx = Context(params={k: v.node for k, v in prog.params.items()}, optimizer=OptimizerSpec("sgd", 0.1))
+    for p in pipeline("train"):
+        g = p(g, ctx)
+    g.verify()
+    assert nx.is_directed_acyclic_graph(kernel_dag(g))
+
+
 SHAPES = [(4, 3), (3,), ()]
 
 
