@@ -74,13 +74,28 @@ def test_repeated_blocks_share_their_kernels():
     assert counts[4][1] - counts[1][1] <= 2           # (block 1's input is x, not a layer norm)
 
 
+def test_kernels_differing_only_in_sizes_are_one():
+    """Two dense + ReLU layers of other widths: one kernel, called with its sizes."""
+    _, prog = lower_function("""
+model two(x: f64[B, 8]) {
+    return relu(dense(relu(dense(x, 16)), 12))
+}
+""")
+    g = optimize(prog.graph, "eval", Context())
+    source, meta = generate(g, plan_memory(g), CpuTarget(), compiled_step=False)
+    calls = re.findall(r"^    (k\d+)\((.*)\)$", source, re.M)
+    assert len(calls) == 2 and calls[0][0] == calls[1][0], calls
+    assert calls[0][1].endswith(", 16") and calls[1][1].endswith(", 12")
+    assert meta["distinct_kernels"] == 1 and meta["kernels"] == 2
+
+
 def test_kernel_modules_name_no_buffer_or_node():
     """A kernel module's text is its computation alone, so equal computations hash equally."""
     _, meta = rendered(2)
     for name, text in meta["modules"].items():
         body = text[text.index("def kernel("):]
         params = re.match(r"def kernel\(([^)]*)\):", body).group(1).split(", ")
-        assert all(re.fullmatch(r"[xy]\d+|n\d+", p) for p in params), params
+        assert all(re.fullmatch(r"[xy]\d+|[nm]\d+", p) for p in params), params
         assert not re.search(r"\b(?:v\d+|d\d+)\b", body), body     # node values, the step's dims
         assert name.startswith("dlc_") and "%" not in body
 

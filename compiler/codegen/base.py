@@ -42,13 +42,19 @@ class Renderer:
     def __init__(self, g, plan: Plan, target):
         self.g, self.plan, self.t = g, plan, target
         self.dim_names: dict[str, str] = {}
+        self.int_dims = False
         self.input_kind = {n: g.attrs(n)["kind"] for n in g.inputs}
 
     # ---- dims ----------------------------------------------------------------------------------
     def dim(self, d) -> str:
-        """A dimension as an expression over the step's dim variables (never a `.dl` name)."""
+        """A dimension as an expression over the step's dim variables (never a `.dl` name).
+        While a kernel is rendered (`int_dims`), a fixed size other than 1 is a placeholder
+        that becomes one of the kernel's parameters: kernels that differ only in their sizes
+        are one kernel (inlined into a compiled step, the sizes are constants again)."""
         coef, syms = dim_factors(d)
         parts = [self.dim_names[s] for s in syms]
+        if not parts and coef != 1 and self.int_dims:
+            return f"__int{coef}__"
         if coef != 1 or not parts:
             parts.insert(0, str(coef))
         return "*".join(parts)
@@ -506,9 +512,14 @@ class _Module:
                 self.kernels.append("\n".join(text))
                 self.scan_names.append(kname)
             else:
+                r.int_dims = True
                 body, reads, writes, dims, pnames, onames = r.kernel(grp)
+                r.int_dims = False
+                sizes = list(dict.fromkeys(re.findall(r"__int(\d+)__", "\n".join(body))))
+                body = [re.sub(r"__int(\d+)__", lambda m: f"m{sizes.index(m.group(1))}", x) for x in body]
                 params = [pnames[x] for x in reads] + [onames[x] for x in writes] + dims
-                kname = self.distinct(g, r, grp, body, params, dims)
+                kname = self.distinct(g, r, grp, body, params + [f"m{i}" for i in range(len(sizes))], dims)
+                dims = dims + sizes
             self.count += 1
             for name, shape, dtype in plan.allocs.get(grp.id, []):
                 lines.append(f"{name} = np.empty({r.shape_expr(shape)}, {NP_DTYPE[dtype]})")
