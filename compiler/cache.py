@@ -34,9 +34,11 @@ def module_key(source: str, target: str) -> str:
     return h.hexdigest()[:24]
 
 
-def compiled(name: str) -> bool:
-    """Has Numba cached any function of module `name` (an index file in its `__pycache__`)?"""
-    return any((cache_dir() / "__pycache__").glob(f"{name}.*.nbi"))
+def compiled(fn) -> bool:
+    """Has Numba cached the jitted function `fn` of a module here (its index file in
+    `__pycache__`, named by module, function and line)?"""
+    f = fn.py_func
+    return any((cache_dir() / "__pycache__").glob(f"{f.__module__}.{f.__qualname__}-{f.__code__.co_firstlineno}.*.nbi"))
 
 
 def load(source: str, target: str, name: str | None = None):

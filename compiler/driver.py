@@ -78,7 +78,7 @@ def compile_programs(programs: list[tuple[Executable, list]], workers: int | Non
             if (id(fn), sig) not in seen and sig not in fn.overloads:
                 seen.add((id(fn), sig))
                 jobs.append((ex, fn, sig))
-    fresh = [j for j in jobs if not cache.compiled(j[1].py_func.__module__)]
+    fresh = [j for j in jobs if not cache.compiled(j[1])]
     if workers is None:
         workers = int(os.environ.get("DLC_COMPILE_WORKERS", max((os.cpu_count() or 1) - 1, 0)))
     shares = _share([(fn, sig) for _, fn, sig in fresh], workers + 1) if len(fresh) > 1 and workers > 0 else []
@@ -90,8 +90,11 @@ def compile_programs(programs: list[tuple[Executable, list]], workers: int | Non
             p.start()
             children.append(p)
         _compile_share(shares[0])
-        for p in children:
-            p.join()
+        for p, share in zip(children, shares[1:]):
+            p.join(timeout=120 + 30 * len(share))   # a stuck worker is stopped: this process compiles its share
+            if p.is_alive():
+                p.kill()
+                p.join()
     for ex, fn, sig in jobs:                          # the rest: loaded from the cache the children filled
         fn.compile(sig)
     dt = time.perf_counter() - t0

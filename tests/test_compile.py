@@ -17,7 +17,7 @@ import pytest
 
 from compiler.api import lower_function
 from compiler.codegen import CpuTarget, generate
-from compiler.driver import build, example_args, optimize
+from compiler.driver import build, compile_programs, example_args, optimize
 from compiler.lower import OptimizerSpec
 from compiler.memory import plan as plan_memory
 from compiler.passes import Context
@@ -132,15 +132,20 @@ model small(x: f64[B, 5, 8], y: i64[B, 5]) {
 
 
 @pytest.mark.slow
-def test_python_step_matches_the_compiled_step():
-    """The same program stepped from Python (a call per kernel) and as one inlined `@njit`
-    step: the same kernels, so the same numbers, for every output and every state update."""
+def test_python_step_matches_the_compiled_step(tmp_path, monkeypatch):
+    """The same program stepped from Python (a call per kernel, compiled by this process and a
+    forked worker into an empty cache) and as one inlined `@njit` step: the same kernels, so
+    the same numbers, for every output and every state update."""
+    monkeypatch.setenv("DLC_CACHE_DIR", str(tmp_path))
     g, _ = train_graph(SMALL)
     py, nj = build(g.copy(), compiled_step=False), build(g.copy(), compiled_step=True)
     assert not py.compiled_step and nj.compiled_step
     assert py.kernels == nj.kernels and py.distinct_kernels < py.kernels
     rng = np.random.default_rng(0)
     args = _feeds(py, rng)
+    compile_programs([(py, args)], workers=1)
+    assert py.cache_hit is False and py.numba_seconds > 0
+    assert all(sig in fn.overloads for fn, sig in py.calls)
     a1 = [x.copy() if isinstance(x, np.ndarray) else x for x in args]
     a2 = [x.copy() if isinstance(x, np.ndarray) else x for x in args]
     out1, out2 = py(*a1), nj(*a2)
