@@ -519,7 +519,9 @@ class _Module:
                 body = [re.sub(r"__int(\d+)__", lambda m: f"m{sizes.index(m.group(1))}", x) for x in body]
                 params = [pnames[x] for x in reads] + [onames[x] for x in writes] + dims
                 kname = self.distinct(g, r, grp, body, params + [f"m{i}" for i in range(len(sizes))], dims)
-                dims = dims + sizes
+                # called from compiled code (a scan's body), a bare number would be typed as a
+                # literal, compiling the kernel again for every size: pass an int64
+                dims = dims + (sizes if mode == "step" else [f"np.int64({v})" for v in sizes])
             self.count += 1
             for name, shape, dtype in plan.allocs.get(grp.id, []):
                 lines.append(f"{name} = np.empty({r.shape_expr(shape)}, {NP_DTYPE[dtype]})")
