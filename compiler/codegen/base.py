@@ -426,13 +426,12 @@ class _Module:
     def __init__(self, target, compiled_step: bool = True):
         self.t = target
         self.compiled_step = compiled_step
-        self.calls: list[tuple[str, list]] = []    # the step's kernel calls: (name, argument types)
+        self.calls: list[tuple[str, list]] = []    # calls of kernels compiled alone: (name, argument types)
         self.kernels: list[str] = []            # the step module's own functions (scan loops)
         self.imports: list[str] = []            # ... and its kernel imports, with their comments
         self.helpers: list[str] = []
         self.modules: dict[str, str] = {}       # kernel module name -> source
         self.by_text: dict[str, str] = {}       # canonical kernel text -> its name here
-        self.uses: dict[str, int] = {}          # kernel name -> call sites
         self.count = 0                          # kernels rendered (scan loops and their bodies' included)
         self.scan_names: list[str] = []
         self.nscans = 0
@@ -475,9 +474,7 @@ class _Module:
             head = [f"# ---- kernel {kname}: {grp.label(g)}, {len(grp.nodes)} op{'s' * (len(grp.nodes) != 1)} ----"]
             head += ["# " + r.ir_line(n) for n in grp.nodes]
             self.imports.append("\n".join(head + [f"from {modname} import kernel as {kname}, inlined as {kname}i", ""]))
-        kname = self.by_text[src]
-        self.uses[kname] = self.uses.get(kname, 0) + 1
-        return kname
+        return self.by_text[src]
 
     def function(self, g, plan: Plan, fname: str, mode: str) -> list[str]:
         """One compiled function over graph g: `step` (allocates and returns its outputs) or a
@@ -603,8 +600,9 @@ class _Module:
 def generate(g, plan: Plan, target, compiled_step: bool = True) -> tuple[str, dict]:
     """The step module's source and its calling convention for the runtime. `meta["modules"]`
     holds the kernel modules (name -> source) that the step module imports; `meta["calls"]`
-    the step's kernel calls with their argument types. With `compiled_step` the step is one
-    `@njit` function with every kernel inlined; without, plain Python calling each kernel."""
+    the calls of kernels compiled alone (from a Python step, from scan bodies) with their
+    argument types. With `compiled_step` the step is one `@njit` function with every kernel
+    inlined; without, plain Python calling each kernel."""
     mod = _Module(target, compiled_step)
     step = mod.function(g, plan, "step", "step")
     meta = {"outputs": list(g.outputs), "kernels": mod.count, "distinct_kernels": len(mod.modules) + len(mod.scan_names),
