@@ -228,11 +228,22 @@ def _kernel_heads(source: str, pattern: str) -> tuple[dict, dict]:
     return heads, first_ir
 
 
+def _kernel_def(source: str, name: str) -> str:
+    """The text of kernel `name` from `def ...(` on: a scan loop is defined in the step's
+    module; a kernel is imported (`from dlc_<hash> import kernel as kN`) from its own module,
+    which the listing holds under `# ==== module dlc_<hash> ====`."""
+    m = re.search(rf"^from (dlc_\w+) import kernel as {name}\b", source, re.M)
+    if m:
+        module = source.split(f"# ==== module {m.group(1)} ====", 1)[1]
+        return module.split("def kernel(", 1)[1]
+    return source.split(f"def {name}(", 1)[1]
+
+
 def _blas_alone(source: str, name: str, args, dot_loop, inner: int, repeats: int, budget: float):
     """For a kernel that calls np.dot on two of its arguments: that call alone (us) and its
     shapes; None for other kernels."""
     import numpy as np
-    body = source.split(f"def {name}(", 1)[1].split("\n\n", 1)[0]
+    body = _kernel_def(source, name).split("\n\n", 1)[0]
     m = re.search(r"np\.dot\((\w+)(\.T)?, (\w+)(\.T)?, (\w+)\)", body)
     if not m:
         return None
@@ -253,7 +264,9 @@ def _scan_parts(G, name: str, args, source: str, dot_loop, inner: int, repeats: 
     """The kernels in the body of scan kernel `name`, each timed alone once (with the arguments
     of its first call) and multiplied by how often one run of the scan calls it."""
     body = G.get(f"{name}_body")
-    subs = {k: v for k, v in G.items() if re.fullmatch(rf"{name}_k\d+", k)}
+    called = set(re.findall(r"\b(k\d+)\(", _kernel_def(source, f"{name}_body").split("\n\n", 1)[0])) \
+        if body is not None else set()
+    subs = {k: G[k] for k in called}
     if body is None or not subs or not hasattr(G[name], "py_func"):
         return []
     calls, counts = {}, {}
@@ -273,9 +286,9 @@ def _scan_parts(G, name: str, args, source: str, dot_loop, inner: int, repeats: 
         G[name].py_func(*_copy_args(args))
     finally:
         G.update(saved)
-    heads, first_ir = _kernel_heads(source, rf"{name}_k\d+")
+    heads, first_ir = _kernel_heads(source, r"k\d+")
     rows = []
-    for sub in sorted(calls, key=lambda k: int(k.rsplit("_k", 1)[1])):
+    for sub in sorted(calls, key=lambda k: int(k[1:])):
         a = calls[sub]
         kl = _njit_loop(subs[sub], len(a), f"loop_{sub}")
         t = _time_compiled(kl, a, inner, repeats, budget)
@@ -294,7 +307,8 @@ def profile_dlc(s, batch: dict, steps: int, repeats: int, max_seconds: float) ->
     from compiler.optim import bias_corrections
 
     ex = s.train_ex
-    G = ex.fn.py_func.__globals__             # the generated module's namespace
+    py_step = getattr(ex.fn, "py_func", ex.fn)  # the step as Python (a large program's step is Python)
+    G = py_step.__globals__                   # the generated module's namespace
     sc = {"lr": s.optimizer.lr, "rng": s.rng_seed(1), **bias_corrections(s.optimizer, 10)}
     args = s._args(ex, batch, sc)
     budget = max_seconds / 2
@@ -305,8 +319,11 @@ def profile_dlc(s, batch: dict, steps: int, repeats: int, max_seconds: float) ->
                                                           **bias_corrections(s.optimizer, i + 1)}),
                              steps, repeats, 50, budget)
     per_ex, _ = time_steps(lambda i: ex(*args), steps, repeats, min(50, steps), budget)
-    loop = _njit_loop(G["step"], len(args))
-    t_compiled = _time_compiled(loop, args, steps, repeats, budget)
+    if ex.compiled_step:
+        loop = _njit_loop(G["step"], len(args))
+        t_compiled = _time_compiled(loop, args, steps, repeats, budget)
+    else:                                     # no compiled step: its time is the executable's
+        t_compiled = statistics.median(per_ex)
     t_step, t_args, t_ex = (statistics.median(p) for p in (per_step, per_args, per_ex))
     out["split_ms"] = {
         "train_step": 1e3 * t_step,
@@ -318,7 +335,8 @@ def profile_dlc(s, batch: dict, steps: int, repeats: int, max_seconds: float) ->
     out["timed_steps"] = n1
     # each kernel alone: record the calls of one step run as Python, then time each in a loop
     calls = []
-    kernels = {k: v for k, v in G.items() if re.fullmatch(r"k\d+", k)}
+    kernels = {k: v for k, v in G.items() if re.fullmatch(r"k\d+|scan\d+", k)}
+    inlined = {k: v for k, v in G.items() if re.fullmatch(r"k\d+i", k)}   # what the compiled step calls
 
     def recorder(name, fn):
         def call(*a):
@@ -327,11 +345,13 @@ def profile_dlc(s, batch: dict, steps: int, repeats: int, max_seconds: float) ->
         return call
 
     G.update({k: recorder(k, v) for k, v in kernels.items()})
+    G.update({k: recorder(k[:-1], kernels[k[:-1]]) for k in inlined})
     try:
-        ex.fn.py_func(*_copy_args(args))
+        py_step(*_copy_args(args))
     finally:
         G.update(kernels)
-    heads, first_ir = _kernel_heads(ex.source, r"k\d+")
+        G.update(inlined)
+    heads, first_ir = _kernel_heads(ex.source, r"k\d+|scan\d+")
     rows, total = [], 0.0
     inner = max(steps // 2, 50)
     g2 = {"np": np}

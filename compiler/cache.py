@@ -34,10 +34,17 @@ def module_key(source: str, target: str) -> str:
     return h.hexdigest()[:24]
 
 
-def load(source: str, target: str):
-    """Import the module for `source`, writing it to the cache the first time."""
-    key = module_key(source, target)
-    name = f"dlc_{key}"
+def compiled(fn) -> bool:
+    """Has Numba cached the jitted function `fn` of a module here (its index file in
+    `__pycache__`, named by module, function and line)?"""
+    f = fn.py_func
+    return any((cache_dir() / "__pycache__").glob(f"{f.__module__}.{f.__qualname__}-{f.__code__.co_firstlineno}.*.nbi"))
+
+
+def load(source: str, target: str, name: str | None = None):
+    """Import the module for `source` (named `name`, by default by its hash), writing it to the
+    cache the first time."""
+    name = name or f"dlc_{module_key(source, target)}"
     if name in sys.modules:
         return sys.modules[name]
     path = cache_dir() / f"{name}.py"

@@ -46,13 +46,13 @@ def plan(g) -> Plan:
             p.copies.append((s, v))
             continue
         readers = {group_of[c] for c in g.consumers(s) if c in group_of and group_of[c] != gid}
-        new_edges = [(r, gid) for r in readers if not dag.has_edge(r, gid)]
-        dag.add_edges_from(new_edges)
-        if nx.is_directed_acyclic_graph(dag):
-            p.inplace[v] = s
-        else:
-            dag.remove_edges_from(new_edges)
+        # ordering gid after the readers makes a cycle iff gid already runs before one of them
+        # (an update usually ends the step: few kernels follow it)
+        if readers & nx.descendants(dag, gid):
             p.copies.append((s, v))
+        else:
+            dag.add_edges_from((r, gid) for r in readers)
+            p.inplace[v] = s
     order = list(nx.lexicographical_topological_sort(dag))
     p.order = [groups[i] for i in order]
     pos = {gid: k for k, gid in enumerate(order)}

@@ -15,7 +15,7 @@ import numpy as np
 
 from compiler.api import rng_seed
 from compiler.bounds import index_reads
-from compiler.driver import Executable, build, example_args, optimize
+from compiler.driver import Executable, build, compile_programs, example_args, optimize
 from compiler.lower import Lowerer, Phase
 from compiler.optim import SchedulePlan, ScheduleSpec, step_scalars
 from compiler.passes import Context
@@ -76,7 +76,9 @@ class Session:
         train = self.lowerer.trains[0]
         seed = self.opt.seed if self.opt.seed is not None else _literal_setting(self.lowerer, train, "seed")
         self.seed = int(seed) if seed is not None else DEFAULTS["seed"]
+        t1 = time.perf_counter()
         self.dataset = data.load(train.data, self.path.parent, self.seed, self.opt.dtype)
+        self.data_seconds = time.perf_counter() - t1
         eval_lowerer = Lowerer(self.module, self.opt.dtype, training=False, temperature=self.opt.temperature)
         self.eval_program = eval_lowerer.lower_train(eval_lowerer.trains[0], self.dataset.fields())
         self.program = self.lowerer.lower_train(train, self.dataset.fields()) if self.opt.train else self.eval_program
@@ -106,12 +108,16 @@ class Session:
         # the evaluation program is the forward graph lowered with `training` false (dropout
         # off, batch norm on running statistics, decoders feeding back their own predictions);
         # each phase's training step adds its backward pass and its optimizer's update
+        t1 = time.perf_counter()
         self.eval_graph = optimize(self.eval_program.graph, "eval", Context(), self.opt.fuse)
+        self.passes_seconds = time.perf_counter() - t1
         self.eval_ex = build(self.eval_graph)
         self.train_exes: list[Executable] = []
         if self.opt.train:
             for ph in self.phases:
+                t1 = time.perf_counter()
                 g = optimize(self.program.step_graph(ph), "train", Context.for_phase(self.program, ph), self.opt.fuse)
+                self.passes_seconds += time.perf_counter() - t1
                 self.train_exes.append(build(g))
         self.train_ex = self.train_exes[0] if self.train_exes else None
         self.train_graph = self.train_ex.graph if self.train_ex else None
@@ -120,6 +126,18 @@ class Session:
         self.phase_steps = {ph.name: 0 for ph in self.phases}   # each phase's own (bias corrections)
         self._compile()
         self.compile_seconds = time.perf_counter() - t0
+
+    def compile_report(self) -> dict:
+        """Where the compile time went (seconds: parsing and lowering, passes, code generation,
+        Numba; loading the data is apart), and the kernels of every program: call sites, and
+        distinct kernels (each compiled once)."""
+        exes = self.train_exes + [self.eval_ex]
+        return {"front_end": round(self.lower_seconds - self.data_seconds, 3), "data": round(self.data_seconds, 3),
+                "passes": round(self.passes_seconds, 3),
+                "codegen": round(sum(ex.codegen_seconds for ex in exes), 3),
+                "numba": round(sum(ex.numba_seconds for ex in exes), 3),
+                "kernels": sum(ex.kernels for ex in exes),
+                "distinct_kernels": len({id(fn) for ex in exes for fn in ex.kernel_functions()})}
 
     # ---- setup ----------------------------------------------------------------------------------
     def _init_params(self):
@@ -185,8 +203,7 @@ class Session:
     def _compile(self):
         b = int(self.settings["batch"])
         exes = self.train_exes + [self.eval_ex]
-        for ex in exes:
-            ex.compile_for(example_args(ex, {"B": b}))
+        compile_programs([(ex, example_args(ex, {"B": b})) for ex in exes])
         self.cache_hit = all(ex.cache_hit for ex in exes)
 
     def _args(self, ex: Executable, batch: dict, scalars: dict | None = None) -> list:
@@ -329,6 +346,7 @@ class Session:
             "train_seconds": round(train_seconds, 3),
             "step_ms": round(1000 * float(np.median(step_times)), 4) if step_times else None,
             "kernel_cache_hit": self.cache_hit,
+            "compile": self.compile_report(),
             "parameters": int(sum(p.size for p in self.params.values())),
             "seed": self.seed,
             "history": history.epochs,

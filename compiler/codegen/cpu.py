@@ -32,7 +32,12 @@ def _tanh_f32(x):
 class CpuTarget:
     name = "cpu"
     prelude = f"from numba import njit\n\nFASTMATH = {FASTMATH}"
+    # scan loops and bodies: inlined where they are called
     kernel_decorator = f"@njit(cache=True, inline='always', fastmath={FASTMATH}, error_model='numpy')"
+    # a kernel module's `kernel` (called: each distinct kernel is compiled once) and `inlined`
+    # (the same function, inlined into a compiled step)
+    function_decorator = f"@njit(cache=True, fastmath={FASTMATH}, error_model='numpy')"
+    inline_wrapper = f"njit(cache=True, inline='always', fastmath={FASTMATH}, error_model='numpy')"
     step_decorator = f"@njit(cache=True, fastmath={FASTMATH}, error_model='numpy')"
     # Overrides of the op registry's base templates, by op or by (op, dtype). Numba calls
     # libm's scalar tanh/exp, which stops LLVM from vectorizing a loop (there is no SVML here):

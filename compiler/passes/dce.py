@@ -1,11 +1,14 @@
 """Pass `dce`: remove nodes that no output or state update depends on."""
-import networkx as nx
 
 
 def dce(g, ctx):
-    live = set()
-    for r in g.live_roots():
-        live |= nx.ancestors(g.g, r) | {r}
+    live = set(g.live_roots())
+    stack = list(live)
+    while stack:                                    # everything the roots depend on, in one walk
+        for a in g.g.predecessors(stack.pop()):
+            if a not in live:
+                live.add(a)
+                stack.append(a)
     for n in list(g.g.nodes):
         if n not in live and g.op(n) != "input":
             g.remove(n)

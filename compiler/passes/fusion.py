@@ -29,6 +29,23 @@ def _pattern(g, n):
 
 
 class _Groups:
+    """Kernels being formed, in one pass over the nodes in topological order.
+
+    Legality of a merge is decided on the graph of *kernels*, not of nodes: a path may enter a
+    kernel at one member and leave it from another that does not depend on the first (the
+    kernel is one unit of execution, so the path runs through it all the same). Each kernel
+    keeps the set of kernels it depends on, transitively, as a bitset over kernel ids (`anc`),
+    and its direct producers (`preds`). A kernel id that was merged away stays a bit of its
+    survivor's `ids`, so an ancestor set never needs rewriting when two ancestors merge.
+
+    Merging kernels M (all of them producers of the node being placed, or that node's kernel)
+    creates a cycle exactly when some producer P of M, outside M, depends on M: the path
+    M -> ... -> P -> M leaves and re-enters the merged kernel. That is one AND per producer.
+    After a merge, the kernels downstream of it inherit its ancestors; the propagation stops
+    at a kernel that already has them all (then so do the kernels below it).
+    `work` counts the kernels visited by checks and propagation (the test of linear scaling).
+    """
+
     def __init__(self, g):
         self.g = g
         self.of: dict[int, int] = {}
@@ -37,7 +54,22 @@ class _Groups:
         self.anchor: dict[int, int | None] = {}    # the reduce/matmul node of a group
         self.shape: dict[int, tuple] = {}           # elementwise iteration shape / epilogue shape
         self.prologue: dict[int, set] = {}          # nodes computed before the anchor
+        self.ids: dict[int, int] = {}               # bitset: this group's id and those merged into it
+        self.anc: dict[int, int] = {}               # bitset: (ids of) every group this one depends on
+        self.preds: dict[int, set[int]] = {}        # direct producer groups (ids, maybe merged away)
+        self.succs: dict[int, set[int]] = {}        # direct consumer groups (ids, maybe merged away)
+        self.remapped: dict[int, set[int]] = {}     # nodes its members read at a remapped index
+        self.alias: dict[int, int] = {}             # merged-away id -> the id it was merged into
+        self.work = 0
         self._next = 0
+
+    def find(self, gid: int) -> int:
+        root = gid
+        while root in self.alias:
+            root = self.alias[root]
+        while gid != root:                          # path compression
+            self.alias[gid], gid = root, self.alias[gid]
+        return root
 
     def new(self, n):
         gid = self._next
@@ -48,19 +80,51 @@ class _Groups:
         self.anchor[gid] = n if self.pattern[gid] in ("reduce", "anchored") else None
         self.shape[gid] = self.g.shape(n)
         self.prologue[gid] = set()
+        self.ids[gid] = 1 << gid
+        self.anc[gid] = 0
+        self.preds[gid] = set()
+        self.succs[gid] = set()
+        self.remapped[gid] = set()
+        self._link(gid, n)
         return gid
 
-    def creates_cycle(self, nodes: set[int]) -> bool:
-        """Can `nodes` not form one kernel? (A cycle through an outside node, or an op reading a
-        value of the kernel at an index other than its own.)"""
-        for n in nodes:     # an arg read at another index (a table row, a shifted slice) must be in memory
-            if any(self.g.args(n)[i] in nodes for i in OPS[self.g.op(n)].remaps):
-                return True
-        desc = set()
-        for n in nodes:
-            desc |= nx.descendants(self.g.g, n)
-        outside = desc - nodes
-        return any(nodes & nx.descendants(self.g.g, x) for x in outside)
+    def _link(self, gid: int, n: int) -> None:
+        """Record the edges from n's producers into group gid (n is now one of its members)."""
+        g = self.g
+        remaps = OPS[g.op(n)].remaps
+        for i, a in enumerate(g.args(n)):
+            if i in remaps:
+                self.remapped[gid].add(a)
+            p = self.of.get(a)
+            if p is None or p == gid:
+                continue
+            self.preds[gid].add(p)
+            self.succs[p].add(gid)
+            self.anc[gid] |= self.anc[p] | self.ids[p]
+
+    def _producers(self, gids: set[int], n: int | None) -> set[int]:
+        out = {self.find(p) for gid in gids for p in self.preds[gid]}
+        if n is not None:
+            out |= {self.of[a] for a in self.g.args(n) if a in self.of}
+        return out - gids
+
+    def creates_cycle(self, gids, n: int | None = None) -> bool:
+        """Can groups `gids` (plus node n, not yet placed, whose producers are all placed) not
+        form one kernel? Either a path between them runs through another kernel, or an op reads
+        a value of the kernel at an index other than its own (a table row, a shifted slice: that
+        value must be in memory first)."""
+        gids = set(gids)
+        ids = 0
+        for gid in gids:
+            ids |= self.ids[gid]
+        remapped = set().union(*(self.remapped[gid] for gid in gids))
+        if n is not None:
+            remapped |= {self.g.args(n)[i] for i in OPS[self.g.op(n)].remaps}
+        if any(self.of.get(a) in gids for a in remapped):
+            return True
+        prods = self._producers(gids, n)
+        self.work += len(prods)
+        return any(self.anc[p] & ids for p in prods)
 
     def merge_into(self, target: int, others: list[int], n: int, as_prologue=False):
         for o in others:
@@ -70,10 +134,35 @@ class _Groups:
                 if as_prologue:
                     self.prologue[target].add(m)
             self.prologue[target] |= self.prologue.pop(o)
+            self.ids[target] |= self.ids.pop(o)
+            self.anc[target] |= self.anc.pop(o)
+            self.preds[target] |= self.preds.pop(o)
+            self.succs[target] |= self.succs.pop(o)
+            self.remapped[target] |= self.remapped.pop(o)
+            self.alias[o] = target
             del self.pattern[o], self.anchor[o], self.shape[o]
         if n is not None:
             self.of[n] = target
             self.members[target].append(n)
+            self._link(target, n)
+        mine = self.ids[target]
+        self.anc[target] &= ~mine
+        self.preds[target] = {p for p in map(self.find, self.preds[target]) if p != target}
+        self.succs[target] = {s for s in map(self.find, self.succs[target]) if s != target}
+        self._propagate(target)
+
+    def _propagate(self, gid: int) -> None:
+        """Kernels downstream of gid depend on everything gid now depends on. (They already
+        hold one of gid's `ids`, which now stands for all of them.)"""
+        need = self.anc[gid]
+        stack = list(self.succs[gid])
+        while stack:
+            s = self.find(stack.pop())
+            self.work += 1
+            if self.anc[s] | need == self.anc[s]:
+                continue
+            self.anc[s] |= need
+            stack.extend(self.succs[s])
 
 
 def _optimize_bodies(g, fuse: bool):
@@ -88,6 +177,12 @@ def _optimize_bodies(g, fuse: bool):
 
 def fusion(g, ctx):
     _optimize_bodies(g, fuse=True)
+    g.groups = _finish(g, partition(g))
+    return g
+
+
+def partition(g) -> _Groups:
+    """The fusion decisions: nodes (in topological order) into kernels."""
     G = _Groups(g)
     for n in g.topo():
         op = g.op(n)
@@ -105,8 +200,7 @@ def fusion(g, ctx):
             target = None
             if anchored:
                 for a in anchored:
-                    nodes = set(G.members[a]) | {n} | {m for s in same for m in G.members[s]}
-                    if not G.creates_cycle(nodes):
+                    if not G.creates_cycle({a, *same}, n):
                         target = a
                         break
                 if target is not None:
@@ -114,8 +208,7 @@ def fusion(g, ctx):
                     continue
             chosen = []
             for s in same:
-                nodes = {n} | {m for c in chosen + [s] for m in G.members[c]}
-                if not G.creates_cycle(nodes):
+                if not G.creates_cycle({*chosen, s}, n):
                     chosen.append(s)
             if chosen:
                 G.merge_into(chosen[0], chosen[1:], n)
@@ -126,7 +219,7 @@ def fusion(g, ctx):
             s = G.of.get(x)
             gid = G.new(n)
             if s is not None and G.pattern[s] == "elementwise" and G.shape[s] == g.shape(x):
-                if not G.creates_cycle(set(G.members[s]) | {n}):
+                if not G.creates_cycle({s, gid}):
                     # the prologue group is absorbed by the reduction's group
                     G.members[gid].remove(n)
                     G.merge_into(gid, [s], None, as_prologue=True)
@@ -134,8 +227,7 @@ def fusion(g, ctx):
                     G.of[n] = gid
         else:
             G.new(n)
-    g.groups = _finish(g, G)
-    return g
+    return G
 
 
 def no_fusion(g, ctx):

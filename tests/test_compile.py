@@ -1,0 +1,179 @@
+"""Compile time that scales: kernels deduplicated by content, one module per distinct kernel,
+the Python step of large programs, and the compile-time split `dlc run --json` reports.
+
+Counting needs no Numba: `generate` renders the modules; only the tests that run code compile.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from compiler.api import lower_function
+from compiler.codegen import CpuTarget, generate
+from compiler.driver import build, compile_programs, example_args, optimize
+from compiler.lower import OptimizerSpec
+from compiler.memory import plan as plan_memory
+from compiler.passes import Context
+
+ROOT = Path(__file__).resolve().parent.parent
+
+BLOCK = """
+def block(x: [N, T, D]) {
+    q = transpose(reshape(dense(x, D), [-1, T, 2, 4]), perm = [0, 2, 1, 3])
+    k = transpose(reshape(dense(x, D), [-1, T, 2, 4]), perm = [0, 2, 3, 1])
+    o = transpose(softmax((q @ k) * 0.5) @ q, perm = [0, 2, 1, 3])
+    h = layer_norm(x + reshape(o, [-1, T, D]))
+    return layer_norm(h + dense(relu(dense(h, 16)), D))
+}
+"""
+
+
+def encoder(blocks: int) -> str:
+    body = "".join("    h = block(h)\n" for _ in range(blocks))
+    return BLOCK + f"""
+model enc(x: f64[B, 5, 8], y: i64[B, 5]) {{
+    h = x
+{body}    return cross_entropy(dense(h, 3), y)
+}}
+"""
+
+
+def train_graph(src: str):
+    _, prog = lower_function(src)
+    g = prog.graph
+    g.outputs["loss"] = g.outputs.pop("output")
+    ctx = Context(params={k: v.node for k, v in prog.params.items()}, optimizer=OptimizerSpec("adam", 1e-3))
+    return optimize(g, "train", ctx), prog
+
+
+def rendered(blocks: int):
+    g, _ = train_graph(encoder(blocks))
+    return generate(g, plan_memory(g), CpuTarget(), compiled_step=False)
+
+
+def test_repeated_blocks_share_their_kernels():
+    counts = {}
+    for blocks in (1, 2, 4):
+        source, meta = rendered(blocks)
+        counts[blocks] = (meta["kernels"], meta["distinct_kernels"])
+        # every call goes to an imported distinct kernel; each module is imported once
+        imported = re.findall(r"^from (dlc_\w+) import kernel as (k\d+), inlined as k\d+i$", source, re.M)
+        assert sorted(m for m, _ in imported) == sorted(meta["modules"])
+        called = set(re.findall(r"^    (k\d+)\(", source, re.M))
+        assert called == {k for _, k in imported}
+    assert counts[2][1] < counts[2][0] / 1.5          # the second block reuses the first's kernels
+    assert counts[1][0] < counts[2][0] < counts[4][0]
+    assert counts[2][1] == counts[4][1]               # depth adds calls, not kernels
+    assert counts[4][1] - counts[1][1] <= 2           # (block 1's input is x, not a layer norm)
+
+
+def test_kernels_differing_only_in_sizes_are_one():
+    """Two dense + ReLU layers of other widths: one kernel, called with its sizes."""
+    _, prog = lower_function("""
+model two(x: f64[B, 8]) {
+    return relu(dense(relu(dense(x, 16)), 12))
+}
+""")
+    g = optimize(prog.graph, "eval", Context())
+    source, meta = generate(g, plan_memory(g), CpuTarget(), compiled_step=False)
+    calls = re.findall(r"^    (k\d+)\((.*)\)$", source, re.M)
+    assert len(calls) == 2 and calls[0][0] == calls[1][0], calls
+    assert calls[0][1].endswith(", 16") and calls[1][1].endswith(", 12")
+    assert meta["distinct_kernels"] == 1 and meta["kernels"] == 2
+
+
+def test_kernel_modules_name_no_buffer_or_node():
+    """A kernel module's text is its computation alone, so equal computations hash equally."""
+    _, meta = rendered(2)
+    for name, text in meta["modules"].items():
+        body = text[text.index("def kernel("):]
+        params = re.match(r"def kernel\(([^)]*)\):", body).group(1).split(", ")
+        assert all(re.fullmatch(r"[xy]\d+|[nm]\d+", p) for p in params), params
+        assert not re.search(r"\b(?:v\d+|d\d+)\b", body), body     # node values, the step's dims
+        assert name.startswith("dlc_") and "%" not in body
+
+
+def test_train_and_eval_programs_share_kernel_modules():
+    src = encoder(1)
+    g, prog = train_graph(src)
+    _, eprog = lower_function(src, training=False)
+    ge = optimize(eprog.graph, "eval", Context())
+    _, mt = generate(g, plan_memory(g), CpuTarget(), compiled_step=False)
+    _, me = generate(ge, plan_memory(ge), CpuTarget(), compiled_step=False)
+    assert set(mt["modules"]) & set(me["modules"])
+
+
+def _feeds(ex, rng):
+    args = example_args(ex, {"B": 3})
+    out = []
+    for (name, kind, shape, dtype), a in zip(ex.inputs, args):
+        if kind == "scalar":
+            out.append(type(a)({"lr": 1e-3, "rng": 1, "c1": 0.1, "c2": 0.001}.get(name, 0.5)))
+        elif name == "y":
+            out.append(rng.integers(0, 3, size=a.shape).astype(a.dtype))
+        else:
+            out.append(rng.normal(size=a.shape).astype(a.dtype))
+    return out
+
+
+SMALL = """
+model small(x: f64[B, 5, 8], y: i64[B, 5]) {
+    h = layer_norm(relu(dense(x, 8)) + x)
+    return cross_entropy(dense(h, 3) + dense(h, 3), y)
+}
+"""
+
+
+@pytest.mark.slow
+def test_python_step_matches_the_compiled_step(tmp_path, monkeypatch):
+    """The same program stepped from Python (a call per kernel, compiled by this process and a
+    forked worker into an empty cache) and as one inlined `@njit` step: the same kernels, so
+    the same numbers, for every output and every state update."""
+    monkeypatch.setenv("DLC_CACHE_DIR", str(tmp_path))
+    g, _ = train_graph(SMALL)
+    py, nj = build(g.copy(), compiled_step=False), build(g.copy(), compiled_step=True)
+    assert not py.compiled_step and nj.compiled_step
+    assert py.kernels == nj.kernels and py.distinct_kernels < py.kernels
+    rng = np.random.default_rng(0)
+    args = _feeds(py, rng)
+    compile_programs([(py, args)], workers=1)
+    assert py.cache_hit is False and py.numba_seconds > 0
+    assert all(sig in fn.overloads for fn, sig in py.calls)
+    a1 = [x.copy() if isinstance(x, np.ndarray) else x for x in args]
+    a2 = [x.copy() if isinstance(x, np.ndarray) else x for x in args]
+    out1, out2 = py(*a1), nj(*a2)
+    assert np.isfinite(out1[0]) and out1[0] > 0
+    for x, y in zip(out1, out2):
+        np.testing.assert_allclose(x, y, rtol=1e-12, atol=1e-14)
+    moved = 0
+    for (name, kind, *_), x0, x, y in zip(py.inputs, args, a1, a2):
+        if kind in ("param", "state"):
+            np.testing.assert_allclose(x, y, rtol=1e-12, atol=1e-14, err_msg=name)
+            moved += not np.array_equal(x, x0)
+    assert moved > 0
+
+
+@pytest.mark.slow
+def test_run_json_reports_the_compile_split(tmp_path):
+    env = {**os.environ, "DLC_CACHE_DIR": str(tmp_path)}
+    cmd = [sys.executable, "-m", "runtime.cli", "run", str(ROOT / "examples" / "mlp.dl"), "--epochs", "1",
+           "--json", "--quiet"]
+    reps = []
+    for _ in range(2):
+        r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+        assert r.returncode == 0, r.stderr
+        reps.append(json.loads(r.stdout.strip().splitlines()[-1]))
+    cold, warm = (rep["compile"] for rep in reps)
+    for c in (cold, warm):
+        assert set(c) >= {"front_end", "passes", "codegen", "numba", "kernels", "distinct_kernels"}
+        assert all(c[k] >= 0 for k in ("front_end", "passes", "codegen", "numba"))
+        assert 0 < c["distinct_kernels"] <= c["kernels"]
+    assert reps[0]["kernel_cache_hit"] is False and reps[1]["kernel_cache_hit"] is True
+    assert warm["numba"] < cold["numba"]
