@@ -406,7 +406,7 @@ def number_words(k: int) -> list[str]:
     return words
 
 
-@source("number_words", test=0.2, scale=False)
+@source("number_words", ("test", "scale"), scale=False)
 def _number_words(call, base_dir):
     """Sequence to sequence: every number 0..9999 once, as English words (x: word ids,
     right-padded with -1, the padding convention) and as digits (y: digits then EOS, padding

@@ -37,11 +37,9 @@ def _dims(shape):
     return ", ".join(["B", *map(str, shape[1:])])
 
 
-# Fusing group norm's backward graph needs the kernel-graph legality check of the `compile`
-# branch (fusion.py, "legality on the graph of kernels"); until it is merged, the fused case
-# fails with a cycle between kernels. Strict: remove the mark once it passes.
-_FUSION_CYCLE = pytest.mark.xfail(strict=True, reason="fusion makes a cycle between kernels (fixed on `compile`)")
-PARAMS = [pytest.param(c, True, marks=_FUSION_CYCLE if c == "group_norm" else ()) for c in CASES]
+# Fusing group norm's backward graph once made a cycle between kernels (fusion now checks
+# legality on the graph of kernels): both the fused and the unfused program are checked.
+PARAMS = [pytest.param(c, True) for c in CASES]
 PARAMS.append(pytest.param("group_norm", False, id="group_norm-unfused"))
 
 
