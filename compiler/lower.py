@@ -162,7 +162,14 @@ class Lowerer:
         if self._rng is None:
             with self.root.at(None):
                 self._rng = self.root.input("rng", (), "i64", "scalar")
-        return self.capture(self._rng) if self.scans else self._rng
+        if not self.scans:
+            return self._rng
+        cap = self.scans[-1]             # in a scan body: the step's own seed, a hidden carry
+        if "rng" not in cap:
+            with cap["graph"].at(None):
+                cap["rng"] = cap["graph"].input("rng", (1,), "i64", "data")
+                cap["seed"] = cap["graph"].add("reshape", cap["rng"], shape=())
+        return cap["seed"]
 
     # ---- modules -------------------------------------------------------------------------------
     def _load(self, module: A.Module, seen: set, top: bool = True):
@@ -669,6 +676,13 @@ class Lowerer:
                 with body.at(loc):
                     out = body.add("cast", out, dtype=outer.dtype(n))
             body.outputs[f"c{i}"] = out
+        if "rng" in cap:                 # random draws in the body: step t's seed is the scan's seed + t
+            body.inputs.remove(cap["rng"])
+            body.inputs.insert(len(carries), cap["rng"])
+            with body.at(loc):
+                body.outputs[f"c{len(carries)}"] = body.add("add", cap["rng"], body.const(1, "i64"))
+            with outer.at(loc):
+                carries.append(("", outer.add("broadcast_to", self.rng_input(), shape=(1,))))
         for j, y in enumerate(inner.yielded):
             if not isinstance(y, Tensor):
                 y = self.to_tensor(y, None, st.loc)
@@ -680,7 +694,8 @@ class Lowerer:
                              n_carry=len(carries), n_in=len(seqs), reverse=False, save=True, length=T)
             res = results(outer, node)
             for i, (name, _) in enumerate(carries):
-                frame.vars[name] = Tensor(res[i])
+                if name:
+                    frame.vars[name] = Tensor(res[i])
             for j, name in enumerate(st.targets):
                 r = res[len(carries) + j]
                 perm = (1, 0) + tuple(range(2, len(outer.shape(r))))

@@ -1,0 +1,173 @@
+"""Generative models: random draws (normal, uniform, bernoulli), the VAE's pieces
+(reparameterization, KL between diagonal Gaussians, BCE on pixels), the timestep embedding,
+and fresh noise at each step of a scan.
+
+Random draws are checked against the NumPy replay of the counter-based stream (the same
+numbers, fused or not), for their moments, and for reproducibility; the KL against the
+closed form and against numerical integration; gradients against finite differences.
+"""
+import numpy as np
+import pytest
+from scipy import integrate, stats
+
+from compiler.api import compile_function
+from compiler.ops_nn import uniform_ref
+from compiler.ops_random import normal_ref
+from dsl.diagnostics import DlcError
+
+DRAWS = """
+model m(x: f64[B, 4]) -> f64[B, 2000] {
+    return normal([B, 2000], mean = 1, std = 2), uniform([B, 2000], low = -1, high = 3),
+           bernoulli(0.3, [B, 2000]), normal_like(x), uniform_like(x), bernoulli(sigmoid(x)),
+           bernoulli_like(x, 0.5, dtype = "bool")
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def draws():
+    return {fuse: compile_function(DRAWS, dtype="f64", fuse=fuse) for fuse in (True, False)}
+
+
+def test_draws_are_the_counter_stream_fused_or_not(draws):
+    x = np.zeros((5, 4))
+    out = draws[True](x=x, rng=123)
+    unfused = draws[False](x=x, rng=123)
+    for k in out:                                      # (fused kernels may contract a * b + c)
+        np.testing.assert_allclose(out[k], unfused[k], rtol=1e-14, atol=1e-14)
+    # salts number the call sites in order: normal is 1, uniform 2, bernoulli 3
+    np.testing.assert_allclose(out["output"], 1 + 2 * normal_ref(123, 1, 10000).reshape(5, 2000), rtol=1e-12)
+    np.testing.assert_allclose(out["output2"], -1 + 4 * uniform_ref(123, 2, 10000).reshape(5, 2000), rtol=1e-12)
+    np.testing.assert_array_equal(out["output3"], (uniform_ref(123, 3, 10000) < 0.3).reshape(5, 2000))
+    assert out["output7"].dtype == np.bool_
+
+
+def test_reproducible_and_fresh_per_seed(draws):
+    x = np.zeros((5, 4))
+    a, b, c = (draws[True](x=x, rng=s) for s in (7, 7, 8))
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k])
+    assert not np.array_equal(a["output"], c["output"])
+    assert not np.array_equal(a["output"], (a["output2"]))
+
+
+def test_moments(draws):
+    out = draws[True](x=np.zeros((50, 4)), rng=5)
+    n = out["output"].ravel()                          # 100,000 draws of N(1, 2^2)
+    assert abs(n.mean() - 1) < 4 * 2 / np.sqrt(n.size)
+    assert abs(n.std() - 2) < 0.02
+    assert stats.kstest((n - 1) / 2, "norm").pvalue > 1e-3
+    u = out["output2"].ravel()
+    assert u.min() >= -1 and u.max() < 3
+    assert stats.kstest(u, "uniform", args=(-1, 4)).pvalue > 1e-3
+    assert abs(out["output3"].mean() - 0.3) < 4 * np.sqrt(0.21 / u.size)
+    assert set(np.unique(out["output3"])) == {0.0, 1.0}
+
+
+def test_bernoulli_follows_a_tensor_of_probabilities():
+    f = compile_function("model m(p: f64[B, 3]) -> f64[B, 3] { return bernoulli(p) }", dtype="f64")
+    p = np.tile([0.1, 0.5, 0.9], (20000, 1))
+    np.testing.assert_allclose(f(p=p, rng=3)["output"].mean(axis=0), [0.1, 0.5, 0.9], atol=0.015)
+
+
+def test_a_scan_draws_fresh_noise_at_each_step():
+    src = """
+    model m(x: f64[B, 3]) -> f64[B, 6, 3] {
+        ys = scan t in range(6), h = x {
+            h = 0.5 * h + normal_like(h)
+            yield h
+        }
+        return ys
+    }"""
+    x = np.arange(6.0).reshape(2, 3)
+    for fuse in (True, False):
+        out = compile_function(src, dtype="f64", fuse=fuse)(x=x, rng=11)["output"]
+        h, ref = x, []
+        for t in range(6):                             # the body's seed is the scan's seed + t
+            h = 0.5 * h + normal_ref(11 + t, 1, 6).reshape(2, 3)
+            ref.append(h)
+        np.testing.assert_allclose(out, np.stack(ref, 1), rtol=1e-12, atol=1e-12)
+
+
+def test_initializers_keep_their_names():
+    src = """
+    def lin(x: [B, I]) {
+        param W: [I, 2] = normal(std = 0.5)
+        param b: [2] = uniform(low = 1, high = 2)
+        return x @ W + b
+    }
+    model m(x: f64[B, 3]) -> f64[B, 2] { return lin(x) }"""
+    f = compile_function(src, dtype="f64")
+    assert str(f.params["m/lin_1/W"].init) == "normal(std=0.5)"
+    assert str(f.params["m/lin_1/b"].init) == "uniform(high=2, low=1)"
+
+
+@pytest.mark.parametrize("src, msg", [
+    ("normal([B, 2], dtype = \"i32\")", 'dtype is "float", "f32" or "f64"'),
+    ("bernoulli(0.5)", "needs a shape when p is a number"),
+    ("bernoulli(1.5, [B, 2])", "a probability in [0, 1]"),
+])
+def test_located_mistakes(src, msg):
+    with pytest.raises(DlcError, match=msg.replace("[", r"\[").replace("(", r"\(")):
+        compile_function(f"model m(x: f64[B, 2]) -> f64[B, 2] {{ return {src} }}", dtype="f64")
+
+
+# ---- the VAE's pieces --------------------------------------------------------------------------
+
+def _kl_closed(m1, lv1, m2, lv2):
+    return 0.5 * (lv2 - lv1 + (np.exp(lv1) + (m1 - m2) ** 2) / np.exp(lv2) - 1)
+
+
+def test_kl_between_diagonal_gaussians_golden():
+    f = compile_function("""
+    model m(m1: f64[B, D], l1: f64[B, D], m2: f64[B, D], l2: f64[B, D]) -> f64[] {
+        return kl_diag_gaussians(m1, l1, m2, l2), kl_standard_normal(m1, l1)
+    }""", dtype="f64", grad=["m1", "l1"])
+    rng = np.random.default_rng(0)
+    m1, l1, m2, l2 = (rng.normal(size=(4, 3)) for _ in range(4))
+    out = f(m1=m1, l1=l1, m2=m2, l2=l2)
+    np.testing.assert_allclose(out["loss"], _kl_closed(m1, l1, m2, l2).sum(1).mean(), rtol=1e-12)
+    np.testing.assert_allclose(out["output2"], _kl_closed(m1, l1, 0, 0).sum(1).mean(), rtol=1e-12)
+    # the closed form itself, against the integral of p log(p / q) for one coordinate
+    p, q = stats.norm(m1[0, 0], np.exp(l1[0, 0] / 2)), stats.norm(m2[0, 0], np.exp(l2[0, 0] / 2))
+    numeric = integrate.quad(lambda z: p.pdf(z) * (p.logpdf(z) - q.logpdf(z)), -30, 30)[0]
+    np.testing.assert_allclose(_kl_closed(m1[0, 0], l1[0, 0], m2[0, 0], l2[0, 0]), numeric, rtol=1e-8)
+    # gradients: d/dm1 = (m1 - m2) / var2 / B, d/dl1 = 0.5 (var1 / var2 - 1) / B
+    np.testing.assert_allclose(out["grad:m1"], (m1 - m2) / np.exp(l2) / 4, rtol=1e-10)
+    np.testing.assert_allclose(out["grad:l1"], 0.5 * (np.exp(l1 - l2) - 1) / 4, rtol=1e-10)
+
+
+def _fd(fn, x, eps=1e-6):
+    g = np.zeros_like(x)
+    for i in np.ndindex(x.shape):
+        d = np.zeros_like(x)
+        d[i] = eps
+        g[i] = (fn(x + d) - fn(x - d)) / (2 * eps)
+    return g
+
+
+def test_reparameterize_and_bce_pixels_gradients():
+    f = compile_function("""
+    model m(mu: f64[B, 3], lv: f64[B, 3], t: f64[B, 3]) -> f64[] {
+        return bce_pixels(reparameterize(mu, lv), t)
+    }""", dtype="f64", grad=["mu", "lv"])
+    rng = np.random.default_rng(1)
+    mu, lv, t = rng.normal(size=(2, 3)), rng.normal(size=(2, 3)), rng.uniform(size=(2, 3))
+    eps = normal_ref(9, 1, 6).reshape(2, 3)
+
+    def ref(mu, lv):
+        z = mu + np.exp(0.5 * lv) * eps
+        return (np.logaddexp(0, z) - t * z).sum() / 2
+
+    out = f(mu=mu, lv=lv, t=t, rng=9)
+    np.testing.assert_allclose(out["loss"], ref(mu, lv), rtol=1e-12)
+    np.testing.assert_allclose(out["grad:mu"], _fd(lambda v: ref(v, lv), mu), rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(out["grad:lv"], _fd(lambda v: ref(mu, v), lv), rtol=1e-6, atol=1e-9)
+
+
+def test_timestep_embedding():
+    f = compile_function("model m(t: f64[B]) -> f64[B, 8] { return timestep_embedding(t, 8) }", dtype="f64")
+    t = np.array([0.0, 1.0, 17.0, 99.0])
+    w = 10000.0 ** (-np.arange(4) / 4)
+    np.testing.assert_allclose(f(t=t)["output"], np.concatenate([np.sin(t[:, None] * w), np.cos(t[:, None] * w)], 1),
+                               rtol=1e-12, atol=1e-12)
