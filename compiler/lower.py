@@ -141,6 +141,7 @@ class Lowerer:
         self.funcs: dict[str, A.FuncDef] = {}
         self.models: dict[str, A.FuncDef] = {}
         self.trains: list[A.TrainDef] = []
+        self.generators: dict[str, A.FuncDef] = {}     # sampling programs (`generate`)
         for f in sorted(STDLIB_DIR.glob("*.dl")):
             self._collect(parse_file(f), stdlib=True)
         self._load(module, seen=set())
@@ -191,7 +192,7 @@ class Lowerer:
         train block is not run, so a file may import another example's models)."""
         for item in module.items:
             if isinstance(item, A.FuncDef):
-                table = self.models if item.kind == "model" else self.funcs
+                table = {"model": self.models, "generate": self.generators}.get(item.kind, self.funcs)
                 prev = table.get(item.name)
                 if prev is not None and not stdlib and prev.loc.file in self.user_files and prev.loc.file == item.loc.file:
                     raise DlcError(f"`{item.name}` is defined twice (first at {prev.loc})", item.loc)
@@ -242,6 +243,11 @@ class Lowerer:
         self.eval(call, frame)
         self._model_outputs()
         return prog
+
+    def lower_generate(self, name: str) -> Program:
+        """Lower a sampling program (`compiler/generate.py`)."""
+        from .generate import lower_generate
+        return lower_generate(self, name)
 
     def _model_outputs(self):
         for i, n in enumerate(self.model_outputs):

@@ -77,6 +77,15 @@ def make_parser() -> argparse.ArgumentParser:
     pr.add_argument("--seed", type=int, default=0, help="seed for sampling")
     pr.add_argument("--json", action="store_true", help="print the predictions as one JSON object")
 
+    sa = sub.add_parser("sample", help="run the file's sampling program (`generate`) on a trained checkpoint")
+    common(sa)
+    sa.add_argument("--load", metavar="PATH", required=True, help="the checkpoint (from `dlc run --save`)")
+    sa.add_argument("-n", type=_positive(int), default=16, help="how many samples (default 16)")
+    sa.add_argument("--seed", type=_number(int, allow_zero=True), default=0, help="seed of the random draws")
+    sa.add_argument("--out", metavar="PNG", help="write image samples as a grid (default samples.png)")
+    sa.add_argument("--npz", metavar="PATH", help="also save the raw samples (array `samples`)")
+    sa.add_argument("--program", help="which `generate` block (default: the first)")
+
     c = sub.add_parser("check", help="parse and type/shape-check a file")
     common(c)
 
@@ -117,6 +126,9 @@ def _dispatch(args) -> int:
         return _check(args)
     if args.cmd == "predict":
         return _predict(args)
+    if args.cmd == "sample":
+        from runtime.sample import run_cli
+        return run_cli(args)
     return _ir(args)
 
 
