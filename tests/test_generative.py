@@ -6,6 +6,8 @@ Random draws are checked against the NumPy replay of the counter-based stream (t
 numbers, fused or not), for their moments, and for reproducibility; the KL against the
 closed form and against numerical integration; gradients against finite differences.
 """
+from pathlib import Path
+
 import numpy as np
 import pytest
 from scipy import integrate, stats
@@ -14,6 +16,8 @@ from compiler.api import compile_function
 from compiler.ops_nn import uniform_ref
 from compiler.ops_random import normal_ref
 from dsl.diagnostics import DlcError
+
+ROOT = Path(__file__).resolve().parent.parent
 
 DRAWS = """
 model m(x: f64[B, 4]) -> f64[B, 2000] {
@@ -171,3 +175,121 @@ def test_timestep_embedding():
     w = 10000.0 ** (-np.arange(4) / 4)
     np.testing.assert_allclose(f(t=t)["output"], np.concatenate([np.sin(t[:, None] * w), np.cos(t[:, None] * w)], 1),
                                rtol=1e-12, atol=1e-12)
+
+
+# ---- the GAN's phases ---------------------------------------------------------------------------
+
+def test_gan_phases_update_only_their_own_side():
+    """The discriminator step leaves the generator's weights and optimizer state untouched, and
+    the generator step the discriminator's."""
+    from runtime.session import Options, Session
+    s = Session(ROOT / "examples" / "gan.dl", Options(dtype="f64", threads=1))
+    x = np.ascontiguousarray(s.dataset.train["x"][:32], np.float64)
+    batch = {"x": x, "y": np.ascontiguousarray(s.dataset.train["y"][:32])}
+    for phase, own in (("disc", "D/"), ("gen", "G/")):
+        assert s.phases[s.next_phase].name == phase
+        params = {k: v.copy() for k, v in s.params.items()}
+        state = {k: v.copy() for k, v in s.state.items()}
+        s.train_step(batch)
+        for k, v in s.params.items():
+            assert np.array_equal(v, params[k]) != k.startswith(own), k
+        for k, v in s.state.items():
+            assert np.array_equal(v, state[k]) != k.startswith(f"{phase}:"), k
+    assert s.phase_steps == {"disc": 1, "gen": 1}
+
+
+# ---- sampling programs and `dlc sample` -------------------------------------------------------------
+
+def _silu(v):
+    return v / (1 + np.exp(-v))
+
+
+def test_diffusion_sampler_matches_a_numpy_loop():
+    """examples/diffusion.dl's ancestral sampler (one compiled scan over T = 100 steps) against
+    the same loop in NumPy, with random weights: the same seed draws the same noise, so the
+    samples agree to rounding."""
+    from runtime.sample import Sampler
+    s = Sampler(ROOT / "examples" / "diffusion.dl", dtype="f64")
+    rng = np.random.default_rng(0)
+    W = {}
+    for name, kind, shape, dtype in s.ex.inputs:
+        if kind == "param":
+            W[name] = s.values[name] = rng.normal(0, 0.3 / np.sqrt(shape[0]) if len(shape) == 2 else 0.1, shape)
+    n, T, seed = 3, 100, 5
+    out = s(n, seed)
+    beta = (1e-4 + (0.02 - 1e-4) * np.arange(T) / (T - 1)) * (1000 / T)
+    abar = np.cumprod(1 - beta)
+    w = 10000.0 ** (-np.arange(16) / 16)
+
+    def eps(x, t):
+        a = np.full((n, 1), float(t)) * w
+        h = np.concatenate([x, np.sin(a), np.cos(a)], 1)
+        for i in (1, 2, 3):
+            h = _silu(h @ W[f"denoiser/dense_{i}/W"] + W[f"denoiser/dense_{i}/b"])
+        return h @ W["denoiser/dense_4/W"] + W["denoiser/dense_4/b"]
+
+    x = normal_ref(seed, 1, n * 64).reshape(n, 64)        # salt 1: x_T, drawn before the scan
+    for k in range(T):
+        t = T - 1 - k
+        x = (x - beta[t] / np.sqrt(1 - abar[t]) * eps(x, t)) / np.sqrt(1 - beta[t])
+        if t > 0:                                           # salt 2, the scan's seed + k
+            x = x + np.sqrt(beta[t]) * normal_ref(seed + k, 2, n * 64).reshape(n, 64)
+    np.testing.assert_allclose(out, ((np.clip(x, -1, 1) + 1) / 2).reshape(n, 1, 8, 8), rtol=1e-9, atol=1e-9)
+    assert not np.allclose(out, s(n, seed + 1))
+    np.testing.assert_array_equal(out, s(n, seed))
+
+
+TINY_GAN = """
+def noise(x: [N, ...], dim: int) { return normal([N, dim]) }
+model G(z: f32[B, 4]) -> f32[B, 64] { return sigmoid(dense(z, 64)) }
+model D(x: f32[B, 64]) -> f32[B, 1] { return dense(x, 1) }
+train G on digits(test = 0.2, scale = false) {
+    fake = G(noise(x, 4))
+    phase disc { loss = bce_with_logits(D(x / 16), 1) + bce_with_logits(D(stop_gradient(fake)), 0); params = ["D"] }
+    phase gen { loss = bce_with_logits(D(fake), 1); params = ["G"] }
+    epochs = 1
+}
+generate samples(n) { return reshape(G(normal([n, 4])), [n, 1, 8, 8]) }
+generate tokens(n) { return full([n, 3], 7, dtype = "i32") }
+"""
+
+
+def test_dlc_sample_end_to_end(dl_file, tmp_path, capsys):
+    from PIL import Image
+
+    from runtime.cli import main
+    from runtime.sample import Sampler
+    p = dl_file(TINY_GAN)
+    ck = tmp_path / "g.safetensors"
+    assert main(["run", str(p), "--save", str(ck), "--quiet"]) == 0
+    png, npz = tmp_path / "grid.png", tmp_path / "s.npz"
+    assert main(["sample", str(p), "--load", str(ck), "-n", "10", "--seed", "3", "--out", str(png),
+                 "--npz", str(npz)]) == 0
+    img = np.asarray(Image.open(png))
+    assert img.shape == (4 * (3 * 9 + 1), 4 * (4 * 9 + 1))        # 3 rows of 4, 8x8 each, 1 pixel apart
+    samples = np.load(npz)["samples"]
+    s = Sampler(p)
+    s.load(ck)
+    np.testing.assert_array_equal(samples, s(10, 3))
+    from runtime import checkpoint
+    params = checkpoint.load(ck)[0]
+    z = normal_ref(3, 1, 40).reshape(10, 4)
+    ref = 1 / (1 + np.exp(-(z @ params["G/dense_1/W"] + params["G/dense_1/b"])))
+    np.testing.assert_allclose(samples.reshape(10, 64), ref, rtol=1e-5, atol=1e-6)
+    # the first grid cell is the first sample, enlarged 4 times
+    np.testing.assert_allclose(img[4:36:4, 4:36:4] / 255, np.clip(samples[0, 0], 0, 1), atol=0.5 / 255 + 1e-6)
+    capsys.readouterr()
+    assert main(["sample", str(p), "--load", str(ck), "-n", "2", "--program", "tokens"]) == 0
+    assert capsys.readouterr().out.split("\n")[:2] == ["7 7 7", "7 7 7"]
+
+
+@pytest.mark.parametrize("src, msg", [
+    ("model M(x: f32[B, 64]) -> f32[B, 64] { return x }", "declares no sampling program"),
+    ("model M(x: f32[B, 64]) -> f32[B, 64] { return x }\ngenerate s(n) { return normal([4, 2]) }",
+     "must return a tensor of the n samples"),
+])
+def test_sample_mistakes(dl_file, tmp_path, capsys, src, msg):
+    from runtime.cli import main
+    ck = tmp_path / "none.safetensors"
+    assert main(["sample", str(dl_file(src)), "--load", str(ck)]) == 2
+    assert msg in capsys.readouterr().err
