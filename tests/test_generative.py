@@ -228,12 +228,14 @@ def test_diffusion_sampler_matches_a_numpy_loop():
             h = _silu(h @ W[f"denoiser/dense_{i}/W"] + W[f"denoiser/dense_{i}/b"])
         return h @ W["denoiser/dense_4/W"] + W["denoiser/dense_4/b"]
 
+    prev = np.concatenate([[1.0], abar[:-1]])
     x = normal_ref(seed, 1, n * 64).reshape(n, 64)        # salt 1: x_T, drawn before the scan
     for k in range(T):
         t = T - 1 - k
-        x = (x - beta[t] / np.sqrt(1 - abar[t]) * eps(x, t)) / np.sqrt(1 - beta[t])
-        if t > 0:                                           # salt 2, the scan's seed + k
-            x = x + np.sqrt(beta[t]) * normal_ref(seed + k, 2, n * 64).reshape(n, 64)
+        x0 = np.clip((x - np.sqrt(1 - abar[t]) * eps(x, t)) / np.sqrt(abar[t]), -1, 1)
+        x = (beta[t] * np.sqrt(prev[t]) * x0 + (1 - prev[t]) * np.sqrt(1 - beta[t]) * x) / (1 - abar[t])
+        var = beta[t] * (1 - prev[t]) / (1 - abar[t])      # 0 at t = 0
+        x = x + np.sqrt(var) * normal_ref(seed + k, 2, n * 64).reshape(n, 64)   # salt 2, seed + k
     np.testing.assert_allclose(out, ((np.clip(x, -1, 1) + 1) / 2).reshape(n, 1, 8, 8), rtol=1e-9, atol=1e-9)
     assert not np.allclose(out, s(n, seed + 1))
     np.testing.assert_array_equal(out, s(n, seed))
