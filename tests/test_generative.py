@@ -295,3 +295,28 @@ def test_sample_mistakes(dl_file, tmp_path, capsys, src, msg):
     ck = tmp_path / "none.safetensors"
     assert main(["sample", str(dl_file(src)), "--load", str(ck)]) == 2
     assert msg in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_vae_example_trains_and_samples_digits(tmp_path):
+    """examples/vae.dl: the test ELBO beats a model of independent pixels, and a classifier of
+    real digits reads most of its samples as confident digits of every class."""
+    from sklearn.linear_model import LogisticRegression
+
+    from runtime.sample import Sampler
+    from runtime.session import Options, Session
+    s = Session(ROOT / "examples" / "vae.dl", Options(threads=1))
+    rep = s.fit(progress=False)
+    train = s.dataset.train["x"] / 16
+    p = np.clip(train.mean(0), 1e-3, 1 - 1e-3)           # the best independent-pixel Bernoulli model
+    independent = -(train * np.log(p) + (1 - train) * np.log(1 - p)).sum(1).mean()
+    # (pixels are gray levels, not binary: even a perfect model pays their entropy, ~13.7 nats)
+    assert rep["test"]["loss"] < independent - 2, (rep["test"]["loss"], independent)
+    s.save(tmp_path / "vae.safetensors")
+    sampler = Sampler(ROOT / "examples" / "vae.dl")
+    sampler.load(tmp_path / "vae.safetensors")
+    x = sampler(500, 0).reshape(500, 64)
+    clf = LogisticRegression(max_iter=3000).fit(train, s.dataset.train["y"])
+    probs = clf.predict_proba(x)
+    assert (probs.max(1) >= 0.9).mean() > 0.5
+    assert (np.bincount(probs.argmax(1), minlength=10) / 500 >= 0.05).all()
