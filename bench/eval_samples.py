@@ -23,6 +23,7 @@ import json
 import subprocess
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 from compiler.api import compile_function  # noqa: E402
 from dsl.parser import parse  # noqa: E402
 from runtime import checkpoint, data  # noqa: E402
-from runtime.sample import Sampler, as_images  # noqa: E402
+from runtime.sample import Sampler, as_images, write_grid  # noqa: E402
 
 
 def digits_split():
@@ -62,10 +63,13 @@ class Classifier:
 
 
 def frechet(a, b):
-    """||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2)) of two feature samples."""
+    """||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2)) of two feature samples. (Dead ReLU
+    units make the covariances singular; the square root of their product still exists.)"""
     ma, mb = a.mean(0), b.mean(0)
     sa, sb = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    root = linalg.sqrtm(sa @ sb).real
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", linalg.LinAlgWarning)
+        root = linalg.sqrtm(sa @ sb).real
     return float(((ma - mb) ** 2).sum() + np.trace(sa + sb - 2 * root))
 
 
@@ -77,6 +81,18 @@ def judge(clf, pixels16, test_feats):
             "fd": frechet(f, test_feats), "classes": [round(float(h), 3) for h in hist]}
 
 
+def reconstructions(file, ck, x16, path):
+    """Rows of test digits, each followed by the row of its reconstructions by the file's
+    `reconstruct` model."""
+    fn = compile_function(file, "reconstruct", dtype="f32", training=False)
+    params, state, _ = checkpoint.load(ck)
+    values = {**params, **state}
+    x = (x16.reshape(len(x16), 64) / 16).astype(np.float32)
+    r = fn(x=x, **{n: values[n] for n, kind, _, _ in fn.ex.inputs if kind != "data"})["output"]
+    rows = [a for i in range(0, len(x), 8) for a in (x[i:i + 8], r[i:i + 8])]
+    write_grid(np.concatenate(rows).reshape(-1, 8, 8), path)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("models", nargs="*", metavar="FILE.dl=CK", help="a .dl file with a `generate` block and its checkpoint")
@@ -84,6 +100,7 @@ def main(argv=None):
     ap.add_argument("-n", type=int, default=1000)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--out-dir", default=".", help="where to write each model's sample grid (NAME_samples.png)")
     args = ap.parse_args(argv)
     ds = digits_split()
     ck = args.classifier
@@ -102,6 +119,9 @@ def main(argv=None):
         s = Sampler(file)
         s.load(model_ck)
         images = as_images(s(args.n, args.seed))
+        write_grid(images[:64], Path(args.out_dir) / f"{Path(file).stem}_samples.png")
+        if "reconstruct" in s.lowerer.models:
+            reconstructions(file, model_ck, ds.test["x"][:32], Path(args.out_dir) / f"{Path(file).stem}_reconstructions.png")
         rows[Path(file).stem] = judge(clf, 16 * np.clip(images, 0, 1).reshape(-1, 1, 8, 8), test_feats)
     if args.json:
         print(json.dumps(rows))
