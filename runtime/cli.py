@@ -217,13 +217,17 @@ def _load_for_inspection(args, training: bool = True):
 
 
 def _check(args) -> int:
-    _, lw, prog = _load_for_inspection(args)
+    from runtime.sample import check_generators
+    module, lw, prog = _load_for_inspection(args)
+    generators = check_generators(module, args.dtype)     # sampling programs: checked before "ok"
     n = sum(_size(info.shape) for info in prog.params.values())
     print(f"{args.file}: ok — model `{prog.model}`, {len(prog.params)} parameter tensors ({n:,} values)")
     sys.stdout.write(summary(lw, prog))
     for ph in prog.phases if prog.phases and prog.phases[0].name else ():
         sched = f"{ph.steps} step{'s' * (ph.steps != 1)}" + (f" every {ph.every} rounds" if ph.every > 1 else "")
         print(f"phase {ph.name}: {len(ph.params)} parameter tensors, {ph.optimizer}, {sched}")
+    for line in generators:
+        print(line)
     return 0
 
 

@@ -119,3 +119,16 @@ def run_cli(args) -> int:
     write_grid(as_images(x), out)
     print(f"dlc: {args.n} samples of `{s.name}` {list(x.shape[1:])} -> {out}", file=sys.stderr)
     return 0
+
+
+def check_generators(module, dtype: str = "f32") -> list[str]:
+    """Lower each sampling program of a file (for `dlc check`): one line per program, its result type."""
+    from compiler.lower import Lowerer
+    from compiler.shapes import fmt_type
+    lines = []
+    for name in Lowerer(module, dtype, training=False).generators:
+        lw = Lowerer(module, dtype, training=False)
+        g = lw.lower_generate(name).graph
+        out = g.outputs["output"]
+        lines.append(f"generate {name}: {fmt_type(g.dtype(out), g.shape(out))}")
+    return lines

@@ -320,3 +320,15 @@ def test_vae_example_trains_and_samples_digits(tmp_path):
     probs = clf.predict_proba(x)
     assert (probs.max(1) >= 0.9).mean() > 0.5
     assert (np.bincount(probs.argmax(1), minlength=10) / 500 >= 0.05).all()
+
+
+def test_dlc_check_lowers_sampling_programs(dl_file, capsys):
+    from runtime.cli import main
+    ok = "model M(x: f32[B, 64]) -> f32[B, 64] { return x }\ngenerate s(n) { return M(normal([n, 64])) }\n"
+    assert main(["check", str(dl_file(ok))]) == 0
+    assert "generate s: f32[n, 64]" in capsys.readouterr().out
+    bad = "model M(x: f32[B, 64]) -> f32[B, 64] { return x }\ngenerate s(n) {\n    return M(normal([n, 63]))\n}\n"
+    assert main(["check", str(dl_file(bad))]) == 2
+    captured = capsys.readouterr()
+    assert ":3:12: error: argument `x` of `M` must be f32[B, 64], got f32[n, 63]" in captured.err
+    assert "ok" not in captured.out
