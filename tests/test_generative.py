@@ -46,6 +46,17 @@ def test_draws_are_the_counter_stream_fused_or_not(draws):
     assert out["output7"].dtype == np.bool_
 
 
+def test_rand_normal_op_reference_and_no_gradient():
+    from compiler.ir import Graph
+    from compiler.ops import OPS
+    g = Graph("t")
+    n = g.add("rand_normal", g.input("rng", (), "i64", "scalar"), shape=(4, 5), salt=2, dtype="f64")
+    assert OPS["rand_normal"].grad(g, n, g.input("dy", (4, 5), "f64", "data")) == [None]
+    u = uniform_ref(9, 2, 40)                    # Box-Muller of the stream's pairs (2i, 2i + 1)
+    np.testing.assert_allclose(OPS["rand_normal"].ref(np.array(9), shape=(4, 5), salt=2, dtype="f64"),
+                               (np.sqrt(-2 * np.log(1 - u[0::2])) * np.cos(2 * np.pi * u[1::2])).reshape(4, 5))
+
+
 def test_reproducible_and_fresh_per_seed(draws):
     x = np.zeros((5, 4))
     a, b, c = (draws[True](x=x, rng=s) for s in (7, 7, 8))
