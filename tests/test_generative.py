@@ -228,7 +228,8 @@ def test_diffusion_sampler_matches_a_numpy_loop():
             W[name] = s.values[name] = rng.normal(0, 0.3 / np.sqrt(shape[0]) if len(shape) == 2 else 0.1, shape)
     n, T, seed = 3, 100, 5
     out = s(n, seed)
-    beta = (1e-4 + (0.02 - 1e-4) * np.arange(T) / (T - 1)) * (1000 / T)
+    f = np.cos((np.arange(T + 1) / T + 0.008) / 1.008 * np.pi / 2) ** 2      # the cosine schedule
+    beta = np.clip(1 - f[1:] / f[:-1], 0, 0.999)
     abar = np.cumprod(1 - beta)
     w = 10000.0 ** (-np.arange(16) / 16)
 
