@@ -95,7 +95,8 @@ def reconstructions(file, ck, x16, path):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("models", nargs="*", metavar="FILE.dl=CK", help="a .dl file with a `generate` block and its checkpoint")
+    ap.add_argument("models", nargs="*", metavar="FILE.dl=CK",
+                    help="a .dl file with a `generate` block, and its checkpoint")
     ap.add_argument("--classifier", metavar="CK", help="a checkpoint of examples/cnn.dl (default: train one)")
     ap.add_argument("-n", type=int, default=1000)
     ap.add_argument("--seed", type=int, default=0)
@@ -121,7 +122,8 @@ def main(argv=None):
         images = as_images(s(args.n, args.seed))
         write_grid(images[:64], Path(args.out_dir) / f"{Path(file).stem}_samples.png")
         if "reconstruct" in s.lowerer.models:
-            reconstructions(file, model_ck, ds.test["x"][:32], Path(args.out_dir) / f"{Path(file).stem}_reconstructions.png")
+            out = Path(args.out_dir) / f"{Path(file).stem}_reconstructions.png"
+            reconstructions(file, model_ck, ds.test["x"][:32], out)
         rows[Path(file).stem] = judge(clf, 16 * np.clip(images, 0, 1).reshape(-1, 1, 8, 8), test_feats)
     if args.json:
         print(json.dumps(rows))

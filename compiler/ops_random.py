@@ -34,8 +34,10 @@ def normal_ref(seed, salt, n):
     return np.sqrt(-2.0 * np.log(1.0 - u[0::2])) * np.cos(2 * np.pi * u[1::2])
 
 
-rand_normal = register(Op(
-    "rand_normal", Kind.ELEMENTWISE, _rand_infer, helpers=NORMAL_HELPERS,
-    ref=lambda seed, *, shape, salt, dtype: normal_ref(int(seed), salt, int(np.prod(shape))).reshape(shape).astype(DTYPES[dtype]),
-    scalar="{T}(_normal({0}, {salt}, {flat}))"))
+def _normal_ref(seed, *, shape, salt, dtype):
+    return normal_ref(int(seed), salt, int(np.prod(shape))).reshape(shape).astype(DTYPES[dtype])
+
+
+rand_normal = register(Op("rand_normal", Kind.ELEMENTWISE, _rand_infer, ref=_normal_ref, helpers=NORMAL_HELPERS,
+                          scalar="{T}(_normal({0}, {salt}, {flat}))"))
 rand_normal.grad = lambda g, n, dy: [None]
