@@ -571,3 +571,113 @@ def _one_of(lw, e, value, options):
         choices = ", ".join(f'"{o}"' if isinstance(o, str) else str(o) for o in options)
         raise DlcError(f"{what} must be one of {choices}; got {lw._describe(value)}", e.loc)
     return value
+
+# ---- random draws: normal, uniform, bernoulli (ops in compiler/ops_random.py) --------------------
+def _draw(lw, e, op, shape, dtype):
+    """A fresh draw of `op` (standard normal, or uniform [0, 1)) from the run's seeded stream;
+    each call site has its own salt, so no two draws share numbers."""
+    if dtype not in ("float", "f32", "f64"):
+        raise DlcError(f'`{e.func}`: dtype is "float", "f32" or "f64", got {lw._describe(dtype)}', e.loc)
+    lw.rng_salt += 1
+    return _T(lw.g.add(op, lw.rng_input(), shape=tuple(shape), salt=lw.rng_salt,
+                       dtype=lw.float_dtype if dtype == "float" else dtype))
+
+
+def _like(lw, e, x):
+    """The shape and float dtype of a `_like` draw."""
+    x = _tensor(lw, e, x, "x")
+    return lw.g.shape(x), (lw.g.dtype(x) if lw.g.dtype(x) in FLOATS else "float")
+
+
+def _scaled(lw, e, u, scale, shift):
+    """u * scale + shift (numbers or broadcasting tensors), skipping the identity."""
+    from .lower import Tensor
+    for v in (scale, shift):
+        if not isinstance(v, Tensor) and (not isinstance(v, (int, float)) or isinstance(v, bool)):
+            raise DlcError(f"`{e.func}`: the location and scale must be numbers or tensors, got "
+                           f"{lw._describe(v)}", e.loc)
+    if isinstance(scale, Tensor) or scale != 1:
+        u = lw.binop("*", u, scale, e)
+    if isinstance(shift, Tensor) or shift != 0:
+        u = lw.binop("+", u, shift, e)
+    return u
+
+
+def _initializer(lw, e, name, **given):
+    """`normal(std = 0.1)` without a shape is the parameter initializer of that name."""
+    from .lower import InitSpec
+    kw = {k: v for k, v in given.items() if v is not None}
+    return InitSpec(name, tuple(sorted(kw.items())))
+
+
+@builtin("normal", shape=None, mean=None, std=None, dtype="float")
+def _normal(lw, e, shape, mean, std, dtype):
+    """Normal numbers of a shape (sizes may be symbolic: `normal([N, 16])`), mean 0 and std 1
+    unless given (numbers, or tensors that broadcast), fresh every step. Without a shape, the
+    parameter initializer `normal(mean, std)`."""
+    if shape is None:
+        return _initializer(lw, e, "normal", mean=mean, std=std)
+    u = _draw(lw, e, "rand_normal", _dims(lw, e, shape), dtype)
+    return _scaled(lw, e, u, 1 if std is None else std, 0 if mean is None else mean)
+
+
+@builtin("normal_like", "x", mean=0, std=1)
+def _normal_like(lw, e, x, mean, std):
+    """Normal numbers shaped like x (its float dtype)."""
+    return _scaled(lw, e, _draw(lw, e, "rand_normal", *_like(lw, e, x)), std, mean)
+
+
+def _uniform_between(lw, e, u, low, high):
+    from .lower import Tensor
+    width = lw.binop("-", high, low, e) if isinstance(high, Tensor) or isinstance(low, Tensor) else None
+    return _scaled(lw, e, u, width if width is not None else high - low, low)
+
+
+@builtin("uniform", shape=None, low=None, high=None, dtype="float")
+def _uniform(lw, e, shape, low, high, dtype):
+    """Uniform numbers in [low, high) (default [0, 1)) of a shape. Without a shape, the
+    parameter initializer `uniform(low, high)`."""
+    if shape is None:
+        return _initializer(lw, e, "uniform", low=low, high=high)
+    u = _draw(lw, e, "rand_uniform", _dims(lw, e, shape), dtype)
+    return _uniform_between(lw, e, u, 0 if low is None else low, 1 if high is None else high)
+
+
+@builtin("uniform_like", "x", low=0, high=1)
+def _uniform_like(lw, e, x, low, high):
+    """Uniform numbers in [low, high) shaped like x."""
+    return _uniform_between(lw, e, _draw(lw, e, "rand_uniform", *_like(lw, e, x)), low, high)
+
+
+def _bernoulli(lw, e, p, shape, dtype):
+    if dtype not in ("float", "f32", "f64", "bool"):
+        raise DlcError(f'`{e.func}`: dtype is "float", "f32", "f64" or "bool", got {lw._describe(dtype)}', e.loc)
+    from .lower import Tensor
+    if not isinstance(p, Tensor) and not (isinstance(p, (int, float)) and not isinstance(p, bool) and 0 <= p <= 1):
+        raise DlcError(f"`{e.func}`: p must be a probability in [0, 1] or a tensor of them, got "
+                       f"{lw._describe(p)}", e.loc)
+    fdt = lw.g.dtype(p.node) if isinstance(p, Tensor) and lw.g.dtype(p.node) in FLOATS else "float"
+    hit = lw.binop("<", _draw(lw, e, "rand_uniform", shape, fdt), p, e)   # P(u < p) = p
+    if dtype == "bool":
+        return hit
+    return _T(lw.g.add("cast", hit.node, dtype=lw.float_dtype if dtype == "float" else dtype))
+
+
+@builtin("bernoulli", "p", shape=None, dtype="float")
+def _bernoulli_builtin(lw, e, p, shape, dtype):
+    """1 with probability p, else 0 (dtype "float", "f32", "f64" or "bool"); p is a tensor (the
+    draw has its shape) or a number with a `shape`. Not differentiable in p."""
+    from .lower import Tensor
+    if shape is None:
+        if not isinstance(p, Tensor):
+            raise DlcError("`bernoulli` needs a shape when p is a number: `bernoulli(0.5, [N, 8])`", e.loc)
+        shape = lw.g.shape(p.node)
+    else:
+        shape = _dims(lw, e, shape)
+    return _bernoulli(lw, e, p, shape, dtype)
+
+
+@builtin("bernoulli_like", "x", p=0.5, dtype="float")
+def _bernoulli_like(lw, e, x, p, dtype):
+    """1 with probability p, else 0, shaped like x."""
+    return _bernoulli(lw, e, p, lw.g.shape(_tensor(lw, e, x, "x")), dtype)

@@ -141,6 +141,7 @@ class Lowerer:
         self.funcs: dict[str, A.FuncDef] = {}
         self.models: dict[str, A.FuncDef] = {}
         self.trains: list[A.TrainDef] = []
+        self.generators: dict[str, A.FuncDef] = {}     # sampling programs (`generate`)
         for f in sorted(STDLIB_DIR.glob("*.dl")):
             self._collect(parse_file(f), stdlib=True)
         self._load(module, seen=set())
@@ -162,7 +163,14 @@ class Lowerer:
         if self._rng is None:
             with self.root.at(None):
                 self._rng = self.root.input("rng", (), "i64", "scalar")
-        return self.capture(self._rng) if self.scans else self._rng
+        if not self.scans:
+            return self._rng
+        cap = self.scans[-1]             # in a scan body: the step's own seed, a hidden carry
+        if "rng" not in cap:
+            with cap["graph"].at(None):
+                cap["rng"] = cap["graph"].input("rng", (1,), "i64", "data")
+                cap["seed"] = cap["graph"].add("reshape", cap["rng"], shape=())
+        return cap["seed"]
 
     # ---- modules -------------------------------------------------------------------------------
     def _load(self, module: A.Module, seen: set, top: bool = True):
@@ -184,7 +192,7 @@ class Lowerer:
         train block is not run, so a file may import another example's models)."""
         for item in module.items:
             if isinstance(item, A.FuncDef):
-                table = self.models if item.kind == "model" else self.funcs
+                table = {"model": self.models, "generate": self.generators}.get(item.kind, self.funcs)
                 prev = table.get(item.name)
                 if prev is not None and not stdlib and prev.loc.file in self.user_files and prev.loc.file == item.loc.file:
                     raise DlcError(f"`{item.name}` is defined twice (first at {prev.loc})", item.loc)
@@ -233,6 +241,11 @@ class Lowerer:
         self.eval(call, frame)
         self._model_outputs()
         return prog
+
+    def lower_generate(self, name: str) -> Program:
+        """Lower a sampling program (`compiler/generate.py`)."""
+        from .generate import lower_generate
+        return lower_generate(self, name)
 
     def _model_outputs(self):
         for i, n in enumerate(self.model_outputs):
@@ -683,6 +696,13 @@ class Lowerer:
                 with body.at(loc):
                     out = body.add("cast", out, dtype=outer.dtype(n))
             body.outputs[f"c{i}"] = out
+        if "rng" in cap:                 # random draws in the body: step t's seed is the scan's seed + t
+            body.inputs.remove(cap["rng"])
+            body.inputs.insert(len(carries), cap["rng"])
+            with body.at(loc):
+                body.outputs[f"c{len(carries)}"] = body.add("add", cap["rng"], body.const(1, "i64"))
+            with outer.at(loc):
+                carries.append(("", outer.add("broadcast_to", self.rng_input(), shape=(1,))))
         for j, y in enumerate(inner.yielded):
             if not isinstance(y, Tensor):
                 y = self.to_tensor(y, None, st.loc)
@@ -694,7 +714,8 @@ class Lowerer:
                              n_carry=len(carries), n_in=len(seqs), reverse=False, save=True, length=T)
             res = results(outer, node)
             for i, (name, _) in enumerate(carries):
-                frame.vars[name] = Tensor(res[i])
+                if name:
+                    frame.vars[name] = Tensor(res[i])
             for j, name in enumerate(st.targets):
                 r = res[len(carries) + j]
                 perm = (1, 0) + tuple(range(2, len(outer.shape(r))))

@@ -579,7 +579,7 @@ def evaluate(graph, feeds: dict[int, np.ndarray]) -> dict[int, np.ndarray]:
         if d["op"] == "reshape":
             vals[n] = args[0].reshape(_concrete_shape(d["shape"], vals, graph))
             continue
-        if d["op"] == "rand_uniform":
+        if d["op"] in ("rand_uniform", "rand_normal"):
             shape = _concrete_shape(d["shape"], vals, graph)
             vals[n] = op.ref(args[0], **{**attrs, "shape": shape})
             continue
@@ -622,3 +622,4 @@ from . import ops_scan  # noqa: E402,F401  (registers scan and get)
 from . import ops_seq  # noqa: E402,F401  (registers slice, unslice, take, scatter_add, argmax)
 from . import ops_math  # noqa: E402,F401  (registers floor, sin, cos, //, logical ops, iota, flip, cumsum)
 from . import ops_layers  # noqa: E402,F401  (registers conv_transpose2d)
+from . import ops_random  # noqa: E402,F401  (registers rand_normal)

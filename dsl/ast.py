@@ -218,7 +218,7 @@ class Param(Node):
 
 @dataclass(frozen=True)
 class FuncDef(Node):
-    kind: str                  # "def" or "model"
+    kind: str                  # "def", "model" or "generate" (a sampling program)
     name: str
     params: tuple
     ret: Node | None

@@ -108,6 +108,12 @@ class _ToAst(Transformer):
         name, data, body = c
         return A.TrainDef(self._loc(meta), str(name), data, body)
 
+    @v_args(meta=True)
+    def gendef(self, meta, c):
+        name, count, body = c
+        return A.FuncDef(self._loc(meta), "generate", str(name), (A.Param(self._tloc(count), str(count), None, None),),
+                         None, body)
+
     def params(self, c):
         return tuple(c)
 

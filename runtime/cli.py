@@ -94,6 +94,15 @@ def make_parser() -> argparse.ArgumentParser:
     pr.add_argument("--seed", type=int, default=0, help="seed for sampling")
     pr.add_argument("--json", action="store_true", help="print the predictions as one JSON object")
 
+    sa = sub.add_parser("sample", help="run the file's sampling program (`generate`) on a trained checkpoint")
+    common(sa)
+    sa.add_argument("--load", metavar="PATH", required=True, help="the checkpoint (from `dlc run --save`)")
+    sa.add_argument("-n", type=_positive(int), default=16, help="how many samples (default 16)")
+    sa.add_argument("--seed", type=_number(int, allow_zero=True), default=0, help="seed of the random draws")
+    sa.add_argument("--out", metavar="PNG", help="write image samples as a grid (default samples.png)")
+    sa.add_argument("--npz", metavar="PATH", help="also save the raw samples (array `samples`)")
+    sa.add_argument("--program", help="which `generate` block (default: the first)")
+
     c = sub.add_parser("check", help="parse and type/shape-check a file")
     common(c)
 
@@ -137,6 +146,9 @@ def _dispatch(args) -> int:
         return _check(args)
     if args.cmd == "predict":
         return _predict(args)
+    if args.cmd == "sample":
+        from runtime.sample import run_cli
+        return run_cli(args)
     return _ir(args)
 
 
@@ -234,9 +246,11 @@ def _load_for_inspection(args, training: bool = True):
 
 
 def _check(args) -> int:
-    _, lw, prog = _load_for_inspection(args)
+    from runtime.sample import check_generators
+    module, lw, prog = _load_for_inspection(args)
     if lw.trains:           # and the evaluation program, whose branches (greedy decoders) differ
         _load_for_inspection(args, training=False)
+    generators = check_generators(module, args.dtype)     # sampling programs: checked before "ok"
     n = sum(_size(info.shape) for info in prog.params.values())
     print(f"{args.file}: ok — model `{prog.model}`, {_plural(len(prog.params), 'parameter tensor')} "
           f"({_plural(n, 'value')})")
@@ -244,6 +258,8 @@ def _check(args) -> int:
     for ph in prog.phases if prog.phases and prog.phases[0].name else ():
         sched = f"{ph.steps} step{'s' * (ph.steps != 1)}" + (f" every {ph.every} rounds" if ph.every > 1 else "")
         print(f"phase {ph.name}: {len(ph.params)} parameter tensors, {ph.optimizer}, {sched}")
+    for line in generators:
+        print(line)
     return 0
 
 
