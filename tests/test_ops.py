@@ -673,6 +673,7 @@ GRAD_TESTED |= {"floor", "sin", "cos", "floordiv", "logical_and", "logical_or", 
                 "flip", "cumsum"}    # in tests/test_lang.py
 GRAD_TESTED |= {"stop_gradient"}      # finite differences through it in tests/test_phases.py
 GRAD_TESTED |= {"rand_normal"}        # no gradient; reparameterized draws in tests/test_generative.py
+GRAD_TESTED |= {"conv_transpose2d"}   # every gradient against PyTorch in tests/test_golden_layers.py
 
 
 def test_every_primitive_has_a_gradient_test():
@@ -916,6 +917,7 @@ def test_kernels_cover_every_primitive():
     seen.add("sample")      # compiled against its reference in test_sample_reference_kernel_and_distribution
     seen.add("stop_gradient")   # compiled and differentiated in tests/test_phases.py
     seen.add("rand_normal")     # compiled against its reference in tests/test_generative.py
+    seen.add("conv_transpose2d")    # compiled against PyTorch, fused and unfused, in tests/test_golden_layers.py
     missing = set(PRIMITIVES) - seen
     assert not missing, f"primitives no compiled program runs: {sorted(missing)}"
     assert {"matmul:TrueFalse", "matmul:FalseTrue"} <= seen
