@@ -262,13 +262,13 @@ def _transpose(lw, e, x, perm):
 
 @builtin("choice", "value", "options")
 def _choice(lw, e, value, options):
-    """`returns = choice(returns, ["sequence", "last", "state"])`: a string option checked
-    against its allowed values (a misspelt option must not silently mean the default)."""
-    if not isinstance(options, list) or not options or not all(isinstance(o, str) for o in options):
-        raise DlcError("`choice` takes the allowed values as a list of strings", e.loc)
-    if value not in options:
+    """`returns = choice(returns, ["sequence", "last", "state"])`: an option checked at compile
+    time against its allowed values (a misspelt option must not silently mean the default)."""
+    if not isinstance(options, list) or not options:
+        raise DlcError("`choice` takes the allowed values as a non-empty list", e.loc)
+    if value not in options or isinstance(value, bool) != isinstance(options[0], bool):
         what = f"`{e.args[0].name}`" if e.args and isinstance(e.args[0], A.Name) else "the option"
-        allowed = ", ".join(f'"{o}"' for o in options)
+        allowed = ", ".join(f'"{o}"' if isinstance(o, str) else str(o) for o in options)
         got = f'"{value}"' if isinstance(value, str) else _show(lw, value)
         raise DlcError(f"{what} must be one of {allowed}, got {got}", e.loc)
     return value
@@ -558,19 +558,6 @@ def _arange(lw, e, n, dtype):
     dt = _index_dtype(lw, e, dtype)
     return _T(lw.g.add("iota", lw.g.add("broadcast_to", lw.g.const(0, dt), shape=(n,)), axis=0, dtype=dt))
 
-
-@builtin("one_of", "value", "options")
-def _one_of(lw, e, value, options):
-    """An option checked at compile time: `one_of(norm, ["pre", "post"])` is `norm`, or one
-    error naming the choices."""
-    from dsl import ast as A
-    if not isinstance(options, list) or not options:
-        raise DlcError("`one_of`: options must be a non-empty list", e.loc)
-    if value not in options or isinstance(value, bool) != isinstance(options[0], bool):
-        what = f"`{e.args[0].name}`" if e.args and isinstance(e.args[0], A.Name) else "the option"
-        choices = ", ".join(f'"{o}"' if isinstance(o, str) else str(o) for o in options)
-        raise DlcError(f"{what} must be one of {choices}; got {lw._describe(value)}", e.loc)
-    return value
 
 # ---- random draws: normal, uniform, bernoulli (ops in compiler/ops_random.py) --------------------
 def _draw(lw, e, op, shape, dtype):

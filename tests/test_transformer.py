@@ -331,7 +331,7 @@ model m(x: f32[B, 3, 4]) {
     with pytest.raises(DlcError) as err:
         lower_function(src, filename="net.dl")
     e = err.value
-    assert '`norm` must be one of "pre", "post"; got \'middle\'' in e.message
+    assert '`norm` must be one of "pre", "post", got "middle"' in e.message
     assert (e.loc.file, e.loc.line, e.loc.col) == ("net.dl", 3, 12)
 
 
@@ -343,7 +343,7 @@ def test_a_bad_option_is_one_located_error_with_status_2(tmp_path, capsys):
 """)
     assert main(["check", str(path)]) == 2
     err = capsys.readouterr().err
-    assert re.search(r"bad\.dl:2:12: error: `returns` must be one of \"output\", \"weights\"; got 'both'", err)
+    assert re.search(r"bad\.dl:2:12: error: `returns` must be one of \"output\", \"weights\", got \"both\"", err)
     assert "Traceback" not in err
 
 
