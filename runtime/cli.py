@@ -1,7 +1,7 @@
 """The `dlc` command: run, check and inspect `.dl` programs.
 
-A user's mistake prints one located message and exits with status 2; `--debug` shows the
-traceback instead.
+A user's mistake prints one located message and exits with status 2; anything else is a bug
+in dlc: "internal error, please report" and status 3. `--debug` shows the traceback instead.
 """
 from __future__ import annotations
 
@@ -105,6 +105,17 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except MemoryError:
+        if args.debug:
+            raise
+        print("error: out of memory (a smaller --batch or model may fit)", file=sys.stderr)
+        return 2
+    except Exception as e:          # a bug in dlc, never the user's: the one other exit
+        if args.debug:
+            raise
+        print(f"dlc: internal error, please report: {type(e).__name__}: {e}\n"
+              f"  (run with --debug for the traceback)", file=sys.stderr)
+        return 3
 
 
 def _dispatch(args) -> int:
