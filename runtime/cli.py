@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -26,14 +27,18 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
-def _number(kind, allow_zero=False):
+def _number(kind, allow_zero=False, below=None):
     def conv(s):
         try:
             v = kind(s)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {s!r}") from None
+        if not math.isfinite(v):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {s}")
         if v < 0 or (v == 0 and not allow_zero):
             raise argparse.ArgumentTypeError(f"must be {'non-negative' if allow_zero else 'positive'}, got {s}")
+        if below is not None and v >= below:
+            raise argparse.ArgumentTypeError(f"must be below {below:,}, got {s}")
         return v
     return conv
 
@@ -58,7 +63,7 @@ def make_parser() -> argparse.ArgumentParser:
     r.add_argument("--epochs", type=_number(int, allow_zero=True), help="override the file's epochs (0: evaluate only)")
     r.add_argument("--batch", type=_positive(int), help="override the file's batch size")
     r.add_argument("--lr", type=_positive(float), help="override the optimizer's learning rate")
-    r.add_argument("--seed", type=_number(int, allow_zero=True), help="seed for the split, initialization and shuffling")
+    r.add_argument("--seed", type=_number(int, allow_zero=True, below=2 ** 32), help="seed for the split, initialization and shuffling")
     r.add_argument("--save", metavar="PATH", help="save parameters and optimizer state (.safetensors or .npz)")
     r.add_argument("--load", metavar="PATH", help="start from a checkpoint")
     r.add_argument("--json", action="store_true", help="print the final report as JSON on the last line")
@@ -221,7 +226,10 @@ def _load_for_inspection(args, training: bool = True):
 
 
 def _check(args) -> int:
+    from runtime import resources
     _, lw, prog = _load_for_inspection(args)
+    settings, locs = getattr(prog, "settings", {}), getattr(prog, "setting_locs", {})
+    resources.check_program(prog, int(settings.get("batch", 32)), locs.get("batch"), training=bool(lw.trains))
     if lw.trains:           # and the evaluation program, whose branches (greedy decoders) differ
         _load_for_inspection(args, training=False)
     n = sum(_size(info.shape) for info in prog.params.values())

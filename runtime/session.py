@@ -24,7 +24,7 @@ from dsl import ast as A
 from dsl.diagnostics import DlcError
 from dsl.parser import parse_file
 
-from . import checkpoint, data, metrics
+from . import checkpoint, data, metrics, resources
 from .initializers import initialize
 
 DEFAULTS = {"batch": 32, "epochs": 10, "seed": 0}       # metrics: the loss's (runtime/metrics.py)
@@ -54,6 +54,10 @@ def _literal_setting(lowerer: Lowerer, train: A.TrainDef, name: str):
     return None
 
 
+def _setting_loc(train: A.TrainDef, name: str):
+    return next((st.value.loc for st in train.body if isinstance(st, A.Assign) and st.name == name), train.loc)
+
+
 class Session:
     def __init__(self, path: str | Path, options: Options | None = None):
         self.path = Path(path)
@@ -67,6 +71,9 @@ class Session:
         train = self.lowerer.trains[0]
         seed = self.opt.seed if self.opt.seed is not None else _literal_setting(self.lowerer, train, "seed")
         self.seed = int(seed) if seed is not None else DEFAULTS["seed"]
+        if not 0 <= self.seed < 2 ** 32:       # the data split's generator takes 32 bits
+            raise DlcError(f"the seed must be below 2**32 (4294967296), got {self.seed}",
+                           _setting_loc(train, "seed") if self.opt.seed is None else None)
         self.dataset = data.load(train.data, self.path.parent, self.seed, self.opt.dtype)
         eval_lowerer = Lowerer(self.module, self.opt.dtype, training=False, temperature=self.opt.temperature)
         self.eval_program = eval_lowerer.lower_train(eval_lowerer.trains[0], self.dataset.fields())
@@ -84,6 +91,9 @@ class Session:
         for k in ("epochs", "batch"):
             if getattr(self.opt, k) is not None:
                 self.settings[k] = getattr(self.opt, k)
+        resources.check_program(self.program, int(self.settings["batch"]),
+                                self.program.setting_locs.get("batch") if self.opt.batch is None else None,
+                                training=self.opt.train)
         self.phases: list[Phase] = self.program.phases
         if self.opt.lr is not None:             # --lr sets every phase's learning rate
             for ph in self.phases:

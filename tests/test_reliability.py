@@ -99,3 +99,112 @@ def test_internal_errors_exit_3_with_a_hint(capsys, dl_file, monkeypatch):
     code, err = run_cli(capsys, "check", dl_file(MODEL.format(body="dense(x, 10)")))
     assert code == 3
     assert "internal error, please report" in err and "--debug" in err and "ZeroDivisionError" in err
+
+
+# ---- data sources ------------------------------------------------------------------------------
+DATA_MODEL = ("model m(x: f32[B, {n}]) -> f32[B, {k}] {{\n    return dense(x, {k})\n}}\n"
+              "train m on {src} {{\n    loss = cross_entropy(m(x), y)\n    epochs = 1\n}}\n")
+
+
+def data_case(tmp_path, src, n=4):
+    p = tmp_path / "model.dl"
+    p.write_text(DATA_MODEL.format(n=n, src=src, k=10 if src.startswith("digits") else 3))
+    return p
+
+
+def _npz(tmp_path, name, **arrays):
+    np.savez(tmp_path / name, **arrays)
+    return name
+
+
+OK_CSV = "a,b,c,d,y\n" + "".join(f"{i},{i + 1},{i * 2},{i % 3},{i % 3}\n" for i in range(30))
+
+
+@pytest.mark.parametrize("setup, src, n, words", [
+    (None, 'csv("")', 4, ["path is empty"]),
+    ("dir", 'csv("adir")', 4, ["is a directory"]),
+    (None, 'csv("' + "a" * 300 + '.csv")', 4, ["cannot open data file", "too long"]),
+    ("a,b,c,d,y\n", 'csv("d.csv")', 4, ["header line but no rows"]),
+    (OK_CSV, 'csv("d.csv", label = 1.5)', 4, ["`label` is a column name or index"]),
+    (OK_CSV, 'csv("d.csv", label = 99)', 4, ["5 columns", "no column 99"]),
+    (b"a,b,c,d,y\n1,2,3,4,\xe9\n", 'csv("d.csv")', 4, ["d.csv:2: not UTF-8"]),
+    ({"x": np.arange(10.0), "y": np.arange(10) % 3}, 'npz("d.npz")', 1, ["one row per example", "[10]"]),
+    ({"x": np.array(1.0), "y": np.array(1)}, 'npz("d.npz")', 1, ["one row per example", "[]"]),
+    ({"x": np.zeros((0, 4)), "y": np.zeros(0, int)}, 'npz("d.npz")', 4, ["holds no examples"]),
+    ({"x": np.ones((1, 4)), "y": np.array([1])}, 'npz("d.npz")', 4, ["of 1 example leaves none to train on"]),
+    ({"x": np.ones((20, 4)), "y": np.arange(20) % 3 + (np.arange(20) == 5) * 2 ** 40}, 'npz("d.npz")', 4,
+     ["1099511627778", "32-bit"]),
+    (None, "digits(test = 0.9999)", 64, ["leaves none to train on"]),
+    (None, "tagging(n = 1000000000000)", 12, ["TiB", "more than the"]),
+    (None, "tagging(vocab = 4294967296)", 12, ["32-bit"]),
+    (None, "reverse(n = 1000000000000)", 8, ["TiB", "more than the"]),
+])
+def test_bad_data_is_one_located_message(capsys, tmp_path, setup, src, n, words):
+    if setup == "dir":
+        (tmp_path / "adir").mkdir()
+    elif isinstance(setup, dict):
+        np.savez(tmp_path / "d.npz", **setup)
+    elif isinstance(setup, (str, bytes)):
+        f = tmp_path / "d.csv"
+        f.write_bytes(setup if isinstance(setup, bytes) else setup.encode())
+    p = data_case(tmp_path, src, n)
+    code, err = run_cli(capsys, "check", p)
+    assert code == 2, err
+    located(err, p, 4)
+    for w in words:
+        assert w in err, err
+
+
+def test_one_row_dataset_trains_with_test_zero(capsys, tmp_path):
+    np.savez(tmp_path / "d.npz", x=np.ones((1, 4)), y=np.array([1]))
+    code, err = run_cli(capsys, "check", data_case(tmp_path, 'npz("d.npz", test = 0)'))
+    assert code == 0, err
+
+
+def test_seed_beyond_32_bits_is_refused(capsys, tmp_path):
+    p = data_case(tmp_path, "digits()", 64)
+    with pytest.raises(SystemExit) as e:
+        main(["run", str(p), "--seed", "4294967296"])
+    assert e.value.code == 2
+    assert "below 4,294,967,296" in capsys.readouterr().err
+    p.write_text(p.read_text().replace("epochs = 1", "epochs = 1\n    seed = 4294967296"))
+    code, err = run_cli(capsys, "run", p)
+    assert code == 2
+    located(err, p, 7)
+
+
+@pytest.mark.parametrize("flag, value", [("--lr", "nan"), ("--lr", "inf"), ("--lr", "-1"), ("--batch", "0")])
+def test_bad_numeric_flags(capsys, tmp_path, flag, value):
+    with pytest.raises(SystemExit) as e:
+        main(["run", str(data_case(tmp_path, "digits()", 64)), flag, value])
+    assert e.value.code == 2
+    assert f"argument {flag}" in capsys.readouterr().err
+
+
+# ---- sizes -------------------------------------------------------------------------------------
+def test_a_layer_too_wide_is_refused_with_the_figure(capsys, dl_file):
+    p = dl_file("model m(x: f32[B, 64]) -> f32[B, 10] {\n    h = dense(x, 1000000000000)\n"
+                "    return dense(h, 10)\n}\ntrain m on digits() {\n    loss = cross_entropy(m(x), y)\n}\n")
+    for cmd in ("check", "run"):
+        code, err = run_cli(capsys, cmd, p)
+        assert code == 2, err
+        located(err, p, 2)
+        # 64 x 1e12 + 1e12 + 1e12 x 10 float32 values
+        assert f"{(75e12 + 10) * 4 / 2 ** 40:,.1f} TiB of parameters" in err
+        assert "`m/dense_1/W`, f32[64, 1,000,000,000,000]" in err
+
+
+def test_a_batch_too_large_is_refused_before_allocating(capsys, tmp_path):
+    code, err = run_cli(capsys, "run", data_case(tmp_path, "digits()", 64), "--batch", "1000000000000")
+    assert code == 2
+    assert err.startswith("error: a batch of 1,000,000,000,000") and "more than the" in err
+
+
+def test_memory_limit_can_be_set(monkeypatch, capsys, tmp_path):
+    from runtime.resources import memory_limit
+    monkeypatch.setenv("DLC_MEMORY_LIMIT", "2G")
+    assert memory_limit() == 2 * 2 ** 30
+    # a 64x10 dense layer's weights, gradients and moments alone take 10 KiB
+    monkeypatch.setenv("DLC_MEMORY_LIMIT", "1K")
+    code, err = run_cli(capsys, "check", data_case(tmp_path, "digits()", 64))
+    assert code == 2 and "1.0 KiB of memory" in err
