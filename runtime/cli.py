@@ -65,7 +65,9 @@ def make_parser() -> argparse.ArgumentParser:
     r.add_argument("--lr", type=_positive(float), help="override the optimizer's learning rate")
     r.add_argument("--seed", type=_number(int, allow_zero=True, below=2 ** 32), help="seed for the split, initialization and shuffling")
     r.add_argument("--save", metavar="PATH", help="save parameters and optimizer state (.safetensors or .npz)")
-    r.add_argument("--load", metavar="PATH", help="start from a checkpoint")
+    r.add_argument("--load", "--resume", dest="load", metavar="PATH",
+                   help="start from a checkpoint: parameters, optimizer state, step, epoch and data order "
+                        "(a resumed run continues exactly as if never stopped)")
     r.add_argument("--json", action="store_true", help="print the final report as JSON on the last line")
     r.add_argument("--quiet", action="store_true", help="no progress output")
     r.add_argument("--threads", type=_positive(int), help="BLAS threads (default: the library's, one per core; "
@@ -179,7 +181,10 @@ def _predict(args) -> int:
 
 
 def _run(args, options) -> int:
+    from runtime import checkpoint
     from runtime.session import Session
+    if args.save:                   # before compiling and training, not after
+        checkpoint.check_target(args.save)
     s = Session(args.file, options)
     progress = not args.quiet
     if progress:

@@ -116,6 +116,8 @@ class Session:
         self.train_graph = self.train_ex.graph if self.train_ex else None
         self.params, self.state = self._init_params()
         self.step_count = 0                                  # steps of every phase
+        self.epoch = 0                                       # epochs done
+        self.data_order = np.random.default_rng(self.seed + 1)  # shuffles each epoch (resumed)
         self.phase_steps = {ph.name: 0 for ph in self.phases}   # each phase's own (bias corrections)
         self._compile()
         self.compile_seconds = time.perf_counter() - t0
@@ -211,13 +213,12 @@ class Session:
         train = self.dataset.train
         n = len(train["x"])
         batch, epochs = int(self.settings["batch"]), int(self.settings["epochs"])
-        rng = np.random.default_rng(self.seed + 1)
         step_times, history = [], []
         t_train = time.perf_counter()
         ep_metrics = {}
-        first = self.step_count // math.ceil(n / batch)     # a resumed run goes on counting epochs
+        first = self.epoch                  # a resumed run goes on counting epochs
         for ep in range(first, first + epochs):
-            perm = rng.permutation(n)
+            perm = self.data_order.permutation(n)
             totals = {ph.output: [0.0, 0] for ph in self.phases}     # loss * examples, examples
             t_ep = time.perf_counter()
             acc = metrics.Accumulator(self.task, self.settings["metrics"])
@@ -238,6 +239,7 @@ class Session:
                 totals[ph.output][0] += loss * len(idx)
                 totals[ph.output][1] += len(idx)
                 acc.add(out, b)
+            self.epoch = ep + 1
             ep_metrics = {k: t / m for k, (t, m) in totals.items() if m}
             ep_metrics.update(acc.result())
             test = self.evaluate(self.dataset.test)
@@ -271,31 +273,53 @@ class Session:
     # ---- checkpoints -----------------------------------------------------------------------------
     def save(self, path) -> None:
         checkpoint.save(path, self.params, self.state, {
-            "step": self.step_count, "model": self.program.model,
+            "step": self.step_count, "epoch": self.epoch, "model": self.program.model,
             "phases": {ph.name: {"optimizer": ph.optimizer.name, "step": self.phase_steps[ph.name]}
-                       for ph in self.phases}})
+                       for ph in self.phases},
+            "data_order": self.data_order.bit_generator.state})
 
     def load(self, path) -> None:
+        """Parameters, state and the position of a run: a resumed run continues bit-identically.
+        Every tensor must be there with the model's shape and dtype. The optimizer state and the
+        step counts go together: a checkpoint of another optimizer restarts them from zero."""
         params, state, meta = checkpoint.load(path)
-        missing = sorted(set(self.params) - set(params))
-        if missing:
-            raise DlcError(f"checkpoint {path} lacks parameters: {', '.join(missing)}")
+        for k in sorted(set(self.params) - set(params)):
+            raise DlcError(f"{path}: checkpoint lacks parameter `{k}`")
+        for k in sorted(set(params) - set(self.params)):
+            raise DlcError(f"{path}: checkpoint has parameter `{k}`, which this model does not")
+        saved = meta.get("phases", {"": {"step": meta.get("step", 0)}})
+        if not isinstance(saved, dict) or not all(isinstance(v, dict) for v in saved.values()):
+            raise DlcError(f"{path}: metadata `phases` must map each phase to an object")
+        same = all(saved.get(ph.name, {}).get("optimizer", ph.optimizer.name) == ph.optimizer.name
+                   for ph in self.phases) and set(saved) == {ph.name for ph in self.phases}
+        needed = set(self.state) if same else set(self.program.states)    # model state always
+        for k in sorted(set(state) - set(self.state)):
+            if same or k in self.program.states:
+                raise DlcError(f"{path}: checkpoint has state `{k}`, which this model and optimizer do not")
+        state = {k: v for k, v in state.items() if k in needed}
+        for k in sorted(needed - set(state)):
+            raise DlcError(f"{path}: checkpoint lacks state `{k}`")
         for k, v in params.items():
-            if k not in self.params:
-                raise DlcError(f"checkpoint {path} has parameter `{k}`, which this model does not")
-            if v.shape != self.params[k].shape:
-                raise DlcError(f"checkpoint parameter `{k}` is {list(v.shape)}, the model's is {list(self.params[k].shape)}")
+            checkpoint.check_tensor(path, "parameter", k, v, self.params[k])
+        for k, v in state.items():
+            checkpoint.check_tensor(path, "state", k, v, self.state[k])
+        step = checkpoint.meta_int(meta, "step", path) if same else 0
+        epoch = checkpoint.meta_int(meta, "epoch", path) if same else 0
+        phase_steps = {ph.name: checkpoint.meta_int(saved.get(ph.name, {}), "step", path, where=f"phases.{ph.name}.")
+                       if same else 0 for ph in self.phases}
+        order = meta.get("data_order")
+        rng = np.random.default_rng(self.seed + 1)
+        if order is not None and same:
+            try:
+                rng.bit_generator.state = order
+            except (TypeError, ValueError, KeyError) as e:
+                raise DlcError(f"{path}: metadata `data_order` is not a generator state: {e}") from None
+        # all checked: now change the session
+        for k, v in params.items():
             self.params[k][...] = v
         for k, v in state.items():
-            if k in self.state and v.shape == self.state[k].shape:
-                self.state[k][...] = v
-        # the step counts go with the optimizer state: a checkpoint of another optimizer (or
-        # phases) restarts them, with the state it lacks at zero
-        same = set(state) == set(self.state)
-        self.step_count = int(meta.get("step", 0)) if same else 0
-        saved = meta.get("phases", {"": {"step": self.step_count}})
-        for ph in self.phases:
-            self.phase_steps[ph.name] = int(saved.get(ph.name, {}).get("step", 0)) if same else 0
+            self.state[k][...] = v
+        self.step_count, self.epoch, self.phase_steps, self.data_order = step, epoch, phase_steps, rng
 
 
 def schedule(phases: list[Phase]) -> list[int]:

@@ -1,5 +1,6 @@
 """Issue 11: no traceback reaches a user. Each hostile input ends in one located message
 (exit 2), a correct result, or a clear refusal."""
+import json
 import re
 
 import numpy as np
@@ -208,3 +209,141 @@ def test_memory_limit_can_be_set(monkeypatch, capsys, tmp_path):
     monkeypatch.setenv("DLC_MEMORY_LIMIT", "1K")
     code, err = run_cli(capsys, "check", data_case(tmp_path, "digits()", 64))
     assert code == 2 and "1.0 KiB of memory" in err
+
+
+# ---- checkpoints -------------------------------------------------------------------------------
+EXAMPLES = __import__("pathlib").Path(__file__).resolve().parent.parent / "examples"
+
+
+def _resume_is_bit_identical(tmp_path, example, suffix):
+    from runtime.session import Options, Session
+    straight = Session(EXAMPLES / example, Options(epochs=4))
+    rep4 = straight.fit(progress=False)
+    first = Session(EXAMPLES / example, Options(epochs=2))
+    first.fit(progress=False)
+    ck = tmp_path / f"ck{suffix}"
+    first.save(ck)
+    resumed = Session(EXAMPLES / example, Options(epochs=2))
+    resumed.load(ck)
+    rep = resumed.fit(progress=False)
+    assert resumed.step_count == straight.step_count and resumed.epoch == 4
+    for k in straight.params:
+        assert np.array_equal(resumed.params[k], straight.params[k]), k
+    for k in straight.state:
+        assert np.array_equal(resumed.state[k], straight.state[k]), k
+    assert rep["test"] == rep4["test"]
+
+
+def test_resume_is_bit_identical_mlp(tmp_path):
+    _resume_is_bit_identical(tmp_path, "mlp.dl", ".safetensors")
+
+
+@pytest.mark.slow
+def test_resume_is_bit_identical_cnn(tmp_path):
+    # batch norm's running statistics, dropout's per-step stream and Adam's moments
+    _resume_is_bit_identical(tmp_path, "cnn.dl", ".npz")
+
+
+@pytest.fixture(scope="module")
+def mlp_session():
+    from runtime.session import Options, Session
+    s = Session(EXAMPLES / "mlp.dl", Options(epochs=1))
+    s.fit(progress=False)
+    return s
+
+
+def _rewrite(src, dst, edit_tensors=None, meta=None):
+    from runtime import checkpoint
+    params, state, m = checkpoint.load(src)
+    tensors = {**{f"param/{k}": v for k, v in params.items()}, **{f"state/{k}": v for k, v in state.items()}}
+    if edit_tensors:
+        edit_tensors(tensors)
+    m = meta(m) if meta else m
+    np.savez(dst, **tensors, __meta__=np.frombuffer(json.dumps(m).encode(), np.uint8))
+    return dst
+
+
+W = "param/mlp/dense_1/W"
+
+
+@pytest.mark.parametrize("tensors, meta, words", [
+    (lambda t: t.pop(W), None, ["lacks parameter `mlp/dense_1/W`"]),
+    (lambda t: t.pop(next(k for k in t if k.startswith("state/adam.m/"))), None, ["lacks state `adam.m/"]),
+    (lambda t: t.update({"param/extra": np.zeros(3, np.float32)}), None, ["has parameter `extra`"]),
+    (lambda t: t.update({"state/extra": np.zeros(3, np.float32)}), None, ["has state `extra`"]),
+    (lambda t: t.update({W: t[W].astype(np.float16)}), None, ["`mlp/dense_1/W` is float16[64, 128]", "float32[64, 128]"]),
+    (lambda t: t.update({W: t[W].astype(np.int32)}), None, ["int32[64, 128]"]),
+    (lambda t: t.update({W: t[W][:3]}), None, ["float32[3, 128]"]),
+    (None, lambda m: {**m, "step": "many"}, ["metadata `step`", '"many"']),
+    (None, lambda m: {**m, "step": -4}, ["metadata `step`"]),
+    (None, lambda m: [1, 2], ["must be a JSON object, got list"]),
+    (None, lambda m: {**m, "phases": [1]}, ["metadata `phases`"]),
+    (None, lambda m: {**m, "data_order": {"bit_generator": "nope"}}, ["metadata `data_order`"]),
+])
+def test_bad_checkpoints_name_what_is_wrong(mlp_session, tmp_path, tensors, meta, words):
+    from dsl.diagnostics import DlcError
+    good = tmp_path / "good.npz"
+    mlp_session.save(good)
+    bad = _rewrite(good, tmp_path / "bad.npz", tensors, meta)
+    before = {k: v.copy() for k, v in mlp_session.params.items()}
+    with pytest.raises(DlcError) as e:
+        mlp_session.load(bad)
+    msg = str(e.value)
+    assert msg.startswith(f"error: {bad}: "), msg
+    for w in words:
+        assert w in msg, msg
+    for k, v in before.items():             # a refused checkpoint changes nothing
+        assert np.array_equal(mlp_session.params[k], v)
+
+
+def test_garbage_checkpoint(capsys, tmp_path):
+    ck = tmp_path / "ck.safetensors"
+    ck.write_bytes(b"\x00\x01garbage" * 10)
+    code, err = run_cli(capsys, "run", EXAMPLES / "mlp.dl", "--epochs", "0", "--load", ck, "--quiet")
+    assert code == 2 and "cannot read checkpoint" in err
+
+
+@pytest.mark.parametrize("target, words", [
+    ("missing/dir/ck.safetensors", ["does not exist"]),
+    (".", ["a checkpoint is a .safetensors or .npz file"]),
+    ("adir.npz", ["is a directory; refusing to replace it"]),
+    ("/dev/full", ["a checkpoint is a .safetensors or .npz file"]),
+])
+def test_save_path_is_checked_before_training(capsys, tmp_path, monkeypatch, target, words):
+    import runtime.session as session
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "adir.npz").mkdir()
+    monkeypatch.setattr(session.Session, "fit", lambda *a, **k: pytest.fail("trained before checking --save"))
+    code, err = run_cli(capsys, "run", EXAMPLES / "mlp.dl", "--save", target, "--quiet")
+    assert code == 2
+    for w in words:
+        assert w in err, err
+
+
+def test_save_refuses_a_device_node(tmp_path):
+    import os
+    import stat
+    from dsl.diagnostics import DlcError
+    from runtime import checkpoint
+    fifo = tmp_path / "pipe.npz"
+    os.mkfifo(fifo)
+    with pytest.raises(DlcError, match="not a regular file; refusing"):
+        checkpoint.save(fifo, {"w": np.zeros(2)}, {}, {})
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode)
+
+
+def test_a_failed_save_leaves_no_temp_file_and_the_old_checkpoint(tmp_path, monkeypatch):
+    import os
+    from runtime import checkpoint
+    ck = tmp_path / "ck.npz"
+    checkpoint.save(ck, {"w": np.ones(2)}, {}, {"step": 1})
+
+    def broken_fsync(fd):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(os, "fsync", broken_fsync)
+    from dsl.diagnostics import DlcError
+    with pytest.raises(DlcError, match="No space left"):
+        checkpoint.save(ck, {"w": np.zeros(2)}, {}, {"step": 2})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck.npz"]
+    params, _, meta = checkpoint.load(ck)
+    assert meta["step"] == 1 and np.array_equal(params["w"], np.ones(2))
