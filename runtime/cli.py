@@ -68,6 +68,9 @@ def make_parser() -> argparse.ArgumentParser:
     r.add_argument("--load", "--resume", dest="load", metavar="PATH",
                    help="start from a checkpoint: parameters, optimizer state, step, epoch and data order "
                         "(a resumed run continues exactly as if never stopped)")
+    r.add_argument("--check-numerics", action="store_true",
+                   help="check every step (not only the first 50) for NaN, infinities and divergence, "
+                        "naming the op and line that made them")
     r.add_argument("--json", action="store_true", help="print the final report as JSON on the last line")
     r.add_argument("--quiet", action="store_true", help="no progress output")
     r.add_argument("--threads", type=_positive(int), help="BLAS threads (default: the library's, one per core; "
@@ -131,7 +134,8 @@ def _dispatch(args) -> int:
         raise DlcError(f"no such file: {args.file}")
     if args.cmd == "run":
         return _run(args, Options(dtype=args.dtype, fuse=not args.no_fuse, epochs=args.epochs,
-                                  batch=args.batch, lr=args.lr, seed=args.seed, threads=args.threads))
+                                  batch=args.batch, lr=args.lr, seed=args.seed, threads=args.threads,
+                                  check_numerics=args.check_numerics))
     if args.cmd == "check":
         return _check(args)
     if args.cmd == "predict":

@@ -24,7 +24,7 @@ from dsl import ast as A
 from dsl.diagnostics import DlcError
 from dsl.parser import parse_file
 
-from . import checkpoint, data, metrics, resources
+from . import checkpoint, data, metrics, numerics, resources
 from .initializers import initialize
 
 DEFAULTS = {"batch": 32, "epochs": 10, "seed": 0}       # metrics: the loss's (runtime/metrics.py)
@@ -41,6 +41,7 @@ class Options:
     temperature: float = 0.0        # decoding in evaluation: 0 greedy, > 0 sampling
     threads: int | None = None      # BLAS threads while running (None: the library's default)
     train: bool = True              # False: compile the evaluation program only (predict)
+    check_numerics: bool = False    # watch every step for NaNs and divergence, not only the first
 
 
 def _literal_setting(lowerer: Lowerer, train: A.TrainDef, name: str):
@@ -117,6 +118,7 @@ class Session:
         self.params, self.state = self._init_params()
         self.step_count = 0                                  # steps of every phase
         self.epoch = 0                                       # epochs done
+        self.loss_history: dict[str, list[float]] = {}       # per phase: the first loss, the recent ones
         self.data_order = np.random.default_rng(self.seed + 1)  # shuffles each epoch (resumed)
         self.phase_steps = {ph.name: 0 for ph in self.phases}   # each phase's own (bias corrections)
         self._compile()
@@ -168,14 +170,32 @@ class Session:
         return sum(ex.kernels for ex in self.train_exes)
 
     def train_step(self, batch: dict) -> tuple[float, np.ndarray]:
-        """One step of the phase the schedule is at: its loss and the model's output."""
+        """One step of the phase the schedule is at: its loss and the model's output. While
+        watched (the first steps, or `check_numerics`), a step that makes a NaN or diverges
+        raises a DlcError naming the op and line, or the divergence."""
         i = self.next_phase
         ph, ex = self.phases[i], self.train_exes[i]
         self.step_count += 1
         self.phase_steps[ph.name] += 1
         sc = {"rng": self.rng_seed(self.step_count), **step_scalars(ph.optimizer, self.phase_steps[ph.name])}
+        watched = self.opt.check_numerics or self.step_count <= numerics.WATCH_STEPS
+        snapshot = ({k: v.copy() for k, v in self.params.items()},
+                    {k: v.copy() for k, v in self.state.items()}) if watched else None
         res = dict(zip(ex.outputs, ex(*self._args(ex, batch, sc))))
-        return float(res["loss"]), res["output"]
+        loss = float(res["loss"])
+        history = self.loss_history.setdefault(ph.name, [])
+        if not math.isfinite(loss):
+            raise numerics.explain_nonfinite(self, i, loss, self.step_count, self.epoch + 1, snapshot, batch, sc,
+                                             history)
+        history.append(loss)
+        del history[1:-20]                  # the first loss and the recent ones
+        numerics.check_loss(self, i, loss, self.step_count, history)
+        if watched:
+            if not all(np.isfinite(v).all() for v in self.params.values()):     # a finite loss, NaN gradients
+                raise numerics.explain_nonfinite(self, i, loss, self.step_count, self.epoch + 1,
+                                                 snapshot, batch, sc, history)
+            numerics.check_update(self, i, snapshot[0], self.step_count)
+        return loss, res["output"]
 
     def rng_seed(self, step: int) -> int:
         """The random stream of a step: a function of the run's seed and the step number."""
@@ -231,11 +251,6 @@ class Session:
                 t0 = time.perf_counter()
                 loss, out = self.train_step(b)
                 step_times.append(time.perf_counter() - t0)
-                if not math.isfinite(loss):
-                    which = f" of phase `{ph.name}`" if ph.name else ""
-                    raise DlcError(f"the loss{which} became {loss} at epoch {ep + 1}, step {self.step_count}; "
-                                   "try a smaller learning rate",
-                                   ph.setting_locs.get("optimizer") or self.program.setting_locs.get("optimizer"))
                 totals[ph.output][0] += loss * len(idx)
                 totals[ph.output][1] += len(idx)
                 acc.add(out, b)

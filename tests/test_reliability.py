@@ -347,3 +347,45 @@ def test_a_failed_save_leaves_no_temp_file_and_the_old_checkpoint(tmp_path, monk
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck.npz"]
     params, _, meta = checkpoint.load(ck)
     assert meta["step"] == 1 and np.array_equal(params["w"], np.ones(2))
+
+
+# ---- numerical faults --------------------------------------------------------------------------
+NUM = ("model m(x: f32[B, 64]) -> f32[B, 10] {{\n    h = dense(x, 32)\n    h = {expr}\n    return dense(h, 10)\n}}\n"
+       "train m on digits() {{\n    loss = cross_entropy(m(x), y)\n    optimizer = {opt}\n    epochs = 2\n}}\n")
+
+
+@pytest.mark.parametrize("expr, opt, line, words", [
+    # the model's own NaN, forward: named at the op, not blamed on the learning rate
+    ("sqrt(h - 100.0)", "adam(lr = 1e-3)", 3, ["the model computes NaN", "`sqrt` in the forward pass", "step 1",
+                                               "not the learning rate"]),
+    # finite loss, infinite gradient: found in the backward pass
+    ("h + sqrt(h * 0.0)", "adam(lr = 1e-3)", 3, ["the model computes an infinity", "backward pass", "step 1"]),
+    # a huge first update (Adam moves every weight by about lr), and a loss that climbs
+    ("relu(h)", "adam(lr = 1e9)", 8, ["training diverged", "moved parameter `m/dense_1/W` by 1e+09"]),
+    ("relu(h)", "sgd(lr = 1e9)", 8, ["training diverged", "moved parameter"]),
+    ("relu(h)", "sgd(lr = 30.0)", 8, ["training diverged: the loss rose from", "try a smaller learning rate"]),
+])
+def test_numerical_faults_are_named(capsys, dl_file, expr, opt, line, words):
+    p = dl_file(NUM.format(expr=expr, opt=opt))
+    code, err = run_cli(capsys, "run", p, "--quiet")
+    assert code == 2, err
+    located(err, p, line)
+    for w in words:
+        assert w in err, err
+
+
+def test_first_nonfinite_replays_with_the_references():
+    # the locator is a NumPy replay of the step: independent of the kernels
+    from runtime import numerics
+    from runtime.session import Options, Session
+    s = Session(EXAMPLES / "mlp.dl", Options(epochs=1))
+    batch = {k: v[:8] for k, v in s.dataset.train.items()}
+    params = {k: v.copy() for k, v in s.params.items()}
+    state = {k: v.copy() for k, v in s.state.items()}
+    from compiler.optim import step_scalars
+    sc = {"rng": 0, **step_scalars(s.phases[0].optimizer, 1)}
+    assert numerics.first_nonfinite(s, 0, params, state, batch, sc) is None
+    params["mlp/dense_2/W"][:, 0] = 3e38            # finite weights whose products overflow float32
+    n, g, v = numerics.first_nonfinite(s, 0, params, {k: v.copy() for k, v in state.items()}, batch, sc)
+    assert g[n]["op"] == "matmul" and g[g.args(n)[1]]["name"] == "mlp/dense_2/W" and g[n]["role"] == "forward"
+    assert not np.isfinite(v[:, 0]).all() and np.isfinite(v[:, 1:]).all()
