@@ -727,6 +727,8 @@ class Lowerer:
 
     # ---- parameters --------------------------------------------------------------------------
     def declare_param(self, st, frame: Frame, kind: str = "param") -> Tensor:
+        if not isinstance(st.type, A.TensorType):
+            raise DlcError(f"{kind} `{st.name}` needs a tensor type, such as [64, 10] or f32[10]", st.type.loc)
         shape = []
         for d in st.type.dims:
             v = self.eval_dim(d, frame)

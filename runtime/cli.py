@@ -56,7 +56,7 @@ def make_parser() -> argparse.ArgumentParser:
         sp.add_argument("file", help="a .dl file")
         sp.add_argument("--dtype", choices=["f32", "f64"], default="f32", help="float precision (default f32)")
         sp.add_argument("--no-fuse", action="store_true", help="one kernel per op (for debugging)")
-        sp.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+        sp.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks for errors")
 
     r = sub.add_parser("run", help="compile, train and evaluate a model")
     common(r)

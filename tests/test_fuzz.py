@@ -61,3 +61,19 @@ def test_graph_fuzz_catches_a_wrong_kernel(monkeypatch):
     monkeypatch.setattr(OPS["tanh"], "grad", lambda g, n, dy: [g.add("mul", rule(g, n, dy)[0], g.const(1.5, "f64"))])
     with pytest.raises(AssertionError, match="finite differences"):
         graphs.check_program(case)
+
+
+# ---- what the fuzzers found, kept ----------------------------------------------------------------
+@pytest.mark.parametrize("decl", ["state s: int = zeros", "param W: mlp", "state lstm: or"])
+def test_found_scalar_typed_param_or_state(tmp_path, decl):
+    # dl fuzz seeds 389, 5001, 5067: a scalar type on `param`/`state` was an AttributeError
+    text = f"model m(x: f32[B, 4]) -> f32[B, 4] {{\n    {decl}\n    return x\n}}\n"
+    assert dl.check_case(text, tmp_path / "case.dl") == "error"
+
+
+@pytest.mark.xfail(strict=True, reason="graph fuzz seed 30: fusion groups form a cycle "
+                   "(compiler/passes/fusion.py, being rewritten on the compile-time branch)")
+def test_found_fusion_cycle(monkeypatch):
+    import numba
+    monkeypatch.setattr(numba.config, "DISABLE_JIT", True)
+    graphs.check_program(graphs.random_program(30))
