@@ -143,7 +143,7 @@ class Session:
         b = int(self.settings["batch"])
         exes = self.train_exes + [self.eval_ex]
         for ex in exes:
-            ex.compile_for(example_args(ex, {"B": b}))
+            _compile_repairing_cache(ex, example_args(ex, {"B": b}))
         self.cache_hit = all(ex.cache_hit for ex in exes)
 
     def _args(self, ex: Executable, batch: dict, scalars: dict | None = None) -> list:
@@ -335,6 +335,25 @@ class Session:
         for k, v in state.items():
             self.state[k][...] = v
         self.step_count, self.epoch, self.phase_steps, self.data_order = step, epoch, phase_steps, rng
+
+
+def _compile_repairing_cache(ex: Executable, args) -> None:
+    """Compile, or load from Numba's on-disk cache; a damaged cache entry (a truncated or
+    garbled .nbi/.nbc: UnpicklingError, EOFError, ...) is dropped and the kernel recompiled
+    once, with a one-line warning. An error that recurs is the compiler's own and propagates."""
+    try:
+        ex.compile_for(args)
+    except Exception as first:
+        cache = getattr(ex.fn, "_cache", None)
+        if cache is None or not hasattr(cache, "flush"):
+            raise
+        try:
+            cache.flush()
+            ex.compile_for(args)
+        except Exception:
+            raise first from None
+        print(f"dlc: warning: the kernel cache entry for {ex.fn.__name__} was damaged "
+              f"({type(first).__name__}); recompiled it", file=sys.stderr)
 
 
 def schedule(phases: list[Phase]) -> list[int]:

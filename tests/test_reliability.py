@@ -389,3 +389,49 @@ def test_first_nonfinite_replays_with_the_references():
     n, g, v = numerics.first_nonfinite(s, 0, params, {k: v.copy() for k, v in state.items()}, batch, sc)
     assert g[n]["op"] == "matmul" and g[g.args(n)[1]]["name"] == "mlp/dense_2/W" and g[n]["role"] == "forward"
     assert not np.isfinite(v[:, 0]).all() and np.isfinite(v[:, 1:]).all()
+
+
+# ---- the kernel cache --------------------------------------------------------------------------
+def _run_mlp(capsys):
+    code = main(["run", str(EXAMPLES / "mlp.dl"), "--epochs", "0", "--quiet", "--json"])
+    out = capsys.readouterr()
+    assert "Traceback" not in out.err
+    return code, json.loads(out.out.strip().splitlines()[-1]), out.err
+
+
+def _run_mlp_process(cache):
+    import os
+    import subprocess
+    import sys
+    p = subprocess.run([sys.executable, "-m", "runtime.cli", "run", str(EXAMPLES / "mlp.dl"), "--epochs", "0",
+                        "--quiet", "--json"], capture_output=True, text=True, cwd=EXAMPLES.parent,
+                       env={**os.environ, "DLC_CACHE_DIR": str(cache)}, timeout=300)
+    assert "Traceback" not in p.stderr
+    return p.returncode, json.loads(p.stdout.strip().splitlines()[-1]), p.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("which", ["nbi", "nbc"])
+def test_a_damaged_kernel_cache_repairs_itself(tmp_path, which):
+    # in separate processes: Numba reads its on-disk cache only in a fresh one
+    code, first, _ = _run_mlp_process(tmp_path)
+    assert code == 0
+    files = list(tmp_path.glob(f"kernels/__pycache__/*.{which}"))
+    assert files
+    for f in files:
+        f.write_bytes(f.read_bytes()[:20])
+    code, again, err = _run_mlp_process(tmp_path)
+    assert code == 0 and "was damaged" in err and again["test"] == first["test"]
+    code, third, err = _run_mlp_process(tmp_path)      # repaired: no warning, kernels from the cache
+    assert code == 0 and "damaged" not in err and third["kernel_cache_hit"]
+
+
+def test_an_unusable_cache_dir_falls_back_with_a_warning(capsys, tmp_path, monkeypatch):
+    import compiler.cache as cache
+    f = tmp_path / "a-file"
+    f.write_text("")
+    monkeypatch.setenv("DLC_CACHE_DIR", str(f))
+    monkeypatch.setattr(cache, "_FALLBACK", None)
+    code, rep, err = _run_mlp(capsys)
+    assert code == 0 and rep["test"]
+    assert err.count("warning: cannot use the kernel cache") == 1
