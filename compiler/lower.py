@@ -751,8 +751,8 @@ class Lowerer:
         if name in table:
             info = table[name]
             if info.shape != tuple(shape):
-                raise DlcError(f"shared parameter `{name}` is {fmt_shape(info.shape)} here but "
-                               f"{fmt_shape(tuple(shape))} at its first use ({info.loc})", loc)
+                raise DlcError(f"shared parameter `{name}` is {fmt_shape(tuple(shape))} here but "
+                               f"{fmt_shape(info.shape)} at its first use ({info.loc})", loc)
             return Tensor(self.capture(info.node) if self.scans else info.node)
         n = self.root.input(name, tuple(shape), dtype, kind, loc=loc)
         table[name] = ParamInfo(name, n, tuple(shape), dtype, init, loc)

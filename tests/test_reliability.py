@@ -435,3 +435,13 @@ def test_an_unusable_cache_dir_falls_back_with_a_warning(capsys, tmp_path, monke
     code, rep, err = _run_mlp(capsys)
     assert code == 0 and rep["test"]
     assert err.count("warning: cannot use the kernel cache") == 1
+
+
+def test_shared_parameter_shapes_are_not_swapped(capsys, dl_file):
+    p = dl_file('model m(x: f32[B, 4]) -> f32[B, 3] {\n    h = dense(x, 4, name = "s")\n'
+                '    return dense(h, 3, name = "s")\n}\n')
+    code, err = run_cli(capsys, "check", p)
+    assert code == 2
+    located(err, p, 3)
+    # here (line 3) W is [4, 3]; at its first use (line 2) it was [4, 4]
+    assert f"is [4, 3] here but [4, 4] at its first use ({p}:2:" in err
