@@ -10,11 +10,13 @@ but a regular file. Never pickle: `.npz` files are read with `allow_pickle=False
 """
 from __future__ import annotations
 
+import glob
 import io
 import json
 import os
 import stat
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -60,6 +62,7 @@ def save(path: str | Path, params: dict, state: dict, meta: dict) -> None:
     else:
         from safetensors.numpy import save as to_bytes
         blob = to_bytes(tensors, metadata={"dlc": json.dumps(meta)})
+    _remove_stale_temps(p)
     fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -83,6 +86,20 @@ def save(path: str | Path, params: dict, state: dict, meta: dict) -> None:
             os.close(dfd)
     except OSError:
         pass
+
+
+STALE_SECONDS = 600      # a temp file this old is a killed save's, not one in progress
+
+
+def _remove_stale_temps(p: Path) -> None:
+    """A save killed mid-write (kill -9) leaves its temp file; the next save removes it."""
+    now = time.time()
+    for t in p.parent.glob(f".{glob.escape(p.name)}.*.tmp"):
+        try:
+            if now - t.stat().st_mtime > STALE_SECONDS:
+                t.unlink()
+        except OSError:
+            pass
 
 
 def load(path: str | Path) -> tuple[dict, dict, dict]:

@@ -445,3 +445,17 @@ def test_shared_parameter_shapes_are_not_swapped(capsys, dl_file):
     located(err, p, 3)
     # here (line 3) W is [4, 3]; at its first use (line 2) it was [4, 4]
     assert f"is [4, 3] here but [4, 4] at its first use ({p}:2:" in err
+
+
+def test_a_killed_saves_temp_file_is_removed_by_the_next_save(tmp_path):
+    import os
+    import time
+    from runtime import checkpoint
+    ck = tmp_path / "ck.npz"
+    stale, fresh = tmp_path / ".ck.npz.abc123.tmp", tmp_path / ".ck.npz.def456.tmp"
+    stale.write_bytes(b"x" * 100)
+    fresh.write_bytes(b"x")                         # maybe another save in progress: kept
+    old = time.time() - 2 * checkpoint.STALE_SECONDS
+    os.utime(stale, (old, old))
+    checkpoint.save(ck, {"w": np.ones(2)}, {}, {})
+    assert not stale.exists() and fresh.exists() and ck.exists()
