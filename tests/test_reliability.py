@@ -432,9 +432,11 @@ def test_an_unusable_cache_dir_falls_back_with_a_warning(capsys, tmp_path, monke
     f.write_text("")
     monkeypatch.setenv("DLC_CACHE_DIR", str(f))
     monkeypatch.setattr(cache, "_FALLBACK", None)
+    d1, d2 = cache.cache_dir(), cache.cache_dir()
+    assert d1 == d2 and d1.is_dir() and f not in d1.parents
+    assert capsys.readouterr().err.count("warning: cannot use the kernel cache") == 1
     code, rep, err = _run_mlp(capsys)
     assert code == 0 and rep["test"]
-    assert err.count("warning: cannot use the kernel cache") == 1
 
 
 def test_shared_parameter_shapes_are_not_swapped(capsys, dl_file):
