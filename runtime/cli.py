@@ -238,7 +238,8 @@ def _check(args) -> int:
     from runtime import resources
     _, lw, prog = _load_for_inspection(args)
     settings, locs = getattr(prog, "settings", {}), getattr(prog, "setting_locs", {})
-    resources.check_program(prog, int(settings.get("batch", 32)), locs.get("batch"), training=bool(lw.trains))
+    resources.check_program(prog, int(settings.get("batch", 32)),
+                            locs.get("batch") or (lw.trains[0].loc if lw.trains else None), training=bool(lw.trains))
     if lw.trains:           # and the evaluation program, whose branches (greedy decoders) differ
         _load_for_inspection(args, training=False)
     n = sum(_size(info.shape) for info in prog.params.values())

@@ -93,7 +93,7 @@ class Session:
             if getattr(self.opt, k) is not None:
                 self.settings[k] = getattr(self.opt, k)
         resources.check_program(self.program, int(self.settings["batch"]),
-                                self.program.setting_locs.get("batch") if self.opt.batch is None else None,
+                                self.program.setting_locs.get("batch", train.loc) if self.opt.batch is None else None,
                                 training=self.opt.train)
         self.phases: list[Phase] = self.program.phases
         if self.opt.lr is not None:             # --lr sets every phase's learning rate

@@ -2,8 +2,8 @@
 programs from the grammar itself (lark's rules for the parser in `dsl/parser.py`).
 
 The promise checked (`check_case`): `dlc check` on any text either accepts it (exit 0) or
-prints one error and exits 2, located at `file:line:col` with the source line and a caret
-when it is about the file; never a traceback, an internal error (exit 3) or a hang.
+prints one error and exits 2, located at `file:line:col` (with the source line and a caret
+under it); never a traceback, an internal error (exit 3) or a hang.
 """
 from __future__ import annotations
 
@@ -142,10 +142,8 @@ def check_case(text: str, path: Path) -> str:
         return "ok"
     first = msg.splitlines()[0] if msg else ""
     m = _LOCATED.match(first)
-    if m:
-        lines = msg.splitlines()
-        if m["file"] == str(path) and len(lines) > 2 and lines[1].startswith("    "):
-            assert "^" in lines[2], f"no caret under the source line:\n{msg}"
-        return "error"
-    assert first.startswith("error: "), f"not one clean error message:\n{msg}\n--- input ---\n{text}"
+    assert m, f"not one located error message:\n{msg}\n--- input ---\n{text}"
+    lines = msg.splitlines()
+    if m["file"] == str(path) and len(lines) > 2 and lines[1].startswith("    "):
+        assert "^" in lines[2], f"no caret under the source line:\n{msg}"
     return "error"
