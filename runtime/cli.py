@@ -83,9 +83,9 @@ def make_parser() -> argparse.ArgumentParser:
                     help='an input sequence as space-separated tokens, e.g. "3 1 4 1 5" (repeatable)')
     pr.add_argument("--index", action="append", type=int, default=[], metavar="K",
                     help="a held-out example by index (repeatable; default: the first 5)")
-    pr.add_argument("--temperature", type=float, default=0.0,
+    pr.add_argument("--temperature", type=_number(float, allow_zero=True), default=0.0,
                     help="decoders sample from softmax(logits / T) instead of taking the argmax (default 0: greedy)")
-    pr.add_argument("--seed", type=int, default=0, help="seed for sampling")
+    pr.add_argument("--seed", type=_number(int, allow_zero=True), default=0, help="seed for sampling")
     pr.add_argument("--json", action="store_true", help="print the predictions as one JSON object")
 
     c = sub.add_parser("check", help="parse and type/shape-check a file")

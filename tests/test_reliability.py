@@ -174,10 +174,12 @@ def test_seed_beyond_32_bits_is_refused(capsys, tmp_path):
     located(err, p, 7)
 
 
-@pytest.mark.parametrize("flag, value", [("--lr", "nan"), ("--lr", "inf"), ("--lr", "-1"), ("--batch", "0")])
-def test_bad_numeric_flags(capsys, tmp_path, flag, value):
+@pytest.mark.parametrize("cmd, flag, value", [("run", "--lr", "nan"), ("run", "--lr", "inf"), ("run", "--lr", "-1"),
+                                               ("run", "--batch", "0"), ("predict", "--temperature", "nan"),
+                                               ("predict", "--temperature", "-inf")])
+def test_bad_numeric_flags(capsys, tmp_path, cmd, flag, value):
     with pytest.raises(SystemExit) as e:
-        main(["run", str(data_case(tmp_path, "digits()", 64)), flag, value])
+        main([cmd, str(data_case(tmp_path, "digits()", 64)), flag, value] + (["--load", "x.npz"] if cmd == "predict" else []))
     assert e.value.code == 2
     assert f"argument {flag}" in capsys.readouterr().err
 
