@@ -296,7 +296,8 @@ class Session:
     def load(self, path) -> None:
         """Parameters, state and the position of a run: a resumed run continues bit-identically.
         Every tensor must be there with the model's shape and dtype. The optimizer state and the
-        step counts go together: a checkpoint of another optimizer restarts them from zero."""
+        step counts go together: a checkpoint of another optimizer restarts them from zero (and
+        a session that does not train ignores them)."""
         params, state, meta = checkpoint.load(path)
         for k in sorted(set(self.params) - set(params)):
             raise DlcError(f"{path}: checkpoint lacks parameter `{k}`")
@@ -309,7 +310,8 @@ class Session:
                    for ph in self.phases) and set(saved) == {ph.name for ph in self.phases}
         needed = set(self.state) if same else set(self.program.states)    # model state always
         for k in sorted(set(state) - set(self.state)):
-            if same or k in self.program.states:
+            # optimizer state is ignored by a session that does not train (predict)
+            if (same and self.opt.train) or k in self.program.states:
                 raise DlcError(f"{path}: checkpoint has state `{k}`, which this model and optimizer do not")
         state = {k: v for k, v in state.items() if k in needed}
         for k in sorted(needed - set(state)):

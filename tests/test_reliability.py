@@ -463,3 +463,13 @@ def test_a_killed_saves_temp_file_is_removed_by_the_next_save(tmp_path):
     os.utime(stale, (old, old))
     checkpoint.save(ck, {"w": np.ones(2)}, {}, {})
     assert not stale.exists() and fresh.exists() and ck.exists()
+
+
+def test_a_training_checkpoint_loads_for_prediction(mlp_session, tmp_path):
+    from runtime.session import Options, Session
+    ck = tmp_path / "ck.safetensors"
+    mlp_session.save(ck)
+    s = Session(EXAMPLES / "mlp.dl", Options(train=False, seed=None))
+    s.load(ck)                               # the optimizer's moments are not needed here
+    for k, v in mlp_session.params.items():
+        assert np.array_equal(s.params[k], v)
