@@ -7,7 +7,6 @@ float features with statistics of the training set only.
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -355,7 +354,8 @@ def _positive_int(call, name, v, low=1):
 def _require_ids(call, name, v):
     """Token ids are 32-bit."""
     if v >= INT32_MAX:
-        raise DlcError(f"`{call.func}`: `{name}` must be below {INT32_MAX:,} (token ids are 32-bit), got {v:,}", call.loc)
+        raise DlcError(f"`{call.func}`: `{name}` must be below {INT32_MAX:,} (token ids are 32-bit), got {v:,}",
+                       call.loc)
 
 
 def seeded(fn):

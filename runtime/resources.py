@@ -23,7 +23,8 @@ def memory_limit() -> int:
         try:
             return int(float(env[:len(env) - len(unit)]) * _UNITS[unit])
         except ValueError:
-            raise DlcError(f"DLC_MEMORY_LIMIT must be a size such as 8G, got {os.environ['DLC_MEMORY_LIMIT']!r}") from None
+            raise DlcError("DLC_MEMORY_LIMIT must be a size such as 8G, "
+                           f"got {os.environ['DLC_MEMORY_LIMIT']!r}") from None
     try:
         with open("/proc/meminfo") as f:
             for line in f:

@@ -179,7 +179,8 @@ def test_seed_beyond_32_bits_is_refused(capsys, tmp_path):
                                                ("predict", "--temperature", "-inf")])
 def test_bad_numeric_flags(capsys, tmp_path, cmd, flag, value):
     with pytest.raises(SystemExit) as e:
-        main([cmd, str(data_case(tmp_path, "digits()", 64)), flag, value] + (["--load", "x.npz"] if cmd == "predict" else []))
+        extra = ["--load", "x.npz"] if cmd == "predict" else []
+        main([cmd, str(data_case(tmp_path, "digits()", 64)), flag, value, *extra])
     assert e.value.code == 2
     assert f"argument {flag}" in capsys.readouterr().err
 
@@ -273,7 +274,8 @@ W = "param/mlp/dense_1/W"
     (lambda t: t.pop(next(k for k in t if k.startswith("state/adam.m/"))), None, ["lacks state `adam.m/"]),
     (lambda t: t.update({"param/extra": np.zeros(3, np.float32)}), None, ["has parameter `extra`"]),
     (lambda t: t.update({"state/extra": np.zeros(3, np.float32)}), None, ["has state `extra`"]),
-    (lambda t: t.update({W: t[W].astype(np.float16)}), None, ["`mlp/dense_1/W` is float16[64, 128]", "float32[64, 128]"]),
+    (lambda t: t.update({W: t[W].astype(np.float16)}), None,
+     ["`mlp/dense_1/W` is float16[64, 128]", "float32[64, 128]"]),
     (lambda t: t.update({W: t[W].astype(np.int32)}), None, ["int32[64, 128]"]),
     (lambda t: t.update({W: t[W][:3]}), None, ["float32[3, 128]"]),
     (None, lambda m: {**m, "step": "many"}, ["metadata `step`", '"many"']),
