@@ -475,3 +475,11 @@ def test_a_training_checkpoint_loads_for_prediction(mlp_session, tmp_path):
     s.load(ck)                               # the optimizer's moments are not needed here
     for k, v in mlp_session.params.items():
         assert np.array_equal(s.params[k], v)
+
+
+def test_column_labels_do_not_broadcast_against_logits(capsys, tmp_path):
+    # y of shape [N, 1] against logits [B, 3] was broadcast to [B, B, 3]: a wrong loss
+    np.savez(tmp_path / "d.npz", x=np.ones((40, 4)), y=(np.arange(40) % 3).reshape(40, 1))
+    p = data_case(tmp_path, 'npz("d.npz")')
+    code, err = run_cli(capsys, "check", p)
+    assert code == 2 and "[B, 1]" in err, err
