@@ -407,6 +407,9 @@ def _digit_names(call, base_dir):
 SEQ_VOCAB = ["<pad>", "<s>", "</s>"] + [str(i) for i in range(10)]
 
 
+MAX_LOOPED = 2_000_000      # about 20 s of generating
+
+
 @source("reverse", ("n", "min_len", "max_len", "test", "scale"), scale=False, n=8000, min_len=5, max_len=8)
 @seeded
 def _reverse(call, base_dir, n=8000, min_len=5, max_len=8, seed=0):
@@ -416,6 +419,9 @@ def _reverse(call, base_dir, n=8000, min_len=5, max_len=8, seed=0):
     lo, hi = _positive_int(call, "min_len", min_len), _positive_int(call, "max_len", max_len)
     if lo > hi:
         raise DlcError(f"`reverse`: min_len {lo} is larger than max_len {hi}", call.loc)
+    if n > MAX_LOOPED:          # made one example at a time: bounded by time as well as memory
+        raise DlcError(f"`{call.func}`: `n` must be at most {MAX_LOOPED:,} (examples are generated one by one), "
+                       f"got {n:,}", call.loc)
     require(n * (3 * hi + 2) * 4, f"`{call.func}` with n = {n:,}, max_len = {hi:,}", call.loc)
     rng = np.random.default_rng(seed + 202)
     x = np.full((n, hi), PAD, np.int32)

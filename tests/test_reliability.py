@@ -138,7 +138,8 @@ OK_CSV = "a,b,c,d,y\n" + "".join(f"{i},{i + 1},{i * 2},{i % 3},{i % 3}\n" for i 
     (None, "digits(test = 0.9999)", 64, ["leaves none to train on"]),
     (None, "tagging(n = 1000000000000)", 12, ["TiB", "more than the"]),
     (None, "tagging(vocab = 4294967296)", 12, ["32-bit"]),
-    (None, "reverse(n = 1000000000000)", 8, ["TiB", "more than the"]),
+    (None, "reverse(n = 1000000000000)", 8, ["at most 2,000,000"]),
+    (None, "reverse(n = 80008000)", 8, ["at most 2,000,000"]),        # fits in memory, takes an hour
 ])
 def test_bad_data_is_one_located_message(capsys, tmp_path, setup, src, n, words):
     if setup == "dir":

@@ -21,7 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 
-class Hang(Exception):
+class Hang(BaseException):      # not an Exception: the CLI's error boundary must not catch it
     pass
 
 
