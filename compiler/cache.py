@@ -8,9 +8,11 @@ versions and the target, so a stale cache is never used.
 """
 from __future__ import annotations
 
+import atexit
 import hashlib
 import importlib.util
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -22,8 +24,22 @@ def cache_dir() -> Path:
     d = os.environ.get("DLC_CACHE_DIR")
     base = Path(d) if d else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "dlc"
     path = base / "kernels"
-    path.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise PermissionError(13, "not writable")
+    except OSError as e:            # a file, /proc, a read-only directory: cache in a temporary one
+        global _FALLBACK
+        if _FALLBACK is None:
+            _FALLBACK = Path(tempfile.mkdtemp(prefix="dlc-kernels-"))
+            atexit.register(shutil.rmtree, _FALLBACK, ignore_errors=True)
+            print(f"dlc: warning: cannot use the kernel cache {path} ({e.strerror or e}); "
+                  f"kernels go to {_FALLBACK} for this run", file=sys.stderr)
+        return _FALLBACK
     return path
+
+
+_FALLBACK: Path | None = None
 
 
 def module_key(source: str, target: str) -> str:

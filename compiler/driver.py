@@ -4,6 +4,7 @@ from __future__ import annotations
 import inspect
 import multiprocessing
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -66,6 +67,25 @@ class Executable:
         compile_programs([(self, args)])
 
 
+def _compile_repairing_cache(fn, sig) -> None:
+    """Compile `fn` for `sig`, or load it from Numba's disk cache. A damaged cache entry (a
+    truncated or garbled .nbi/.nbc: UnpicklingError, EOFError, ...) is dropped and the kernel
+    compiled again, once, with a one-line warning; an error that recurs is the compiler's own."""
+    try:
+        fn.compile(sig)
+    except Exception as first:
+        cache = getattr(fn, "_cache", None)
+        if cache is None or not hasattr(cache, "flush"):
+            raise
+        try:
+            cache.flush()
+            fn.compile(sig)
+        except Exception:
+            raise first from None
+        print(f"dlc: warning: the kernel cache entry for {fn.__name__} was damaged "
+              f"({type(first).__name__}); recompiled it", file=sys.stderr)
+
+
 def compile_programs(programs: list[tuple[Executable, list]], workers: int | None = None) -> None:
     """Compile programs for their example arguments: each distinct (function, signature) once.
 
@@ -99,7 +119,7 @@ def compile_programs(programs: list[tuple[Executable, list]], workers: int | Non
                 p.kill()
                 p.join()
     for ex, fn, sig in jobs:                          # the rest: loaded from the cache the children filled
-        fn.compile(sig)
+        _compile_repairing_cache(fn, sig)
     dt = time.perf_counter() - t0
     for ex, _ in programs:
         ex.cache_hit = not any(j[0] is ex for j in fresh)
@@ -124,7 +144,7 @@ def _share(jobs: list, n: int) -> list[list]:
 
 def _compile_share(share: list) -> None:
     for fn, sig in share:
-        fn.compile(sig)
+        _compile_repairing_cache(fn, sig)
 
 
 def optimize(graph, kind: str, ctx: Context, fuse: bool = True, stop_after: str | None = None):

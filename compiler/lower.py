@@ -12,6 +12,7 @@ training step is cut out of it (`Program.step_graph`).
 from __future__ import annotations
 
 import difflib
+import itertools
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -417,20 +418,22 @@ class Lowerer:
     def call(self, e: A.Call, frame: Frame):
         # a call in the body of the model being trained (however deep the loss calls it), on its first call
         top = frame.fn == self.current_model and frame.scope == frame.fn and not self.model_outputs
-        before = (0, self._count(self.params), self._count(self.states)) if top else None
+        before = (len(self.params), len(self.states))
         nlayers = len(self.layers)
         result = self._call(e, frame)
         if top and isinstance(result, Tensor):     # a layer of the model, for its summary
             scope = self.last_scope if e.func in self.funcs else e.func
             inner = self.layers[nlayers:]          # layers among this call's arguments
             self.layers.append((scope, e.func, self.g.shape(result.node),
-                                self._count(self.params) - before[1] - sum(x[3] for x in inner),
-                                self._count(self.states) - before[2] - sum(x[4] for x in inner)))
+                                self._count_since(self.params, before[0]) - sum(x[3] for x in inner),
+                                self._count_since(self.states, before[1]) - sum(x[4] for x in inner)))
         return result
 
     @staticmethod
-    def _count(table) -> int:
-        return sum(_numel(p.shape) for p in table.values())
+    def _count_since(table, n: int) -> int:
+        """The size of the entries added to `table` after its first `n` (entries are only
+        added): linear in what a call added, so a model of many layers lowers in linear time."""
+        return sum(_numel(p.shape) for p in itertools.islice(reversed(table.values()), max(0, len(table) - n)))
 
     def _call(self, e: A.Call, frame: Frame):
         if e.func in self.funcs:
@@ -756,6 +759,8 @@ class Lowerer:
 
     # ---- parameters --------------------------------------------------------------------------
     def declare_param(self, st, frame: Frame, kind: str = "param") -> Tensor:
+        if not isinstance(st.type, A.TensorType):
+            raise DlcError(f"{kind} `{st.name}` needs a tensor type, such as [64, 10] or f32[10]", st.type.loc)
         shape = []
         for d in st.type.dims:
             v = self.eval_dim(d, frame)
@@ -778,8 +783,8 @@ class Lowerer:
         if name in table:
             info = table[name]
             if info.shape != tuple(shape):
-                raise DlcError(f"shared parameter `{name}` is {fmt_shape(info.shape)} here but "
-                               f"{fmt_shape(tuple(shape))} at its first use ({info.loc})", loc)
+                raise DlcError(f"shared parameter `{name}` is {fmt_shape(tuple(shape))} here but "
+                               f"{fmt_shape(info.shape)} at its first use ({info.loc})", loc)
             return Tensor(self.capture(info.node) if self.scans else info.node)
         n = self.root.input(name, tuple(shape), dtype, kind, loc=loc)
         table[name] = ParamInfo(name, n, tuple(shape), dtype, init, loc)

@@ -121,6 +121,8 @@ def _check_setting(lw: Lowerer, name: str, val, loc: Loc):
         if not isinstance(val, int) or isinstance(val, bool) or val < low:
             raise DlcError(f"`{name}` must be a {'non-negative' if low == 0 else 'positive'} integer, "
                            f"got {lw._describe(val)}", loc)
+        if name == "seed" and val >= 2 ** 32:
+            raise DlcError(f"`seed` must be below 2**32 (4294967296), got {val}", loc)
     elif name == "params":
         if isinstance(val, str):
             val = [val]

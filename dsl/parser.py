@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import ast as pyast
+import math
 from functools import lru_cache
 from pathlib import Path
 
-from lark import Lark, Token, Transformer, v_args
+from lark import Lark, Token, Transformer, Tree, v_args
 from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken, VisitError
 
 from . import ast as A
@@ -91,7 +92,7 @@ class _ToAst(Transformer):
 
     @v_args(meta=True)
     def import_stmt(self, meta, c):
-        return A.Import(self._loc(meta), _unquote(c[0]))
+        return A.Import(self._loc(meta), _unquote(c[0], self._tloc(c[0])))
 
     @v_args(meta=True)
     def funcdef(self, meta, c):
@@ -146,7 +147,7 @@ class _ToAst(Transformer):
         return A.DimName(self._tloc(c[0]), str(c[0]))
 
     def dim_int(self, c):
-        return A.DimInt(self._tloc(c[0]), int(c[0]))
+        return A.DimInt(self._tloc(c[0]), _number(c[0], self._tloc(c[0])))
 
     def _dim_bin(op):
         @v_args(meta=True)
@@ -284,12 +285,10 @@ class _ToAst(Transformer):
 
     def number(self, c):
         t = c[0]
-        text = str(t)
-        value = int(text) if text.isdigit() else float(text)
-        return A.Number(self._tloc(t), value, text)
+        return A.Number(self._tloc(t), _number(t, self._tloc(t)), str(t))
 
     def string(self, c):
-        return A.String(self._tloc(c[0]), _unquote(c[0]))
+        return A.String(self._tloc(c[0]), _unquote(c[0], self._tloc(c[0])))
 
     @v_args(meta=True)
     def true(self, meta, c):
@@ -314,8 +313,31 @@ def _not_keyword(tok, loc: Loc) -> str:
     return str(tok)
 
 
-def _unquote(tok) -> str:
-    return pyast.literal_eval(str(tok))
+def _unquote(tok, loc: Loc) -> str:
+    """A string literal's value; its escapes are Python's."""
+    try:
+        return pyast.literal_eval(str(tok))
+    except (SyntaxError, ValueError) as e:
+        why = str(e.msg if isinstance(e, SyntaxError) else e).removeprefix("(unicode error) ")
+        raise DlcError(f"bad escape in string literal: {why}", loc,
+                       ["escapes are Python's: \\\\, \\\", \\n, \\t, \\xHH, \\uHHHH, \\N{NAME}"]) from None
+
+
+INT_LIMIT = 2 ** 63 - 1          # integer literals are sizes, axes and seeds: 64-bit
+
+
+def _number(tok, loc: Loc) -> int | float:
+    """A number literal's value: integers up to 2**63 - 1, finite floats."""
+    text = str(tok)
+    if text.isdigit():
+        if len(text) > 19 or int(text) > INT_LIMIT:
+            shown = text if len(text) <= 30 else f"{text[:12]}...{text[-6:]} ({len(text)} digits)"
+            raise DlcError(f"integer literal {shown} is too large (the largest is 2**63 - 1)", loc)
+        return int(text)
+    value = float(text)
+    if not math.isfinite(value):
+        raise DlcError(f"number literal {text} is too large for a float", loc)
+    return value
 
 
 def parse(text: str, filename: str = "<string>") -> A.Module:
@@ -325,6 +347,7 @@ def parse(text: str, filename: str = "<string>") -> A.Module:
         tree = _lark().parse(text)
     except UnexpectedInput as e:
         raise _syntax_error(e, filename) from None
+    _check_depth(tree, filename)
     try:
         return _ToAst(filename).transform(tree)
     except VisitError as e:
@@ -333,14 +356,42 @@ def parse(text: str, filename: str = "<string>") -> A.Module:
         raise
 
 
+MAX_DEPTH = 200       # nesting of the syntax tree; the compiler's passes recurse over it
+_LISTS = {"args", "kwarg", "subscripts", "params", "dims", "block"}     # no level of their own
+
+
+def _check_depth(tree, filename: str) -> None:
+    """Refuse a tree nested deeper than MAX_DEPTH (200 nested calls, 500 chained `+`) with a
+    located message, before anything recurses over it."""
+    stack = [(tree, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            meta = node.meta
+            loc = Loc(filename, getattr(meta, "line", 1), getattr(meta, "column", 1))
+            raise DlcError(f"expression nested too deeply (more than {MAX_DEPTH} levels)", loc,
+                           ["name intermediate results (`h = ...`) to split it up"])
+        stack.extend((c, depth + (c.data not in _LISTS)) for c in node.children if isinstance(c, Tree))
+
+
 def parse_file(path: str | Path) -> A.Module:
     p = Path(path)
     try:
-        text = p.read_text()
+        raw = p.read_bytes()
     except FileNotFoundError:
         raise DlcError(f"no such file: {p}") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise DlcError(f"cannot read {p}: {e}") from None
+    except IsADirectoryError:
+        raise DlcError(f"{p} is a directory, not a .dl file") from None
+    except OSError as e:
+        raise DlcError(f"cannot read {p}: {e.strerror or e}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        register_source(str(p), raw.decode("utf-8", errors="replace"))
+        line = raw.count(b"\n", 0, e.start) + 1
+        col = len(raw[raw.rfind(b"\n", 0, e.start) + 1:e.start].decode("utf-8", errors="replace")) + 1
+        raise DlcError(f"this file is not UTF-8 text: byte 0x{raw[e.start]:02x} cannot be decoded",
+                       Loc(str(p), line, col), ["save the file as UTF-8"]) from None
     return parse(text, str(p))
 
 

@@ -1,12 +1,13 @@
 """The `dlc` command: run, check and inspect `.dl` programs.
 
-A user's mistake prints one located message and exits with status 2; `--debug` shows the
-traceback instead.
+A user's mistake prints one located message and exits with status 2; anything else is a bug
+in dlc: "internal error, please report" and status 3. `--debug` shows the traceback instead.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -26,14 +27,18 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
-def _number(kind, allow_zero=False):
+def _number(kind, allow_zero=False, below=None):
     def conv(s):
         try:
             v = kind(s)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {s!r}") from None
+        if not math.isfinite(v):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {s}")
         if v < 0 or (v == 0 and not allow_zero):
             raise argparse.ArgumentTypeError(f"must be {'non-negative' if allow_zero else 'positive'}, got {s}")
+        if below is not None and v >= below:
+            raise argparse.ArgumentTypeError(f"must be below {below:,}, got {s}")
         return v
     return conv
 
@@ -51,16 +56,21 @@ def make_parser() -> argparse.ArgumentParser:
         sp.add_argument("file", help="a .dl file")
         sp.add_argument("--dtype", choices=["f32", "f64"], default="f32", help="float precision (default f32)")
         sp.add_argument("--no-fuse", action="store_true", help="one kernel per op (for debugging)")
-        sp.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+        sp.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks for errors")
 
     r = sub.add_parser("run", help="compile, train and evaluate a model")
     common(r)
     r.add_argument("--epochs", type=_number(int, allow_zero=True), help="override the file's epochs (0: evaluate only)")
     r.add_argument("--batch", type=_positive(int), help="override the file's batch size")
     r.add_argument("--lr", type=_positive(float), help="override the optimizer's learning rate")
-    r.add_argument("--seed", type=_number(int, allow_zero=True), help="seed for the split, initialization and shuffling")
+    r.add_argument("--seed", type=_number(int, allow_zero=True, below=2 ** 32), help="seed for the split, initialization and shuffling")
     r.add_argument("--save", metavar="PATH", help="save parameters and optimizer state (.safetensors or .npz)")
-    r.add_argument("--load", metavar="PATH", help="start from a checkpoint")
+    r.add_argument("--load", "--resume", dest="load", metavar="PATH",
+                   help="start from a checkpoint: parameters, optimizer state, step, epoch and data order "
+                        "(a resumed run continues exactly as if never stopped)")
+    r.add_argument("--check-numerics", action="store_true",
+                   help="check every step (not only the first 50) for NaN, infinities and divergence, "
+                        "naming the op and line that made them")
     r.add_argument("--json", action="store_true", help="print the final report as JSON on the last line")
     r.add_argument("--quiet", action="store_true", help="no progress output")
     r.add_argument("--threads", type=_positive(int), help="BLAS threads (default: the library's, one per core; "
@@ -89,9 +99,9 @@ def make_parser() -> argparse.ArgumentParser:
                     help='an input sequence as space-separated tokens, e.g. "3 1 4 1 5" (repeatable)')
     pr.add_argument("--index", action="append", type=int, default=[], metavar="K",
                     help="a held-out example by index (repeatable; default: the first 5)")
-    pr.add_argument("--temperature", type=float, default=0.0,
+    pr.add_argument("--temperature", type=_number(float, allow_zero=True), default=0.0,
                     help="decoders sample from softmax(logits / T) instead of taking the argmax (default 0: greedy)")
-    pr.add_argument("--seed", type=int, default=0, help="seed for sampling")
+    pr.add_argument("--seed", type=_number(int, allow_zero=True), default=0, help="seed for sampling")
     pr.add_argument("--json", action="store_true", help="print the predictions as one JSON object")
 
     sa = sub.add_parser("sample", help="run the file's sampling program (`generate`) on a trained checkpoint")
@@ -130,6 +140,17 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except MemoryError:
+        if args.debug:
+            raise
+        print("error: out of memory (a smaller --batch or model may fit)", file=sys.stderr)
+        return 2
+    except Exception as e:          # a bug in dlc, never the user's: the one other exit
+        if args.debug:
+            raise
+        print(f"dlc: internal error, please report: {type(e).__name__}: {e}\n"
+              f"  (run with --debug for the traceback)", file=sys.stderr)
+        return 3
 
 
 def _dispatch(args) -> int:
@@ -141,7 +162,8 @@ def _dispatch(args) -> int:
                                   batch=args.batch, lr=args.lr, seed=args.seed, threads=args.threads,
                                   schedule=args.schedule, warmup=args.warmup, clip_norm=args.clip_norm,
                                   clip_value=args.clip_value, patience=args.patience, monitor=args.monitor,
-                                  save_best=args.save_best, log_path=args.log))
+                                  save_best=args.save_best, log_path=args.log,
+                                  check_numerics=args.check_numerics))
     if args.cmd == "check":
         return _check(args)
     if args.cmd == "predict":
@@ -194,7 +216,10 @@ def _predict(args) -> int:
 
 
 def _run(args, options) -> int:
+    from runtime import checkpoint
     from runtime.session import Session
+    if args.save:                   # before compiling and training, not after
+        checkpoint.check_target(args.save)
     s = Session(args.file, options)
     progress = not args.quiet
     if progress:
@@ -246,8 +271,12 @@ def _load_for_inspection(args, training: bool = True):
 
 
 def _check(args) -> int:
+    from runtime import resources
     from runtime.sample import check_generators
     module, lw, prog = _load_for_inspection(args)
+    settings, locs = getattr(prog, "settings", {}), getattr(prog, "setting_locs", {})
+    resources.check_program(prog, int(settings.get("batch", 32)),
+                            locs.get("batch") or (lw.trains[0].loc if lw.trains else None), training=bool(lw.trains))
     if lw.trains:           # and the evaluation program, whose branches (greedy decoders) differ
         _load_for_inspection(args, training=False)
     generators = check_generators(module, args.dtype)     # sampling programs: checked before "ok"

@@ -6,6 +6,7 @@ float features with statistics of the training set only.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -13,6 +14,8 @@ import numpy as np
 
 from dsl import ast as A
 from dsl.diagnostics import DlcError, Loc
+
+from .resources import require
 
 
 @dataclass
@@ -139,10 +142,19 @@ def describe(call: A.Call) -> str:
     return f"`{call.func}({', '.join(args)})`"
 
 
+def _plural(n: int, noun: str) -> str:
+    return f"{n:,} {noun}{'s' * (n != 1)}"
+
+
 def _split(arrays: dict[str, np.ndarray], test: float, seed: int, scale, loc: Loc, info=None,
            val: float = 0.0) -> Dataset:
     from sklearn.model_selection import train_test_split
     n = len(next(iter(arrays.values())))
+    if n == 0:
+        raise DlcError("the data source holds no examples", loc)
+    n_test = math.ceil(test * n)
+    if n - n_test < 1:
+        raise DlcError(f"holding out test = {test} of {_plural(n, 'example')} leaves none to train on", loc)
     for k, v in arrays.items():
         if len(v) != n:
             raise DlcError(f"data fields disagree in length: {k} has {len(v)} rows, expected {n}", loc)
@@ -185,14 +197,23 @@ def _split(arrays: dict[str, np.ndarray], test: float, seed: int, scale, loc: Lo
     return Dataset(train, testd, info, vald)
 
 
+INT32_MAX = 2 ** 31 - 1
+
+
 def _labels(v: np.ndarray, name: str, loc) -> np.ndarray:
+    if v.size == 0:
+        return v.astype(np.int32 if v.dtype.kind in "iu" else np.float32)
     if v.dtype.kind == "f":
-        if not np.all(np.mod(v, 1) == 0):
+        if not np.all(np.isfinite(v)) or not np.all(np.mod(v, 1) == 0):
             return v.astype(np.float32)
+        if np.abs(v).max() > INT32_MAX:
+            raise DlcError(f"labels `{name}` hold {v.max():.0f}; class indices are 32-bit (at most {INT32_MAX:,})", loc)
         v = v.astype(np.int64)
     if v.dtype.kind in "iu":
         if v.min() < 0:
             raise DlcError(f"labels `{name}` must be non-negative class indices, found {v.min()}", loc)
+        if v.max() > INT32_MAX:
+            raise DlcError(f"labels `{name}` hold {v.max()}; class indices are 32-bit (at most {INT32_MAX:,})", loc)
         return v.astype(np.int32)
     raise DlcError(f"field `{name}` must be numeric, got dtype {v.dtype}", loc)
 
@@ -227,12 +248,21 @@ def _digits(call, base_dir, shape=None, resize=None):
 
 def _resolve(call, base_dir, path):
     if not isinstance(path, str):
-        raise DlcError(f"`{call.func}` takes a file path string first", call.loc)
+        raise DlcError(f"`{call.func}` takes a file path string first", call.args[0].loc if call.args else call.loc)
+    if not path:
+        raise DlcError(f"`{call.func}`: the file path is empty", call.args[0].loc if call.args else call.loc)
     p = Path(path)
     if not p.is_absolute():
         p = base_dir / p
-    if not p.exists():
-        raise DlcError(f"data file not found: {p}", call.args[0].loc if call.args else call.loc)
+    where = call.args[0].loc if call.args else call.loc
+    try:
+        exists, is_dir = p.exists(), p.is_dir()
+    except OSError as e:            # a name too long, a loop of links
+        raise DlcError(f"cannot open data file {path}: {e.strerror or e}", where) from None
+    if is_dir:
+        raise DlcError(f"the data file {p} is a directory", where)
+    if not exists:
+        raise DlcError(f"data file not found: {p}", where)
     return p
 
 
@@ -254,6 +284,12 @@ def _npz(call, base_dir, path, x="x", y="y", shape=None):
         raise DlcError(f"cannot read {p.name} as .npz: {e}", call.loc) from None
     if xs.dtype.kind not in "fiu":
         raise DlcError(f"array `{x}` in {p.name} must be numeric, got {xs.dtype}", call.loc)
+    if xs.ndim < 2:
+        raise DlcError(f"array `{x}` in {p.name} must hold one row per example, [N, features...], "
+                       f"got shape {list(xs.shape)}", call.loc,
+                       ["a single feature per example is x.reshape(-1, 1)"] if xs.ndim == 1 else [])
+    if ys.ndim < 1:
+        raise DlcError(f"array `{y}` in {p.name} must hold one label (or row) per example, got a scalar", call.loc)
     return {"x": _reshape(xs.astype(np.float32), shape, call.loc), "y": _labels(ys, y, call.loc)}
 
 
@@ -265,11 +301,27 @@ def _csv(call, base_dir, path, label=-1, header=True, shape=None):
         raise DlcError(f"`csv`: `label` is a column name or index, got {label!r}", call.loc)
     if not isinstance(header, bool):
         raise DlcError(f"`csv`: `header` is true or false, got {header!r}", call.loc)
-    with open(p, newline="") as f:
-        rows = list(_csv_mod.reader(f))
+    try:
+        raw = p.read_bytes()
+    except OSError as e:
+        raise DlcError(f"cannot read {p.name}: {e.strerror or e}", call.loc) from None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise DlcError(f"{p.name}:{line}: not UTF-8 text "
+                       f"(byte 0x{raw[e.start]:02x})", call.loc, ["save the file as UTF-8"]) from None
+    try:
+        rows = list(_csv_mod.reader(text.splitlines()))
+    except _csv_mod.Error as e:
+        raise DlcError(f"{p.name}: not a CSV file: {e}", call.loc) from None
     rows = [r for r in rows if r and any(c.strip() for c in r)]
     if not rows:
         raise DlcError(f"{p.name} is empty", call.loc)
+    if header and len(rows) == 1:
+        raise DlcError(f"{p.name} has a header line but no rows of data", call.loc)
+    if len(rows[0]) < 2:
+        raise DlcError(f"{p.name} has one column; it needs the features and a label", call.loc)
     names = rows[0] if header else [str(i) for i in range(len(rows[0]))]
     body = rows[1:] if header else rows
     if isinstance(label, str):
@@ -315,6 +367,13 @@ def _positive_int(call, name, v, low=1):
     return v
 
 
+def _require_ids(call, name, v):
+    """Token ids are 32-bit."""
+    if v >= INT32_MAX:
+        raise DlcError(f"`{call.func}`: `{name}` must be below {INT32_MAX:,} (token ids are 32-bit), got {v:,}",
+                       call.loc)
+
+
 def seeded(fn):
     fn.seeded = True
     return fn
@@ -326,6 +385,10 @@ def _tagging(call, base_dir, n=4000, length=12, vocab=10, seed=0):
     """Many-to-many: tag each token 1 if the same token already occurred earlier in the
     sequence, else 0. The right tag depends on everything read so far."""
     n, length, vocab = (_positive_int(call, k, v) for k, v in (("n", n), ("length", length), ("vocab", vocab)))
+    _require_ids(call, "vocab", vocab)
+    # int64 tokens while generating, the int32 copies, and the tokens' names
+    require(n * length * (8 + 4 + 4) + vocab * 64, f"`{call.func}` with n = {n:,}, length = {length:,}, "
+            f"vocab = {vocab:,}", call.loc)
     rng = np.random.default_rng(seed + 101)
     x = rng.integers(1, vocab + 1, size=(n, length))
     y = np.zeros((n, length), np.int32)
@@ -360,6 +423,9 @@ def _digit_names(call, base_dir):
 SEQ_VOCAB = ["<pad>", "<s>", "</s>"] + [str(i) for i in range(10)]
 
 
+MAX_LOOPED = 2_000_000      # about 20 s of generating
+
+
 @source("reverse", ("n", "min_len", "max_len", "test", "scale"), scale=False, n=8000, min_len=5, max_len=8)
 @seeded
 def _reverse(call, base_dir, n=8000, min_len=5, max_len=8, seed=0):
@@ -369,6 +435,10 @@ def _reverse(call, base_dir, n=8000, min_len=5, max_len=8, seed=0):
     lo, hi = _positive_int(call, "min_len", min_len), _positive_int(call, "max_len", max_len)
     if lo > hi:
         raise DlcError(f"`reverse`: min_len {lo} is larger than max_len {hi}", call.loc)
+    if n > MAX_LOOPED:          # made one example at a time: bounded by time as well as memory
+        raise DlcError(f"`{call.func}`: `n` must be at most {MAX_LOOPED:,} (examples are generated one by one), "
+                       f"got {n:,}", call.loc)
+    require(n * (3 * hi + 2) * 4, f"`{call.func}` with n = {n:,}, max_len = {hi:,}", call.loc)
     rng = np.random.default_rng(seed + 202)
     x = np.full((n, hi), PAD, np.int32)
     y = np.full((n, hi + 1), IGNORE, np.int32)

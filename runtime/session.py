@@ -24,7 +24,7 @@ from dsl import ast as A
 from dsl.diagnostics import DlcError
 from dsl.parser import parse_file
 
-from . import checkpoint, data, metrics
+from . import checkpoint, data, metrics, numerics, resources
 from .history import EarlyStopping, History
 from .initializers import initialize
 
@@ -50,6 +50,7 @@ class Options:
     monitor: str | None = None      # --monitor METRIC: the validation metric watched (default: the loss)
     save_best: str | None = None    # --save-best PATH: checkpoint the best epoch (by the monitored metric)
     log_path: str | None = None     # --log run.jsonl: one JSON line per epoch
+    check_numerics: bool = False    # watch every step for NaNs and divergence, not only the first
 
 
 def _literal_setting(lowerer: Lowerer, train: A.TrainDef, name: str):
@@ -61,6 +62,10 @@ def _literal_setting(lowerer: Lowerer, train: A.TrainDef, name: str):
             v = lowerer.eval(st.value, Frame({}, {}, "", "train", None))
             return v if isinstance(v, int) and not isinstance(v, bool) else None
     return None
+
+
+def _setting_loc(train: A.TrainDef, name: str):
+    return next((st.value.loc for st in train.body if isinstance(st, A.Assign) and st.name == name), train.loc)
 
 
 class Session:
@@ -76,6 +81,9 @@ class Session:
         train = self.lowerer.trains[0]
         seed = self.opt.seed if self.opt.seed is not None else _literal_setting(self.lowerer, train, "seed")
         self.seed = int(seed) if seed is not None else DEFAULTS["seed"]
+        if not 0 <= self.seed < 2 ** 32:       # the data split's generator takes 32 bits
+            raise DlcError(f"the seed must be below 2**32 (4294967296), got {self.seed}",
+                           _setting_loc(train, "seed") if self.opt.seed is None else None)
         t1 = time.perf_counter()
         self.dataset = data.load(train.data, self.path.parent, self.seed, self.opt.dtype)
         self.data_seconds = time.perf_counter() - t1
@@ -95,6 +103,9 @@ class Session:
         for k in ("epochs", "batch", "patience", "monitor"):
             if getattr(self.opt, k) is not None:
                 self.settings[k] = getattr(self.opt, k)
+        resources.check_program(self.program, int(self.settings["batch"]),
+                                self.program.setting_locs.get("batch", train.loc) if self.opt.batch is None else None,
+                                training=self.opt.train)
         self.phases: list[Phase] = self.program.phases
         if self.opt.lr is not None:             # --lr sets every phase's learning rate
             for ph in self.phases:
@@ -123,6 +134,9 @@ class Session:
         self.train_graph = self.train_ex.graph if self.train_ex else None
         self.params, self.state = self._init_params()
         self.step_count = 0                                  # steps of every phase
+        self.epoch = 0                                       # epochs done
+        self.loss_history: dict[str, list[float]] = {}       # per phase: the first loss, the recent ones
+        self.data_order = np.random.default_rng(self.seed + 1)  # shuffles each epoch (resumed)
         self.phase_steps = {ph.name: 0 for ph in self.phases}   # each phase's own (bias corrections)
         self._compile()
         self.compile_seconds = time.perf_counter() - t0
@@ -230,15 +244,33 @@ class Session:
         return sum(ex.kernels for ex in self.train_exes)
 
     def train_step(self, batch: dict) -> tuple[float, np.ndarray]:
-        """One step of the phase the schedule is at: its loss and the model's output."""
+        """One step of the phase the schedule is at: its loss and the model's output. While
+        watched (the first steps, or `check_numerics`), a step that makes a NaN or diverges
+        raises a DlcError naming the op and line, or the divergence."""
         i = self.next_phase
         ph, ex = self.phases[i], self.train_exes[i]
         self.step_count += 1
         self.phase_steps[ph.name] += 1
         sc = {"rng": self.rng_seed(self.step_count), **step_scalars(ph.optimizer, self.phase_steps[ph.name],
                                                                   self.lr_plans.get(ph.name))}
+        watched = self.opt.check_numerics or self.step_count <= numerics.WATCH_STEPS
+        snapshot = ({k: v.copy() for k, v in self.params.items()},
+                    {k: v.copy() for k, v in self.state.items()}) if watched else None
         res = dict(zip(ex.outputs, ex(*self._args(ex, batch, sc))))
-        return float(res["loss"]), res["output"]
+        loss = float(res["loss"])
+        history = self.loss_history.setdefault(ph.name, [])
+        if not math.isfinite(loss):
+            raise numerics.explain_nonfinite(self, i, loss, self.step_count, self.epoch + 1, snapshot, batch, sc,
+                                             history)
+        history.append(loss)
+        del history[1:-20]                  # the first loss and the recent ones
+        numerics.check_loss(self, i, loss, self.step_count, history)
+        if watched:
+            if not all(np.isfinite(v).all() for v in self.params.values()):     # a finite loss, NaN gradients
+                raise numerics.explain_nonfinite(self, i, loss, self.step_count, self.epoch + 1,
+                                                 snapshot, batch, sc, history)
+            numerics.check_update(self, i, snapshot[0], self.step_count)
+        return loss, res["output"]
 
     def rng_seed(self, step: int) -> int:
         """The random stream of a step: a function of the run's seed and the step number."""
@@ -276,16 +308,15 @@ class Session:
         train = self.dataset.train
         n = len(train["x"])
         batch, epochs = int(self.settings["batch"]), int(self.settings["epochs"])
-        rng = np.random.default_rng(self.seed + 1)
         step_times, history = [], History(self.opt.log_path)
         stopper = self._early_stopping()
         best = None                          # the best epoch's parameters and state (with validation)
         t_train = time.perf_counter()
         ep_metrics = {}
-        first = self.step_count // math.ceil(n / batch)     # a resumed run goes on counting epochs
+        first = self.epoch                  # a resumed run goes on counting epochs
         self._plan_schedules(n, batch, first + epochs)
         for ep in range(first, first + epochs):
-            perm = rng.permutation(n)
+            perm = self.data_order.permutation(n)
             totals = {ph.output: [0.0, 0] for ph in self.phases}     # loss * examples, examples
             t_ep = time.perf_counter()
             lrs = {ph.output: self.lr(ph) for ph in self.phases}
@@ -299,14 +330,10 @@ class Session:
                 t0 = time.perf_counter()
                 loss, out = self.train_step(b)
                 step_times.append(time.perf_counter() - t0)
-                if not math.isfinite(loss):
-                    which = f" of phase `{ph.name}`" if ph.name else ""
-                    raise DlcError(f"the loss{which} became {loss} at epoch {ep + 1}, step {self.step_count}; "
-                                   "try a smaller learning rate",
-                                   ph.setting_locs.get("optimizer") or self.program.setting_locs.get("optimizer"))
                 totals[ph.output][0] += loss * len(idx)
                 totals[ph.output][1] += len(idx)
                 acc.add(out, b)
+            self.epoch = ep + 1
             ep_metrics = {k: t / m for k, (t, m) in totals.items() if m}
             ep_metrics.update(acc.result())
             val = self.evaluate(self.dataset.val)       # the test split waits for the end
@@ -359,31 +386,55 @@ class Session:
     # ---- checkpoints -----------------------------------------------------------------------------
     def save(self, path) -> None:
         checkpoint.save(path, self.params, self.state, {
-            "step": self.step_count, "model": self.program.model,
+            "step": self.step_count, "epoch": self.epoch, "model": self.program.model,
             "phases": {ph.name: {"optimizer": ph.optimizer.name, "step": self.phase_steps[ph.name]}
-                       for ph in self.phases}})
+                       for ph in self.phases},
+            "data_order": self.data_order.bit_generator.state})
 
     def load(self, path) -> None:
+        """Parameters, state and the position of a run: a resumed run continues bit-identically.
+        Every tensor must be there with the model's shape and dtype. The optimizer state and the
+        step counts go together: a checkpoint of another optimizer restarts them from zero (and
+        a session that does not train ignores them)."""
         params, state, meta = checkpoint.load(path)
-        missing = sorted(set(self.params) - set(params))
-        if missing:
-            raise DlcError(f"checkpoint {path} lacks parameters: {', '.join(missing)}")
+        for k in sorted(set(self.params) - set(params)):
+            raise DlcError(f"{path}: checkpoint lacks parameter `{k}`")
+        for k in sorted(set(params) - set(self.params)):
+            raise DlcError(f"{path}: checkpoint has parameter `{k}`, which this model does not")
+        saved = meta.get("phases", {"": {"step": meta.get("step", 0)}})
+        if not isinstance(saved, dict) or not all(isinstance(v, dict) for v in saved.values()):
+            raise DlcError(f"{path}: metadata `phases` must map each phase to an object")
+        same = all(saved.get(ph.name, {}).get("optimizer", ph.optimizer.name) == ph.optimizer.name
+                   for ph in self.phases) and set(saved) == {ph.name for ph in self.phases}
+        needed = set(self.state) if same else set(self.program.states)    # model state always
+        for k in sorted(set(state) - set(self.state)):
+            # optimizer state is ignored by a session that does not train (predict)
+            if (same and self.opt.train) or k in self.program.states:
+                raise DlcError(f"{path}: checkpoint has state `{k}`, which this model and optimizer do not")
+        state = {k: v for k, v in state.items() if k in needed}
+        for k in sorted(needed - set(state)):
+            raise DlcError(f"{path}: checkpoint lacks state `{k}`")
         for k, v in params.items():
-            if k not in self.params:
-                raise DlcError(f"checkpoint {path} has parameter `{k}`, which this model does not")
-            if v.shape != self.params[k].shape:
-                raise DlcError(f"checkpoint parameter `{k}` is {list(v.shape)}, the model's is {list(self.params[k].shape)}")
+            checkpoint.check_tensor(path, "parameter", k, v, self.params[k])
+        for k, v in state.items():
+            checkpoint.check_tensor(path, "state", k, v, self.state[k])
+        step = checkpoint.meta_int(meta, "step", path) if same else 0
+        epoch = checkpoint.meta_int(meta, "epoch", path) if same else 0
+        phase_steps = {ph.name: checkpoint.meta_int(saved.get(ph.name, {}), "step", path, where=f"phases.{ph.name}.")
+                       if same else 0 for ph in self.phases}
+        order = meta.get("data_order")
+        rng = np.random.default_rng(self.seed + 1)
+        if order is not None and same:
+            try:
+                rng.bit_generator.state = order
+            except (TypeError, ValueError, KeyError) as e:
+                raise DlcError(f"{path}: metadata `data_order` is not a generator state: {e}") from None
+        # all checked: now change the session
+        for k, v in params.items():
             self.params[k][...] = v
         for k, v in state.items():
-            if k in self.state and v.shape == self.state[k].shape:
-                self.state[k][...] = v
-        # the step counts go with the optimizer state: a checkpoint of another optimizer (or
-        # phases) restarts them, with the state it lacks at zero
-        same = set(state) == set(self.state)
-        self.step_count = int(meta.get("step", 0)) if same else 0
-        saved = meta.get("phases", {"": {"step": self.step_count}})
-        for ph in self.phases:
-            self.phase_steps[ph.name] = int(saved.get(ph.name, {}).get("step", 0)) if same else 0
+            self.state[k][...] = v
+        self.step_count, self.epoch, self.phase_steps, self.data_order = step, epoch, phase_steps, rng
 
 
 def schedule(phases: list[Phase]) -> list[int]:
