@@ -61,7 +61,8 @@ def load(source: str, target: str, name: str | None = None):
     """Import the module for `source` (named `name`, by default by its hash), writing it to the
     cache the first time."""
     name = name or f"dlc_{module_key(source, target)}"
-    if name in sys.modules:
+    jit = not numba.config.DISABLE_JIT          # a module run as Python (NUMBA_DISABLE_JIT) is not reused jitted
+    if name in sys.modules and getattr(sys.modules[name], "__dlc_jit__", jit) == jit:
         return sys.modules[name]
     path = cache_dir() / f"{name}.py"
     if not path.exists() or path.read_text() != source:
@@ -71,6 +72,7 @@ def load(source: str, target: str, name: str | None = None):
         os.replace(tmp, path)
     spec = importlib.util.spec_from_file_location(name, path)
     mod = importlib.util.module_from_spec(spec)
+    mod.__dlc_jit__ = jit
     sys.modules[name] = mod
     try:
         spec.loader.exec_module(mod)

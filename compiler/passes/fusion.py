@@ -200,11 +200,14 @@ def partition(g) -> _Groups:
             target = None
             if anchored:
                 for a in anchored:
-                    if not G.creates_cycle({a, *same}, n):
+                    # an epilogue runs after its anchor: a group that feeds the anchor (the
+                    # matmul's own input, say) cannot join it, and n reads it from memory
+                    epilogue = [s for s in same if not G.anc[a] & G.ids[s]]
+                    if not G.creates_cycle({a, *epilogue}, n):
                         target = a
                         break
                 if target is not None:
-                    G.merge_into(target, same, n)
+                    G.merge_into(target, epilogue, n)
                     continue
             chosen = []
             for s in same:
