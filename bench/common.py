@@ -517,7 +517,7 @@ def worker_check(a, bench: Bench) -> dict:
     model = bench.torch_model(prob, a)
     check_shapes(bench, prob, model)
     pairs = bench.weight_pairs(model)
-    mapped = {id(p) for _, p, _ in pairs}
+    mapped = {id(p if p._base is None else p._base) for _, p, _ in pairs}     # views: their parameter
     with torch.no_grad():
         for n, p, to in pairs:
             p.copy_(torch.from_numpy(np.ascontiguousarray(to(s.params[n]))))
