@@ -133,7 +133,7 @@ def load_problem(model: Path, n_batches: int) -> dict:
     module = parse_file(model)
     low = Lowerer(module, "f32")
     train = low.trains[0]
-    seed = _literal_setting(train, "seed")
+    seed = _literal_setting(low, train, "seed")
     seed = int(seed) if seed is not None else DEFAULTS["seed"]
     ds = data.load(train.data, model.parent, seed)
     program = low.lower_train(train, ds.fields())
