@@ -40,7 +40,7 @@ def torch_model(prob, a):
         def forward(self, x):
             h = self.ln1(x)
             x = x + self.attn(h, h, h, attn_mask=self.mask, need_weights=False, is_causal=True)[0]
-            return x + self.ff2(nn.functional.gelu(self.ff1(self.ln2(x))))
+            return x + self.ff2(nn.functional.gelu(self.ff1(self.ln2(x)), approximate="tanh"))
 
     class GPT(nn.Module):
         def __init__(self):

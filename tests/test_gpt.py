@@ -100,4 +100,4 @@ def test_gpt_reaches_its_figure(capsys):
     """~2,900 Adam steps of batch 16 (issue 8's budget: 3,000); PyTorch's twin: 1.95 bits/char."""
     report = run_json(capsys, ROOT / "examples" / "gpt.dl")
     bits = report["test"]["loss"] / np.log(2)
-    assert bits <= 2.0, report                               # measured: 1.984 (1.3754 nats)
+    assert bits <= 2.0, report                               # measured: 1.982 (1.3741 nats)
