@@ -133,7 +133,7 @@ def load_problem(model: Path, n_batches: int) -> dict:
     module = parse_file(model)
     low = Lowerer(module, "f32")
     train = low.trains[0]
-    seed = _literal_setting(train, "seed")
+    seed = _literal_setting(low, train, "seed")
     seed = int(seed) if seed is not None else DEFAULTS["seed"]
     ds = data.load(train.data, model.parent, seed)
     program = low.lower_train(train, ds.fields())
@@ -517,7 +517,7 @@ def worker_check(a, bench: Bench) -> dict:
     model = bench.torch_model(prob, a)
     check_shapes(bench, prob, model)
     pairs = bench.weight_pairs(model)
-    mapped = {id(p) for _, p, _ in pairs}
+    mapped = {id(p if p._base is None else p._base) for _, p, _ in pairs}     # views: their parameter
     with torch.no_grad():
         for n, p, to in pairs:
             p.copy_(torch.from_numpy(np.ascontiguousarray(to(s.params[n]))))

@@ -55,26 +55,36 @@ def _readers(g, n, parents):
     return out
 
 
-def _flow(g, start, parents=()):
-    """Every (graph, take/onehot node, parents) that reads values of `start`; `parents` are the
-    (graph, scan node) pairs enclosing g, innermost last."""
-    seen, found, todo = set(), [], [(g, start, parents)]
+def _drops_negatives(g, where, n) -> bool:
+    """`where(n >= 0, n, other)`: the stdlib's `unpad`, which keeps only n's values >= 0."""
+    cond = g.args(where)[0]
+    if g.op(cond) != "ge" or g.args(cond)[0] != n:
+        return False
+    zero = g.args(cond)[1]
+    return g.op(zero) == "const" and g.attrs(zero)["value"] == 0
+
+
+def _flow(g, start, parents=(), with_negatives=False):
+    """Every (graph, take/onehot node, parents, nonneg) that reads values of `start`; `parents`
+    are the (graph, scan node) pairs enclosing g, innermost last; `nonneg`: the path dropped
+    the negative values (`unpad`)."""
+    seen, found, todo = set(), [], [(g, start, parents, False)]
     while todo:
-        g, n, parents = todo.pop()
-        if (id(g), n) in seen:
+        g, n, parents, nonneg = todo.pop()
+        if (id(g), n, nonneg) in seen:
             continue
-        seen.add((id(g), n))
+        seen.add((id(g), n, nonneg))
         for g2, c, pos, par in _readers(g, n, parents):
             op = g2.op(c)
             if pos is None:                          # a body input or a get: the same values
-                todo.append((g2, c, par))
+                todo.append((g2, c, par, nonneg))
             elif op == "take" and pos == 1 or op == "onehot":
-                found.append((g2, c, par))
+                found.append((g2, c, par, nonneg))
             elif op == "scan":
-                todo.append((g2.attrs(c)["body"], g2.attrs(c)["body"].inputs[pos], par + ((g2, c),)))
+                todo.append((g2.attrs(c)["body"], g2.attrs(c)["body"].inputs[pos], par + ((g2, c),), nonneg))
             elif pos in _MOVES.get(op, ()) or (op == "cast" and g2.dtype(c) in ("i32", "i64")):
-                todo.append((g2, c, par))
-    return found
+                todo.append((g2, c, par, nonneg or op == "where" and pos == 1 and _drops_negatives(g2, c, n)))
+    return found if with_negatives else [f[:3] for f in found]
 
 
 def _table(g, t, parents) -> str:
@@ -102,10 +112,10 @@ def index_reads(graph) -> list[IndexRead]:
     reads = []
     for n in graph.inputs:
         if graph.attrs(n)["kind"] == "data" and graph.dtype(n) in ("i32", "i64"):
-            for g, c, parents in _flow(graph, n):
+            for g, c, parents, nonneg in _flow(graph, n, with_negatives=True):
                 limit, neg, what = _limit(g, c, parents)
                 if isinstance(limit, int):
-                    reads.append(IndexRead(graph[n]["name"], limit, neg, what, g[c]["loc"]))
+                    reads.append(IndexRead(graph[n]["name"], limit, neg or nonneg, what, g[c]["loc"]))
     _check_computed(graph, ())
     return reads
 

@@ -505,7 +505,7 @@ class _Module:
                         self.helpers.append(h)
                 text = [f"# ---- kernel {kname}: {grp.label(g)}, {len(grp.nodes)} op{'s' * (len(grp.nodes) != 1)} ----"]
                 text += ["# " + r.ir_line(n) for n in grp.nodes]
-                text += [self.t.kernel_decorator, f"def {kname}({', '.join(params)}):"]
+                text += [self.inlinable(len(params)), f"def {kname}({', '.join(params)}):"]
                 text += ["    " + line for line in body] + [""]
                 self.kernels.append("\n".join(text))
                 self.scan_names.append(kname)
@@ -537,7 +537,7 @@ class _Module:
             dests = [f"o{i}" for i in range(len(outs))]
             for dname, k in zip(dests, outs):
                 lines.append(f"{dname}.reshape(-1)[:] = {plan.storage[g.outputs[k]]}.reshape(-1)")
-            head = [f"# ---- {fname}: one step of a scan ({', '.join(outs)}) ----", self.t.kernel_decorator,
+            head = [f"# ---- {fname}: one step of a scan ({', '.join(outs)}) ----", self.inlinable(len(args + dests)),
                     f"def {fname}({', '.join(args + dests)}):"]
             return head + ["    " + x for x in binds + lines] + ["    return", ""]
         ret = ", ".join(plan.storage[g.outputs[k]] for k in outs)
@@ -545,6 +545,11 @@ class _Module:
         head += [self.t.step_decorator] if self.compiled_step else ["# (plain Python: each kernel is compiled alone)"]
         head += [f"def {fname}({', '.join(args)}):"]
         return head + ["    " + x for x in binds + lines] + [f"    return ({ret}{',' if len(outs) == 1 else ''})", ""]
+
+    def inlinable(self, nparams: int) -> str:
+        """The decorator of a scan loop or body: inlined where it is called, except with more
+        than 30 parameters, which Numba's inliner rejects (then called: a few ns per call)."""
+        return self.t.kernel_decorator if nparams <= 30 else self.t.function_decorator
 
     def scan_kernel(self, r: Renderer, grp, kname: str):
         """The time loop: ping-pong carry buffers, one call of the body function per step."""
