@@ -422,7 +422,8 @@ for r in range({R}):
     total = 0.0
     for j in range({C}):
         total += np.exp((xin[r, j] - m) / {temperature})
-    u = _uniform({x1}, {salt}, r) * total
+    # the seed is a scalar input, or a 0-d array inside a scan body (its per-step seed carry)
+    u = _uniform(np.asarray({x1}).sum(), {salt}, r) * total
     acc = 0.0
     k = {C} - 1
     for j in range({C}):
