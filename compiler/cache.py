@@ -64,19 +64,34 @@ def load(source: str, target: str, name: str | None = None):
     jit = not numba.config.DISABLE_JIT          # a module run as Python (NUMBA_DISABLE_JIT) is not reused jitted
     if name in sys.modules and getattr(sys.modules[name], "__dlc_jit__", jit) == jit:
         return sys.modules[name]
-    path = cache_dir() / f"{name}.py"
+    for attempt in (1, 2):
+        path = _write(cache_dir() / f"{name}.py", source)
+        spec = importlib.util.spec_from_file_location(name, path)
+        mod = importlib.util.module_from_spec(spec)
+        mod.__dlc_jit__ = jit
+        sys.modules[name] = mod
+        try:
+            spec.loader.exec_module(mod)
+            return mod
+        except (RuntimeError, FileNotFoundError) as e:
+            del sys.modules[name]
+            # the file vanished between writing and reading it (the cache directory was cleared
+            # meanwhile): the import finds no file, or Numba "no locator available"; write it
+            # again, once
+            lost = isinstance(e, FileNotFoundError) or "no locator available" in str(e)
+            if attempt == 2 or not lost:
+                raise
+        except BaseException:
+            del sys.modules[name]
+            raise
+
+
+def _write(path: Path, source: str) -> Path:
+    """The module file, written atomically unless it already holds `source`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     if not path.exists() or path.read_text() != source:
         fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
         with os.fdopen(fd, "w") as f:
             f.write(source)
         os.replace(tmp, path)
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(spec)
-    mod.__dlc_jit__ = jit
-    sys.modules[name] = mod
-    try:
-        spec.loader.exec_module(mod)
-    except BaseException:
-        del sys.modules[name]
-        raise
-    return mod
+    return path

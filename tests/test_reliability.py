@@ -484,3 +484,22 @@ def test_column_labels_do_not_broadcast_against_logits(capsys, tmp_path):
     p = data_case(tmp_path, 'npz("d.npz")')
     code, err = run_cli(capsys, "check", p)
     assert code == 2 and "[B, 1]" in err, err
+
+
+def test_a_module_file_deleted_before_numba_reads_it_is_written_again(tmp_path, monkeypatch):
+    """The cache directory cleared between writing a kernel module and Numba looking at it:
+    Numba finds no file ("no locator available"); the module is written again and loads."""
+    from compiler import cache
+    monkeypatch.setenv("DLC_CACHE_DIR", str(tmp_path / "c"))
+    src = "from numba import njit\n\n@njit(cache=True)\ndef f(x):\n    return x + 1\n"
+    real, calls = cache._write, []
+
+    def write_then_lose(path, source):
+        out = real(path, source)
+        calls.append(path)
+        if len(calls) == 1:
+            out.unlink()                  # the race: gone before Numba's cache locator sees it
+        return out
+    monkeypatch.setattr(cache, "_write", write_then_lose)
+    mod = cache.load(src, "cpu", name="dlc_race_test_module")
+    assert mod.f(41) == 42 and len(calls) == 2
