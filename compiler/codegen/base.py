@@ -488,6 +488,10 @@ class _Module:
                     r.dim_names[d] = f"d{len(r.dim_names)}"
                     binds.append(f"{r.dim_names[d]} = a{i}.shape[{ax}]")
         lines = []
+        # A step run from Python keeps its scratch buffers across calls, one set per set of
+        # dimensions (memory.py: fresh large buffers cost a page fault per page each step)
+        arena = mode == "step" and not self.compiled_step
+        scratch = []
         for grp in plan.order:
             if grp.pattern == "view":
                 n = grp.nodes[0]
@@ -522,7 +526,11 @@ class _Module:
                 dims = dims + (sizes if mode == "step" else [f"np.int64({v})" for v in sizes])
             self.count += 1
             for name, shape, dtype in plan.allocs.get(grp.id, []):
-                lines.append(f"{name} = np.empty({r.shape_expr(shape)}, {NP_DTYPE[dtype]})")
+                alloc = f"np.empty({r.shape_expr(shape)}, {NP_DTYPE[dtype]})"
+                if arena and name not in plan.escaping:
+                    scratch.append((name, alloc))
+                else:
+                    lines.append(f"{name} = {alloc}")
             call_args = [plan.storage[x] for x in reads] + [plan.storage[x] for x in writes] + dims
             # the compiled step inlines each kernel; Python and a scan's body call it
             inline = mode == "step" and self.compiled_step
@@ -541,7 +549,18 @@ class _Module:
                     f"def {fname}({', '.join(args + dests)}):"]
             return head + ["    " + x for x in binds + lines] + ["    return", ""]
         ret = ", ".join(plan.storage[g.outputs[k]] for k in outs)
+        if scratch:
+            key = ", ".join(r.dim_names.values())
+            names = ", ".join(nm for nm, _ in scratch)
+            binds += [f"scratch = _arena.get(({key}{',' if len(r.dim_names) == 1 else ''}))",
+                      "if scratch is None:",
+                      "    if len(_arena) >= 4:      # a few sets of dimensions (the last, smaller batch)",
+                      "        _arena.clear()",
+                      f"    scratch = _arena[({key}{',' if len(r.dim_names) == 1 else ''})] = "
+                      f"({', '.join(a for _, a in scratch)},)",
+                      f"{names}{',' if len(scratch) == 1 else ''} = scratch"]
         head = ["# ---- the step: allocate, run every kernel in order ----"]
+        head += ["_arena: dict = {}    # dims -> the step's scratch buffers, kept across calls"] if scratch else []
         head += [self.t.step_decorator] if self.compiled_step else ["# (plain Python: each kernel is compiled alone)"]
         head += [f"def {fname}({', '.join(args)}):"]
         return head + ["    " + x for x in binds + lines] + [f"    return ({ret}{',' if len(outs) == 1 else ''})", ""]
