@@ -384,7 +384,8 @@ class _Kernel:
         """An op's loop-nest template, formatted with its arguments and named sizes."""
         g = self.g
         spec = OPS[g.op(n)]
-        tmpl = self.t.kernel_templates.get(spec.name, spec.kernel)
+        tmpl = (self.t.kernel_templates.get((spec.name, g.dtype(n)))      # by (op, dtype), then by op
+                or self.t.kernel_templates.get(spec.name, spec.kernel))
         names = {f"x{i}": self.param(a) for i, a in enumerate(g.args(n))}
         if spec.kernel_sizes is not None:
             sizes = spec.kernel_sizes(g, n)

@@ -3,6 +3,8 @@
 Serial kernels leave the cores to BLAS (numba-notes: `parallel=True` beside threaded BLAS
 made a step 100x slower). fastmath flags keep NaN checks (no `nnan`/`ninf`).
 """
+from ..ops import OPS
+
 FASTMATH = "{'nsz', 'arcp', 'contract', 'afn', 'reassoc'}"
 
 
@@ -29,6 +31,79 @@ def _tanh_f32(x):
 """
 
 
+# float32 exp: Cody-Waite reduction x = n ln2 + r (|r| <= ln2 / 2), Cephes' degree-7 polynomial
+# for exp(r), and 2^n built from its exponent bits (two factors, so that n down to -150 gives
+# subnormals; n = 128 is folded into the polynomial's value). Max relative error 3.0e-7 (2.5
+# ulp) against float64 over [-104, 89]; +-inf, overflow (inf), underflow (0) and NaN are exact.
+# libm's scalar expf stops vectorization: this is 7x faster in a loop (0.7 vs 4.7 ns a value).
+FAST_EXP = """\
+from numba.core import types as _nbtypes
+from numba.core.extending import intrinsic as _intrinsic
+
+
+@_intrinsic
+def _f32_from_bits(typingctx, i):
+    def codegen(context, builder, sig, args):
+        return builder.bitcast(args[0], context.get_value_type(_nbtypes.float32))
+    return _nbtypes.float32(_nbtypes.int32), codegen
+
+
+@njit(cache=True, inline='always', fastmath=FASTMATH, error_model='numpy')
+def _exp_f32(x):
+    z = x
+    if z > np.float32(89.0):
+        z = np.float32(89.0)
+    elif z < np.float32(-104.0):
+        z = np.float32(-104.0)
+    n = np.floor(z * np.float32(1.44269504088896341) + np.float32(0.5))
+    r = z - n * np.float32(0.693359375)
+    r = r - n * np.float32(-2.12194440e-4)
+    p = np.float32(1.9875691500e-4)
+    p = p * r + np.float32(1.3981999507e-3)
+    p = p * r + np.float32(8.3334519073e-3)
+    p = p * r + np.float32(4.1665795894e-2)
+    p = p * r + np.float32(1.6666665459e-1)
+    p = p * r + np.float32(5.0000001201e-1)
+    y = p * r * r + r + np.float32(1.0)
+    k = np.int32(n)
+    if k > np.int32(127):
+        y = y * np.float32(2.0)
+        k = np.int32(127)
+    h = k >> 1
+    y = y * _f32_from_bits((h + np.int32(127)) << 23) * _f32_from_bits((k - h + np.int32(127)) << 23)
+    return y if x == x else x
+"""
+
+# Eigen's float32 erf: an odd rational function of degree 13/8 on [-4, 4], +-1 beyond, clamped
+# to [-1, 1]. Max absolute error 3.3e-7 against float64; NaN passes through. Exact GELU's erf
+# was a scalar libm call per value (math.erf: 20 ns); this vectorizes (0.7 ns).
+FAST_ERF = """\
+@njit(cache=True, inline='always', fastmath=FASTMATH, error_model='numpy')
+def _erf_f32(x):
+    if x > np.float32(4.0):
+        x = np.float32(4.0)
+    elif x < np.float32(-4.0):
+        x = np.float32(-4.0)
+    x2 = x * x
+    p = x2 * np.float32(-2.72614225801306e-10) + np.float32(2.77068142495902e-08)
+    p = p * x2 + np.float32(-2.10102402082508e-06)
+    p = p * x2 + np.float32(-5.69250639462346e-05)
+    p = p * x2 + np.float32(-7.34990630326855e-04)
+    p = p * x2 + np.float32(-2.95459980854025e-03)
+    p = p * x2 + np.float32(-1.60960333262415e-02)
+    q = x2 * np.float32(-1.45660718464996e-05) + np.float32(-2.13374055278905e-04)
+    q = q * x2 + np.float32(-1.68282697438203e-03)
+    q = q * x2 + np.float32(-7.37332916720468e-03)
+    q = q * x2 + np.float32(-1.42647390514189e-02)
+    y = x * p / q
+    if y > np.float32(1.0):             # (it overshoots by an ulp near +-4)
+        y = np.float32(1.0)
+    elif y < np.float32(-1.0):
+        y = np.float32(-1.0)
+    return y
+"""
+
+
 class CpuTarget:
     name = "cpu"
     prelude = f"from numba import njit\n\nFASTMATH = {FASTMATH}"
@@ -46,9 +121,14 @@ class CpuTarget:
     scalar_templates: dict = {
         ("tanh", "f32"): "_tanh_f32({0})",
         ("sigmoid", "f32"): "(np.float32(0.5) + np.float32(0.5) * _tanh_f32(np.float32(0.5) * {0}))",
+        ("exp", "f32"): "_exp_f32({0})",
+        ("erf", "f32"): "_erf_f32({0})",
     }
-    kernel_templates: dict = {}
-    helpers: dict = {("tanh", "f32"): FAST_TANH, ("sigmoid", "f32"): FAST_TANH}
+    # the row-wise softmax kernels, in float32 with the vectorizing exp
+    kernel_templates: dict = {(op.name, "f32"): op.kernel.replace("np.exp(", "_exp_f32(")
+                              for op in (OPS["softmax"], OPS["log_softmax"])}
+    helpers: dict = {("tanh", "f32"): FAST_TANH, ("sigmoid", "f32"): FAST_TANH, ("exp", "f32"): FAST_EXP,
+                     ("erf", "f32"): FAST_ERF, ("softmax", "f32"): FAST_EXP, ("log_softmax", "f32"): FAST_EXP}
 
     @staticmethod
     def loop_header(var: str, extent: str) -> str:
