@@ -2,6 +2,12 @@
 
     python bench/bench_gpt.py                 # table: dlc vs PyTorch at 1 and all threads
     python bench/bench_gpt.py --threads 1 --no-profile
+    python bench/bench_gpt.py --model my_gpt.dl --rounds 5    # another variant of the model
+
+The frameworks alternate: `--rounds` rounds of (dlc, PyTorch) at each thread count, each
+measurement in a fresh process, so a machine that gets busier or quieter meanwhile moves both
+alike; a figure is the median over the rounds (the compile, the profile and the cross-check
+run once, in the first round).
 
 Workload (issue 8's reference): the model of `examples/gpt.dl` with a vocabulary of 65 --
 token and learned position embeddings, 2 pre-norm blocks (causal self-attention, d 64,
@@ -79,12 +85,14 @@ def weight_pairs(model):
 
 
 def prepare(a, tmp: Path) -> Path:
-    """The model of examples/gpt.dl over 65 characters, reading random text written in tmp."""
+    """The model of `--model` (default examples/gpt.dl) over 65 characters, reading random
+    text written in tmp: its vocabulary of 103 becomes 65 and its `text(...)` source reads
+    that file."""
     import numpy as np
     rng = np.random.default_rng(a.data_seed)
     chars = np.array([chr(c) for c in range(48, 48 + VOCAB)])
     (tmp / "gpt_bench.txt").write_text("".join(rng.choice(chars, a.characters)), encoding="utf-8")
-    src = (ROOT / "examples" / "gpt.dl").read_text()
+    src = Path(a.model).read_text()
     src = src.replace("103", str(VOCAB)).replace("text(context", 'text("gpt_bench.txt", context')
     dst = tmp / "gpt_bench.dl"
     dst.write_text(src)
@@ -94,6 +102,49 @@ def prepare(a, tmp: Path) -> Path:
 def add_args(ap):
     ap.add_argument("--characters", type=int, default=20000, help="random characters written (default 20000)")
     ap.add_argument("--data-seed", type=int, default=0, help="seed of the random text (default 0)")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="rounds of (dlc, PyTorch) at each thread count, alternating; figures are "
+                         "medians over the rounds (default 3)")
+
+
+def drive(bench, a, shown: str) -> dict:
+    """`common.drive` `a.rounds` times: dlc and PyTorch alternate at every thread count. Each
+    row's figures are the medians over the rounds of its per-round medians (min and max: the
+    extremes over all rounds); the first round also compiles, profiles and cross-checks."""
+    import copy
+    import statistics
+    outs = []
+    for i in range(max(a.rounds, 1)):
+        ai = copy.copy(a)
+        if i:
+            ai.no_compile, ai.profile, ai.check = True, False, False
+        outs.append(common.drive(bench, ai, shown))
+    out = outs[0]
+    for r in out["results"]:
+        rows = [next(x for x in o["results"] if x["framework"] == r["framework"] and x["threads"] == r["threads"])
+                for o in outs]
+        r["round_medians_ms"] = [x["median_ms"] for x in rows]
+        r["median_ms"] = statistics.median(r["round_medians_ms"])
+        r["steps_per_s"] = 1e3 / r["median_ms"]
+        r["min_ms"], r["max_ms"] = min(x["min_ms"] for x in rows), max(x["max_ms"] for x in rows)
+        r["other_load"] = statistics.median(x.get("other_load", 0.0) for x in rows)
+        r["contended"] = common.contended(r, out["machine"]["cores"])
+    med = {(r["framework"], r["threads"]): r["median_ms"] for r in out["results"]}
+    for ratio in out["ratios"]:
+        t = ratio["threads"]
+        ratio["dlc_over_torch"] = med[("dlc", t)] / med[("torch", t)]
+        ratio["contended"] = any(r["contended"] for r in out["results"] if r["threads"] == t)
+    if out.get("best"):
+        def best(fw):
+            rows = [r for r in out["results"] if r["framework"] == fw]
+            return min([r for r in rows if not r["contended"]] or rows, key=lambda r: r["median_ms"])
+        d, p = best("dlc"), best("torch")
+        out["best"] = {"dlc_threads": d["threads"], "torch_threads": p["threads"],
+                       "dlc_over_torch": d["median_ms"] / p["median_ms"]}
+    out["rounds"] = len(outs)
+    out["load_avg_after"] = outs[-1]["load_avg_after"]
+    return out
+
 
 
 BENCH = common.Bench(
@@ -103,7 +154,7 @@ BENCH = common.Bench(
            "f32, softmax cross-entropy, Adam lr 3e-3 (random text)",
     torch_model=torch_model, weight_pairs=weight_pairs,
     steps=50, repeats=5, warmup=5, batches=8, max_seconds=10.0,
-    prepare=prepare, add_args=add_args,
+    prepare=prepare, add_args=add_args, drive=drive,
     description=__doc__,
 )
 

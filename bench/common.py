@@ -60,6 +60,7 @@ class Bench:
     # prepare(a, tmpdir) -> Path: the .dl file to use (e.g. after writing its data there)
     prepare: Callable | None = None
     add_args: Callable | None = None  # add_args(argparser): workload-specific options
+    drive: Callable | None = None     # drive(bench, a, shown) -> report dict, in place of `drive` below
     description: str = ""
 
 
@@ -682,7 +683,7 @@ def main(bench: Bench, argv=None) -> int:
         shown = a.model.relative_to(ROOT) if a.model.is_relative_to(ROOT) else a.model
         if bench.prepare:
             a.model = bench.prepare(a, Path(tmp)).resolve()
-        out = drive(bench, a, str(shown))
+        out = (bench.drive or drive)(bench, a, str(shown))
     if a.json:
         print(json.dumps(out, indent=None))
     else:
