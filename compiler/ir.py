@@ -31,6 +31,7 @@ class Group:
     outputs: list[int] = field(default_factory=list)   # values written to memory
     anchor: int | None = None                           # the reduce/matmul node, if any
     prologue: list[int] = field(default_factory=list)   # ops run in the anchor's input loop
+    tail: int | None = None                             # a row-wise op (softmax) run last, in place
 
     def label(self, g) -> str:
         """`matmul`/`conv2d` for an anchored kernel, else its pattern."""

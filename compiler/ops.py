@@ -51,6 +51,8 @@ class Op:
     kernel_sizes: Callable | None = None  # (graph, node) -> named sizes for the kernel template
     remaps: tuple = ()                    # args read at an index other than the output's own:
                                           # the fusion pass keeps their producers out of its kernel
+    rowwise: bool = False                 # a row-wise kernel over the last axis (softmax): it can
+                                          # end an elementwise or matmul kernel, in place on its rows
 
     def __post_init__(self):
         self.user_name = self.user_name or self.name
@@ -542,9 +544,11 @@ _LOG_SOFTMAX_KERNEL = _ROW_MAX + """\
         {out}[r, j] = {0}[r, j] - lse
 """
 
-softmax = register(Op("softmax", Kind.OPAQUE, _softmax_infer, ref=_softmax_ref, kernel=_SOFTMAX_KERNEL))
+# In place (x and out the same array) as well: each loop reads x[r, j] before writing out[r, j].
+softmax = register(Op("softmax", Kind.OPAQUE, _softmax_infer, ref=_softmax_ref, kernel=_SOFTMAX_KERNEL,
+                      rowwise=True))
 log_softmax = register(Op("log_softmax", Kind.OPAQUE, _softmax_infer, ref=_log_softmax_ref,
-                          kernel=_LOG_SOFTMAX_KERNEL))
+                          kernel=_LOG_SOFTMAX_KERNEL, rowwise=True))
 
 
 @softmax.def_grad

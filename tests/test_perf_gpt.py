@@ -116,3 +116,99 @@ def test_python_step_reuses_its_scratch_buffers(monkeypatch):
     assert len({id(o) for o in outs}) == len(outs)              # outputs are fresh
     for x, y in zip(xs, outs):
         np.testing.assert_allclose(y, ref(x), rtol=1e-5, atol=1e-6)
+
+
+# ---- scale, mask and softmax: one kernel, one [B, h, T, T] tensor ----------------------------
+
+ATTENTION = """
+model attn(q: f64[B, 2, 6, 4], k: f64[B, 2, 6, 4], v: f64[B, 2, 6, 4]) {
+    mask = causal_mask(6)
+    p = softmax(where(mask, (q @ transpose(k, perm = [0, 1, 3, 2])) * 0.5, -inf))
+    return sum((p @ v) * (p @ v))
+}
+"""
+
+
+def _attention_ref(q, k, v):
+    s = np.einsum("bhtd,bhsd->bhts", q, k) * 0.5
+    s = np.where(np.tril(np.ones((6, 6), bool)), s, -np.inf)
+    e = np.exp(s - s.max(-1, keepdims=True))
+    p = e / e.sum(-1, keepdims=True)
+    return ((p @ v) ** 2).sum()
+
+
+def _group_of(g, op):
+    return next(grp for grp in g.groups for n in grp.nodes if g.op(n) == op)
+
+
+def test_scale_mask_softmax_fuse_into_the_matmul():
+    f = compile_function(ATTENTION)
+    g = f.graph
+    grp = _group_of(g, "softmax")
+    ops = [g.op(n) for n in grp.nodes]
+    assert grp.pattern == "anchored" and ops[0] == "matmul" and grp.tail == grp.nodes[-1], ops
+    assert {"mul", "where"} <= set(ops) and ops[-1] == "softmax"
+    assert grp.outputs == [grp.tail]                   # the scores before softmax are never stored
+    from compiler.memory import plan as plan_memory
+    p = plan_memory(g)
+    square = [a for allocs in p.allocs.values() for a in allocs if tuple(a[1]) == ("B", 2, 6, 6)]
+    assert len(square) == 1, square                    # one [B, h, T, T] buffer in the program
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.normal(size=(3, 2, 6, 4)) for _ in range(3))
+    np.testing.assert_allclose(f(q=q, k=k, v=v)["output"], _attention_ref(q, k, v), rtol=1e-12)
+
+
+@pytest.mark.slow
+def test_fused_softmax_gradient_matches_unfused_and_finite_differences():
+    rng = np.random.default_rng(1)
+    q, k, v = (rng.normal(size=(2, 2, 6, 4)) for _ in range(3))
+    fused = compile_function(ATTENTION, grad=["q", "k", "v"])
+    plain = compile_function(ATTENTION, grad=["q", "k", "v"], fuse=False)
+    assert any(grp.tail is not None for grp in fused.graph.groups)
+    assert all(grp.tail is None for grp in plain.graph.groups)
+    a, b = fused(q=q, k=k, v=v), plain(q=q, k=k, v=v)
+    assert set(a) == set(b) and len(a) == 4
+    for name in a:
+        np.testing.assert_allclose(a[name], b[name], rtol=1e-11, atol=1e-13, err_msg=name)
+    gq = next(a[n] for n in a if n != "loss" and a[n].shape == q.shape and "q" in n)
+    eps, i = 1e-6, (1, 0, 3, 2)
+    qp, qm = q.copy(), q.copy()
+    qp[i] += eps
+    qm[i] -= eps
+    fd = (_attention_ref(qp, k, v) - _attention_ref(qm, k, v)) / (2 * eps)
+    assert abs(gq[i] - fd) < 1e-6 * max(1.0, abs(fd))
+
+
+@pytest.mark.parametrize("op", ["softmax", "log_softmax"])
+def test_rowwise_tail_of_an_elementwise_kernel(op):
+    src = f"""
+model m(x: f32[B, 5, 7], b: f32[7]) {{
+    return {op}(x * 3.0 + b)
+}}
+"""
+    f = compile_function(src, dtype="f32")
+    grp = _group_of(f.graph, op)
+    assert grp.pattern == "elementwise" and grp.tail is not None and len(grp.nodes) == 3
+    rng = np.random.default_rng(2)
+    x, b = rng.normal(size=(4, 5, 7)).astype(np.float32), rng.normal(size=7).astype(np.float32)
+    z = 3.0 * x.astype(np.float64) + b
+    z = z - z.max(-1, keepdims=True)
+    lse = np.log(np.exp(z).sum(-1, keepdims=True))
+    ref = np.exp(z - lse) if op == "softmax" else z - lse
+    np.testing.assert_allclose(f(x=x, b=b)["output"], ref, rtol=2e-6, atol=2e-7)
+
+
+def test_softmax_input_read_elsewhere_is_not_fused():
+    """The input is needed in memory by another reader: softmax stays a kernel of its own."""
+    src = """
+model m(x: f64[B, 7]) {
+    h = x * 2.0
+    return softmax(h) + h
+}
+"""
+    f = compile_function(src)
+    assert all(grp.tail is None for grp in f.graph.groups)
+    x = np.random.default_rng(3).normal(size=(4, 7))
+    h = 2 * x
+    e = np.exp(h - h.max(-1, keepdims=True))
+    np.testing.assert_allclose(f(x=x)["output"], e / e.sum(-1, keepdims=True) + h, rtol=1e-12)

@@ -97,7 +97,8 @@ class Renderer:
         """Source of one kernel and its parameters: (source, read nodes, written nodes, dims)."""
         k = _Kernel(self, grp)
         if grp.pattern in ("elementwise",) or (grp.pattern == "opaque" and OPS[self.g.op(grp.nodes[0])].scalar):
-            body = k.loop_body(grp.nodes, self.g.shape(grp.nodes[-1]) if grp.pattern == "opaque" else None)
+            nodes = [n for n in grp.nodes if n != grp.tail]
+            body = k.loop_body(nodes, self.g.shape(grp.nodes[-1]) if grp.pattern == "opaque" else None)
         elif grp.pattern == "reduce":
             body = k.reduce_body()
         elif grp.pattern == "anchored":
@@ -106,7 +107,7 @@ class Renderer:
             body = k.template_body()
         else:
             raise AssertionError(grp.pattern)
-        return k.finish(body)
+        return k.finish(body + k.tail_lines())
 
 
 class _Kernel:
@@ -120,6 +121,8 @@ class _Kernel:
         self.shapes = []
         self.flat_loop = False                # rendering a flat (1-D) loop
         self.flat_views: dict[str, str] = {}  # parameter -> its 1-D view
+        # a row-wise tail (softmax) runs in place on its output: its input is written there
+        self.tail_in = r.g.args(grp.tail)[0] if grp.tail is not None else None
 
     def param(self, n) -> str:
         if n not in self.params:
@@ -133,6 +136,8 @@ class _Kernel:
             # an in-place update is written through the array's one parameter: two names for
             # one array would stop Numba from vectorizing the loop (it must assume aliasing)
             return self.param(state)
+        if n == self.tail_in:
+            return self.out(self.grp.tail)
         if n not in self.outs:
             self.outs[n] = f"y{len(self.outs)}"
             self.shapes.append(self.g.shape(n))
@@ -234,7 +239,7 @@ class _Kernel:
     def stores(self, nodes, idx, shape, local) -> list[str]:
         out = []
         for n in nodes:
-            if n in self.grp.outputs:
+            if n in self.grp.outputs or n == self.tail_in:
                 ix = ", ".join(idx) if idx else "()"
                 out.append(f"{self.out(n)}[{ix}] = {local[n]}")
         return out
@@ -270,7 +275,8 @@ class _Kernel:
             self.flat_loop = True
             local: dict = {}
             inner = [self.compute(n, ["i"], (total,), local) for n in nodes]
-            inner += [f"{self.flat_view(self.out(n))}[i] = {local[n]}" for n in nodes if n in self.grp.outputs]
+            inner += [f"{self.flat_view(self.out(n))}[i] = {local[n]}" for n in nodes
+                      if n in self.grp.outputs or n == self.tail_in]
             self.flat_loop = False
             return [f"for i in range({total}):"] + ["    " + x for x in inner]
 
@@ -343,9 +349,9 @@ class _Kernel:
         g, grp = self.g, self.grp
         m = grp.anchor
         so = g.shape(m)
-        epi = [n for n in grp.nodes if n != m]
+        epi = [n for n in grp.nodes if n != m and n != grp.tail]
         # where the product lands: m's own buffer, else an epilogue output of its type
-        if m in grp.outputs:
+        if m in grp.outputs or m == self.tail_in:
             tgt = self.out(m)
         else:
             cands = [n for n in grp.outputs if g.dtype(n) == g.dtype(m) and g.shape(n) == so
@@ -394,13 +400,14 @@ class _Kernel:
             raise NotImplementedError("matmul with broadcast batch dimensions")
         return lines
 
-    def template_lines(self, n, out: str) -> list[str]:
-        """An op's loop-nest template, formatted with its arguments and named sizes."""
+    def template_lines(self, n, out: str, src: str | None = None) -> list[str]:
+        """An op's loop-nest template, formatted with its arguments and named sizes (its first
+        argument read from array `src` if given)."""
         g = self.g
         spec = OPS[g.op(n)]
         tmpl = (self.t.kernel_templates.get((spec.name, g.dtype(n)))      # by (op, dtype), then by op
                 or self.t.kernel_templates.get(spec.name, spec.kernel))
-        names = {f"x{i}": self.param(a) for i, a in enumerate(g.args(n))}
+        names = {f"x{i}": src if src and i == 0 else self.param(a) for i, a in enumerate(g.args(n))}
         if spec.kernel_sizes is not None:
             sizes = spec.kernel_sizes(g, n)
             self.shapes.append(tuple(sizes.values()))
@@ -420,6 +427,15 @@ class _Kernel:
     def template_body(self) -> list[str]:
         n = self.grp.nodes[0]
         return self.template_lines(n, self.out(n))
+
+    def tail_lines(self) -> list[str]:
+        """The kernel's row-wise tail (softmax), in place on its output, where the loops above
+        wrote its input."""
+        t = self.grp.tail
+        if t is None:
+            return []
+        buf = self.out(t)
+        return self.template_lines(t, buf, src=buf)
 
     def finish(self, body):
         body = [f"{v} = {p}.reshape(-1)" for p, v in self.flat_views.items()] + body

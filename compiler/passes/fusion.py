@@ -4,7 +4,10 @@ Rules (TVM-style, driven only by `Op.kind`):
   * elementwise/broadcast ops fuse with producers of the same iteration shape;
   * a reduction absorbs an elementwise producer group of its input's shape (prologue);
   * a matmul or a reduction takes elementwise consumers of its output's shape (epilogue);
-  * injective ops (reshape: a view, transpose: a copy) and opaque ops stand alone.
+  * a row-wise op (softmax) ends the elementwise or matmul kernel that computes its input,
+    when nothing else reads that input: the kernel writes the input into the op's output
+    buffer and the op runs in place on its rows (scale, mask and softmax: one [B, h, T, T]);
+  * injective ops (reshape: a view, transpose: a copy) and other opaque ops stand alone.
 A fused value that is used outside its kernel is still written out (a kernel may have several
 outputs); merging never creates a cycle between kernels.
 """
@@ -54,6 +57,7 @@ class _Groups:
         self.anchor: dict[int, int | None] = {}    # the reduce/matmul node of a group
         self.shape: dict[int, tuple] = {}           # elementwise iteration shape / epilogue shape
         self.prologue: dict[int, set] = {}          # nodes computed before the anchor
+        self.tail: dict[int, int | None] = {}       # a row-wise op ending the kernel: nothing joins after it
         self.ids: dict[int, int] = {}               # bitset: this group's id and those merged into it
         self.anc: dict[int, int] = {}               # bitset: (ids of) every group this one depends on
         self.preds: dict[int, set[int]] = {}        # direct producer groups (ids, maybe merged away)
@@ -80,6 +84,7 @@ class _Groups:
         self.anchor[gid] = n if self.pattern[gid] in ("reduce", "anchored") else None
         self.shape[gid] = self.g.shape(n)
         self.prologue[gid] = set()
+        self.tail[gid] = None
         self.ids[gid] = 1 << gid
         self.anc[gid] = 0
         self.preds[gid] = set()
@@ -140,7 +145,7 @@ class _Groups:
             self.succs[target] |= self.succs.pop(o)
             self.remapped[target] |= self.remapped.pop(o)
             self.alias[o] = target
-            del self.pattern[o], self.anchor[o], self.shape[o]
+            del self.pattern[o], self.anchor[o], self.shape[o], self.tail[o]
         if n is not None:
             self.of[n] = target
             self.members[target].append(n)
@@ -181,9 +186,22 @@ def fusion(g, ctx):
     return g
 
 
+def _tail_of(G: _Groups, g, n, roots) -> int | None:
+    """The kernel that row-wise op n can end: the elementwise or matmul kernel computing its
+    input x over x's whole shape, when n is x's only reader (x is then never stored)."""
+    x = g.args(n)[0]
+    s = G.of.get(x)
+    if s is None or G.pattern[s] not in ("elementwise", "anchored") or G.tail[s] is not None:
+        return None
+    if G.shape[s] != g.shape(x) or g.dtype(x) != g.dtype(n) or x in roots or list(g.consumers(x)) != [n]:
+        return None
+    return None if G.creates_cycle({s}, n) else s
+
+
 def partition(g) -> _Groups:
     """The fusion decisions: nodes (in topological order) into kernels."""
     G = _Groups(g)
+    roots = set(g.live_roots())
     for n in g.topo():
         op = g.op(n)
         if op in ("input", "const"):
@@ -194,6 +212,7 @@ def partition(g) -> _Groups:
         pat = _pattern(g, n)
         srcs = sorted({G.of[a] for a in g.args(n) if a in G.of})
         if pat == "elementwise":
+            srcs = [s for s in srcs if G.tail[s] is None]     # a row-wise op ends its kernel
             same = [s for s in srcs if G.pattern[s] == "elementwise" and G.shape[s] == g.shape(n)]
             anchored = [s for s in srcs if G.pattern[s] in ("reduce", "anchored") and G.shape[s] == g.shape(n)
                         and not any(G.of.get(a) == s and a in G.prologue[s] for a in g.args(n))]
@@ -221,13 +240,16 @@ def partition(g) -> _Groups:
             x = g.args(n)[0]
             s = G.of.get(x)
             gid = G.new(n)
-            if s is not None and G.pattern[s] == "elementwise" and G.shape[s] == g.shape(x):
+            if s is not None and G.pattern[s] == "elementwise" and G.tail[s] is None and G.shape[s] == g.shape(x):
                 if not G.creates_cycle({s, gid}):
                     # the prologue group is absorbed by the reduction's group
                     G.members[gid].remove(n)
                     G.merge_into(gid, [s], None, as_prologue=True)
                     G.members[gid].append(n)
                     G.of[n] = gid
+        elif OPS[op].rowwise and (s := _tail_of(G, g, n, roots)) is not None:
+            G.merge_into(s, [], n)
+            G.tail[s] = n
         else:
             G.new(n)
     return G
@@ -262,5 +284,5 @@ def _finish(g, G: _Groups) -> list[Group]:
         nodes = sorted(G.members[gid], key=topo_pos.get)
         outs = [m for m in nodes if m in roots or any(G.of.get(c) != gid for c in g.consumers(m))]
         groups.append(Group(i, G.pattern[gid], nodes, outs, G.anchor[gid],
-                            sorted(G.prologue[gid], key=topo_pos.get)))
+                            sorted(G.prologue[gid], key=topo_pos.get), G.tail[gid]))
     return groups
