@@ -524,15 +524,17 @@ for r in range({rows}):
             m = {0}[r, j]
 """
 
-_SOFTMAX_KERNEL = _ROW_MAX + """\
+# The exponentials go to a row of scratch, not to `out`: in place (out is x, the fused kernel),
+# a loop reading x and writing out fails the vectorizer's runtime overlap check (4.4x slower).
+_SOFTMAX_KERNEL = "row = np.empty({n}, {T})\n" + _ROW_MAX + """\
     s = 0.0
     for j in range({n}):
         e = np.exp({0}[r, j] - m)
-        {out}[r, j] = e
+        row[j] = e
         s += e
     inv = 1.0 / s
     for j in range({n}):
-        {out}[r, j] = {out}[r, j] * inv
+        {out}[r, j] = row[j] * inv
 """
 
 _LOG_SOFTMAX_KERNEL = _ROW_MAX + """\
