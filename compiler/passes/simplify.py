@@ -2,6 +2,8 @@
 
 Folds ops whose arguments are all constants (with the op's NumPy reference), and rewrites
 x+0, x-0, x*1, x/1, --x, x**1, x**2 -> x*x, reshape(constant) -> broadcast, and no-op reshapes, broadcasts and casts.
+A matmul operand that is a transpose of the last two axes becomes the matmul's `ta`/`tb` flag
+(BLAS reads it transposed: no copy; attention's k^T and its gradients' transposes).
 """
 import numpy as np
 
@@ -52,6 +54,18 @@ def _rewrite(g, n):
     if op == "reshape" and g.op(args[0]) == "const":       # a filled array, not a view of nothing
         with g.at(g[n]["loc"], g[n]["role"]):
             return g.add("broadcast_to", args[0], shape=g.shape(n))
+    if op == "matmul":
+        for i, flag in enumerate(("ta", "tb")):
+            t = args[i]
+            r = len(g.shape(t))
+            if g.op(t) != "transpose" or tuple(g.attrs(t)["perm"]) != tuple(range(r - 2)) + (r - 1, r - 2):
+                continue
+            if flag == "ta" and r != 2 and r != len(g.shape(args[1])):
+                continue                           # (a transposed left operand: 2-D or batched alike)
+            new = list(args)
+            new[i] = g.args(t)[0]
+            with g.at(g[n]["loc"], g[n]["role"]):
+                return g.add("matmul", *new, **{**g.attrs(n), flag: not g.attrs(n).get(flag, False)})
     if op == "reshape" and g.op(args[0]) == "reshape":
         with g.at(g[n]["loc"], g[n]["role"]):
             return g.add("reshape", g.args(args[0])[0], shape=g.shape(n))
