@@ -1,0 +1,77 @@
+"""`dlc export` and `dlc import`: a `.dl` model with its weights to and from ONNX.
+
+    export_file("examples/mlp.dl", "mlp.safetensors", "mlp.onnx")
+    import_file("mlp.onnx", "mlp_imported.dl")       # + mlp_imported.safetensors
+
+Export writes the evaluation program (dropout off, batch norm on running statistics) of the
+file's model: its outputs (`output`, and `output2` where a model returns two), not the loss.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from compiler.driver import optimize
+from compiler.lower import Lowerer
+from compiler.passes import Context
+from compiler.shapes import DTYPES
+from dsl.diagnostics import DlcError
+from dsl.parser import parse_file
+
+from . import checkpoint, data
+from .initializers import initialize
+
+OUTPUTS = ("output", "output2")
+
+
+def eval_program(path: str | Path, dtype: str = "f32"):
+    """The evaluation program of the file's model, its outputs only, after the autodiff-free
+    passes (simplify, cse, dce): (program, graph)."""
+    path = Path(path)
+    module = parse_file(path)
+    lw = Lowerer(module, dtype, training=False)
+    if lw.trains:
+        train = lw.trains[0]
+        ds = data.load(train.data, path.parent, 0, dtype)
+        prog = lw.lower_train(train, ds.fields())
+    elif lw.models:
+        prog = lw.lower_model(next(iter(lw.models)))
+    else:
+        raise DlcError("this file defines no model", module.loc)
+    g = prog.graph.copy()
+    g.outputs = {k: v for k, v in g.outputs.items() if k in OUTPUTS}
+    g.updates = {}
+    return prog, optimize(g, "eval", Context(), fuse=False, stop_after="dce")
+
+
+def weights_of(prog, load: str | None, seed: int = 0) -> dict[str, np.ndarray]:
+    """Parameters and model state: from a checkpoint (every one there, with the model's shape),
+    or without one the seeded initial values `dlc run` starts from."""
+    infos = {**prog.params, **prog.states}
+    if load is None:
+        rng = np.random.default_rng(seed)
+        return {k: initialize(i.init, i.shape, DTYPES[i.dtype], rng, i.loc) for k, i in infos.items()}
+    params, state, _ = checkpoint.load(load)
+    saved = {**params, **{k: v for k, v in state.items() if k in prog.states}}
+    for k in sorted(set(infos) - set(saved)):
+        raise DlcError(f"{load}: checkpoint lacks `{k}`")
+    for k in sorted(set(params) - set(prog.params)):
+        raise DlcError(f"{load}: checkpoint has parameter `{k}`, which this model does not")
+    for k, i in infos.items():
+        checkpoint.check_tensor(load, "tensor", k, saved[k], np.zeros(i.shape, DTYPES[i.dtype]))
+    return saved
+
+
+def export_file(path: str | Path, load: str | None, out: str | Path, dtype: str = "f32"):
+    """Write the ONNX model; returns it (checked by `onnx.checker`)."""
+    from compiler.onnx_export import require_onnx, to_onnx
+    require_onnx()
+    import onnx
+    prog, g = eval_program(path, dtype)
+    model = to_onnx(g, weights_of(prog, load), name=prog.model)
+    try:
+        onnx.save(model, str(out))
+    except OSError as e:
+        raise DlcError(f"cannot write {out}: {e.strerror or e}") from None
+    return model
