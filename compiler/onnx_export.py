@@ -133,7 +133,7 @@ class Exporter:
                 raise DlcError(f"cannot export: the program reads the run-time scalar `{nm}`", g[n]["loc"])
         for n in g.topo():
             op = g.op(n)
-            if op == "input":
+            if op == "input" or n in self.names:      # (an add folded into a Conv's bias)
                 continue
             fn = EXPORTERS.get(op)
             if fn is None:
@@ -146,7 +146,13 @@ class Exporter:
             self.node("Identity", [self.names[n]], out=key)
             dims = [d if isinstance(d, int) else str(d) for d in g.shape(n)]
             outputs.append(helper.make_tensor_value_info(key, ONNX_DTYPES[g.dtype(n)], dims))
-        graph = helper.make_graph(self.nodes, name, inputs, outputs, self.inits)
+        needed, kept = set(g.outputs), []
+        for node in reversed(self.nodes):          # drop what a folded pattern left unread
+            if any(o in needed for o in node.output):
+                kept.append(node)
+                needed.update(node.input)
+        inits = [t for t in self.inits if t.name in needed]
+        graph = helper.make_graph(kept[::-1], name, inputs, outputs, inits)
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
                                   producer_name="dlc")
         model.ir_version = 8          # readable by onnxruntime releases from 1.14 on
@@ -242,13 +248,24 @@ def _onehot(e, n):              # x[..., None] == arange(depth): a negative labe
 
 
 @exports("broadcast_to")
-def _broadcast_to(e, n):
-    return e.node("Expand", [e.arg(n, 0), e.shape(e.g.shape(n))])
+def _broadcast_to(e, n):         # Expand broadcasts both ways: 1 keeps the input's dimension
+    g = e.g
+    src, dst = g.shape(g.args(n)[0]), g.shape(n)
+    off = len(dst) - len(src)
+    target = [1 if i >= off and src[i - off] == d else d for i, d in enumerate(dst)]
+    return e.node("Expand", [e.arg(n, 0), e.shape(target)])
 
 
 @exports("reshape")
 def _reshape(e, n):
-    return e.node("Reshape", [e.arg(n, 0), e.shape(e.g.shape(n))])
+    """A constant target where it can be: 0 keeps the input's dimension at that index, -1
+    stands for one unknown; else the sizes computed at run time."""
+    g = e.g
+    src, dst = g.shape(g.args(n)[0]), g.shape(n)
+    target = [d if isinstance(d, int) else 0 if i < len(src) and src[i] == d else None for i, d in enumerate(dst)]
+    if target.count(None) <= 1 and 0 not in [d for d in dst if isinstance(d, int)]:
+        return e.node("Reshape", [e.arg(n, 0), e.ints([-1 if d is None else d for d in target])])
+    return e.node("Reshape", [e.arg(n, 0), e.shape(dst)])
 
 
 @exports("transpose")
@@ -291,12 +308,32 @@ def _pair(v):
     return list(v) if isinstance(v, (list, tuple)) else [v, v]
 
 
+def _channel_bias(g, n):
+    """conv2d n followed only by `+ reshape(b, [1, C, 1, 1])` (conv2d's bias): (add, b) or None."""
+    users = g.consumers(n)
+    if len(users) != 1 or g.op(users[0]) != "add" or n in g.outputs.values():
+        return None
+    add = users[0]
+    other = [a for a in g.args(add) if a != n]
+    if len(other) != 1 or g.op(other[0]) != "reshape":
+        return None
+    b = g.args(other[0])[0]
+    C = g.shape(n)[1]
+    if g.shape(other[0]) != (1, C, 1, 1) or g.shape(b) != (C,) or g.shape(add) != g.shape(n):
+        return None
+    return add, b
+
+
 @exports("conv2d")
-def _conv(e, n):
+def _conv(e, n):                # with its bias as Conv's third input when one follows
     a = e.g.attrs(n)
     p = _pair(a.get("padding", 0))
-    return e.node("Conv", [e.arg(n, 0), e.arg(n, 1)], strides=_pair(a.get("stride", 1)), pads=p + p,
-                  dilations=_pair(a.get("dilation", 1)))
+    bias = _channel_bias(e.g, n)
+    args = [e.arg(n, 0), e.arg(n, 1)] + ([e.names[bias[1]]] if bias else [])
+    out = e.node("Conv", args, strides=_pair(a.get("stride", 1)), pads=p + p, dilations=_pair(a.get("dilation", 1)))
+    if bias:
+        e.names[bias[0]] = out
+    return out
 
 
 @exports("conv_transpose2d")

@@ -113,6 +113,19 @@ def make_parser() -> argparse.ArgumentParser:
     sa.add_argument("--npz", metavar="PATH", help="also save the raw samples (array `samples`)")
     sa.add_argument("--program", help="which `generate` block (default: the first)")
 
+    ex = sub.add_parser("export", help="write the evaluation program with its weights as an ONNX model")
+    common(ex)
+    ex.add_argument("--load", metavar="PATH", help="the checkpoint (default: the seeded initial weights)")
+    ex.add_argument("-o", "--output", metavar="ONNX", required=True, help="the .onnx file to write")
+
+    im = sub.add_parser("import", help="turn an ONNX model into a .dl file and a checkpoint")
+    im.add_argument("file", help="an .onnx file")
+    im.add_argument("-o", "--output", metavar="DL", required=True,
+                    help="the .dl file to write (its weights go beside it, in NAME.safetensors)")
+    im.add_argument("--train", metavar="DL", help="copy this file's `train` block into the result, "
+                    "so `dlc run` and `dlc predict` work on it")
+    im.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks for errors")
+
     c = sub.add_parser("check", help="parse and type/shape-check a file")
     common(c)
 
@@ -157,6 +170,9 @@ def _dispatch(args) -> int:
     from runtime.session import Options
     if not args.file.endswith(".dl") and not Path(args.file).exists():
         raise DlcError(f"no such file: {args.file}")
+    if args.cmd in ("export", "import"):
+        from runtime import onnx_io
+        return onnx_io.run_cli(args)
     if args.cmd == "run":
         return _run(args, Options(dtype=args.dtype, fuse=not args.no_fuse, epochs=args.epochs,
                                   batch=args.batch, lr=args.lr, seed=args.seed, threads=args.threads,

@@ -8,6 +8,7 @@ file's model: its outputs (`output`, and `output2` where a model returns two), n
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -75,3 +76,56 @@ def export_file(path: str | Path, load: str | None, out: str | Path, dtype: str 
     except OSError as e:
         raise DlcError(f"cannot write {out}: {e.strerror or e}") from None
     return model
+
+
+def run_cli(args) -> int:
+    """`dlc export` and `dlc import`."""
+    import sys
+    if args.cmd == "export":
+        model = export_file(args.file, args.load, args.output, args.dtype)
+        noise = [i.name for i in model.graph.input if i.name.startswith("noise_")]
+        print(f"dlc: wrote {args.output}: {len(model.graph.node)} ONNX nodes, inputs "
+              + ", ".join(i.name for i in model.graph.input) + "; outputs "
+              + ", ".join(o.name for o in model.graph.output), file=sys.stderr)
+        if noise:
+            print(f"dlc: the model's random draws are inputs ({', '.join(noise)}): feed them noise",
+                  file=sys.stderr)
+        return 0
+    dl, ck = import_file(args.file, args.output, args.train)
+    print(f"dlc: wrote {dl} and {ck}", file=sys.stderr)
+    return 0
+
+
+def import_file(src: str | Path, out: str | Path, train: str | None = None) -> tuple[Path, Path]:
+    """Write OUT.dl (the model, named after the file) and OUT.safetensors (its weights)."""
+    from compiler.onnx_import import from_onnx
+    from compiler.onnx_export import require_onnx
+    require_onnx()
+    import onnx
+    out = Path(out)
+    if out.suffix != ".dl":
+        raise DlcError(f"-o {out}: the result is a .dl file")
+    try:
+        model = onnx.load(str(src))
+    except Exception as e:
+        raise DlcError(f"cannot read {src} as an ONNX model: {e}") from None
+    name = re.sub(r"\W", "_", out.stem)
+    name = name if name[:1].isalpha() else f"m_{name}"
+    text, weights = from_onnx(model, name)
+    if train is not None:
+        text += "\n" + train_block(train, name)
+    ck = out.with_suffix(".safetensors")
+    checkpoint.save(ck, weights, {}, {"model": name, "imported_from": str(src)})
+    out.write_text(text)
+    return out, ck
+
+
+def train_block(path: str | Path, model: str) -> str:
+    """The first `train` block of another file, its model renamed: data, loss and settings for
+    an imported model (which must take the same inputs)."""
+    lw = Lowerer(parse_file(path), "f32")
+    if not lw.trains:
+        raise DlcError(f"--train {path}: the file has no `train` block")
+    t = lw.trains[0]
+    lines = Path(path).read_text().splitlines()[t.loc.line - 1:t.loc.end_line]
+    return re.sub(rf"\b{re.escape(t.model)}\b", model, "\n".join(lines)) + "\n"
