@@ -55,12 +55,14 @@ class Importer:
                 dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in t.shape.dim]
                 self.types[vi.name] = (t.elem_type, dims)
         self.static = {i.name: numpy_helper.to_array(i) for i in g.initializer}
+        self.initializers = set(self.static)
         self.static.update(constants or {})
         self.expr: dict = {}                 # ONNX value -> .dl identifier
         self.used: set = set(RESERVED)
         self.lines: list[str] = []
         self.params: list[str] = []
-        self.weights: dict = {}
+        self.weights: dict = {}              # parameters, by dlc name
+        self.states: dict = {}               # constants computed at import time
         self.layers: dict = {}               # layer function -> calls so far (dense_1, dense_2, ...)
         self.symbols: dict = {}
         self.node = None
@@ -112,14 +114,21 @@ class Importer:
         a = self.static[name]
         if a.ndim == 0:
             return number(a)
+        if a.dtype == np.bool_:         # a mask: kept as 0/1 state, compared back to bool
+            self.expr[name] = f"({self.param(name, a.astype(np.float32), state=True)} > 0.5)"
+            return self.expr[name]
         if a.dtype.kind != "f":
             self.fail(f"the constant tensor `{name}` ({a.dtype}) can only be used as a compile-time value")
-        return self.param(name, a)
+        return self.param(name, a, state=name not in self.initializers)
 
-    def param(self, onnx_name: str, a: np.ndarray) -> str:
+    def param(self, onnx_name: str, a: np.ndarray, state: bool = False) -> str:
+        """A declared tensor: a parameter (an initializer: trainable), or state (a constant
+        computed at import time: kept, never trained)."""
         p = self.ident(onnx_name, "w")
-        self.params.append(f"    param {p}: [{', '.join(map(str, a.shape))}] = zeros")
-        self.weights[f"{self.name}/{p}"] = np.ascontiguousarray(a, np.float32 if a.dtype != np.float64 else np.float64)
+        kind = "state" if state else "param"
+        self.params.append(f"    {kind} {p}: [{', '.join(map(str, a.shape))}] = zeros")
+        (self.states if state else self.weights)[f"{self.name}/{p}"] = \
+            np.ascontiguousarray(a, np.float64 if a.dtype == np.float64 else np.float32)
         self.expr[onnx_name] = p
         return p
 
@@ -128,6 +137,29 @@ class Importer:
         k = self.layers[fn] = self.layers.get(fn, 0) + 1
         for p, a in weights.items():
             self.weights[f"{self.name}/{fn}_{k}/{p}"] = np.ascontiguousarray(a, np.float32)
+
+    def fold(self, n) -> bool:
+        """Compute a node at import time when its inputs are all known (shape arithmetic: a
+        Shape of fixed dimensions, the Squeeze, Concat and Range after it), with onnx's
+        reference evaluator."""
+        if n.op_type == "Shape" and n.input[0] in self.types and \
+                all(isinstance(d, int) for d in self.types[n.input[0]][1]):
+            dims = np.array(self.types[n.input[0]][1], np.int64)
+            start, end = self.attr("start", 0), self.attr("end", len(dims))
+            self.static[n.output[0]] = dims[start:end]
+            return True
+        if not n.input or not all(i in self.static for i in n.input if i) or n.op_type.startswith("Random"):
+            return False
+        from onnx.reference import ReferenceEvaluator
+        ins = [i for i in n.input if i]
+        g = helper.make_graph([n], "fold", [helper.make_tensor_value_info(i, helper.np_dtype_to_tensor_dtype(
+            self.static[i].dtype), self.static[i].shape) for i in ins],
+            [helper.make_tensor_value_info(o, 0, None) for o in n.output if o])
+        m = helper.make_model(g, opset_imports=list(self.model.opset_import))
+        outs = ReferenceEvaluator(m).run(None, {i: self.static[i] for i in ins})
+        for o, v in zip([o for o in n.output if o], outs):
+            self.static[o] = np.asarray(v)
+        return True
 
     def attr(self, key, default=None):
         for a in self.node.attribute:
@@ -173,6 +205,8 @@ class Importer:
             if n.op_type == "Constant":
                 self.static[n.output[0]] = _constant_value(self, n)
                 continue
+            if self.fold(n):
+                continue
             pattern = match_layer(self, n, consumers)
             if pattern is not None:
                 expr, outs, done = pattern
@@ -199,11 +233,11 @@ class Importer:
         head = (f"# imported from ONNX by `dlc import` ({len(g.node)} nodes, opset "
                 f"{max((o.version for o in self.model.opset_import if o.domain in ('', 'ai.onnx')), default=0)})\n"
                 f"model {self.name}({', '.join(sig)}) {{")
-        return head + "\n" + "\n".join(body) + "\n}\n", self.weights
+        return head + "\n" + "\n".join(body) + "\n}\n", self.weights, self.states
 
 
-def from_onnx(model, name: str = "net", constants: dict | None = None) -> tuple[str, dict]:
-    """(`.dl` source, weights by dlc parameter name). `constants`: graph inputs to treat as
+def from_onnx(model, name: str = "net", constants: dict | None = None) -> tuple[str, dict, dict]:
+    """(`.dl` source, parameters and state by dlc name). `constants`: graph inputs to treat as
     known values (the conformance runner passes a node's shape and axes inputs this way)."""
     return Importer(model, name, constants).run()
 
@@ -762,3 +796,37 @@ def _argmax(imp, n):
             or imp.attr("select_last_index", 0):
         imp.fail("dlc's argmax is over the last axis, without keepdims")
     return f"argmax({_float_in(imp, n)})"
+
+
+@imports("Pad")
+def _pad(imp, n):               # constant padding: zeros (plus the value) concatenated on each side
+    imp.only("mode")
+    mode = imp.attr("mode", b"constant")
+    if (mode.decode() if isinstance(mode, bytes) else mode) != "constant":
+        imp.fail("only constant padding is supported")
+    x = _float_in(imp, n)
+    shape = imp.shape(n.input[0])
+    rank = len(shape)
+    pads = [int(v) for v in imp.const(n.input[1], "pads")]
+    value = number(imp.const(n.input[2], "constant_value")) if len(n.input) > 2 and n.input[2] else "0"
+    axes = [int(a) % rank for a in imp.const(n.input[3], "axes")] if len(n.input) > 3 and n.input[3] \
+        else list(range(rank))
+    k = len(axes)
+    if any(p < 0 for p in pads):
+        imp.fail("negative pads (cropping) are not supported")
+    shape = list(shape)
+    for i, ax in enumerate(axes):
+        before, after = pads[i], pads[i + k]
+        if not before and not after:
+            continue
+        parts = []
+        for size in (before, None, after):
+            if size is None:
+                parts.append(x)
+            elif size:
+                fill = [size if j == ax else d for j, d in enumerate(shape)]
+                z = f"zeros([{', '.join(map(str, fill))}])"
+                parts.append(z if value in ("0", "0.0") else f"({z} + {value})")
+        x = f"concat([{', '.join(parts)}], axis = {ax})"
+        shape[ax] = before + shape[ax] + after if isinstance(shape[ax], int) else shape[ax]
+    return x

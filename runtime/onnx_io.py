@@ -111,11 +111,11 @@ def import_file(src: str | Path, out: str | Path, train: str | None = None) -> t
         raise DlcError(f"cannot read {src} as an ONNX model: {e}") from None
     name = re.sub(r"\W", "_", out.stem)
     name = name if name[:1].isalpha() else f"m_{name}"
-    text, weights = from_onnx(model, name)
+    text, params, state = from_onnx(model, name)
     if train is not None:
         text += "\n" + train_block(train, name)
     ck = out.with_suffix(".safetensors")
-    checkpoint.save(ck, weights, {}, {"model": name, "imported_from": str(src)})
+    checkpoint.save(ck, params, state, {"model": name, "imported_from": str(src)})
     out.write_text(text)
     return out, ck
 
