@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import re
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -81,6 +82,8 @@ class Importer:
 
     def fail(self, why: str):
         n = self.node
+        if n.op_type in ("Input", "Output"):
+            raise Unsupported(f"ONNX graph {n.op_type.lower()} `{n.name}`: {why}")
         label = f"`{n.name}`" if n.name else f"#{list(self.model.graph.node).index(n)}"
         raise Unsupported(f"ONNX node {label} ({n.op_type}): {why}")
 
@@ -233,12 +236,21 @@ class Importer:
         head = (f"# imported from ONNX by `dlc import` ({len(g.node)} nodes, opset "
                 f"{max((o.version for o in self.model.opset_import if o.domain in ('', 'ai.onnx')), default=0)})\n"
                 f"model {self.name}({', '.join(sig)}) {{")
-        return head + "\n" + "\n".join(body) + "\n}\n", self.weights, self.states
+        inputs = {vi.name: self.expr[vi.name] for vi in g.input if vi.name not in self.static}
+        return Imported(head + "\n" + "\n".join(body) + "\n}\n", self.weights, self.states, inputs)
 
 
-def from_onnx(model, name: str = "net", constants: dict | None = None) -> tuple[str, dict, dict]:
-    """(`.dl` source, parameters and state by dlc name). `constants`: graph inputs to treat as
-    known values (the conformance runner passes a node's shape and axes inputs this way)."""
+@dataclass
+class Imported:
+    source: str                 # the .dl text
+    params: dict                # dlc parameter name -> array
+    state: dict                 # dlc state name -> array (constants computed at import time)
+    inputs: dict                # ONNX graph input -> the model's argument
+
+
+def from_onnx(model, name: str = "net", constants: dict | None = None) -> Imported:
+    """The model as `.dl` source and its weights. `constants`: graph inputs to treat as known
+    values (the conformance runner passes a node's shape and axes inputs this way)."""
     return Importer(model, name, constants).run()
 
 
@@ -830,3 +842,10 @@ def _pad(imp, n):               # constant padding: zeros (plus the value) conca
         x = f"concat([{', '.join(parts)}], axis = {ax})"
         shape[ax] = before + shape[ax] + after if isinstance(shape[ax], int) else shape[ax]
     return x
+
+
+# Inputs each op needs at compile time (shapes, axes, bounds): a graph input there must be
+# given as a constant (`from_onnx(..., constants=...)`).
+STATIC_INPUTS = {"Reshape": (1,), "Slice": (1, 2, 3, 4), "Split": (1,), "Squeeze": (1,), "Unsqueeze": (1,),
+                 "Pad": (1, 2, 3), "Dropout": (1, 2), "Clip": (1, 2),
+                 **{op: (1,) for op in REDUCTIONS}}

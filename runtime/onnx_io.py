@@ -111,11 +111,12 @@ def import_file(src: str | Path, out: str | Path, train: str | None = None) -> t
         raise DlcError(f"cannot read {src} as an ONNX model: {e}") from None
     name = re.sub(r"\W", "_", out.stem)
     name = name if name[:1].isalpha() else f"m_{name}"
-    text, params, state = from_onnx(model, name)
+    imp = from_onnx(model, name)
+    text = imp.source
     if train is not None:
         text += "\n" + train_block(train, name)
     ck = out.with_suffix(".safetensors")
-    checkpoint.save(ck, params, state, {"model": name, "imported_from": str(src)})
+    checkpoint.save(ck, imp.params, imp.state, {"model": name, "imported_from": str(src)})
     out.write_text(text)
     return out, ck
 
