@@ -98,9 +98,10 @@ class Importer:
     def shape(self, name: str) -> list:
         if name in self.static:
             return list(self.static[name].shape)
-        if name not in self.types or any(d is None for d in self.types[name][1]):
-            self.fail(f"the shape of `{name}` is not known")
-        return [self.symbols.get(d, d) if isinstance(d, str) else d for d in self.types[name][1]]
+        dims = self.types.get(name, (None, [None]))[1]
+        if any(d is None or isinstance(d, str) and d not in self.symbols for d in dims):
+            self.fail(f"the shape of `{name}` is not known (a size bound by no input)")
+        return [self.symbols.get(d, d) if isinstance(d, str) else d for d in dims]
 
     def const(self, name: str, what: str) -> np.ndarray:
         """An input the op needs at compile time (a shape, axes, bounds)."""
@@ -371,11 +372,9 @@ for _op, _t in {"Abs": "abs({})", "Neg": "(-{})", "Sign": "sign({})", "Identity"
     IMPORTERS[_op] = _unary(_t, float_only=False)
 
 
-def _binary(sym: str, float_only: bool = False):
+def _binary(sym: str):
     def emit(imp, n):
         imp.only()
-        if float_only and imp.dtype(n.input[0]) not in ("f32", "f64"):
-            imp.fail(f"dlc's `{sym}` on {imp.dtype(n.input[0])} differs from ONNX's (integer division truncates)")
         return f"({imp.ref(n.input[0])} {sym} {imp.ref(n.input[1])})"
     return emit
 
@@ -383,8 +382,25 @@ def _binary(sym: str, float_only: bool = False):
 for _op, _s in {"Add": "+", "Sub": "-", "Mul": "*", "Equal": "==", "Less": "<", "Greater": ">",
                 "LessOrEqual": "<=", "GreaterOrEqual": ">=", "And": "and", "Or": "or"}.items():
     IMPORTERS[_op] = _binary(_s)
-IMPORTERS["Div"] = _binary("/", float_only=True)
-IMPORTERS["Pow"] = _binary("**", float_only=True)
+
+
+@imports("Div")
+def _div(imp, n):
+    imp.only()
+    if imp.dtype(n.input[0]) not in ("f32", "f64"):
+        imp.fail("integer division truncates in ONNX; dlc's `/` takes floats and `//` floors")
+    return f"({imp.ref(n.input[0])} / {imp.ref(n.input[1])})"
+
+
+@imports("Pow")
+def _pow(imp, n):
+    imp.only()
+    if imp.dtype(n.input[0]) not in ("f32", "f64"):
+        imp.fail(f"dlc raises floats to powers, got a {imp.dtype(n.input[0])} base")
+    y = imp.ref(n.input[1])
+    if imp.dtype(n.input[1]) not in ("f32", "f64"):
+        y = f"float({y})"             # an integer exponent, as a float
+    return f"({imp.ref(n.input[0])} ** {y})"
 
 
 @imports("Xor")
@@ -591,6 +607,8 @@ def _pool(imp, n):
         imp.fail("the Indices output is not supported")
     if pads[:2] != pads[2:]:
         imp.fail("asymmetric padding is not supported")
+    if pads[0] * 2 > k[0] or pads[1] * 2 > k[1]:
+        imp.fail("dlc pads a pooling window by at most half the kernel")
     if pads != [0, 0, 0, 0] and n.op_type == "AveragePool" and not imp.attr("count_include_pad", 0):
         imp.fail("padding is averaged in by dlc (count_include_pad = 1); this node excludes it")
     fn = "max_pool" if n.op_type == "MaxPool" else "avg_pool"

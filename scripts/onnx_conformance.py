@@ -15,13 +15,18 @@ from __future__ import annotations
 
 import argparse
 import collections
+import json
 import os
+import signal
+import tempfile
 import sys
 import time
 import warnings
 from pathlib import Path
 
 import numpy as np
+import onnx
+from onnx import numpy_helper
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -56,7 +61,8 @@ def run_case(case) -> tuple[str, str]:
     """("pass" | "refused" | "fail", reason)."""
     model = case.model
     g = model.graph
-    inputs, expected = case.data_sets[0]
+    inputs, expected = ([numpy_helper.to_array(v) if isinstance(v, onnx.TensorProto) else np.asarray(v) for v in vs]
+                        for vs in case.data_sets[0])
     names = [i.name for i in g.input]
     feeds = dict(zip(names, inputs))
     constants = {}
@@ -102,6 +108,41 @@ def run_case(case) -> tuple[str, str]:
 
 
 
+def run_isolated(chosen: list):
+    """Each case's (case, status, reason), run in a forked process that goes on to the next
+    case; a case that kills the process (an abort in LLVM) is a failure with the last line
+    the process printed, and a new process takes the rest."""
+    i = 0
+    while i < len(chosen):
+        r, w = os.pipe()
+        err = tempfile.TemporaryFile(mode="w+")
+        pid = os.fork()
+        if pid == 0:                                            # the child
+            os.close(r)
+            os.dup2(err.fileno(), 2)
+            with os.fdopen(w, "w") as out:
+                for k in range(i, len(chosen)):
+                    status, why = run_case(chosen[k])
+                    out.write(json.dumps([k, status, why]) + "\n")
+                    out.flush()
+            os._exit(0)
+        os.close(w)
+        last = i - 1
+        with os.fdopen(r) as inp:
+            for line in inp:
+                k, status, why = json.loads(line)
+                last = k
+                yield chosen[k], status, why
+        _, code = os.waitpid(pid, 0)
+        if last + 1 >= len(chosen):
+            break
+        err.seek(0)
+        lines = [ln for ln in err.read().splitlines() if ln.strip() and "Warning" not in ln]
+        how = f"signal {signal.Signals(os.WTERMSIG(code)).name}" if os.WIFSIGNALED(code) else f"exit {code >> 8}"
+        yield chosen[last + 1], "fail", f"the process died ({how})" + (f": {lines[-1].strip()}" if lines else "")
+        i = last + 2
+
+
 def _first_line(e: DlcError) -> str:
     """A DlcError's message without the location and source excerpt."""
     return e.message.splitlines()[0]
@@ -119,14 +160,9 @@ def main(argv=None) -> int:
     wanted = set(args.ops.split(",")) if args.ops else None
     results = collections.defaultdict(list)         # suite op -> [(case, status, reason)]
     t0 = time.perf_counter()
-    for c in all_cases:
-        op = suite_op(c)
-        if wanted and op not in wanted:
-            continue
-        if not case_ops(c) <= set(IMPORTERS) | FOLDED:
-            continue
-        status, why = run_case(c)
-        results[op].append((c.name, status, why))
+    chosen = [c for c in all_cases if (not wanted or suite_op(c) in wanted) and case_ops(c) <= set(IMPORTERS) | FOLDED]
+    for c, status, why in run_isolated(chosen):
+        results[suite_op(c)].append((c.name, status, why))
         print(f"{status:8} {c.name}" + (f": {why}" if why else ""), flush=True)
     seconds = time.perf_counter() - t0
     text = report(all_cases, suite_ops, supported, results, seconds)
@@ -143,7 +179,6 @@ def report(all_cases, suite_ops, supported, results, seconds) -> str:
     n_refused = sum(1 for v in results.values() for r in v if r[1] == "refused")
     n_fail = n_run - n_pass - n_refused
     single = [c for c in all_cases if suite_op(c) in supported]
-    import onnx
     lines = [
         "# dlc against the ONNX conformance suite",
         "",
