@@ -43,8 +43,9 @@ class Exporter:
     """Builds the ONNX graph: node outputs are named `t{n}` after IR node n, data inputs and
     initializers by their dlc names."""
 
-    def __init__(self, graph, weights: dict):
-        self.g, self.weights = graph, weights
+    def __init__(self, graph, weights: dict, parent: "Exporter | None" = None):
+        self.g, self.weights, self.parent = graph, weights, parent
+        self.root = parent.root if parent else self    # a scan body's exporter shares names and constants
         self.nodes, self.inits, self.names = [], [], {}
         self._k = 0
         self._consts: dict = {}
@@ -53,15 +54,18 @@ class Exporter:
 
     # ---- emitting --------------------------------------------------------------------------
     def fresh(self, hint: str = "v") -> str:
-        self._k += 1
-        return f"_{hint}{self._k}"
+        self.root._k += 1
+        return f"_{hint}{self.root._k}"
 
-    def node(self, op: str, inputs: list[str], out: str | None = None, **attrs) -> str:
-        out = out or self.fresh(op.lower())
-        self.nodes.append(helper.make_node(op, inputs, [out], **attrs))
-        return out
+    def node(self, op: str, inputs: list[str], out: str | None = None, n_out: int = 1, **attrs):
+        """Emit a node; its output's name (a list of n_out names for several)."""
+        outs = [out] if out else [self.fresh(op.lower()) for _ in range(n_out)]
+        self.nodes.append(helper.make_node(op, inputs, outs, **attrs))
+        return outs[0] if n_out == 1 else outs
 
     def const(self, value, dtype: str | np.dtype) -> str:
+        if self.parent is not None:             # outer-scope values are visible in a body
+            return self.root.const(value, dtype)
         a = np.asarray(value, DTYPES[dtype] if isinstance(dtype, str) else dtype)
         key = (a.dtype.str, a.shape, a.tobytes())
         if key not in self._consts:
@@ -84,6 +88,8 @@ class Exporter:
     # ---- sizes known at run time -------------------------------------------------------------
     def dim(self, d) -> str:
         """A 1-element int64 tensor holding dimension d (an int, a symbol or a product)."""
+        if self.parent is not None:
+            return self.root.dim(d)
         if d in self._dims:
             return self._dims[d]
         coef, syms = dim_factors(d)
@@ -151,12 +157,24 @@ class Exporter:
             if any(o in needed for o in node.output):
                 kept.append(node)
                 needed.update(node.input)
+                needed.update(_body_reads(node))  # a Scan body reads outer values by name
         inits = [t for t in self.inits if t.name in needed]
         graph = helper.make_graph(kept[::-1], name, inputs, outputs, inits)
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
                                   producer_name="dlc")
         model.ir_version = 8          # readable by onnxruntime releases from 1.14 on
         return model
+
+
+def _body_reads(node) -> set[str]:
+    """The names a node's subgraphs (a Scan's body, nested too) read."""
+    out = set()
+    for a in node.attribute:
+        if a.type == onnx.AttributeProto.GRAPH:
+            for m in a.g.node:
+                out.update(m.input)
+                out |= _body_reads(m)
+    return out
 
 
 def to_onnx(graph, weights: dict, name: str = "dlc"):
@@ -422,3 +440,59 @@ def _noise(e, n):               # an input of the model: the caller draws it
     dims = [d if isinstance(d, int) else str(d) for d in e.g.shape(n)]
     e.noise.append(helper.make_tensor_value_info(name, ONNX_DTYPES[e.g.dtype(n)], dims))
     return name
+
+
+@exports("scan")
+def _scan(e, n):
+    """ONNX Scan: carries are its state variables, the time-major sequences its scan inputs,
+    the body's outputs the new carries and the per-step outputs (stacked on axis 0); the
+    captured tensors are read from the outer scope. A scan over range(n) is a Loop of n trips."""
+    g, a = e.g, e.g.attrs(n)
+    body = a["body"]
+    nc, ni = a["n_carry"], a["n_in"]
+    ny = len([k for k in body.outputs if k.startswith("y")])
+    if ni == 0 and a.get("reverse"):
+        raise DlcError("cannot export a reversed `scan` over range(n)", g[n]["loc"])
+    if any(g.attrs(c)["index"] >= nc + ny for c in g.consumers(n)):
+        raise DlcError("cannot export a scan whose saved carries are read", g[n]["loc"])
+    sub = Exporter(body, e.weights, parent=e)
+    args = g.args(n)
+    ins = []
+    if ni == 0:             # over range(n): a Loop, whose body also takes the step and a condition
+        ins += [helper.make_tensor_value_info(e.fresh("iter"), TensorProto.INT64, []),
+                helper.make_tensor_value_info(e.fresh("cond"), TensorProto.BOOL, [])]
+    for i, b in enumerate(body.inputs):
+        if i >= nc + ni:                          # a captured tensor: the outer value itself
+            sub.names[b] = e.names[args[i]]
+            continue
+        sub.names[b] = e.fresh("state" if i < nc else "step")
+        dims = [d if isinstance(d, int) else str(d) for d in body.shape(b)]
+        ins.append(helper.make_tensor_value_info(sub.names[b], ONNX_DTYPES[body.dtype(b)], dims))
+    for m in body.topo():
+        if body.op(m) == "input" or m in sub.names:
+            continue
+        fn = EXPORTERS.get(body.op(m))
+        if fn is None:
+            raise DlcError(f"cannot export op `{body.op(m)}` in a scan body: dlc's ONNX exporter has no entry for it",
+                           body[m]["loc"])
+        sub.names[m] = fn(sub, m)
+    outs = [helper.make_tensor_value_info(sub.node("Identity", [ins[1].name]), TensorProto.BOOL, [])] if ni == 0 else []
+    for key in [f"c{i}" for i in range(nc)] + [f"y{j}" for j in range(ny)]:
+        v = body.outputs[key]
+        name = sub.node("Identity", [sub.names[v]])
+        dims = [d if isinstance(d, int) else str(d) for d in body.shape(v)]
+        outs.append(helper.make_tensor_value_info(name, ONNX_DTYPES[body.dtype(v)], dims))
+    graph = helper.make_graph(sub.nodes, e.fresh("body"), ins, outs)
+    if ni == 0:
+        return e.node("Loop", [e.const(a["length"], np.int64), ""] + [e.names[x] for x in args[:nc]],
+                      n_out=nc + ny, body=graph)
+    rev = int(bool(a.get("reverse")))
+    return e.node("Scan", [e.names[x] for x in args[:nc + ni]], n_out=nc + ny, body=graph,
+                  num_scan_inputs=ni, scan_input_directions=[rev] * ni,
+                  **({"scan_output_directions": [rev] * ny} if ny else {}))
+
+
+@exports("get")
+def _get(e, n):
+    res = e.names[e.g.args(n)[0]]
+    return res[e.g.attrs(n)["index"]] if isinstance(res, list) else res

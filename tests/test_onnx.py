@@ -56,13 +56,18 @@ def _batch(sess, n=5, seed=0):
     return out
 
 
-# every example without a scan; vae, gan and diffusion draw noise, which becomes an input
-@pytest.mark.parametrize("name", ["mlp", "vae"] + [pytest.param(n, marks=pytest.mark.slow) for n in
-                                                   ("cnn", "lenet28", "vit_digits", "gpt", "gan", "diffusion")])
+# every example: vae, gan and diffusion draw noise, which becomes an input; a scan is an ONNX
+# Scan (a Loop over range(n)), the decoders' argmax included
+@pytest.mark.parametrize("name", ["mlp", "vae", "lstm_digits"] + [pytest.param(n, marks=pytest.mark.slow) for n in (
+    "cnn", "lenet28", "vit_digits", "gpt", "gan", "diffusion", "gru_digits", "tagger", "seq2seq", "caption",
+    "translate")])
 def test_export_matches_dlc_reference(name, tmp_path):
     path = EXAMPLES / f"{name}.dl"
     prog, _ = eval_program(path)
     weights = weights_of(prog, None, seed=3)
+    rng = np.random.default_rng(4)
+    for k in prog.states:               # running statistics away from their initial 0 and 1
+        weights[k] = rng.uniform(0.5, 2.0, weights[k].shape).astype(weights[k].dtype)
     ck = tmp_path / "w.safetensors"
     checkpoint.save(ck, {k: weights[k] for k in prog.params}, {k: weights[k] for k in prog.states}, {})
     model = export_file(path, str(ck), tmp_path / "m.onnx")
@@ -77,10 +82,40 @@ def test_export_matches_dlc_reference(name, tmp_path):
         np.testing.assert_allclose(got[k], want[k], rtol=1e-4, atol=1e-5 * max(1.0, np.abs(want[k]).max()))
 
 
-def test_export_refuses_scan_naming_the_line(tmp_path, capsys):
-    assert main(["export", str(EXAMPLES / "lstm_digits.dl"), "-o", str(tmp_path / "m.onnx")]) == 2
+@pytest.mark.slow
+def test_export_matches_dlc_predict(tmp_path):
+    """The exported CNN (conv, batch norm on running statistics, pooling) against the compiled
+    evaluation program `dlc predict` runs, on held-out digits, from a checkpoint."""
+    from runtime.session import Options, Session
+    s = Session(EXAMPLES / "cnn.dl", Options(train=False))
+    rng = np.random.default_rng(5)
+    for v in list(s.params.values()) + list(s.state.values()):
+        v[...] = rng.uniform(0.5, 1.5, v.shape) * np.where(rng.random(v.shape) < 0.5, -1, 1) * (v.std() or 1)
+    for k in s.program.states:
+        s.state[k][...] = np.abs(s.state[k])
+    s.save(tmp_path / "ck.safetensors")
+    assert main(["export", str(EXAMPLES / "cnn.dl"), "--load", str(tmp_path / "ck.safetensors"), "-o",
+                 str(tmp_path / "cnn.onnx")]) == 0
+    batch = {k: np.ascontiguousarray(v[:16]) for k, v in s.dataset.test.items()}
+    want = s.run_eval(batch)["output"]
+    got = ort.InferenceSession(str(tmp_path / "cnn.onnx")).run(None, {"x": batch["x"]})[0]
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
+def test_export_refuses_an_op_naming_the_line(tmp_path, capsys, dl_file):
+    path = dl_file("""
+model m(x: f32[B, 4]) -> f32[B, 4] {
+    return x + 0 * cumsum(x, axis = 1)
+}
+""")
+    from compiler import onnx_export
+    saved = onnx_export.EXPORTERS.pop("cumsum")       # an op without an exporter entry
+    try:
+        assert main(["export", str(path), "-o", str(tmp_path / "m.onnx")]) == 2
+    finally:
+        onnx_export.EXPORTERS["cumsum"] = saved
     err = capsys.readouterr().err
-    assert "cannot export op `scan`" in err and "lstm_digits.dl:5:" in err
+    assert "cannot export op `cumsum`" in err and "model.dl:3:" in err
     assert not (tmp_path / "m.onnx").exists()
 
 
