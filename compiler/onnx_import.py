@@ -43,21 +43,14 @@ class Importer:
     def __init__(self, model, name: str = "net", constants: dict | None = None):
         if onnx is None:
             raise DlcError("ONNX import needs the `onnx` package: pip install 'dlc[onnx]'")
-        try:
-            model = onnx.shape_inference.infer_shapes(model, strict_mode=False)
-        except Exception:                   # keep the model's own value infos
-            pass
-        self.model, self.name = model, name
-        g = model.graph
-        self.types: dict = {}
-        for vi in list(g.input) + list(g.value_info) + list(g.output):
-            t = vi.type.tensor_type
-            if vi.type.HasField("tensor_type") and t.HasField("shape"):
-                dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in t.shape.dim]
-                self.types[vi.name] = (t.elem_type, dims)
-        self.static = {i.name: numpy_helper.to_array(i) for i in g.initializer}
+        self.name, self.node = name, None
+        self.static = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
         self.initializers = set(self.static)
         self.static.update(constants or {})
+        self.model = model
+        self.position = {tuple(n.output): i for i, n in enumerate(model.graph.node)}   # for messages
+        self.infer_types()
+        self.fold_constants()
         self.expr: dict = {}                 # ONNX value -> .dl identifier
         self.used: set = set(RESERVED)
         self.lines: list[str] = []
@@ -84,7 +77,7 @@ class Importer:
         n = self.node
         if n.op_type in ("Input", "Output"):
             raise Unsupported(f"ONNX graph {n.op_type.lower()} `{n.name}`: {why}")
-        label = f"`{n.name}`" if n.name else f"#{list(self.model.graph.node).index(n)}"
+        label = f"`{n.name}`" if n.name else f"#{self.position.get(tuple(n.output), '?')}"
         raise Unsupported(f"ONNX node {label} ({n.op_type}): {why}")
 
     def dtype(self, name: str) -> str:
@@ -141,6 +134,40 @@ class Importer:
         k = self.layers[fn] = self.layers.get(fn, 0) + 1
         for p, a in weights.items():
             self.weights[f"{self.name}/{fn}_{k}/{p}"] = np.ascontiguousarray(a, np.float32)
+
+    def infer_types(self) -> None:
+        """Every value's (TensorProto dtype, dims) that ONNX's shape inference can tell."""
+        try:
+            self.model = onnx.shape_inference.infer_shapes(self.model, strict_mode=False)
+        except Exception:                   # keep the model's own value infos
+            pass
+        g = self.model.graph
+        self.types: dict = {}
+        for vi in list(g.input) + list(g.value_info) + list(g.output):
+            t = vi.type.tensor_type
+            if vi.type.HasField("tensor_type") and t.HasField("shape"):
+                dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in t.shape.dim]
+                self.types[vi.name] = (t.elem_type, dims)
+
+    def fold_constants(self) -> None:
+        """Compute the nodes whose inputs are all known now (Constant, shape arithmetic), then
+        infer the shapes again: a Reshape to a computed shape has a known result."""
+        g, kept = self.model.graph, []
+        for n in g.node:
+            self.node = n
+            if n.op_type == "Constant":
+                self.static[n.output[0]] = _constant_value(self, n)
+            elif not self.fold(n):
+                kept.append(n)
+        if len(kept) == len(g.node) and not set(self.static) - self.initializers:
+            return
+        reads = {i for n in kept for i in n.input} | {o.name for o in g.output}
+        inits = [numpy_helper.from_array(np.asarray(v), k) for k, v in self.static.items() if k in reads]
+        graph = helper.make_graph(kept, g.name, [i for i in g.input if i.name not in self.static],
+                                  list(g.output), inits)
+        self.model = helper.make_model(graph, opset_imports=list(self.model.opset_import),
+                                       ir_version=self.model.ir_version)
+        self.infer_types()
 
     def fold(self, n) -> bool:
         """Compute a node at import time when its inputs are all known (shape arithmetic: a
@@ -205,11 +232,6 @@ class Importer:
         for n in g.node:
             self.node = n
             if id(n) in fused:
-                continue
-            if n.op_type == "Constant":
-                self.static[n.output[0]] = _constant_value(self, n)
-                continue
-            if self.fold(n):
                 continue
             pattern = match_layer(self, n, consumers)
             if pattern is not None:
@@ -531,10 +553,16 @@ def _dropout(imp, n):                   # inference: the identity (a given train
 
 @imports("MatMul")
 def _matmul(imp, n):
-    ra, rb = len(imp.shape(n.input[0])), len(imp.shape(n.input[1]))
-    if ra < 2 or rb < 2:
-        imp.fail("dlc's matmul takes operands of rank >= 2")
-    return f"({imp.ref(n.input[0])} @ {imp.ref(n.input[1])})"
+    sa, sb = imp.shape(n.input[0]), imp.shape(n.input[1])
+    a, b = imp.ref(n.input[0]), imp.ref(n.input[1])
+    if len(sa) == 1:            # a vector is a one-row (or one-column) matrix, dropped after
+        a = f"reshape({a}, [1, {sa[0]}])"
+    if len(sb) == 1:
+        b = f"reshape({b}, [{sb[0]}, 1])"
+    out = f"({a} @ {b})"
+    if len(sa) == 1 or len(sb) == 1:
+        out = _reshape_to(imp, n, out, imp.shape(n.output[0]))
+    return out
 
 
 @imports("Gemm")
@@ -599,8 +627,11 @@ def _pool(imp, n):
     stride = list(imp.attr("strides", [1, 1]))
     pads = list(imp.attr("pads", [0, 0, 0, 0]))
     auto = imp.attr("auto_pad", b"NOTSET")
-    if (auto.decode() if isinstance(auto, bytes) else auto) not in ("NOTSET", "VALID"):
-        imp.fail("auto_pad SAME is not supported")
+    auto = auto.decode() if isinstance(auto, bytes) else auto
+    if auto.startswith("SAME"):         # symmetric when stride 1 and the kernel is odd
+        if stride != [1, 1] or k[0] % 2 == 0 or k[1] % 2 == 0:
+            imp.fail("auto_pad SAME is supported with stride 1 and odd kernels (symmetric padding)")
+        pads = [k[0] // 2, k[1] // 2] * 2
     if imp.attr("ceil_mode", 0) or list(imp.attr("dilations", [1, 1])) != [1, 1]:
         imp.fail("ceil_mode and dilations are not supported")
     if len(n.output) > 1 and n.output[1]:
@@ -657,6 +688,11 @@ def _reshape(imp, n):
         target = [src[i] if v == 0 else v for i, v in enumerate(target)]
     elif 0 in target:
         imp.fail("zero-sized dimensions are not supported")
+    code = imp.types.get(n.input[0], (None,))[0]      # the result's type, where shape inference
+    known = imp.types.get(n.output[0], (None, [None]))[1]  # could not tell (a computed target)
+    if all(isinstance(d, int) for d in src + target) and not all(isinstance(d, int) for d in known):
+        rest = math.prod(d for d in target if d != -1)
+        imp.types[n.output[0]] = (code, [math.prod(src) // rest if d == -1 else d for d in target])
     return _reshape_to(imp, n, imp.ref(n.input[0]), target)
 
 
@@ -819,13 +855,20 @@ def _cast(imp, n):
 
 
 @imports("ArgMax")
-def _argmax(imp, n):
+def _argmax(imp, n):            # dlc's argmax is over the last axis: move the axis there
     imp.only("axis", "keepdims", "select_last_index")
-    rank = len(imp.shape(n.input[0]))
-    if _axis(imp, n.input[0], imp.attr("axis", 0)) != rank - 1 or imp.attr("keepdims", 1) \
-            or imp.attr("select_last_index", 0):
-        imp.fail("dlc's argmax is over the last axis, without keepdims")
-    return f"argmax({_float_in(imp, n)})"
+    if imp.attr("select_last_index", 0):
+        imp.fail("select_last_index is not supported (dlc takes the first maximum)")
+    shape = imp.shape(n.input[0])
+    rank = len(shape)
+    ax = _axis(imp, n.input[0], imp.attr("axis", 0))
+    x = _float_in(imp, n)
+    if ax != rank - 1:
+        x = f"transpose({x}, perm = {dl_list([i for i in range(rank) if i != ax] + [ax])})"
+    out = f"argmax({x})"
+    if imp.attr("keepdims", 1):
+        out = f"reshape({out}, [{', '.join(str(1 if i == ax else d) for i, d in enumerate(shape))}])"
+    return out
 
 
 @imports("Pad")

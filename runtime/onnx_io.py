@@ -116,7 +116,9 @@ def import_file(src: str | Path, out: str | Path, train: str | None = None) -> t
     if train is not None:
         text += "\n" + train_block(train, name)
     ck = out.with_suffix(".safetensors")
-    checkpoint.save(ck, imp.params, imp.state, {"model": name, "imported_from": str(src)})
+    # no optimizer state: `dlc run --load` starts the optimizer afresh (fine-tuning)
+    checkpoint.save(ck, imp.params, imp.state, {"model": name, "imported_from": str(src), "step": 0, "epoch": 0,
+                                                "phases": {"": {"optimizer": "none", "step": 0}}})
     out.write_text(text)
     return out, ck
 

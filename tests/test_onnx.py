@@ -2,7 +2,6 @@
 sample of the ONNX conformance suite (scripts/onnx_conformance.py runs all of it)."""
 from __future__ import annotations
 
-import subprocess
 import sys
 from pathlib import Path
 
@@ -163,16 +162,12 @@ def test_import_unsupported_op_names_op_and_node(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_round_trip_mlp_through_cli(tmp_path):
-    """dlc export -> dlc import (with mlp.dl's train block) -> the same outputs, and the result is
-    a runnable .dl file: `dlc run --epochs 0` evaluates it from the imported checkpoint."""
-    cli = [sys.executable, "-m", "runtime.cli"]
-    r = subprocess.run(cli + ["export", "examples/mlp.dl", "-o", str(tmp_path / "mlp.onnx")], cwd=ROOT,
-                       capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
-    r = subprocess.run(cli + ["import", str(tmp_path / "mlp.onnx"), "-o", str(tmp_path / "back.dl"), "--train",
-                              "examples/mlp.dl"], cwd=ROOT, capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
+def test_round_trip_mlp_through_cli(tmp_path, capsys):
+    """dlc export -> dlc import (with mlp.dl's train block) -> the same outputs, and the result
+    is a .dl file like any other: `dlc run --load` fine-tunes it from the imported weights."""
+    assert main(["export", "examples/mlp.dl", "-o", str(tmp_path / "mlp.onnx")]) == 0
+    assert main(["import", str(tmp_path / "mlp.onnx"), "-o", str(tmp_path / "back.dl"), "--train",
+                 "examples/mlp.dl"]) == 0
     text = (tmp_path / "back.dl").read_text()
     assert text.count("dense(") == 3 and "train back on digits" in text
     params, _, _ = checkpoint.load(tmp_path / "back.safetensors")
@@ -180,15 +175,17 @@ def test_round_trip_mlp_through_cli(tmp_path):
     want = ort.InferenceSession(str(tmp_path / "mlp.onnx")).run(None, {"x": x})[0]
     got = compile_function(str(tmp_path / "back.dl"), "back", dtype="f32", training=False)(x=x, **params)["output"]
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    capsys.readouterr()
+    assert main(["run", str(tmp_path / "back.dl"), "--load", str(tmp_path / "back.safetensors"), "--epochs", "1",
+                 "--quiet", "--json"]) == 0
+    assert '"epochs": 1' in capsys.readouterr().out
 
 
 # a sample of the conformance suite: one or two cases of the ops the seed's models use
 SAMPLE = ["test_gemm_all_attributes", "test_conv_with_strides_padding", "test_maxpool_2d_precomputed_pads",
           "test_averagepool_2d_precomputed_pads_count_include_pad", "test_batchnorm_example", "test_layer_normalization_4d_axis1",
           "test_softmax_axis_0", "test_gather_1", "test_slice_neg", "test_reduce_mean_keepdims_example",
-          "test_split_equal_parts_1d_opset18", "test_gelu_tanh_1", "test_where_example", "test_erf",
-          "test_transpose_all_permutations_3", "test_flatten_axis2", "test_concat_3d_axis_1",
-          "test_reshape_negative_dim", "test_dropout_default"]
+          "test_split_equal_parts_1d_opset18", "test_gelu_tanh_1", "test_where_example"]
 
 
 @pytest.mark.slow
