@@ -905,8 +905,135 @@ def _pad(imp, n):               # constant padding: zeros (plus the value) conca
     return x
 
 
+
+@imports("GlobalAveragePool", "GlobalMaxPool")
+def _global_pool(imp, n):
+    x = _float_in(imp, n)
+    axes = dl_list(range(2, len(imp.shape(n.input[0]))))
+    return f"{'mean' if n.op_type == 'GlobalAveragePool' else 'max'}({x}, axis = {axes}, keepdims = true)"
+
+
+@imports("LpNormalization")
+def _lp_norm(imp, n):
+    imp.only("axis", "p")
+    x, ax = _float_in(imp, n), _axis(imp, n.input[0], imp.attr("axis", -1))
+    p = imp.attr("p", 2)
+    if p not in (1, 2):
+        imp.fail("p must be 1 or 2")
+    norm = f"sum(abs({x}), axis = {ax}, keepdims = true)" if p == 1 else \
+        f"sqrt(sum({x} * {x}, axis = {ax}, keepdims = true))"
+    return f"where({norm} == 0, 0 * {x}, {x} / {norm})"
+
+
+@imports("MeanVarianceNormalization")
+def _mvn(imp, n):
+    imp.only("axes")
+    x = _float_in(imp, n)
+    axes = dl_list(sorted(_axis(imp, n.input[0], a) for a in imp.attr("axes", [0, 2, 3])))
+    mu = imp.ident("mu")
+    imp.lines.append(f"    {mu} = mean({x}, axis = {axes}, keepdims = true)")
+    return f"({x} - {mu}) / (sqrt(mean(({x} - {mu}) ** 2, axis = {axes}, keepdims = true)) + 1e-9)"
+
+
+@imports("InstanceNormalization")
+def _instance_norm(imp, n):
+    imp.only("epsilon")
+    x = _float_in(imp, n)
+    axes = dl_list(range(2, len(imp.shape(n.input[0]))))
+    eps = number(np.float32(imp.attr("epsilon", 1e-5)))
+    mu = imp.ident("mu")
+    imp.lines.append(f"    {mu} = mean({x}, axis = {axes}, keepdims = true)")
+    scale, bias = (f"expand({imp.ref(i)}, {x})" for i in n.input[1:3])
+    return f"({x} - {mu}) / sqrt(mean(({x} - {mu}) ** 2, axis = {axes}, keepdims = true) + {eps}) * {scale} + {bias}"
+
+
+@imports("CumSum")
+def _cumsum(imp, n):
+    imp.only("exclusive", "reverse")
+    x = _float_in(imp, n)
+    ax = _axis(imp, n.input[0], int(imp.const(n.input[1], "axis").reshape(())))
+    out = f"cumsum({x}, axis = {ax}, reverse = {'true' if imp.attr('reverse', 0) else 'false'})"
+    return f"({out} - {x})" if imp.attr("exclusive", 0) else out
+
+
+@imports("IsNaN")
+def _isnan(imp, n):
+    x = _float_in(imp, n)
+    return f"({x} != {x})"
+
+
+@imports("IsInf")
+def _isinf(imp, n):
+    imp.only("detect_negative", "detect_positive")
+    x = _float_in(imp, n)
+    neg, pos = imp.attr("detect_negative", 1), imp.attr("detect_positive", 1)
+    if neg and pos:
+        return f"(abs({x}) == inf)"
+    if pos:
+        return f"({x} == inf)"
+    if neg:
+        return f"({x} == (-inf))"
+    imp.fail("detects neither sign")
+
+
+@imports("Shrink")
+def _shrink(imp, n):
+    imp.only("bias", "lambd")
+    x = _float_in(imp, n)
+    lam, bias = number(np.float32(imp.attr("lambd", 0.5))), number(np.float32(imp.attr("bias", 0.0)))
+    return f"where({x} < -{lam}, {x} + {bias}, where({x} > {lam}, {x} - {bias}, 0 * {x}))"
+
+
+@imports("Swish")
+def _swish(imp, n):
+    imp.only("alpha")
+    x = _float_in(imp, n)
+    return f"({x} * sigmoid({number(np.float32(imp.attr('alpha', 1.0)))} * {x}))"
+
+
+@imports("Expand")
+def _expand(imp, n):            # broadcasting against zeros of the target shape
+    x = _float_in(imp, n)
+    return f"({x} + zeros([{', '.join(map(str, imp.shape(n.output[0])))}]))"
+
+
+@imports("ConvTranspose")
+def _conv_transpose(imp, n):
+    imp.only("strides", "pads", "dilations", "output_padding", "kernel_shape", "group")
+    if imp.attr("group", 1) != 1 or len(imp.shape(n.input[0])) != 4:
+        imp.fail("dlc's conv_transpose is 2-D with one group")
+    pads = list(imp.attr("pads", [0, 0, 0, 0]))
+    if pads[:2] != pads[2:]:
+        imp.fail("asymmetric padding is not supported")
+    out = (f"conv_transpose({imp.ref(n.input[0])}, {imp.ref(n.input[1])}, stride = {dl_list(imp.attr('strides', [1, 1]))}, "
+           f"padding = {dl_list(pads[:2])}, dilation = {dl_list(imp.attr('dilations', [1, 1]))}, "
+           f"output_padding = {dl_list(imp.attr('output_padding', [0, 0]))})")
+    if len(n.input) > 2 and n.input[2]:
+        y = imp.ident("convt")
+        imp.lines.append(f"    {y} = {out}")
+        out = f"{y} + expand({imp.ref(n.input[2])}, {y})"
+    return out
+
+
+@imports("DepthToSpace", "SpaceToDepth")
+def _depth_space(imp, n):
+    imp.only("blocksize", "mode")
+    x, (b, c, h, w) = imp.ref(n.input[0]), imp.shape(n.input[0])
+    k = imp.attr("blocksize")
+    mode = imp.attr("mode", b"DCR")
+    mode = mode.decode() if isinstance(mode, bytes) else mode
+    if n.op_type == "SpaceToDepth":
+        t = f"reshape({x}, [{b}, {c}, {h // k}, {k}, {w // k}, {k}])"
+        t = f"transpose({t}, perm = {'[0, 3, 5, 1, 2, 4]' if mode == 'DCR' else '[0, 1, 3, 5, 2, 4]'})"
+        return f"reshape({t}, [{b}, {c * k * k}, {h // k}, {w // k}])"
+    if mode == "DCR":
+        t = f"transpose(reshape({x}, [{b}, {k}, {k}, {c // (k * k)}, {h}, {w}]), perm = [0, 3, 4, 1, 5, 2])"
+    else:
+        t = f"transpose(reshape({x}, [{b}, {c // (k * k)}, {k}, {k}, {h}, {w}]), perm = [0, 1, 4, 2, 5, 3])"
+    return f"reshape({t}, [{b}, {c // (k * k)}, {h * k}, {w * k}])"
+
 # Inputs each op needs at compile time (shapes, axes, bounds): a graph input there must be
 # given as a constant (`from_onnx(..., constants=...)`).
 STATIC_INPUTS = {"Reshape": (1,), "Slice": (1, 2, 3, 4), "Split": (1,), "Squeeze": (1,), "Unsqueeze": (1,),
-                 "Pad": (1, 2, 3), "Dropout": (1, 2), "Clip": (1, 2),
+                 "Pad": (1, 2, 3), "Dropout": (1, 2), "Clip": (1, 2), "CumSum": (1,), "Expand": (1,),
                  **{op: (1,) for op in REDUCTIONS}}
