@@ -21,7 +21,7 @@ import numpy as np
 
 from dsl.diagnostics import DlcError
 
-from .shapes import DTYPES, dim_factors
+from .shapes import DTYPES, dim_factors, promote
 
 OPSET = 18
 
@@ -218,7 +218,7 @@ for _op, _onnx in {"neg": "Neg", "exp": "Exp", "log": "Log", "sqrt": "Sqrt", "ta
 
 @exports("floordiv")
 def _floordiv(e, n):            # Python's: toward -inf, for floats and integers alike
-    g, t = e.g, e.g.dtype(n)
+    t = e.g.dtype(n)
     a, b = e.arg(n, 0, "f64"), e.arg(n, 1, "f64")
     return e.cast(e.node("Floor", [e.node("Div", [a, b])]), "f64", t)
 
@@ -226,7 +226,6 @@ def _floordiv(e, n):            # Python's: toward -inf, for floats and integers
 def _compare(onnx_op, negate=False):
     def emit(e, n):
         g = e.g
-        from .shapes import promote
         t = promote(*(g.dtype(a) for a in g.args(n)))
         out = e.node(onnx_op, [e.arg(n, 0, t), e.arg(n, 1, t)])
         return e.node("Not", [out]) if negate else out

@@ -1,17 +1,19 @@
 """An ONNX model -> a readable `.dl` model and its weights.
 
-    source, weights = from_onnx(model, name="net")    # weights: dlc parameter name -> array
+    imp = from_onnx(model, name="net")   # imp.source: the .dl text; imp.params, imp.state: arrays by dlc name
 
 The graph's inputs become the model's typed inputs (a symbolic dimension keeps its name), its
 outputs the values the model returns (`return a, b`). Each node is one line of `.dl`: a layer
 where a pattern is recognised (MatMul + Add or Gemm with constant weights -> `dense`, Conv with
 constant weights -> `conv2d`), a primitive expression otherwise. Float initializers become
-parameters (`param W_3: [64, 10] = zeros`, the values in the checkpoint); constants that an op
-needs at compile time (a Reshape's shape, a Slice's bounds, reduction axes) become literals.
+parameters (`param W_3: [64, 10] = zeros`, the values in the checkpoint); nodes whose inputs
+are all constant (shape arithmetic) are computed at import with onnx's reference evaluator, and
+what an op needs at compile time (a Reshape's shape, a Slice's bounds, reduction axes) is
+written as literals; other computed constants become `state` (kept, never trained).
 
 Each ONNX op has one entry in `IMPORTERS`, a function from the node to the `.dl` expressions of
 its outputs. An op without an entry, or an attribute dlc cannot honour, is refused with an
-error naming the op and the node (`ImportError_`: a `DlcError`).
+error naming the op and the node (`Unsupported`, a `DlcError`).
 """
 from __future__ import annotations
 
