@@ -64,8 +64,10 @@ class Importer:
         self.node = None
 
     # ---- names and values ------------------------------------------------------------------
-    def ident(self, onnx_name: str, prefix: str = "v") -> str:
-        base = re.sub(r"\W", "_", onnx_name).strip("_") or prefix
+    def ident(self, onnx_name: str, prefix: str = "v", lower: bool = True) -> str:
+        """A fresh .dl name from an ONNX one (`/4/Flatten_output_0` -> `v4_flatten`)."""
+        base = re.sub(r"\W", "_", re.sub(r"_output_0$", "", onnx_name)).strip("_")
+        base = (base.lower() if lower else base) or prefix
         if base[0].isdigit():
             base = f"{prefix}{base}"
         name, k = base, 1
@@ -221,7 +223,7 @@ class Importer:
             dims = []
             for d in self.types[vi.name][1]:
                 if isinstance(d, str) or d is None:
-                    d = self.symbols.setdefault(d, self.ident(d or "N", "D")) if d else self.ident("D", "D")
+                    d = self.symbols.setdefault(d, self.ident(d, "D", lower=False)) if d else self.ident("D", "D", lower=False)
                 dims.append(str(d))
             v = self.ident(vi.name, "x")
             self.expr[vi.name] = v
@@ -704,9 +706,14 @@ def _flatten(imp, n):
     s = imp.shape(n.input[0])
     ax = imp.attr("axis", 1)
     ax = ax + len(s) if ax < 0 else ax
-    if not all(isinstance(d, int) for d in s):
-        imp.fail("symbolic dimensions are not supported here")
-    return _reshape_to(imp, n, imp.ref(n.input[0]), [math.prod(s[:ax]), math.prod(s[ax:])])
+    return _reshape_to(imp, n, imp.ref(n.input[0]), [_product(s[:ax]), _product(s[ax:])])
+
+
+def _product(dims) -> str:
+    """A product of sizes as .dl text: `4 * B` (symbolic sizes multiply too)."""
+    syms = [str(d) for d in dims if not isinstance(d, int)]
+    coef = math.prod(d for d in dims if isinstance(d, int))
+    return " * ".join(([str(coef)] if coef != 1 else []) + syms) if syms else str(coef)
 
 
 @imports("Squeeze", "Unsqueeze")
