@@ -14,6 +14,7 @@ from __future__ import annotations
 import difflib
 import itertools
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -498,8 +499,8 @@ class Lowerer:
         items = e.items if isinstance(e, A.List) else (e,)
         out = []
         for it in items:
-            if not isinstance(it, A.Name) or it.name not in METRICS:
-                raise DlcError(f"metrics are names from: {', '.join(METRICS)}", it.loc)
+            if not isinstance(it, A.Name) or not (it.name in METRICS or re.fullmatch(r"top[1-9][0-9]*", it.name)):
+                raise DlcError(f"metrics are names from: {', '.join(METRICS)}, top3, top5 (any topK)", it.loc)
             out.append(it.name)
         return out
 
@@ -889,7 +890,7 @@ _TENSOR_BINOPS = {"+": "add", "-": "sub", "*": "mul", "/": "div", "**": "pow", "
                   "//": "floordiv"}
 
 CONSTANTS = {"pi": math.pi, "e": math.e, "inf": math.inf}
-METRICS = ("accuracy", "exact", "loss", "mse", "mae")     # which apply follows the loss (runtime/metrics.py)
+METRICS = ("accuracy", "exact", "loss", "mse", "mae", "rmse", "r2", "f1", "auc")     # which apply follows the loss (runtime/metrics.py)
 
 from .builtins import BUILTINS, matmul  # noqa: E402  (the builtins use Tensor and Lowerer above)
 

@@ -243,8 +243,11 @@ def _run(args, options) -> int:
     if args.json:
         print(json.dumps(report))
     else:
+        from runtime.metrics import report_text
+        sys.stdout.write(report_text(report["test_report"]))       # the test split's details, then its line
         t = report["test"]
-        line = "test: " + "  ".join(f"{k} {v:.4f}" for k, v in t.items()) if t else "test: no held-out examples"
+        line = "test: " + "  ".join(f"{k} {v:.4f}" if v is not None else f"{k} n/a" for k, v in t.items()) \
+            if t else "test: no held-out examples"
         step = f", {report['step_ms']} ms/step" if report["step_ms"] is not None else ""
         print(line + f"  (train {report['train_seconds']:.1f}s, compile {report['compile_seconds']:.1f}s{step})")
     return 0

@@ -276,18 +276,22 @@ class Session:
         """The random stream of a step: a function of the run's seed and the step number."""
         return rng_seed(self.seed, step)
 
-    def evaluate(self, split: dict, batch_size: int = 512) -> dict:
+    def evaluate(self, split: dict, batch_size: int = 512, details: bool = False):
+        """The losses and metrics over a split; with `details`, also the split's full report
+        (per-class precision/recall/F1 and confusion matrix, AUC, R², ...: metrics.Accumulator.report)."""
         n = len(next(iter(split.values())))
         if n == 0:
-            return {}
-        totals, acc = {ph.output: 0.0 for ph in self.phases}, metrics.Accumulator(self.task, self.settings["metrics"])
+            return ({}, {}) if details else {}
+        totals = {ph.output: 0.0 for ph in self.phases}
+        acc = metrics.Accumulator(self.task, self.settings["metrics"], keep=details)
         for s in range(0, n, batch_size):
             b = {k: np.ascontiguousarray(v[s:s + batch_size]) for k, v in split.items()}
             res = self.run_eval(b)
             for k in totals:
                 totals[k] += float(res[k]) * len(next(iter(b.values())))
             acc.add(res["output"], b)
-        return {**{k: v / n for k, v in totals.items()}, **acc.result()}
+        result = {**{k: v / n for k, v in totals.items()}, **acc.result()}
+        return (result, acc.report(self.dataset.info.get("class_names"))) if details else result
 
     def run_eval(self, batch: dict, step: int = 0) -> dict:
         """The evaluation program on one batch: {"loss", "output", "output2", ...}."""
@@ -361,9 +365,11 @@ class Session:
             for k, v in best[1].items():
                 self.state[k][...] = v
         train_seconds = time.perf_counter() - t_train
+        test, test_report = self.evaluate(self.dataset.test, 512, True)
         return {
             "model": self.program.model,
-            "test": self.evaluate(self.dataset.test),
+            "test": test,
+            "test_report": test_report,
             "train": ep_metrics,
             "epochs": len(history.epochs),
             **({"best_epoch": stopper.best_epoch, f"best_val_{stopper.monitor}": stopper.best} if best else {}),
