@@ -103,6 +103,11 @@ def make_parser() -> argparse.ArgumentParser:
                     help="decoders sample from softmax(logits / T) instead of taking the argmax (default 0: greedy)")
     pr.add_argument("--seed", type=_number(int, allow_zero=True), default=0, help="seed for sampling")
     pr.add_argument("--json", action="store_true", help="print the predictions as one JSON object")
+    pr.add_argument("--input-file", metavar="PATH", help="feature vectors, one example per row (.csv or .npz), "
+                    "encoded and standardized as the training data was")
+    pr.add_argument("--output", metavar="PATH", help="also write the predictions (.csv or .npz)")
+    pr.add_argument("--top", type=_positive(int), metavar="K", help="a classifier's K most probable classes")
+    pr.add_argument("--raw", action="store_true", help="also show the model's raw outputs (logits, values)")
 
     sa = sub.add_parser("sample", help="run the file's sampling program (`generate`) on a trained checkpoint")
     common(sa)
@@ -175,44 +180,8 @@ def _dispatch(args) -> int:
 
 
 def _predict(args) -> int:
-    import numpy as np
-    from runtime import data
-    from runtime.predict import decode_rows, encode_inputs, predictions
-    from runtime.session import Options, Session
-    if args.temperature < 0:
-        raise DlcError("--temperature must be >= 0")
-    s = Session(args.file, Options(dtype=args.dtype, fuse=not args.no_fuse, train=False,
-                                   temperature=args.temperature, seed=None))
-    s.load(args.load)
-    ds = s.dataset
-    if args.input:
-        batch, shown = encode_inputs(ds, args.input)
-        data.check_indices(s.index_reads, batch, "--input")
-        targets = [None] * len(args.input)
-    else:
-        n = len(next(iter(ds.test.values())))
-        idx = args.index or list(range(min(5, n)))
-        for k in idx:
-            if not 0 <= k < n:
-                raise DlcError(f"--index {k} is outside the {n} held-out examples")
-        batch = {k: np.ascontiguousarray(v[idx]) for k, v in ds.test.items()}
-        shown = [f"#{k}: {t}" for k, t in zip(idx, decode_rows(ds, batch["x"], "input_vocab"))] \
-            if ds.info.get("input_vocab") else [f"held-out #{k}" for k in idx]
-        tgt = s.task.target or "y"
-        targets = predictions(ds, s.task, {"output": batch[tgt]}, target=True) if tgt in batch else [None] * len(idx)
-    res = s.run_eval(batch, step=args.seed)
-    preds = predictions(ds, s.task, res)
-    rows = [{"input": i, "prediction": p, **({"target": t} if t is not None else {})}
-            for i, p, t in zip(shown, preds, targets)]
-    if args.json:
-        print(json.dumps({"predictions": rows, "temperature": args.temperature}))
-    else:
-        for r in rows:
-            line = f"{r['input']:<24} -> {r['prediction']}"
-            if "target" in r:
-                line += f"    (expected {r['target']})"
-            print(line)
-    return 0
+    from runtime.predict import run_cli
+    return run_cli(args)
 
 
 def _run(args, options) -> int:

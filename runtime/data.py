@@ -183,16 +183,18 @@ def _split(arrays: dict[str, np.ndarray], test: float, seed: int, scale, loc: Lo
     train = {k: v[tr] for k, v in arrays.items()}
     testd = {k: v[te] for k, v in arrays.items()}
     vald = {k: v[va] for k, v in arrays.items()}
+    scaling = {}                # field -> (mean, deviation): `dlc predict --input-file` scales the same way
     if scale:
         for k, v in train.items():
             if v.dtype.kind == "f" and k != "y":
                 mu = v.mean(axis=0)
                 sd = v.std(axis=0)
                 sd[sd == 0] = 1.0
+                scaling[k] = (mu, sd)
                 train[k] = ((v - mu) / sd).astype(np.float32)
                 testd[k] = ((testd[k] - mu) / sd).astype(np.float32)
                 vald[k] = ((vald[k] - mu) / sd).astype(np.float32)
-    info = {**(info or {}), "train_size": len(tr), "test_size": len(te), "val_size": len(va)}
+    info = {**(info or {}), "train_size": len(tr), "test_size": len(te), "val_size": len(va), "scaling": scaling}
     if labels is not None and labels.dtype.kind in "iu":
         info["classes"] = int(labels.max()) + 1
     return Dataset(train, testd, info, vald)
@@ -294,8 +296,12 @@ def _npz(call, base_dir, path, x="x", y="y", shape=None):
     return {"x": _reshape(xs.astype(np.float32), shape, call.loc), "y": _labels(ys, y, call.loc)}
 
 
-@source("csv", ("path", "label", "header", "shape", "test", "scale"), path=REQUIRED, label=-1, header=True, shape=None)
-def _csv(call, base_dir, path, label=-1, header=True, shape=None):
+@source("csv", ("path", "label", "header", "shape", "test", "scale", "onehot"), path=REQUIRED, label=-1, header=True,
+        shape=None, onehot=None)
+def _csv(call, base_dir, path, label=-1, header=True, shape=None, onehot=None):
+    """One example per row. A label column of text (`setosa`, `versicolor`, ...) is encoded as
+    class ids in sorted order (the names kept for `dlc predict` and the checkpoint); feature
+    columns are numbers, or text one-hot encoded when listed in `onehot = ["colour", ...]`."""
     import csv as _csv_mod
     p = _resolve(call, base_dir, path)
     if isinstance(label, bool) or not isinstance(label, (str, int)):
@@ -325,26 +331,85 @@ def _csv(call, base_dir, path, label=-1, header=True, shape=None):
         raise DlcError(f"{p.name} has one column; it needs the features and a label", call.loc)
     names = rows[0] if header else [str(i) for i in range(len(rows[0]))]
     body = rows[1:] if header else rows
-    if isinstance(label, str):
-        if label not in names:
-            raise DlcError(f"{p.name} has no column `{label}` (columns: {', '.join(names)})", call.loc)
-        li = names.index(label)
-    elif -len(names) <= label < len(names):
-        li = label % len(names)
-    else:
-        raise DlcError(f"{p.name} has {len(names)} columns; there is no column {label}", call.loc)
-    data = []
-    for i, r in enumerate(body, start=2 if header else 1):
+    li = _column(p, names, label, "label", call.loc)
+    hot = onehot if isinstance(onehot, list) else [] if onehot is None else None
+    if hot is None or not all(isinstance(c, (str, int)) and not isinstance(c, bool) for c in hot):
+        raise DlcError(f"`csv`: `onehot` is a list of column names or indices, got {onehot!r}", call.loc)
+    hot = {_column(p, names, c, "onehot", call.loc) for c in hot}
+    if li in hot:
+        raise DlcError(f"`csv`: the label column `{names[li]}` cannot be one-hot encoded too", call.loc,
+                       ["a text label is encoded as class ids by itself"])
+    first = 2 if header else 1
+    for i, r in enumerate(body, start=first):
         if len(r) != len(names):
             raise DlcError(f"{p.name}:{i}: expected {len(names)} columns, found {len(r)}", call.loc)
-        try:
-            data.append([float(c) for c in r])
-        except ValueError:
-            bad = next(c for c in r if not _is_float(c))
-            raise DlcError(f"{p.name}:{i}: `{bad}` is not a number", call.loc) from None
-    arr = np.array(data)
-    xs = np.delete(arr, li, axis=1).astype(np.float32)
-    return {"x": _reshape(xs, shape, call.loc), "y": _labels(arr[:, li], names[li], call.loc)}
+    cols = [[r[c].strip() for r in body] for c in range(len(names))]
+    features = []               # (column name, categories or None): how `dlc predict` encodes a row the same way
+    for c, values in enumerate(cols):
+        if c == li:
+            continue
+        if c in hot:
+            features.append((names[c], sorted(set(values))))
+        elif not any(map(_is_float, values)):
+            shown = ", ".join(f"`{v}`" for v in sorted(set(values))[:3])
+            raise DlcError(f"{p.name}: column `{names[c]}` holds text ({shown}, ...), not numbers", call.loc,
+                           [f"to one-hot encode it: csv(\"{path}\", ..., onehot = [\"{names[c]}\"])"])
+        else:
+            features.append((names[c], None))
+    header_row = [n for c, n in enumerate(names) if c != li]
+    xs = encode_rows(p.name, header_row, [[v for c, v in enumerate(r) if c != li] for r in body], features,
+                     first, call.loc)
+    out = {"x": _reshape(xs, shape, call.loc)}
+    labels = cols[li]
+    if not any(map(_is_float, labels)):              # class names: encoded in sorted order
+        classes = sorted(set(labels))
+        out["y"] = np.searchsorted(np.array(classes), np.array(labels)).astype(np.int32)
+        out["__info__"] = {"class_names": classes}
+    else:
+        ys = []
+        for i, v in enumerate(labels, start=first):
+            if not _is_float(v):
+                raise DlcError(f"{p.name}:{i}: `{v}` is not a number", call.loc)
+            ys.append(float(v))
+        out["y"] = _labels(np.array(ys), names[li], call.loc)
+    out.setdefault("__info__", {})["csv_features"] = features
+    return out
+
+
+def _column(p, names, which, option, loc) -> int:
+    """The index of a column given by name or (negative) index."""
+    if isinstance(which, str):
+        if which not in names:
+            raise DlcError(f"{p.name} has no column `{which}` (columns: {', '.join(names)})", loc)
+        return names.index(which)
+    if -len(names) <= which < len(names):
+        return which % len(names)
+    raise DlcError(f"{p.name} has {len(names)} columns; there is no column {which}", loc)
+
+
+def encode_rows(source: str, names: list, rows: list, features: list, first_line: int, loc=None) -> np.ndarray:
+    """CSV feature rows (strings) as float32 vectors: number columns parsed, categorical ones
+    one-hot over their known categories (`features`: (name, categories or None) per column, in
+    the order of `names`). A value that is not a number, or a category not seen in training,
+    is an error naming its line."""
+    out = np.zeros((len(rows), sum(len(cats) if cats else 1 for _, cats in features)), np.float32)
+    for i, r in enumerate(rows):
+        j = 0
+        for (name, cats), v in zip(features, r):
+            v = v.strip()
+            if cats is None:
+                try:
+                    out[i, j] = float(v)
+                except ValueError:
+                    raise DlcError(f"{source}:{i + first_line}: `{v}` is not a number", loc) from None
+                j += 1
+            else:
+                if v not in cats:
+                    raise DlcError(f"{source}:{i + first_line}: column `{name}` holds `{v}`, not a category seen in "
+                                   f"training ({', '.join(cats)})", loc)
+                out[i, j + cats.index(v)] = 1.0
+                j += len(cats)
+    return out
 
 
 def _is_float(s: str) -> bool:

@@ -395,7 +395,8 @@ class Session:
             "step": self.step_count, "epoch": self.epoch, "model": self.program.model,
             "phases": {ph.name: {"optimizer": ph.optimizer.name, "step": self.phase_steps[ph.name]}
                        for ph in self.phases},
-            "data_order": self.data_order.bit_generator.state})
+            "data_order": self.data_order.bit_generator.state,
+            **({"class_names": self.dataset.info["class_names"]} if "class_names" in self.dataset.info else {})})
 
     def load(self, path) -> None:
         """Parameters, state and the position of a run: a resumed run continues bit-identically.
@@ -435,7 +436,17 @@ class Session:
                 rng.bit_generator.state = order
             except (TypeError, ValueError, KeyError) as e:
                 raise DlcError(f"{path}: metadata `data_order` is not a generator state: {e}") from None
+        names = meta.get("class_names")         # a text label column's classes, in the order trained
+        if names is not None:
+            if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+                raise DlcError(f"{path}: metadata `class_names` must be a list of strings")
+            mine = self.dataset.info.get("class_names")
+            if mine is not None and mine != names:
+                raise DlcError(f"{path}: the checkpoint was trained on the classes {', '.join(names)}; the data now "
+                               f"holds {', '.join(mine)}", notes=["class ids would be read as the wrong names"])
         # all checked: now change the session
+        if names is not None:
+            self.dataset.info["class_names"] = names
         for k, v in params.items():
             self.params[k][...] = v
         for k, v in state.items():

@@ -114,3 +114,109 @@ def test_unknown_metric_names_the_choices(capsys, dl_file):
     err = capsys.readouterr().err
     assert f"{p}:6:" in err and "`auc` is not a metric of a model trained with `cross_entropy`" in err
     assert "top3, top5 (any topK)" in err
+
+
+# ---- CSV with text columns, and `dlc predict` on feature vectors ----------------------------------
+def _pets_csv(path, n=60, seed=0):
+    """Two numbers, a text feature and a text class that depends on them."""
+    rng = np.random.default_rng(seed)
+    a, b = rng.normal(size=n), rng.normal(size=n)
+    colour = rng.choice(["red", "green", "blue"], n)
+    cls = np.where(a + (colour == "red") > 0.5, "dog", np.where(b > 0, "cat", "bird"))
+    lines = ["a,colour,b,kind"] + [f"{x:.6f},{c},{y:.6f},{k}" for x, c, y, k in zip(a, colour, b, cls)]
+    path.write_text("\n".join(lines) + "\n")
+    return a, b, colour, cls
+
+
+PETS = """
+model m(x: f32[B, 5]) -> f32[B, 3] {
+    return dense(x, 3)
+}
+train m on csv("pets.csv", label = "kind", onehot = ["colour"], test = 0) {
+    loss = cross_entropy(m(x), y)
+    optimizer = adam(lr = 0.05)
+    epochs = 3
+    batch = 16
+}
+"""
+
+
+def test_csv_text_classes_and_one_hot_features(dl_file, tmp_path):
+    from runtime.session import Session
+    a, b, colour, cls = _pets_csv(tmp_path / "pets.csv")
+    s = Session(dl_file(PETS))
+    ds = s.dataset
+    assert ds.info["class_names"] == ["bird", "cat", "dog"]                    # sorted
+    np.testing.assert_array_equal(ds.train["y"], np.searchsorted(["bird", "cat", "dog"], cls))
+    raw = np.column_stack([a, colour == "blue", colour == "green", colour == "red", b]).astype(np.float64)
+    mu, sd = raw.mean(0), raw.std(0)                                          # test = 0: the file's order
+    np.testing.assert_allclose(ds.train["x"], (raw - mu) / sd, rtol=1e-5, atol=1e-5)
+
+
+def test_csv_text_feature_without_onehot_says_how(capsys, dl_file, tmp_path):
+    _pets_csv(tmp_path / "pets.csv")
+    p = dl_file(PETS.replace(', onehot = ["colour"]', ""))
+    assert main(["check", str(p)]) == 2
+    err = capsys.readouterr().err
+    assert f"{p}:5:" in err and "column `colour` holds text (`blue`, `green`, `red`, ...)" in err
+    assert 'onehot = ["colour"]' in err
+
+
+def test_predict_feature_file_names_classes_and_writes_outputs(capsys, dl_file, tmp_path):
+    from runtime.session import Options, Session
+    _pets_csv(tmp_path / "pets.csv")
+    p = dl_file(PETS)
+    ck = tmp_path / "pets.safetensors"
+    assert main(["run", str(p), "--quiet", "--save", str(ck)]) == 0
+    capsys.readouterr()
+    # the training file itself as input: the label column is ignored, colours one-hot, scaled
+    assert main(["predict", str(p), "--load", str(ck), "--input-file", str(tmp_path / "pets.csv"), "--top", "2",
+                 "--output", str(tmp_path / "preds.npz"), "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["predictions"]
+    s = Session(p, Options(epochs=0))
+    s.load(ck)
+    logits = s.run_eval(s.dataset.train)["output"].astype(np.float64)
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    names = np.array(["bird", "cat", "dog"])
+    assert [r["prediction"] for r in rows] == list(names[logits.argmax(1)])
+    np.testing.assert_allclose([[p for _, p in r["top"]] for r in rows], -np.sort(-probs, 1)[:, :2], rtol=1e-5)
+    assert [r["top"][1][0] for r in rows] == list(names[np.argsort(-probs, 1)[:, 1]])
+    saved = np.load(tmp_path / "preds.npz")
+    np.testing.assert_allclose(saved["probabilities"], probs, rtol=1e-5)
+    assert list(saved["classes"]) == list(names) and list(saved["prediction"]) == list(names[logits.argmax(1)])
+    # an npz of the scaled-back features gives the same; a CSV output has a column per class
+    raw = s.dataset.train["x"] * s.dataset.info["scaling"]["x"][1] + s.dataset.info["scaling"]["x"][0]
+    np.savez(tmp_path / "in.npz", x=raw[:4])
+    assert main(["predict", str(p), "--load", str(ck), "--input-file", str(tmp_path / "in.npz"),
+                 "--output", str(tmp_path / "preds.csv")]) == 0
+    lines = (tmp_path / "preds.csv").read_text().splitlines()
+    assert lines[0] == "input,prediction,p_bird,p_cat,p_dog" and len(lines) == 5
+    np.testing.assert_allclose([[float(v) for v in ln.split(",")[2:]] for ln in lines[1:]], probs[:4], rtol=1e-4)
+    # mistakes: a colour never seen in training, a bad output suffix
+    (tmp_path / "bad.csv").write_text("a,colour,b\n0.1,purple,0.2\n")
+    assert main(["predict", str(p), "--load", str(ck), "--input-file", str(tmp_path / "bad.csv")]) == 2
+    assert "bad.csv:2: column `colour` holds `purple`, not a category seen in training" in capsys.readouterr().err
+    assert main(["predict", str(p), "--load", str(ck), "--output", str(tmp_path / "p.txt")]) == 2
+    assert "a .csv or .npz file" in capsys.readouterr().err
+
+
+def test_predict_regression_prints_values(capsys, dl_file, tmp_path):
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(50, 3)).astype(np.float32)
+    np.savez(tmp_path / "reg.npz", x=x, y=(x @ [1.0, -2.0, 0.5]).astype(np.float32))
+    p = dl_file('model m(x: f32[B, 3]) -> f32[B] {\n    return reshape(dense(x, 1), [-1])\n}\n'
+                'train m on npz("reg.npz") {\n    loss = mse(m(x), y)\n    epochs = 1\n    metrics = [rmse, r2]\n}\n')
+    ck = tmp_path / "reg.npz.safetensors"
+    assert main(["run", str(p), "--quiet", "--save", str(ck)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("test report: mse") and "r2" in out[0] and "rmse" in out[-1]
+    np.savez(tmp_path / "q.npz", x=x[:3])
+    assert main(["predict", str(p), "--load", str(ck), "--input-file", str(tmp_path / "q.npz"), "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["predictions"]
+    assert "top" not in rows[0] and "probability" not in rows[0]
+    from runtime.session import Options, Session
+    s = Session(p, Options(epochs=0))
+    s.load(ck)
+    mu, sd = s.dataset.info["scaling"]["x"]
+    expected = ((x[:3] - mu) / sd) @ s.params["m/dense_1/W"] + s.params["m/dense_1/b"]      # values, not class ids
+    np.testing.assert_allclose([float(r["prediction"]) for r in rows], expected.ravel(), rtol=1e-3)
