@@ -15,7 +15,8 @@ import numpy as np
 from dsl import ast as A
 from dsl.diagnostics import DlcError, Loc
 
-from .resources import require
+from .resources import memory_limit, require
+from .streaming import Rows, npz_member
 
 
 @dataclass
@@ -158,7 +159,7 @@ def _split(arrays: dict[str, np.ndarray], test: float, seed: int, scale, loc: Lo
     for k, v in arrays.items():
         if len(v) != n:
             raise DlcError(f"data fields disagree in length: {k} has {len(v)} rows, expected {n}", loc)
-        if v.dtype.kind == "f" and not np.isfinite(v).all():
+        if v.dtype.kind == "f" and not (v.all_finite() if isinstance(v, Rows) else np.isfinite(v).all()):
             raise DlcError(f"data field `{k}` holds NaN or infinite values", loc)
     idx = np.arange(n)
     labels = arrays.get("y")
@@ -180,13 +181,20 @@ def _split(arrays: dict[str, np.ndarray], test: float, seed: int, scale, loc: Lo
                                       stratify=strat[tr] if strat is not None else None)
         except ValueError:
             tr, va = train_test_split(tr, test_size=part, random_state=seed)
-    train = {k: v[tr] for k, v in arrays.items()}
-    testd = {k: v[te] for k, v in arrays.items()}
-    vald = {k: v[va] for k, v in arrays.items()}
+    def rows(v, index):         # a streamed field stays on disk: its split is row indices
+        return v.take(index) if isinstance(v, Rows) else v[index]
+    train = {k: rows(v, tr) for k, v in arrays.items()}
+    testd = {k: rows(v, te) for k, v in arrays.items()}
+    vald = {k: rows(v, va) for k, v in arrays.items()}
     scaling = {}                # field -> (mean, deviation): `dlc predict --input-file` scales the same way
     if scale:
         for k, v in train.items():
-            if v.dtype.kind == "f" and k != "y":
+            if v.dtype.kind == "f" and k != "y" and isinstance(v, Rows):
+                mu, sd = v.mean_std()
+                sd[sd == 0] = 1.0
+                scaling[k] = (mu, sd)
+                train[k], testd[k], vald[k] = (d[k].scaled(mu, sd) for d in (train, testd, vald))
+            elif v.dtype.kind == "f" and k != "y":
                 mu = v.mean(axis=0)
                 sd = v.std(axis=0)
                 sd[sd == 0] = 1.0
@@ -226,6 +234,8 @@ def _reshape(x: np.ndarray, shape, loc):
         return x
     if not isinstance(shape, list) or not all(isinstance(d, int) for d in shape):
         raise DlcError("`shape` must be a list of integers, e.g. shape = [1, 8, 8]", loc)
+    if isinstance(x, Rows) and math.prod(shape) != math.prod(x.row_shape):
+        raise DlcError(f"cannot reshape examples of {x.row_shape} to {tuple(shape)}", loc)
     try:
         return x.reshape((len(x),) + tuple(shape))
     except ValueError:
@@ -269,18 +279,31 @@ def _resolve(call, base_dir, path):
     return p
 
 
-@source("npz", ("path", "x", "y", "shape", "test", "scale"), path=REQUIRED, x="x", y="y", shape=None)
-def _npz(call, base_dir, path, x="x", y="y", shape=None):
+@source("npz", ("path", "x", "y", "shape", "test", "scale", "stream"), path=REQUIRED, x="x", y="y", shape=None,
+        stream="auto")
+def _npz(call, base_dir, path, x="x", y="y", shape=None, stream="auto"):
+    """Arrays of an archive. `stream = true` reads `x` from disk a batch at a time (it must be
+    stored uncompressed, as np.savez does); `"auto"` streams when `x` would fill more than a
+    quarter of the memory available."""
     p = _resolve(call, base_dir, path)
     if not isinstance(x, str) or not isinstance(y, str):
         raise DlcError("`npz`: `x` and `y` name arrays in the archive (strings)", call.loc)
+    _check_stream(call, stream)
     try:
-        with np.load(p, allow_pickle=False) as f:
+        with np.load(p, allow_pickle=False, mmap_mode="r") as f:
             files = set(f.files)
             for key in (x, y):
                 if key not in files:
                     raise DlcError(f"{p.name} has no array `{key}` (it has: {', '.join(sorted(files))})", call.loc)
-            xs, ys = f[x], f[y]
+            mapped = npz_member(p, x) if stream is not False else None
+            if stream is True and mapped is None:
+                raise DlcError(f"`npz`: cannot stream `{x}` from {p.name}: it is compressed", call.loc,
+                               ["save it with np.savez, not np.savez_compressed, or set stream = false"])
+            if mapped is not None and (stream is True or _too_big(mapped)):
+                xs = mapped
+            else:
+                xs = f[x]
+            ys = f[y]
     except DlcError:
         raise
     except Exception as e:  # zip errors, pickled objects, truncated files
@@ -293,7 +316,18 @@ def _npz(call, base_dir, path, x="x", y="y", shape=None):
                        ["a single feature per example is x.reshape(-1, 1)"] if xs.ndim == 1 else [])
     if ys.ndim < 1:
         raise DlcError(f"array `{y}` in {p.name} must hold one label (or row) per example, got a scalar", call.loc)
-    return {"x": _reshape(xs.astype(np.float32), shape, call.loc), "y": _labels(ys, y, call.loc)}
+    xs = Rows(xs, np.arange(len(xs)), np.float32) if isinstance(xs, np.memmap) else xs.astype(np.float32)
+    return {"x": _reshape(xs, shape, call.loc), "y": _labels(ys, y, call.loc)}
+
+
+def _check_stream(call, stream):
+    if stream not in (True, False, "auto"):
+        raise DlcError(f"`{call.func}`: `stream` is true, false or \"auto\", got {stream!r}", call.loc)
+
+
+def _too_big(a: np.ndarray) -> bool:
+    """Whether an array, as float32, would take more than a quarter of the memory available."""
+    return a.size * 4 > memory_limit() / 4
 
 
 @source("csv", ("path", "label", "header", "shape", "test", "scale", "onehot"), path=REQUIRED, label=-1, header=True,

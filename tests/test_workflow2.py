@@ -220,3 +220,49 @@ def test_predict_regression_prints_values(capsys, dl_file, tmp_path):
     mu, sd = s.dataset.info["scaling"]["x"]
     expected = ((x[:3] - mu) / sd) @ s.params["m/dense_1/W"] + s.params["m/dense_1/b"]      # values, not class ids
     np.testing.assert_allclose([float(r["prediction"]) for r in rows], expected.ravel(), rtol=1e-3)
+
+
+# ---- data sources: streaming, IDX, image folders --------------------------------------------------
+def _load(src: str, base: Path, seed: int = 0):
+    from dsl.parser import parse
+    from runtime import data
+    return data.load(parse(f"train m on {src} {{\n}}\n").items[0].data, base, seed)
+
+
+def test_streamed_npz_is_read_a_batch_at_a_time_and_matches_the_in_memory_loader(tmp_path):
+    import tracemalloc
+    from runtime.streaming import Rows
+    rng = np.random.default_rng(5)
+    x = (rng.normal(size=(4000, 1000)) * 3 + 1).astype(np.float32)          # 16 MB
+    np.savez(tmp_path / "big.npz", x=x, y=rng.integers(0, 4, 4000))
+    _load('npz("big.npz", stream = true)', tmp_path)                      # imports and caches warmed
+    tracemalloc.start()
+    streamed = _load('npz("big.npz", val = 0.1, stream = true)', tmp_path)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < x.nbytes / 2, peak                 # never the whole array (chunks of the passes only)
+    memory = _load('npz("big.npz", val = 0.1, stream = false)', tmp_path)
+    for split in ("train", "val", "test"):
+        s, m = getattr(streamed, split), getattr(memory, split)
+        assert isinstance(s["x"], Rows) and isinstance(s["x"].base, np.memmap) and isinstance(m["x"], np.ndarray)
+        assert s["x"].shape == m["x"].shape and s["x"].dtype == m["x"].dtype == np.float32
+        np.testing.assert_array_equal(s["y"], m["y"])
+        idx = np.random.default_rng(1).permutation(len(m["x"]))[:64]         # a shuffled batch
+        np.testing.assert_allclose(s["x"][idx], m["x"][idx], rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(s["x"][3:9], m["x"][3:9], rtol=1e-4, atol=1e-5)
+
+
+def test_streamed_data_trains_like_in_memory_data(dl_file, tmp_path):
+    from runtime.session import Options, Session
+    from runtime.streaming import Rows
+    from sklearn.datasets import load_digits
+    dg = load_digits()
+    np.savez(tmp_path / "d.npz", x=dg.data[:600].astype(np.float32), y=dg.target[:600])
+    src = ("model m(x: f32[B, 64]) -> f32[B, 10] {\n    return dense(x, 10)\n}\n"
+           'train m on npz("d.npz", stream = STREAM) {\n    loss = cross_entropy(m(x), y)\n    epochs = 2\n}\n')
+    reps = []
+    for stream in ("true", "false"):
+        s = Session(dl_file(src.replace("STREAM", stream), f"{stream}.dl"), Options())
+        assert isinstance(s.dataset.train["x"], Rows) == (stream == "true")
+        reps.append(s.fit(progress=False))
+    assert reps[0]["test"]["loss"] == pytest.approx(reps[1]["test"]["loss"], rel=1e-4)
