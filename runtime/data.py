@@ -446,6 +446,62 @@ def encode_rows(source: str, names: list, rows: list, features: list, first_line
     return out
 
 
+IDX_TYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+
+def read_idx(p: Path, loc, stream=False) -> np.ndarray:
+    """An IDX file (MNIST's format, gzipped or not): magic 0 0 TYPE NDIM, NDIM big-endian
+    int32 sizes, then the data, big-endian. Memory-mapped when not compressed and `stream`."""
+    import gzip
+    try:
+        gz = p.read_bytes()[:2] == b"\x1f\x8b"
+        with (gzip.open(p, "rb") if gz else open(p, "rb")) as f:
+            head = f.read(4)
+            if len(head) < 4 or head[:2] != b"\0\0" or head[2] not in IDX_TYPES or head[3] == 0:
+                raise DlcError(f"{p.name} is not an IDX file (it starts with {head.hex()}; an IDX file starts "
+                               f"with 0000, a type byte 08-0e and the number of dimensions)", loc)
+            dims = tuple(int(d) for d in np.frombuffer(f.read(4 * head[3]), ">i4"))
+            if len(dims) != head[3]:
+                raise DlcError(f"{p.name}: the IDX header is cut short", loc)
+            dtype = np.dtype(IDX_TYPES[head[2]])
+            need = math.prod(dims) * dtype.itemsize
+            if not gz and (stream is True or stream == "auto" and need * 4 // dtype.itemsize > memory_limit() / 4):
+                if p.stat().st_size < 4 + 4 * len(dims) + need:
+                    raise DlcError(f"{p.name}: the header promises {dims} values, the file is shorter", loc)
+                return np.memmap(p, dtype=dtype, mode="r", offset=4 + 4 * len(dims), shape=dims)
+            require(need, f"reading {p.name}", loc)
+            raw = f.read(need)
+    except OSError as e:
+        raise DlcError(f"cannot read {p.name}: {e.strerror or e}", loc) from None
+    if len(raw) < need:
+        raise DlcError(f"{p.name}: the header promises {dims} values, the file is shorter", loc)
+    return np.frombuffer(raw, dtype).reshape(dims).astype(dtype.newbyteorder("="))
+
+
+@source("idx", ("images", "labels", "shape", "test", "scale", "stream"), images=REQUIRED, labels=REQUIRED,
+        shape=None, stream="auto")
+def _idx(call, base_dir, images, labels, shape=None, stream="auto"):
+    """A pair of IDX files as MNIST ships them: `idx("train-images-idx3-ubyte",
+    "train-labels-idx1-ubyte")` (also `.gz`). Images are [N, rows, cols] of float32 (`shape =
+    [1, 28, 28]` for a CNN); the labels' type is kept as class ids. `stream` as for `npz`."""
+    _check_stream(call, stream)
+    img_p = _resolve(call, base_dir, images)
+    lab_p = _resolve(call, base_dir, labels) if isinstance(labels, str) and labels else None
+    if lab_p is None:
+        raise DlcError("`idx` takes the labels file's path second", call.loc)
+    xs = read_idx(img_p, call.loc, stream)
+    ys = read_idx(lab_p, call.loc)
+    if xs.ndim < 2:
+        raise DlcError(f"{img_p.name} holds {xs.ndim}-D data; the images file is [N, rows, cols]", call.loc)
+    if ys.ndim != 1:
+        raise DlcError(f"{lab_p.name} holds {list(ys.shape)} values; the labels file is one label per image "
+                       "(were the two files given the other way round?)", call.loc)
+    if len(xs) != len(ys):
+        raise DlcError(f"{img_p.name} holds {len(xs):,} images but {lab_p.name} {len(ys):,} labels", call.loc)
+    xs = Rows(xs, np.arange(len(xs)), np.float32) if isinstance(xs, np.memmap) else xs.astype(np.float32)
+    return {"x": _reshape(xs, shape, call.loc), "y": _labels(ys, labels, call.loc)}
+
+
 def _is_float(s: str) -> bool:
     try:
         float(s)

@@ -266,3 +266,47 @@ def test_streamed_data_trains_like_in_memory_data(dl_file, tmp_path):
         assert isinstance(s.dataset.train["x"], Rows) == (stream == "true")
         reps.append(s.fit(progress=False))
     assert reps[0]["test"]["loss"] == pytest.approx(reps[1]["test"]["loss"], rel=1e-4)
+
+
+def _write_idx(path, a: np.ndarray, code: int):
+    """An IDX file written independently of the reader: header, then big-endian data."""
+    import struct
+    big = a.astype(a.dtype.newbyteorder(">"))
+    path.write_bytes(struct.pack(">BBBB", 0, 0, code, a.ndim) + struct.pack(f">{a.ndim}i", *a.shape) + big.tobytes())
+
+
+@pytest.mark.parametrize("stream", ["false", "true"])
+def test_idx_files_as_mnist_ships_them(tmp_path, stream):
+    import gzip
+    rng = np.random.default_rng(6)
+    imgs = rng.integers(0, 256, (40, 5, 4)).astype(np.uint8)
+    labels = (np.arange(40) % 4).astype(np.uint8)
+    _write_idx(tmp_path / "img-idx3-ubyte", imgs, 0x08)
+    _write_idx(tmp_path / "lab-idx1-ubyte", labels, 0x08)
+    ds = _load(f'idx("img-idx3-ubyte", "lab-idx1-ubyte", test = 0, scale = false, stream = {stream})', tmp_path)
+    np.testing.assert_array_equal(np.asarray(ds.train["x"]), imgs.astype(np.float32))       # test = 0: in order
+    np.testing.assert_array_equal(ds.train["y"], labels)
+    # gzipped, float32 big-endian, reshaped for a CNN
+    f32 = rng.normal(size=(40, 6)).astype(np.float32)
+    _write_idx(tmp_path / "f.idx", f32, 0x0D)
+    (tmp_path / "lab.gz").write_bytes(gzip.compress((tmp_path / "lab-idx1-ubyte").read_bytes()))
+    ds = _load('idx("f.idx", "lab.gz", test = 0, scale = false, shape = [1, 2, 3])', tmp_path)
+    np.testing.assert_array_equal(np.asarray(ds.train["x"]), f32.reshape(40, 1, 2, 3))
+
+
+@pytest.mark.parametrize("files, words", [
+    (("lab-idx1-ubyte", "img-idx3-ubyte"), "the images file is [N, rows, cols]"),
+    (("img-idx3-ubyte", "img-idx3-ubyte"), "were the two files given the other way round?"),
+    (("img-idx3-ubyte", "short"), "the header promises (40,) values, the file is shorter"),
+    (("img-idx3-ubyte", "junk"), "junk is not an IDX file"),
+])
+def test_idx_errors_are_located(capsys, dl_file, tmp_path, files, words):
+    _write_idx(tmp_path / "img-idx3-ubyte", np.zeros((40, 5, 4), np.uint8), 0x08)
+    _write_idx(tmp_path / "lab-idx1-ubyte", np.zeros(40, np.uint8), 0x08)
+    (tmp_path / "short").write_bytes((tmp_path / "lab-idx1-ubyte").read_bytes()[:20])
+    (tmp_path / "junk").write_bytes(b"PK\x03\x04 not idx")
+    p = dl_file("model m(x: f32[B, 5, 4]) -> f32[B, 4] {\n    return dense(flatten(x), 4)\n}\n"
+                f'train m on idx("{files[0]}", "{files[1]}") {{\n    loss = cross_entropy(m(x), y)\n}}\n')
+    assert main(["check", str(p)]) == 2
+    err = capsys.readouterr().err
+    assert f"{p}:4:" in err and words in err, err
