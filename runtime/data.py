@@ -502,6 +502,49 @@ def _idx(call, base_dir, images, labels, shape=None, stream="auto"):
     return {"x": _reshape(xs, shape, call.loc), "y": _labels(ys, labels, call.loc)}
 
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+
+
+@source("images", ("path", "size", "channels", "test", "scale"), path=REQUIRED, size=REQUIRED, channels=1)
+def _images(call, base_dir, path, size, channels=1):
+    """A folder of image files, one subfolder per class (`dir/cat/1.png`, `dir/dog/7.jpg`):
+    each image read with Pillow, converted to grey (`channels = 1`) or RGB (3), resized to
+    size x size (bilinear) and scaled to [0, 1]: x is [N, channels, size, size], y the index
+    of its subfolder in sorted order (the names kept for `dlc predict` and the checkpoint)."""
+    from PIL import Image, UnidentifiedImageError
+    if not isinstance(path, str) or not path:
+        raise DlcError("`images` takes a folder path first", call.loc)
+    root = Path(path) if Path(path).is_absolute() else base_dir / path
+    where = call.args[0].loc if call.args else call.loc
+    if not root.is_dir():
+        raise DlcError(f"image folder not found: {root}" if not root.exists() else f"{root} is not a folder", where)
+    if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= 1024:
+        raise DlcError(f"`images`: `size` is the side images are resized to, 1 to 1024, got {size!r}", call.loc)
+    if channels not in (1, 3) or isinstance(channels, bool):
+        raise DlcError(f"`images`: `channels` is 1 (grey) or 3 (RGB), got {channels!r}", call.loc)
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    files = [(f, k) for k, c in enumerate(classes) for f in sorted((root / c).rglob("*"))
+             if f.suffix.lower() in IMAGE_SUFFIXES]
+    if len(classes) < 2:
+        raise DlcError(f"{root} needs a subfolder per class (at least 2), found "
+                       f"{', '.join(classes) or 'none'}", where, ["dir/cat/1.png, dir/dog/2.png, ..."])
+    if not files:
+        raise DlcError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in the subfolders of {root}", where)
+    require(len(files) * channels * size * size * 4 * 3, f"`images` with {len(files):,} images of {size}x{size}",
+            call.loc)
+    x = np.empty((len(files), channels, size, size), np.float32)
+    for i, (f, _) in enumerate(files):
+        try:
+            with Image.open(f) as im:
+                im = im.convert("L" if channels == 1 else "RGB").resize((size, size), Image.Resampling.BILINEAR)
+                a = np.asarray(im, np.float32) / 255.0
+        except (UnidentifiedImageError, OSError) as e:
+            raise DlcError(f"cannot read the image {f.relative_to(root)}: {e}", call.loc) from None
+        x[i] = a[None] if channels == 1 else a.transpose(2, 0, 1)
+    y = np.array([k for _, k in files], np.int32)
+    return {"x": x, "y": y, "__info__": {"class_names": classes}}
+
+
 def _is_float(s: str) -> bool:
     try:
         float(s)

@@ -310,3 +310,31 @@ def test_idx_errors_are_located(capsys, dl_file, tmp_path, files, words):
     assert main(["check", str(p)]) == 2
     err = capsys.readouterr().err
     assert f"{p}:4:" in err and words in err, err
+
+
+def test_image_folders_one_class_per_subfolder(tmp_path):
+    from PIL import Image
+    rng = np.random.default_rng(7)
+    pixels = {}
+    for cls in ("cat", "dog"):
+        (tmp_path / "pics" / cls).mkdir(parents=True)
+        for i in range(3):
+            a = rng.integers(0, 256, (6, 6, 3)).astype(np.uint8)
+            Image.fromarray(a).save(tmp_path / "pics" / cls / f"{i}.png")
+            pixels[(cls, i)] = a
+    (tmp_path / "pics" / "dog" / "notes.txt").write_text("not an image")
+    ds = _load('images("pics", size = 6, test = 0, scale = false)', tmp_path)
+    assert ds.info["class_names"] == ["cat", "dog"] and ds.train["x"].shape == (6, 1, 6, 6)
+    np.testing.assert_array_equal(ds.train["y"], [0, 0, 0, 1, 1, 1])
+    # grey as ITU-R 601 luma, as Pillow's "L"; at the same size no resampling
+    grey = [a.astype(int) @ [299, 587, 114] / 1000 for a in pixels.values()]
+    np.testing.assert_allclose(ds.train["x"][:, 0], np.array(grey) / 255.0, atol=1.5 / 255)
+    # RGB, channels first; a uniform image stays its colour at any size
+    colours = rng.integers(0, 256, (2, 3))
+    for cls, c in zip(("a", "b"), colours):
+        (tmp_path / "flat" / cls).mkdir(parents=True)
+        Image.fromarray(np.broadcast_to(c, (5, 7, 3)).astype(np.uint8)).save(tmp_path / "flat" / cls / "x.png")
+    rgb = _load('images("flat", size = 4, channels = 3, test = 0, scale = false)', tmp_path)
+    assert rgb.train["x"].shape == (2, 3, 4, 4)
+    np.testing.assert_allclose(rgb.train["x"], np.broadcast_to(colours[:, :, None, None] / 255.0, (2, 3, 4, 4)),
+                               atol=1e-6)
