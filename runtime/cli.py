@@ -128,7 +128,8 @@ def make_parser() -> argparse.ArgumentParser:
     i.add_argument("--program", choices=["train", "eval"], default="train",
                    help="the training step (default) or the evaluation program")
     i.add_argument("--phase", help="which phase's training step (default: the first)")
-    i.add_argument("--format", choices=["text", "dot"], default="text")
+    i.add_argument("--format", choices=["text", "dot", "svg", "png", "html"], default="text",
+                   help="dot: Graphviz text; svg, png: rendered by Graphviz's `dot`; html: one self-contained page")
     i.add_argument("-o", "--output", help="write to a file instead of standard output")
     return p
 
@@ -332,6 +333,20 @@ def _ir(args) -> int:
             text = build(g).source
         elif args.format == "dot":
             text = printer.to_dot(g, stage)
+        elif args.format in printer.FORMATS:
+            if args.format == "png" and not args.output:
+                raise DlcError("--format png writes an image: give -o graph.png")
+            picture = printer.render(printer.to_dot(g, stage), args.format)
+            if args.output:
+                Path(args.output).write_bytes(picture)
+                return 0
+            text = picture.decode()
+        elif args.format == "html":
+            import shutil
+            svg = printer.render(printer.to_dot(g, stage), "svg").decode() if shutil.which("dot") else None
+            if svg is None:
+                print("dlc: Graphviz's `dot` is not installed: the page shows the listing only", file=sys.stderr)
+            text = printer.to_html(g, stage, svg)
         else:
             batch = prog.settings.get("batch", 32) if lw.trains else 32
             text = printer.to_text(g, stage, prog.params, {"B": batch})

@@ -338,3 +338,65 @@ def test_image_folders_one_class_per_subfolder(tmp_path):
     assert rgb.train["x"].shape == (2, 3, 4, 4)
     np.testing.assert_allclose(rgb.train["x"], np.broadcast_to(colours[:, :, None, None] / 255.0, (2, 3, 4, 4)),
                                atol=1e-6)
+
+
+# ---- graph pictures ------------------------------------------------------------------------------
+def _ir(capsys, *args):
+    assert main(["ir", str(ROOT / "examples" / "mlp.dl"), *args]) == 0, capsys.readouterr().err
+    return capsys.readouterr().out
+
+
+@pytest.mark.skipif(__import__("shutil").which("dot") is None, reason="Graphviz's dot is not installed")
+def test_ir_svg_and_png_through_graphviz(capsys, tmp_path):
+    import re
+    import subprocess
+    dot = _ir(capsys, "--stage", "grad", "--format", "dot")
+    r = subprocess.run(["dot", "-Tplain"], input=dot.encode(), capture_output=True)
+    assert r.returncode == 0 and not r.stderr, r.stderr              # Graphviz reads it without a warning
+    labels = re.findall(r'^  n\d+ \[label="([^"]*)"', dot, re.M)
+    text = _ir(capsys, "--stage", "grad")
+    ops = re.findall(r"^  (%\d+) += (\w+)\(", text, re.M)
+    shown = [re.match(r"(%\d+) = (\w+)", lab).groups() for lab in labels if " = " in lab]
+    assert len(ops) > 40 and sorted(ops) == sorted(shown)               # every op, named as in the listing
+    svg = _ir(capsys, "--stage", "grad", "--format", "svg")
+    assert svg.lstrip().startswith("<?xml") and svg.count('class="node"') == len(labels)
+    _ir(capsys, "--stage", "lowered", "--format", "png", "-o", str(tmp_path / "g.png"))
+    from PIL import Image
+    with Image.open(tmp_path / "g.png") as im:
+        assert im.format == "PNG" and im.size[0] > 200
+
+
+def test_ir_png_without_graphviz_says_how(capsys, monkeypatch, tmp_path):
+    monkeypatch.setattr("shutil.which", lambda name: None)
+    assert main(["ir", str(ROOT / "examples" / "mlp.dl"), "--format", "png", "-o", str(tmp_path / "g.png")]) == 2
+    err = capsys.readouterr().err
+    assert "needs Graphviz's `dot` program" in err and "--format dot" in err
+
+
+def test_ir_html_page_is_self_contained_and_opens_in_chromium(capsys, tmp_path):
+    import re
+    import shutil
+    import subprocess
+    page = tmp_path / "g.html"
+    _ir(capsys, "--stage", "lowered", "--format", "html", "-o", str(page))
+    text = page.read_text()
+    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:|//)""", text) and "<link" not in text
+    assert "@import" not in text and "url(" not in text                  # nothing fetched
+    listing = _ir(capsys, "--stage", "lowered")
+    n_ops = sum(1 for ln in listing.splitlines() if re.match(r"  %\d+ ", ln))
+    n_inputs = listing.split("ops:")[0].count("\n  %")
+    assert len(re.findall(r'<span id="L\d+">', text)) == n_ops + n_inputs == n_ops + 8     # x, y, 3 W and 3 b
+    browser = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    if browser is None or shutil.which("dot") is None:
+        pytest.skip("headless Chromium and Graphviz are needed to open the page")
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+             "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'prof'}"]
+    r = subprocess.run([browser, *flags, "--dump-dom", page.as_uri()], capture_output=True, timeout=120)
+    nodes = re.search(rb'data-nodes="(\d+)"', r.stdout)          # set by the page's script when it ran
+    assert nodes and int(nodes.group(1)) > n_ops, r.stdout[:300]
+    subprocess.run([browser, *flags, f"--screenshot={tmp_path / 's.png'}", "--window-size=1200,900", page.as_uri()],
+                   capture_output=True, timeout=120)
+    from PIL import Image
+    with Image.open(tmp_path / "s.png") as im:
+        a = np.asarray(im.convert("L"))
+    assert a.shape == (900, 1200) and (a < 128).mean() > 0.01 and a.std() > 20     # drawn, not blank
