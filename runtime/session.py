@@ -69,6 +69,8 @@ def _setting_loc(train: A.TrainDef, name: str):
 
 
 class Session:
+    PROGRESS_DELAY = 2.0        # seconds into an epoch before its progress bar appears (short epochs: none)
+
     def __init__(self, path: str | Path, options: Options | None = None):
         self.path = Path(path)
         self.opt = options or Options()
@@ -325,8 +327,9 @@ class Session:
             t_ep = time.perf_counter()
             lrs = {ph.output: self.lr(ph) for ph in self.phases}
             acc = metrics.Accumulator(self.task, self.settings["metrics"])
+            # a live bar within the epoch, on a terminal only, once the epoch has run PROGRESS_DELAY seconds
             bar = tqdm(range(0, n, batch), desc=f"epoch {ep + 1}/{first + epochs}", leave=False, file=sys.stderr,
-                       disable=not (progress and sys.stderr.isatty()), unit="batch")
+                       disable=not (progress and sys.stderr.isatty()), unit="batch", delay=self.PROGRESS_DELAY)
             for s in bar:
                 idx = perm[s:s + batch]
                 b = {k: np.ascontiguousarray(v[idx]) for k, v in train.items()}
@@ -336,6 +339,8 @@ class Session:
                 step_times.append(time.perf_counter() - t0)
                 totals[ph.output][0] += loss * len(idx)
                 totals[ph.output][1] += len(idx)
+                if not bar.disable and bar.n % 10 == 0:
+                    bar.set_postfix_str(self.losses_text({k: t / m for k, (t, m) in totals.items() if m}), refresh=False)
                 acc.add(out, b)
             self.epoch = ep + 1
             ep_metrics = {k: t / m for k, (t, m) in totals.items() if m}

@@ -400,3 +400,47 @@ def test_ir_html_page_is_self_contained_and_opens_in_chromium(capsys, tmp_path):
     with Image.open(tmp_path / "s.png") as im:
         a = np.asarray(im.convert("L"))
     assert a.shape == (900, 1200) and (a < 128).mean() > 0.01 and a.std() > 20     # drawn, not blank
+
+
+# ---- progress within an epoch ------------------------------------------------------------------------
+@pytest.mark.parametrize("terminal", [True, False])
+def test_progress_bar_on_a_terminal_only(dl_file, monkeypatch, terminal, tmp_path):
+    import os
+    import pty
+    import sys
+    from runtime.session import Session
+    p = dl_file("model m(x: f32[B, 64]) -> f32[B, 10] {\n    return dense(x, 10)\n}\n"
+                "train m on digits() {\n    loss = cross_entropy(m(x), y)\n    epochs = 2\n    batch = 16\n}\n")
+    s = Session(p)
+    monkeypatch.setattr(Session, "PROGRESS_DELAY", 0.0)
+    if terminal:
+        import fcntl
+        import struct
+        import termios
+        master, slave = pty.openpty()
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))     # a 100-column terminal
+        err = os.fdopen(slave, "w")
+    else:
+        err = open(tmp_path / "err.txt", "w")
+    assert err.isatty() == terminal
+    monkeypatch.setattr(sys, "stderr", err)
+    lines = []
+    s.fit(progress=True, log=lines.append)
+    err.flush()
+    if terminal:                    # read what reached the terminal before closing its other end
+        os.set_blocking(master, False)
+        out = b""
+        while True:
+            try:
+                chunk = os.read(master, 65536)
+            except (BlockingIOError, OSError):
+                break
+            out += chunk
+        os.close(master)
+        text = out.decode(errors="replace")
+        batches = -(-len(s.dataset.train["y"]) // 16)
+        assert "epoch 1/2" in text and "epoch 2/2" in text and f"/{batches} [" in text and "batch/s" in text, text
+    else:
+        assert (tmp_path / "err.txt").read_text() == ""           # not a terminal: no bar at all
+    err.close()
+    assert [ln.split()[:2] for ln in lines] == [["epoch", "1/2"], ["epoch", "2/2"]]    # the per-epoch lines stay
