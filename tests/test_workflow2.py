@@ -198,6 +198,11 @@ def test_predict_feature_file_names_classes_and_writes_outputs(capsys, dl_file, 
     assert "bad.csv:2: column `colour` holds `purple`, not a category seen in training" in capsys.readouterr().err
     assert main(["predict", str(p), "--load", str(ck), "--output", str(tmp_path / "p.txt")]) == 2
     assert "a .csv or .npz file" in capsys.readouterr().err
+    # the classes the checkpoint was trained on are kept: data that now names others is refused
+    csv_text = (tmp_path / "pets.csv").read_text()
+    (tmp_path / "pets.csv").write_text(csv_text.replace(",bird", ",fish"))
+    assert main(["predict", str(p), "--load", str(ck)]) == 2
+    assert "trained on the classes bird, cat, dog; the data now holds cat, dog, fish" in capsys.readouterr().err
 
 
 def test_predict_regression_prints_values(capsys, dl_file, tmp_path):
