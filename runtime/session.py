@@ -293,7 +293,8 @@ class Session:
                 totals[k] += float(res[k]) * len(next(iter(b.values())))
             acc.add(res["output"], b)
         result = {**{k: v / n for k, v in totals.items()}, **acc.result()}
-        return (result, acc.report(self.dataset.info.get("class_names"))) if details else result
+        names = self.dataset.info.get("class_names") or self.dataset.info.get("vocab")
+        return (result, acc.report(names)) if details else result
 
     def run_eval(self, batch: dict, step: int = 0) -> dict:
         """The evaluation program on one batch: {"loss", "output", "output2", ...}."""

@@ -89,6 +89,7 @@ def test_regression_metrics_against_numpy():
     assert _feed(Task("mse", "y"), [], out, y, keep=True).report()["mae"] == pytest.approx(np.abs(err).mean())
 
 
+@pytest.mark.slow
 def test_run_prints_the_per_class_report_and_keeps_it_in_json(capsys, dl_file):
     p = dl_file("model m(x: f32[B, 64]) -> f32[B, 10] {\n    return dense(x, 10)\n}\n"
                 "train m on digits() {\n    loss = cross_entropy(m(x), y)\n    optimizer = adam(lr = 0.01)\n"
@@ -162,6 +163,7 @@ def test_csv_text_feature_without_onehot_says_how(capsys, dl_file, tmp_path):
     assert 'onehot = ["colour"]' in err
 
 
+@pytest.mark.slow
 def test_predict_feature_file_names_classes_and_writes_outputs(capsys, dl_file, tmp_path):
     from runtime.session import Options, Session
     _pets_csv(tmp_path / "pets.csv")
@@ -205,6 +207,7 @@ def test_predict_feature_file_names_classes_and_writes_outputs(capsys, dl_file, 
     assert "trained on the classes bird, cat, dog; the data now holds cat, dog, fish" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_predict_regression_prints_values(capsys, dl_file, tmp_path):
     rng = np.random.default_rng(4)
     x = rng.normal(size=(50, 3)).astype(np.float32)
@@ -257,6 +260,7 @@ def test_streamed_npz_is_read_a_batch_at_a_time_and_matches_the_in_memory_loader
         np.testing.assert_allclose(s["x"][3:9], m["x"][3:9], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_streamed_data_trains_like_in_memory_data(dl_file, tmp_path):
     from runtime.session import Options, Session
     from runtime.streaming import Rows
@@ -378,6 +382,7 @@ def test_ir_png_without_graphviz_says_how(capsys, monkeypatch, tmp_path):
     assert "needs Graphviz's `dot` program" in err and "--format dot" in err
 
 
+@pytest.mark.slow
 def test_ir_html_page_is_self_contained_and_opens_in_chromium(capsys, tmp_path):
     import re
     import shutil
