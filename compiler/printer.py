@@ -227,7 +227,7 @@ body {{ margin: 0; font: 14px/1.4 system-ui, sans-serif; color: #222; display: f
 #graph {{ flex: 3; overflow: auto; border-right: 1px solid #ccc; background: #fff; }}
 #side {{ flex: 2; overflow: auto; background: #fafafa; }}
 header {{ padding: 8px 12px; background: #2b3a55; color: #fff; position: sticky; top: 0; }}
-header h1 {{ font-size: 16px; margin: 0; }} header p {{ margin: 2px 0 0; font-size: 12px; opacity: .85; }}
+header a {{ color: #cde; }} header h1 {{ font-size: 16px; margin: 0; }} header p {{ margin: 2px 0 0; font-size: 12px; opacity: .85; }}
 pre {{ margin: 0; padding: 8px 12px; font: 12px/1.45 ui-monospace, monospace; }}
 pre span {{ display: block; white-space: pre; }} pre span:hover {{ background: #eef; cursor: pointer; }}
 pre span.hit {{ background: #ffe58a; }} svg g.node.hit > polygon, svg g.node.hit > ellipse {{ fill: #ffe58a; }}
@@ -257,9 +257,10 @@ document.body.dataset.nodes = document.querySelectorAll('svg g.node').length;
 """
 
 
-def to_html(g, stage: str = "", svg: str | None = None) -> str:
+def to_html(g, stage: str = "", svg: str | None = None, pages: list[str] | None = None) -> str:
     """One self-contained page (no network: styles, script and the Graphviz SVG inline): the
-    graph beside its listing, one line per node; clicking either highlights both."""
+    graph beside its listing, one line per node; clicking either highlights both. `pages`:
+    the stages written beside it as STAGE.html, linked from the header."""
     import html
     names = _names(g)
 
@@ -281,4 +282,6 @@ def to_html(g, stage: str = "", svg: str | None = None) -> str:
     kernels = f", {len(g.groups)} kernels" if g.groups is not None else ""
     summary = f"{sum(1 for n in g.topo() if g.op(n) not in ('input', 'const'))} ops, {len(g.inputs)} inputs{kernels}"
     title = f"{g.name}" + (f" after {stage}" if stage else "")
+    if pages:
+        summary += "<br>" + " · ".join(f"<b>{p}</b>" if p == stage else f'<a href="{p}.html">{p}</a>' for p in pages)
     return _HTML.format(title=html.escape(title), summary=summary, svg=svg, listing="".join(lines))

@@ -123,7 +123,7 @@ def make_parser() -> argparse.ArgumentParser:
 
     i = sub.add_parser("ir", help="print the IR at a stage")
     common(i)
-    i.add_argument("--stage", default="lowered", help=f"one of: {', '.join(STAGES)} (aliases: "
+    i.add_argument("--stage", default="lowered", help=f"one of: {', '.join(STAGES)}, or all (with --format html -o DIR; aliases: "
                    + ", ".join(f"{k}={v}" for k, v in ALIASES.items()) + ")")
     i.add_argument("--program", choices=["train", "eval"], default="train",
                    help="the training step (default) or the evaluation program")
@@ -305,10 +305,30 @@ def _phase(prog, name):
     raise DlcError(f"--phase {name}: no such phase; " + (f"phases: {names}" if names else "this train block has no phases"))
 
 
+def _ir_pages(args) -> int:
+    """`--stage all --format html -o DIR`: one self-contained page per stage, linked in order."""
+    import copy
+    if args.format != "html" or not args.output:
+        raise DlcError("--stage all writes one HTML page per stage: give --format html -o DIR")
+    out = Path(args.output)
+    if out.exists() and not out.is_dir():
+        raise DlcError(f"-o {args.output}: not a directory")
+    out.mkdir(parents=True, exist_ok=True)
+    stages = ["lowered"] + [st for st in PASS_NAMES if args.program == "train" or st not in ("autodiff", "optimizer")]
+    for st in stages:
+        one = copy.copy(args)
+        one.stage, one.output, one.pages = st, str(out / f"{st}.html"), stages
+        _ir(one)
+    print(f"dlc: wrote {len(stages)} pages to {out}/ ({', '.join(f'{st}.html' for st in stages)})", file=sys.stderr)
+    return 0
+
+
 def _ir(args) -> int:
     from compiler import printer
     from compiler.driver import build, optimize
     from compiler.passes import Context
+    if args.stage == "all":
+        return _ir_pages(args)
     stage = ALIASES.get(args.stage, args.stage)
     if stage not in STAGES:
         raise DlcError(f"unknown stage `{args.stage}`; stages: {', '.join(STAGES)}")
@@ -346,7 +366,7 @@ def _ir(args) -> int:
             svg = printer.render(printer.to_dot(g, stage), "svg").decode() if shutil.which("dot") else None
             if svg is None:
                 print("dlc: Graphviz's `dot` is not installed: the page shows the listing only", file=sys.stderr)
-            text = printer.to_html(g, stage, svg)
+            text = printer.to_html(g, stage, svg, getattr(args, "pages", None))
         else:
             batch = prog.settings.get("batch", 32) if lw.trains else 32
             text = printer.to_text(g, stage, prog.params, {"B": batch})

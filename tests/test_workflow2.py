@@ -454,3 +454,18 @@ def test_progress_bar_on_a_terminal_only(dl_file, monkeypatch, terminal, tmp_pat
         assert (tmp_path / "err.txt").read_text() == ""           # not a terminal: no bar at all
     err.close()
     assert [ln.split()[:2] for ln in lines] == [["epoch", "1/2"], ["epoch", "2/2"]]    # the per-epoch lines stay
+
+
+def test_ir_every_stage_as_a_page(capsys, tmp_path):
+    from compiler.passes import PASS_NAMES
+    assert main(["ir", str(ROOT / "examples" / "mlp.dl"), "--stage", "all", "--format", "html",
+                 "-o", str(tmp_path / "pages")]) == 0
+    stages = ["lowered", *PASS_NAMES]
+    assert sorted(p.name for p in (tmp_path / "pages").iterdir()) == sorted(f"{st}.html" for st in stages)
+    for st in stages:
+        page = (tmp_path / "pages" / f"{st}.html").read_text()
+        assert f"mlp after {st}" in page and f"<b>{st}</b>" in page
+        assert all(f'href="{o}.html"' in page for o in stages if o != st)     # linked to the others, locally
+    assert "kernel k0" in (tmp_path / "pages" / "fusion.html").read_text()
+    assert main(["ir", str(ROOT / "examples" / "mlp.dl"), "--stage", "all"]) == 2
+    assert "--format html -o DIR" in capsys.readouterr().err
