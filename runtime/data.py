@@ -511,7 +511,6 @@ def _images(call, base_dir, path, size, channels=1):
     each image read with Pillow, converted to grey (`channels = 1`) or RGB (3), resized to
     size x size (bilinear) and scaled to [0, 1]: x is [N, channels, size, size], y the index
     of its subfolder in sorted order (the names kept for `dlc predict` and the checkpoint)."""
-    from PIL import Image, UnidentifiedImageError
     if not isinstance(path, str) or not path:
         raise DlcError("`images` takes a folder path first", call.loc)
     root = Path(path) if Path(path).is_absolute() else base_dir / path
@@ -534,15 +533,21 @@ def _images(call, base_dir, path, size, channels=1):
             call.loc)
     x = np.empty((len(files), channels, size, size), np.float32)
     for i, (f, _) in enumerate(files):
-        try:
-            with Image.open(f) as im:
-                im = im.convert("L" if channels == 1 else "RGB").resize((size, size), Image.Resampling.BILINEAR)
-                a = np.asarray(im, np.float32) / 255.0
-        except (UnidentifiedImageError, OSError) as e:
-            raise DlcError(f"cannot read the image {f.relative_to(root)}: {e}", call.loc) from None
-        x[i] = a[None] if channels == 1 else a.transpose(2, 0, 1)
+        x[i] = read_image(f, size, channels, call.loc, f.relative_to(root))
     y = np.array([k for _, k in files], np.int32)
-    return {"x": x, "y": y, "__info__": {"class_names": classes}}
+    return {"x": x, "y": y, "__info__": {"class_names": classes, "image": (size, channels)}}
+
+
+def read_image(f: Path, size: int, channels: int, loc=None, shown=None) -> np.ndarray:
+    """An image file as [channels, size, size] in [0, 1]: grey or RGB, resized bilinearly."""
+    from PIL import Image, UnidentifiedImageError
+    try:
+        with Image.open(f) as im:
+            im = im.convert("L" if channels == 1 else "RGB").resize((size, size), Image.Resampling.BILINEAR)
+            a = np.asarray(im, np.float32) / 255.0
+    except (UnidentifiedImageError, OSError) as e:
+        raise DlcError(f"cannot read the image {shown or f}: {e}", loc) from None
+    return a[None] if channels == 1 else a.transpose(2, 0, 1)
 
 
 def _is_float(s: str) -> bool:

@@ -1,6 +1,6 @@
 """`dlc predict`: a trained checkpoint on held-out examples (`--index`), token sequences
-(`--input "3 1 4"`) or feature vectors from a file (`--input-file f.csv|f.npz`, encoded and
-standardized as the training data was); a classifier's class (by name when the data named
+(`--input "3 1 4"`) or feature vectors from a file (`--input-file f.csv|f.npz`, or an image
+for a model trained on `images(...)`; encoded and standardized as the training data was); a classifier's class (by name when the data named
 them), its probabilities and top-k (`--top K`), a regression's values, the raw outputs
 (`--raw`); everything also to `--output preds.csv|npz`.
 """
@@ -15,7 +15,7 @@ import numpy as np
 
 from dsl.diagnostics import DlcError
 
-from .data import EOS, IGNORE, PAD
+from .data import EOS, IGNORE, IMAGE_SUFFIXES, PAD, read_image
 
 
 def encode_inputs(ds, texts: list[str]) -> tuple[dict, list[str]]:
@@ -144,8 +144,11 @@ def read_input_file(ds, path: str) -> tuple[dict, list[str]]:
         x = x.reshape(1, -1) if x.ndim == 1 and x.size == width else x.reshape(len(x), -1) if x.ndim else x
     elif p.suffix == ".csv":
         x = _read_csv(ds, p)
+    elif p.suffix.lower() in IMAGE_SUFFIXES and "image" in ds.info:     # a model trained on images(...)
+        x = read_image(p, *ds.info["image"]).reshape(1, -1)
     else:
-        raise DlcError(f"--input-file {path}: give a .csv or .npz file")
+        kinds = ".csv or .npz" + (" or an image" if "image" in ds.info else "")
+        raise DlcError(f"--input-file {path}: give a {kinds} file")
     if x.ndim != 2 or x.shape[1] != width:
         raise DlcError(f"--input-file {path}: the model takes {width} features per example "
                        f"({'x'.join(map(str, shape))}), the file has {x.shape[1] if x.ndim == 2 else list(x.shape)}")

@@ -469,3 +469,29 @@ def test_ir_every_stage_as_a_page(capsys, tmp_path):
     assert "kernel k0" in (tmp_path / "pages" / "fusion.html").read_text()
     assert main(["ir", str(ROOT / "examples" / "mlp.dl"), "--stage", "all"]) == 2
     assert "--format html -o DIR" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_predict_an_image_file_with_a_model_trained_on_image_folders(capsys, dl_file, tmp_path):
+    from PIL import Image
+
+    from runtime.session import Options, Session
+    rng = np.random.default_rng(8)
+    for k, cls in enumerate(("dark", "light")):
+        (tmp_path / "pics" / cls).mkdir(parents=True)
+        for i in range(6):
+            Image.fromarray(rng.integers(0, 128, (5, 5)).astype(np.uint8) + 127 * k).save(tmp_path / "pics" / cls / f"{i}.png")
+    p = dl_file("model m(x: f32[B, 1, 4, 4]) -> f32[B, 2] {\n    return dense(flatten(x), 2)\n}\n"
+                'train m on images("pics", size = 4, test = 0) {\n    loss = cross_entropy(m(x), y)\n    epochs = 2\n}\n')
+    ck = tmp_path / "m.npz"
+    assert main(["run", str(p), "--quiet", "--save", str(ck)]) == 0
+    capsys.readouterr()
+    img = tmp_path / "pics" / "light" / "3.png"
+    assert main(["predict", str(p), "--load", str(ck), "--input-file", str(img), "--top", "2", "--json"]) == 0
+    row = json.loads(capsys.readouterr().out)["predictions"][0]
+    s = Session(p, Options(epochs=0))
+    s.load(ck)
+    logits = s.run_eval({k: v[9:10] for k, v in s.dataset.train.items()})["output"][0].astype(np.float64)
+    probs = np.exp(logits) / np.exp(logits).sum()                  # test = 0: example 9 is light/3.png
+    assert row["prediction"] == ["dark", "light"][int(np.argmax(logits))]
+    np.testing.assert_allclose(sorted(p for _, p in row["top"]), sorted(probs), rtol=1e-5)
