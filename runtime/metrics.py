@@ -140,8 +140,7 @@ class Accumulator:
         self.task, self.wanted = task, [m for m in wanted if m != "loss"]
         self.keep = keep or bool(self.wanted)        # a full report needs the outputs even unasked
         self.ks = sorted({k for m in self.wanted if (k := top_k(m))})
-        self.parts: list[tuple] = []
-        self.classes = None                          # a classifier's output width
+        self.parts: list[tuple] = []                 # per batch: (prediction, target, rank or None, classes)
 
     def add(self, out: np.ndarray, batch: dict) -> None:
         y = batch.get(self.task.target) if self.task.target else None
@@ -149,13 +148,17 @@ class Accumulator:
             return
         if self.task.kind == "classification":
             if out.ndim == y.ndim + 1:
-                self.classes = out.shape[-1]
                 # the rank of the true class among the scores (0: the argmax) serves every top-k
                 true = np.take_along_axis(out, np.maximum(y, 0)[..., None].astype(np.intp), -1)
                 rank = (out > true).sum(-1) if self.ks else None
-                self.parts.append((out.argmax(-1), y, rank))
+                self.parts.append((out.argmax(-1), y, rank, out.shape[-1]))
         elif y.size == out.size:                  # compared element by element, as the loss does
-            self.parts.append((out, y.reshape(out.shape), None))
+            self.parts.append((out, y.reshape(out.shape), None, None))
+
+    @property
+    def classes(self) -> int | None:
+        """A classifier's output width (the number of classes)."""
+        return self.parts[0][3] if self.parts else None
 
     def _joined(self):
         out = np.concatenate([p[0] for p in self.parts])
