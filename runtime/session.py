@@ -24,7 +24,7 @@ from dsl import ast as A
 from dsl.diagnostics import DlcError
 from dsl.parser import parse_file
 
-from . import checkpoint, data, metrics, numerics, resources
+from . import checkpoint, data, distributed, metrics, numerics, resources
 from .history import EarlyStopping, History
 from .initializers import initialize
 
@@ -124,9 +124,16 @@ class Session:
         self.passes_seconds = time.perf_counter() - t1
         self.eval_ex = build(self.eval_graph)
         self.train_exes: list[Executable] = []
+        self.dist = distributed.world() if self.opt.train else None    # under mpiexec: data-parallel
+        if self.dist is not None:
+            self.dist.check_batch(int(self.settings["batch"]), self.program.setting_locs.get("batch", train.loc))
         if self.opt.train:
             for ph in self.phases:
                 t1 = time.perf_counter()
+                if self.dist is not None:      # a gradient and an update program, an allreduce between
+                    self.train_exes += self.dist.build_phase(self.program, ph, self.opt.fuse)
+                    self.passes_seconds += time.perf_counter() - t1
+                    continue
                 g = optimize(self.program.step_graph(ph), "train", Context.for_phase(self.program, ph), self.opt.fuse)
                 self.passes_seconds += time.perf_counter() - t1
                 self.train_exes.append(build(g))
@@ -256,8 +263,11 @@ class Session:
         watched = self.opt.check_numerics or self.step_count <= numerics.WATCH_STEPS
         snapshot = ({k: v.copy() for k, v in self.params.items()},
                     {k: v.copy() for k, v in self.state.items()}) if watched else None
-        res = dict(zip(ex.outputs, ex(*self._args(ex, batch, sc))))
-        loss = float(res["loss"])
+        if self.dist is None:
+            res = dict(zip(ex.outputs, ex(*self._args(ex, batch, sc))))
+            loss = float(res["loss"])
+        else:                               # this rank's rows; the loss of the global batch
+            res, loss = self.dist.step(self, i, batch, sc)
         history = self.loss_history.setdefault(ph.name, [])
         if not math.isfinite(loss):
             raise numerics.explain_nonfinite(self, i, loss, self.step_count, self.epoch + 1, snapshot, batch, sc,
@@ -308,7 +318,7 @@ class Session:
         train = self.dataset.train
         n = len(train["x"])
         batch, epochs = int(self.settings["batch"]), int(self.settings["epochs"])
-        step_times, history = [], History(self.opt.log_path)
+        step_times, history = [], History(self.opt.log_path if self.dist is None or self.dist.lead else None)
         stopper = self._early_stopping()
         best = None                          # the best epoch's parameters and state (with validation)
         t_train = time.perf_counter()
@@ -325,6 +335,8 @@ class Session:
                        disable=not (progress and sys.stderr.isatty()), unit="batch")
             for s in bar:
                 idx = perm[s:s + batch]
+                if self.dist is not None:
+                    idx = self.dist.shard(idx)
                 b = {k: np.ascontiguousarray(v[idx]) for k, v in train.items()}
                 ph = self.phases[self.next_phase]
                 t0 = time.perf_counter()
@@ -334,6 +346,9 @@ class Session:
                 totals[ph.output][1] += len(idx)
                 acc.add(out, b)
             self.epoch = ep + 1
+            if self.dist is not None:       # every rank's share of the epoch; rank 0's parameters
+                self.dist.reduce_epoch(totals, acc)
+                self.dist.sync(self)
             ep_metrics = {k: t / m for k, (t, m) in totals.items() if m}
             ep_metrics.update(acc.result())
             val = self.evaluate(self.dataset.val)       # the test split waits for the end
@@ -377,6 +392,7 @@ class Session:
             "parameters": int(sum(p.size for p in self.params.values())),
             "seed": self.seed,
             "history": history.epochs,
+            **({"distributed": self.dist.report()} if self.dist is not None else {}),
         }
 
     def losses_text(self, metrics: dict, prefix: str = "") -> str:
@@ -385,6 +401,8 @@ class Session:
 
     # ---- checkpoints -----------------------------------------------------------------------------
     def save(self, path) -> None:
+        if self.dist is not None and not self.dist.lead:      # rank 0 writes
+            return
         checkpoint.save(path, self.params, self.state, {
             "step": self.step_count, "epoch": self.epoch, "model": self.program.model,
             "phases": {ph.name: {"optimizer": ph.optimizer.name, "step": self.phase_steps[ph.name]}
