@@ -28,11 +28,13 @@ FILE` runs on several (each host needs the same dlc, Python packages, `.dl` file
 the same path; only rank 0 writes files). A run outside mpiexec (or with one rank) never
 imports mpi4py and is unchanged.
 
-Random draws (dropout, `normal`, ...) are a function of the step's seed and the element's
-index in its tensor, so a rank's row i draws what row i of a one-process batch would: the
-streams are per local row, not per global example, and a run that draws random numbers
-follows a different (equally distributed) path than one process. Batch normalization
-normalizes over each rank's rows (as PyTorch's DistributedDataParallel without SyncBatchNorm).
+Random draws (dropout, `normal`, ...) are a function of the step's seed and of the element's
+counter in its call site's stream; the training program of a data-parallel run is lowered
+with `row_offsets`, so that a rank's rows draw the counters of their global rows (the step's
+scalar `rng_row`, see `Lowerer.draw_seed`): every example gets the numbers it gets in one
+process. Batch normalization normalizes over each rank's rows (as PyTorch's
+DistributedDataParallel without SyncBatchNorm), so a model with it takes steps close to, not
+equal to, one process's; its running statistics are averaged over the ranks at every step.
 """
 from __future__ import annotations
 
@@ -171,6 +173,7 @@ class World:
         self.comm, self.mpi = comm, mpi
         self.rank, self.size = comm.Get_rank(), comm.Get_size()
         self.steps: list[PhaseStep] = []
+        self.row0 = 0                   # the global index of this rank's first row in the batch
         self.bucket_bytes = int(float(os.environ.get("DLC_BUCKET_MB", "4")) * 2 ** 20)
 
     @property
@@ -211,14 +214,16 @@ class World:
     def shard(self, idx: np.ndarray) -> np.ndarray:
         """This rank's contiguous block of a global batch's rows (sizes differ by at most one)."""
         base, extra = divmod(len(idx), self.size)
-        lo = self.rank * base + min(self.rank, extra)
-        return idx[lo:lo + base + (self.rank < extra)]
+        self.row0 = self.rank * base + min(self.rank, extra)
+        return idx[self.row0:self.row0 + base + (self.rank < extra)]
 
     def step(self, session, phase: int, batch: dict, scalars: dict) -> tuple[dict, float]:
         """One data-parallel step of a phase on this rank's rows: gradients, their average over
         every rank's rows, the update. Returns the gradient program's outputs on these rows and
-        the loss over the global batch."""
+        the loss over the global batch. Random draws take the stream of the rows' global
+        indices: `scalars` gains `rng_row`, the global index of this rank's first row."""
         st = self.steps[phase]
+        scalars["rng_row"] = self.row0
         n = len(next(iter(batch.values())))
         if n:
             res = dict(zip(st.grad.outputs, st.grad(*session._args(st.grad, batch, scalars))))

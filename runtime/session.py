@@ -74,7 +74,8 @@ class Session:
         self.opt = options or Options()
         t0 = time.perf_counter()
         self.module = parse_file(self.path)
-        self.lowerer = Lowerer(self.module, self.opt.dtype)
+        self.dist = distributed.world() if self.opt.train else None    # under mpiexec: data-parallel
+        self.lowerer = Lowerer(self.module, self.opt.dtype, row_offsets=self.dist is not None)
         if not self.lowerer.trains:
             raise DlcError("this file has no `train` block, so there is nothing to run", self.module.loc,
                            ["`dlc check` type-checks a file without one"])
@@ -124,7 +125,6 @@ class Session:
         self.passes_seconds = time.perf_counter() - t1
         self.eval_ex = build(self.eval_graph)
         self.train_exes: list[Executable] = []
-        self.dist = distributed.world() if self.opt.train else None    # under mpiexec: data-parallel
         if self.dist is not None:
             self.dist.check_batch(int(self.settings["batch"]), self.program.setting_locs.get("batch", train.loc))
         if self.opt.train:
