@@ -135,12 +135,10 @@ class Reducer:
                 off += math.prod(shape)
             self.buckets.append(_Bucket(buf, views))
         self.head = self.buckets[0].views[""]
-        self.seconds = 0.0                  # time spent in the reduction (copies included)
 
     def average(self, values: dict, scalars: dict, weight: float) -> tuple[dict, dict]:
         """Each named value (and scalar) averaged over ranks with these weights: the tensors as
         views into the buckets (valid until the next call), the scalars as floats."""
-        t0 = time.perf_counter()
         requests = []
         for i, b in enumerate(self.buckets):
             for name, view in b.views.items():
@@ -155,7 +153,6 @@ class Reducer:
         for b in self.buckets:
             b.buffer /= total
         out = {k: v for b in self.buckets for k, v in b.views.items() if k}
-        self.seconds += time.perf_counter() - t0
         return out, dict(zip(self.scalars, map(float, self.head[:-1])))
 
 
@@ -174,6 +171,7 @@ class World:
         self.rank, self.size = comm.Get_rank(), comm.Get_size()
         self.steps: list[PhaseStep] = []
         self.row0 = 0                   # the global index of this rank's first row in the batch
+        self.seconds = {"gradient": 0.0, "allreduce": 0.0, "update": 0.0}    # rank 0's steps, split
         self.bucket_bytes = int(float(os.environ.get("DLC_BUCKET_MB", "4")) * 2 ** 20)
 
     @property
@@ -205,6 +203,19 @@ class World:
                                     Reducer(self.comm, self.mpi, tensors, ["loss"], dtype, self.bucket_bytes)))
         return [grad, update]
 
+    def in_turn(self, fn) -> None:
+        """Run `fn` (compiling) on the first rank of each machine, then on the others: they find
+        its kernels in the shared disk cache instead of compiling the same ones side by side."""
+        node = self.comm.Split_type(self.mpi.COMM_TYPE_SHARED)
+        try:
+            if node.Get_rank() == 0:
+                fn()
+            node.Barrier()
+            if node.Get_rank() != 0:
+                fn()
+        finally:
+            node.Free()
+
     def check_batch(self, batch: int, loc) -> None:
         if batch < self.size:
             raise DlcError(f"a batch of {batch} cannot be shared by {self.size} ranks: give each rank "
@@ -225,6 +236,7 @@ class World:
         st = self.steps[phase]
         scalars["rng_row"] = self.row0
         n = len(next(iter(batch.values())))
+        t0 = time.perf_counter()
         if n:
             res = dict(zip(st.grad.outputs, st.grad(*session._args(st.grad, batch, scalars))))
             if st.empty_output is None:
@@ -232,10 +244,15 @@ class World:
             values = {**res, **{k: session.state[k] for k in st.state}}
         else:                                       # the tail of an epoch: no rows here
             res, values = {"output": st.empty_output}, {}
+        t1 = time.perf_counter()
         avg, scal = st.reducer.average(values, {"loss": float(res.get("loss", 0.0))}, float(n))
+        t2 = time.perf_counter()
         for k in st.state:
             session.state[k][...] = avg[k]
         st.update(*session._args(st.update, avg, scalars))
+        self.seconds["gradient"] += t1 - t0
+        self.seconds["allreduce"] += t2 - t1
+        self.seconds["update"] += time.perf_counter() - t2
         return res, scal["loss"]
 
     def reduce_epoch(self, totals: dict, acc) -> None:
@@ -254,4 +271,6 @@ class World:
                 self.comm.Bcast(arrays[k], root=0)
 
     def report(self) -> dict:
-        return {"ranks": self.size, "allreduce_seconds": round(sum(s.reducer.seconds for s in self.steps), 3)}
+        """The run's shape, and where rank 0's training steps spent their time (seconds)."""
+        return {"ranks": self.size, "buckets": max(len(s.reducer.buckets) for s in self.steps),
+                **{f"{k}_seconds": round(v, 4) for k, v in self.seconds.items()}}

@@ -224,7 +224,11 @@ class Session:
     def _compile(self):
         b = int(self.settings["batch"])
         exes = self.train_exes + [self.eval_ex]
-        compile_programs([(ex, example_args(ex, {"B": b})) for ex in exes])
+        jobs = [(ex, example_args(ex, {"B": b})) for ex in exes]
+        if self.dist is not None:           # one rank per machine compiles, the others load its kernels
+            self.dist.in_turn(lambda: compile_programs(jobs))
+        else:
+            compile_programs(jobs)
         self.cache_hit = all(ex.cache_hit for ex in exes)
 
     def _args(self, ex: Executable, batch: dict, scalars: dict | None = None) -> list:
