@@ -84,20 +84,25 @@ def world() -> World | None:
     return _world
 
 
-def fail(code: int, message: str) -> int:
+def fail(code: int, message: str, grace: float = 3.0) -> int:
     """End a run of several ranks after an error on this one, printing the message once and
     leaving no rank waiting in a collective forever. Errors are usually the same on every rank
-    (the program and data are): rank 0 prints its message and aborts the job; another rank
-    waits a moment for that, and prints and aborts itself only when its error was its own.
-    Before MPI is started (an error found before training), every rank exits; rank 0 prints."""
+    (the program and data are): the failing ranks meet in a barrier of their own communicator,
+    and when every rank arrives within `grace` seconds, rank 0 prints and all exit with `code`.
+    A rank whose error was its own prints it and aborts the job (MPI_Abort, with `code`).
+    Before MPI is started (an error found before the session), every rank exits; rank 0 prints."""
     if _world is None:
         if env_rank() == 0:
             print(message, file=sys.stderr)
         return code
-    if _world.rank != 0:
-        time.sleep(3.0)
-    print(message if _world.rank == 0 else f"rank {_world.rank}: {message}", file=sys.stderr, flush=True)
-    _world.comm.Abort(code)
+    barrier, deadline = _world.errors.Ibarrier(), time.monotonic() + grace
+    while not barrier.Test():
+        if time.monotonic() > deadline:
+            print(message if _world.rank == 0 else f"rank {_world.rank}: {message}", file=sys.stderr, flush=True)
+            _world.comm.Abort(code)
+        time.sleep(0.01)
+    if _world.rank == 0:
+        print(message, file=sys.stderr)
     return code
 
 
@@ -169,6 +174,7 @@ class World:
     def __init__(self, comm, mpi):
         self.comm, self.mpi = comm, mpi
         self.rank, self.size = comm.Get_rank(), comm.Get_size()
+        self.errors = comm.Dup()        # where failing ranks meet (`fail`), apart from training's messages
         self.steps: list[PhaseStep] = []
         self.row0 = 0                   # the global index of this rank's first row in the batch
         self.seconds = {"gradient": 0.0, "allreduce": 0.0, "update": 0.0}    # rank 0's steps, split

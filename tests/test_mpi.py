@@ -133,3 +133,26 @@ def test_an_error_is_reported_once_and_ends_every_rank(dl_file):
     r = run([f], 2, timeout=120)
     assert r.returncode == 2
     assert r.stderr.count("error: the result of `m` must be f32[B, 10]") == 1, r.stderr
+    assert "Abort" not in r.stderr                  # every rank failed alike: a clean exit
+
+
+LONE_ERROR = """
+import sys
+from runtime import distributed
+w = distributed.world()
+if w.rank == 1:                                     # rank 0 goes on to an allreduce, alone
+    sys.exit(distributed.fail(2, "error: only rank 1 saw this"))
+import numpy as np
+w.comm.Allreduce(w.mpi.IN_PLACE, np.ones(3))
+print("rank 0 was not stopped")
+"""
+
+
+@needs_mpi
+def test_an_error_on_one_rank_ends_the_others(tmp_path):
+    script = tmp_path / "lone.py"
+    script.write_text(LONE_ERROR)
+    r = subprocess.run([MPIEXEC, "-n", "2", sys.executable, str(script)], capture_output=True, text=True,
+                       timeout=60, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert r.returncode == 2
+    assert "rank 1: error: only rank 1 saw this" in r.stderr and "not stopped" not in r.stdout
