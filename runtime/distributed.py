@@ -175,6 +175,11 @@ class World:
         self.comm, self.mpi = comm, mpi
         self.rank, self.size = comm.Get_rank(), comm.Get_size()
         self.errors = comm.Dup()        # where failing ranks meet (`fail`), apart from training's messages
+        node = comm.Split_type(mpi.COMM_TYPE_SHARED)
+        # BLAS threads per rank (unless --threads): the machine's cores shared by its ranks, as
+        # ranks that each start a thread per core slow down many times over
+        self.threads = max(1, (os.cpu_count() or 1) // node.Get_size())
+        node.Free()
         self.steps: list[PhaseStep] = []
         self.row0 = 0                   # the global index of this rank's first row in the batch
         self.seconds = {"gradient": 0.0, "allreduce": 0.0, "update": 0.0}    # rank 0's steps, split

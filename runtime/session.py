@@ -311,9 +311,10 @@ class Session:
     def fit(self, progress: bool = True, log=None) -> dict:
         """Train for the configured epochs; return the final report."""
         from threadpoolctl import threadpool_limits
-        if self.opt.threads is None:
+        threads = self.opt.threads or (self.dist.threads if self.dist is not None else None)
+        if threads is None:
             return self._fit(progress, log)
-        with threadpool_limits(self.opt.threads):
+        with threadpool_limits(threads):
             return self._fit(progress, log)
 
     def _fit(self, progress: bool, log) -> dict:
