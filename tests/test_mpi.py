@@ -156,3 +156,43 @@ def test_an_error_on_one_rank_ends_the_others(tmp_path):
                        timeout=60, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert r.returncode == 2
     assert "rank 1: error: only rank 1 saw this" in r.stderr and "not stopped" not in r.stdout
+
+
+DRAWS = """
+model draws(x: f32[B, 6]) -> f32[B, 6] {
+    noise = reshape(rand_like(reshape(x, [B, 3, 2])), [B, 6])
+    return dropout(x, 0.5) + normal([B, 6]) + noise + normal([6])
+}
+"""
+
+
+@pytest.mark.parametrize("reference", [pytest.param(False, marks=pytest.mark.slow), True], ids=["kernels", "numpy"])
+def test_a_shard_draws_its_global_rows_numbers(reference):
+    """Lowered for data parallelism, rows lo.. of a batch, run with `rng_row = lo`, draw what
+    the same rows draw in the whole batch (uniform, normal, dropout; a draw without the batch
+    axis is the same for every shard); with `rng_row = 0` the numbers are one process's."""
+    from compiler.driver import build, optimize
+    from compiler.lower import Lowerer
+    from compiler.ops import evaluate
+    from compiler.passes import Context
+    from dsl.parser import parse
+
+    def program(row_offsets):
+        lw = Lowerer(parse(DRAWS, "<draws>.dl"), "f64", training=True, row_offsets=row_offsets)
+        g = optimize(lw.lower_model("draws").graph, "eval", Context(), fuse=True)
+        ex = None if reference else build(g)
+
+        def run(x, row=0, seed=2 ** 62 + 12345):     # a seed near the top: the shift wraps
+            feeds = {"x": x, "rng": np.int64(seed), "rng_row": np.int64(row)}
+            if reference:
+                return evaluate(g, {n: np.asarray(feeds[g[n]["name"]]) for n in g.inputs})[g.outputs["output"]]
+            return dict(zip(ex.outputs, ex(*[feeds[g[n]["name"]] for n in g.inputs])))["output"]
+        return run
+
+    shard, one = program(True), program(False)
+    x = np.arange(1.0, 1.0 + 7 * 6).reshape(7, 6)
+    whole = one(x)
+    np.testing.assert_array_equal(shard(x, 0), whole)
+    for lo, hi in [(0, 3), (3, 7), (5, 6)]:
+        np.testing.assert_array_equal(shard(np.ascontiguousarray(x[lo:hi]), lo), whole[lo:hi])
+    assert not np.array_equal(shard(np.ascontiguousarray(x[3:7]), 0), whole[3:7])   # the shift matters
