@@ -118,7 +118,7 @@ class Reducer:
     them over ranks (every bucket's allreduce in flight at once) and divides by the sum of the
     weights. The scalars and the weight ride in the first bucket."""
 
-    def __init__(self, comm, mpi, tensors: list[tuple[str, tuple, str]], scalars: list[str], dtype,
+    def __init__(self, comm, mpi, tensors: list[tuple[str, tuple]], scalars: list[str], dtype,
                  bucket_bytes: int):
         self.comm, self.mpi, self.dtype = comm, mpi, np.dtype(dtype)
         self.scalars = scalars
@@ -126,7 +126,7 @@ class Reducer:
         size = groups[0][0][1][0] * self.dtype.itemsize
         for name, shape in tensors:
             nbytes = math.prod(shape) * self.dtype.itemsize
-            if size + nbytes > bucket_bytes and groups[-1]:
+            if size + nbytes > bucket_bytes:        # (a tensor larger than a bucket has its own)
                 groups.append([])
                 size = 0
             groups[-1].append((name, shape))
@@ -147,8 +147,10 @@ class Reducer:
         requests = []
         for i, b in enumerate(self.buckets):
             for name, view in b.views.items():
-                if name:
-                    np.multiply(values[name], weight, out=view) if weight else view.fill(0)
+                if name and weight:
+                    np.multiply(values[name], weight, out=view)
+                elif name:                          # no rows here: nothing to add
+                    view.fill(0)
             if i == 0:
                 self.head[:-1] = [scalars[k] * weight if weight else 0.0 for k in self.scalars]
                 self.head[-1] = weight
