@@ -89,7 +89,8 @@ def test_two_ranks_train_the_mlp_as_one_process(tmp_path):
     import json
     rep1, rep2 = json.loads(r1.stdout.splitlines()[-1]), json.loads(r2.stdout.splitlines()[-1])
     assert r2.stdout.count("\n") == 1 and r2.stderr.count("epoch   1/1") == 1     # rank 0 reports
-    assert rep2["distributed"]["ranks"] == 2 and rep2["steps"] == rep1["steps"] == 23
+    assert rep2["distributed"]["ranks"] == 2 and rep2["distributed"]["buckets"] == 4
+    assert rep2["steps"] == rep1["steps"] == 23
     assert rep2["train"]["loss"] == pytest.approx(rep1["train"]["loss"], rel=1e-5)
     assert rep2["train"]["accuracy"] == rep1["train"]["accuracy"]      # every rank's examples
     assert rep2["test"]["accuracy"] == rep1["test"]["accuracy"]
