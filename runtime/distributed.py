@@ -277,6 +277,12 @@ class World:
             totals[k][:] = [float(sums[2 * i]), int(sums[2 * i + 1])]
         acc.parts = [p for parts in self.comm.allgather(acc.parts) for p in parts]
 
+    def gather_batches(self, mine: list) -> list:
+        """Evaluation: rank r ran batches r, r + N, r + 2N, ...; every rank gets all of them in
+        order, so that its sums, and so its early-stopping decisions, are one process's."""
+        every = self.comm.allgather(mine)
+        return [every[i % self.size][i // self.size] for i in range(sum(map(len, every)))]
+
     def sync(self, session) -> None:
         """Parameters and state as rank 0 has them (the ranks' copies agree up to rounding)."""
         for arrays in (session.params, session.state):

@@ -295,12 +295,22 @@ class Session:
         if n == 0:
             return {}
         totals, acc = {ph.output: 0.0 for ph in self.phases}, metrics.Accumulator(self.task, self.settings["metrics"])
-        for s in range(0, n, batch_size):
+        batches = []                        # (loss * examples, metric inputs) of each batch, in order
+        starts = range(0, n, batch_size)
+        if self.dist is not None:           # rank r runs batches r, r + N, r + 2N, ...
+            starts = starts[self.dist.rank::self.dist.size]
+        for s in starts:
             b = {k: np.ascontiguousarray(v[s:s + batch_size]) for k, v in split.items()}
             res = self.run_eval(b)
+            one = metrics.Accumulator(self.task, self.settings["metrics"])
+            one.add(res["output"], b)
+            batches.append(({k: float(res[k]) * len(next(iter(b.values()))) for k in totals}, one.parts))
+        if self.dist is not None:           # every rank's batches, in the order one process runs them
+            batches = self.dist.gather_batches(batches)
+        for sums, parts in batches:
             for k in totals:
-                totals[k] += float(res[k]) * len(next(iter(b.values())))
-            acc.add(res["output"], b)
+                totals[k] += sums[k]
+            acc.parts += parts
         return {**{k: v / n for k, v in totals.items()}, **acc.result()}
 
     def run_eval(self, batch: dict, step: int = 0) -> dict:

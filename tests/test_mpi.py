@@ -3,6 +3,7 @@ take the same steps as one process with the same global batch, up to float reduc
 
 Skipped when mpi4py or an mpiexec (the `mpich` wheel's, beside this Python) is missing.
 """
+import json
 import os
 import shutil
 import subprocess
@@ -86,7 +87,6 @@ def test_two_ranks_train_the_mlp_as_one_process(tmp_path):
     assert r2.returncode == 0, r2.stderr
     moved = assert_same_checkpoints(one, two)
     assert moved > 0                                # two reductions, not one copied run
-    import json
     rep1, rep2 = json.loads(r1.stdout.splitlines()[-1]), json.loads(r2.stdout.splitlines()[-1])
     assert r2.stdout.count("\n") == 1 and r2.stderr.count("epoch   1/1") == 1     # rank 0 reports
     assert rep2["distributed"]["ranks"] == 2 and rep2["distributed"]["buckets"] == 4
@@ -102,10 +102,10 @@ model net(x: f32[B, 64]) -> f32[B, 10] {
     return dense(h + 0.1 * normal([B, 32]), 10)
 }
 
-train net on digits(test = 0.2) {
+train net on digits(test = 0.6) {
     loss      = cross_entropy(net(x), y)
     optimizer = sgd(lr = 0.1, momentum = 0.9)
-    batch     = 718
+    batch     = 717
     epochs    = 2
     seed      = 3
 }
@@ -116,15 +116,19 @@ train net on digits(test = 0.2) {
 @pytest.mark.slow
 def test_random_draws_follow_the_global_examples(dl_file, tmp_path):
     """Dropout masks and normal noise are drawn per global example, not per rank: two ranks
-    match one process. The 1,437 training digits in batches of 718 leave a last batch of one
-    row, so rank 1 has none there (it contributes nothing and waits for the average)."""
+    match one process. The 718 training digits in batches of 717 leave a last batch of one
+    row, so rank 1 has none there (it contributes nothing and waits for the average). The
+    1,079 test digits are 3 evaluation batches of 512 shared round robin (the noise, drawn
+    in evaluation too, is the same per batch)."""
     f = dl_file(DROPOUT)
     one, two = tmp_path / "one.safetensors", tmp_path / "two.safetensors"
-    r1 = run([f, "--quiet", "--save", one], None)
+    r1 = run([f, "--quiet", "--json", "--save", one], None)
     assert r1.returncode == 0, r1.stderr
-    r2 = run([f, "--quiet", "--save", two], 2)
+    r2 = run([f, "--quiet", "--json", "--save", two], 2)
     assert r2.returncode == 0, r2.stderr
     assert_same_checkpoints(one, two)
+    t1, t2 = (json.loads(r.stdout.splitlines()[-1])["test"] for r in (r1, r2))
+    assert t2["loss"] == pytest.approx(t1["loss"], rel=1e-5) and t2["accuracy"] == t1["accuracy"]
 
 
 @needs_mpi
