@@ -19,9 +19,10 @@ to the order of float additions. The values travel in buckets (one flat buffer e
 DLC_BUCKET_MB megabytes, default 4), all in flight at once (non-blocking allreduces).
 
 Rank 0 writes checkpoints, logs, plots and the report; training metrics are reduced across
-ranks at the end of each epoch; evaluation (validation, test) runs on every rank, so that all
-take the same early-stopping decisions; parameters and state are broadcast from rank 0 at the
-end of each epoch so that ranks cannot drift apart through the reduction's rounding.
+ranks at the end of each epoch. Evaluation (validation, test) shares its batches round robin
+and gathers their sums in one process's order, so every rank computes one process's figures
+and takes the same early-stopping decisions. Parameters and state are broadcast from rank 0
+at the end of each epoch, so that ranks cannot drift apart through the reduction's rounding.
 
 Nothing here is tied to one machine: it is plain MPI, so `mpiexec -hosts a,b -n 8 dlc run
 FILE` runs on several (each host needs the same dlc, Python packages, `.dl` file and data at
