@@ -201,3 +201,16 @@ def test_a_shard_draws_its_global_rows_numbers(reference):
     for lo, hi in [(0, 3), (3, 7), (5, 6)]:
         np.testing.assert_array_equal(shard(np.ascontiguousarray(x[lo:hi]), lo), whole[lo:hi])
     assert not np.array_equal(shard(np.ascontiguousarray(x[3:7]), 0), whole[3:7])   # the shift matters
+
+
+def test_a_draw_that_cannot_follow_the_global_rows_is_refused():
+    """Under mpiexec a draw whose batch axis is not its first would give ranks other numbers
+    than one process: a located error, while one process lowers it as before."""
+    from compiler.lower import Lowerer
+    from dsl.diagnostics import DlcError
+    from dsl.parser import parse
+    src = "model m(x: f32[B, 6]) -> f32[B, 6] {\n    return x + transpose(normal([6, B]))\n}\n"
+    with pytest.raises(DlcError, match="data-parallel training") as e:
+        Lowerer(parse(src, "<t>.dl"), "f64", row_offsets=True).lower_model("m")
+    assert (e.value.loc.line, e.value.loc.col) == (2, 26) and "[6, B]" in e.value.render()
+    Lowerer(parse(src, "<t>.dl"), "f64").lower_model("m")
