@@ -221,14 +221,12 @@ class World:
         """Run `fn` (compiling) on the first rank of each machine, then on the others: they find
         its kernels in the shared disk cache instead of compiling the same ones side by side."""
         node = self.comm.Split_type(self.mpi.COMM_TYPE_SHARED)
-        try:
-            if node.Get_rank() == 0:
-                fn()
-            node.Barrier()
-            if node.Get_rank() != 0:
-                fn()
-        finally:
-            node.Free()
+        if node.Get_rank() == 0:
+            fn()                        # (an error here ends the job: see `fail`)
+        node.Barrier()
+        if node.Get_rank() != 0:
+            fn()
+        node.Free()
 
     def check_batch(self, batch: int, loc) -> None:
         if batch < self.size:
