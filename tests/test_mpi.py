@@ -3,6 +3,7 @@ take the same steps as one process with the same global batch, up to float reduc
 
 Skipped when mpi4py or an mpiexec (the `mpich` wheel's, beside this Python) is missing.
 """
+import importlib.util
 import json
 import os
 import shutil
@@ -25,7 +26,7 @@ def _mpiexec() -> str | None:
 
 
 MPIEXEC = _mpiexec()
-needs_mpi = pytest.mark.skipif(MPIEXEC is None or not __import__("importlib.util").util.find_spec("mpi4py"),
+needs_mpi = pytest.mark.skipif(MPIEXEC is None or importlib.util.find_spec("mpi4py") is None,
                                reason="mpi4py and mpiexec (pip install 'dlc[mpi]') are not installed")
 
 
@@ -72,6 +73,7 @@ def test_single_process_does_not_start_mpi(monkeypatch):
     assert not distributed.launched() and distributed.world() is None
     monkeypatch.setenv("PMI_SIZE", "1")             # `mpiexec -n 1`: an ordinary run
     assert distributed.world() is None
+    assert "mpi4py" not in sys.modules
 
 
 @needs_mpi
