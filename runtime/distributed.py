@@ -226,6 +226,7 @@ class World:
         node.Barrier()
         if node.Get_rank() != 0:
             fn()
+        node.Barrier()                  # and training starts together
         node.Free()
 
     def check_batch(self, batch: int, loc) -> None:
