@@ -529,14 +529,15 @@ class _Module:
             lines.append(self.t.launch(kname + "i" if inline and grp.pattern != "scan" else kname, call_args, grp))
             if not inline:
                 self.calls.append((kname, [self.arg_type(g, x) for x in reads + writes] + [("int",)] * len(dims)))
+        compiled = mode == "body" or self.compiled_step
         for st, v in plan.copies:
-            lines.append(f"{plan.storage[st]}.reshape(-1)[:] = {plan.storage[v]}.reshape(-1)")
+            lines.append(self.copy(plan.storage[st], plan.storage[v], compiled))
         args = [f"a{i}" for i in range(len(g.inputs))]
         outs = list(g.outputs)
         if mode == "body":
             dests = [f"o{i}" for i in range(len(outs))]
             for dname, k in zip(dests, outs):
-                lines.append(f"{dname}.reshape(-1)[:] = {plan.storage[g.outputs[k]]}.reshape(-1)")
+                lines.append(self.copy(dname, plan.storage[g.outputs[k]], True))
             head = [f"# ---- {fname}: one step of a scan ({', '.join(outs)}) ----", self.inlinable(len(args + dests)),
                     f"def {fname}({', '.join(args + dests)}):"]
             return head + ["    " + x for x in binds + lines] + ["    return", ""]
@@ -545,6 +546,17 @@ class _Module:
         head += [self.t.step_decorator] if self.compiled_step else ["# (plain Python: each kernel is compiled alone)"]
         head += [f"def {fname}({', '.join(args)}):"]
         return head + ["    " + x for x in binds + lines] + [f"    return ({ret}{',' if len(outs) == 1 else ''})", ""]
+
+    def copy(self, dst: str, src: str, compiled: bool) -> str:
+        """`dst[...] = src` element by element (same size, C order). Compiled code calls the
+        target's copy helper: Numba compiles a slice assignment's shape check anew at every
+        site (about 0.1 s each, half of a GRU decoder's scan compile)."""
+        helper = getattr(self.t, "copy_helper", None)
+        if not compiled or helper is None:
+            return f"{dst}.reshape(-1)[:] = {src}.reshape(-1)"
+        if helper not in self.helpers:
+            self.helpers.append(helper)
+        return f"_copy({dst}, {src})"
 
     def inlinable(self, nparams: int) -> str:
         """The decorator of a scan loop or body: inlined where it is called, except with more
@@ -574,7 +586,7 @@ class _Module:
         for i in range(nc):
             shape = g.shape(args[i])
             lines.append(f"cb{i} = np.empty({r.shape_expr((2,) + tuple(shape))}, {NP_DTYPE[g.dtype(args[i])]})")
-            lines.append(f"cb{i}[0].reshape(-1)[:] = {names[i]}.reshape(-1)")
+            lines.append(self.copy(f"cb{i}[0]", names[i], True))
         ydest = []
         for j in range(ny):
             if nc + j in outs:
@@ -588,13 +600,13 @@ class _Module:
         lines.append("    cur = s % 2")
         for i in range(nc):
             if a.get("save") and nc + ny + i in outs:
-                lines.append(f"    {outs[nc + ny + i]}[t].reshape(-1)[:] = cb{i}[cur].reshape(-1)")
+                lines.append("    " + self.copy(f"{outs[nc + ny + i]}[t]", f"cb{i}[cur]", True))
         call = [f"cb{i}[cur]" for i in range(nc)] + [f"{names[nc + j]}[t]" for j in range(ni)]
         call += names[nc + ni:] + [f"cb{i}[1 - cur]" for i in range(nc)] + ydest
         lines.append(f"    {bname}({', '.join(call)})")
         for i in range(nc):
             if i in outs:
-                lines.append(f"{outs[i]}.reshape(-1)[:] = cb{i}[T % 2].reshape(-1)")
+                lines.append(self.copy(outs[i], f"cb{i}[T % 2]", True))
         return k.finish(lines)
 
     def source(self, g, step_lines) -> str:
