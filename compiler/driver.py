@@ -1,4 +1,9 @@
-"""The compiler's front door: program -> pipeline -> memory plan -> code -> loaded kernels."""
+"""The compiler's front door: program -> pipeline -> memory plan -> code -> loaded kernels.
+
+The runtime reaches the compiler through here (and `compiler/api.py`): `Lowerer` turns a parsed
+file into `Program`s, `optimize_eval`/`optimize_phase` run the pass pipeline of the evaluation
+program and of one phase's training step, `build` generates and loads the code, and
+`compile_programs` has Numba compile (or load) every kernel."""
 from __future__ import annotations
 
 import inspect
@@ -11,8 +16,12 @@ from dataclasses import dataclass, field
 import numba
 import numpy as np
 
+from dsl import ast as A
+
 from . import cache
+from .bounds import index_reads  # noqa: F401  (for the runtime: the data checks of index reads)
 from .codegen import TARGETS, generate
+from .lower import Frame, Lowerer, Phase, Program  # noqa: F401  (for the runtime: the front end)
 from .memory import plan as plan_memory
 from .passes import Context, pipeline, run_pipeline
 from .shapes import DTYPES
@@ -149,6 +158,27 @@ def _compile_share(share: list) -> None:
 
 def optimize(graph, kind: str, ctx: Context, fuse: bool = True, stop_after: str | None = None):
     return run_pipeline(graph, pipeline(kind, fuse), ctx, stop_after)
+
+
+def optimize_eval(graph, fuse: bool = True, stop_after: str | None = None):
+    """The evaluation (or sampling) program's pipeline: no gradients, no optimizer."""
+    return optimize(graph, "eval", Context(), fuse, stop_after)
+
+
+def optimize_phase(program: Program, phase: Phase, fuse: bool = True, stop_after: str | None = None):
+    """One phase's training step: its forward graph, its gradients and its optimizer's update."""
+    return optimize(program.step_graph(phase), "train", Context.for_phase(program, phase), fuse, stop_after)
+
+
+def literal_setting(lowerer: Lowerer, train: A.TrainDef, name: str):
+    """A train block setting needed before lowering (the seed splits the data), when it is a
+    compile-time integer such as `seed = 2 * 3`; None otherwise (lowering reports any other
+    value)."""
+    for st in train.body:
+        if isinstance(st, A.Assign) and st.name == name:
+            v = lowerer.eval(st.value, Frame({}, {}, "", "train", None))
+            return v if isinstance(v, int) and not isinstance(v, bool) else None
+    return None
 
 
 def _numba_type(t: tuple):
