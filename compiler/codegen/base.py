@@ -160,31 +160,14 @@ class _Kernel:
         if self.flat_loop:
             return f"{self.flat_view(self.param(a))}[i]"
         spec = OPS[g.op(consumer)]
-        shape = g.shape(a)
-        if spec.name == "onehot":           # the label at the output index without its last axis
-            idx, it_shape = idx[:-1], it_shape[:-1]
-        if spec.name == "slice":            # x at the index shifted by `start` along the axis
-            at = g.attrs(consumer)
-            j = list(idx)
-            j[at["axis"]] = f"{idx[at['axis']]} + {at['start']}"
-            return f"{self.param(a)}[{', '.join(j)}]"
-        if spec.name == "unslice":          # dy at the index shifted back (guarded by the template)
-            at = g.attrs(consumer)
-            j = list(idx)
-            j[at["axis"]] = f"{idx[at['axis']]} - {at['start']}"
-            return f"{self.param(a)}[{', '.join(j)}]"
-        if spec.name == "take":             # table[ids[i...], j]
-            if pos == 0:
-                ids = self.read(g.args(consumer)[1], consumer, 1, idx, it_shape, local)
-                return f"{self.param(a)}[{ids}, {idx[-1]}]"
-            idx, it_shape = idx[:-1], it_shape[:-1]
-        if spec.name == "transpose":        # x[j] with j[perm[k]] = i[k]
-            perm = g.attrs(consumer)["perm"]
-            j = [None] * len(perm)
-            for kk, pk in enumerate(perm):
-                j[pk] = idx[kk]
-            return f"{self.param(a)}[{', '.join(j)}]"
-        return f"{self.param(a)}[{self.index(shape, idx, it_shape)}]"
+        if pos in spec.remaps:              # at the op's own index (shifted, permuted, gathered)
+            at = ", ".join(spec.read_at(g.attrs(consumer), pos, list(idx)))
+            if "{" in at:                   # it depends on another argument's value (take's ids)
+                args = g.args(consumer)
+                at = at.format(*[self.read(b, consumer, k, idx, it_shape, local) if f"{{{k}}}" in at else ""
+                                 for k, b in enumerate(args)])
+            return f"{self.param(a)}[{at}]"
+        return f"{self.param(a)}[{self.index(g.shape(a), idx, it_shape)}]"
 
     def compute(self, n, idx, it_shape, local) -> str:
         """Assign node n's value at the loop index to a local; return the statement."""
@@ -248,7 +231,7 @@ class _Kernel:
             return False
         for n in nodes:
             spec = OPS[g.op(n)]
-            if spec.remaps or spec.name in ("onehot", "unslice", "size", "iota"):
+            if not spec.flat:
                 return False
             for a in g.args(n):
                 if a in nodes or g.op(a) == "const" or (g.op(a) == "input" and self.r.input_kind[a] == "scalar"):
