@@ -54,6 +54,7 @@ class Executable:
     distinct_kernels: int = 0
     codegen_seconds: float = 0.0
     numba_seconds: float = 0.0
+    numba_compiled: int = 0        # functions Numba compiled here, not loaded from its cache
 
     def __call__(self, *args):
         return self.fn(*args)
@@ -130,6 +131,9 @@ def compile_programs(programs: list[tuple[Executable, list]], workers: int | Non
     for ex, fn, sig in jobs:                          # the rest: loaded from the cache the children filled
         _compile_repairing_cache(fn, sig)
     dt = time.perf_counter() - t0
+    by_workers = {(id(fn), sig) for share in shares[1:] for fn, sig in share} if children else set()
+    for ex, fn, sig in jobs:                          # compiled here or by a worker, not loaded from the cache
+        ex.numba_compiled += bool(fn.stats.cache_misses.get(sig)) or (id(fn), sig) in by_workers
     for ex, _ in programs:
         ex.cache_hit = not any(j[0] is ex for j in fresh)
     total = len(jobs) or 1

@@ -137,6 +137,7 @@ class Session:
                 "passes": round(self.passes_seconds, 3),
                 "codegen": round(sum(ex.codegen_seconds for ex in exes), 3),
                 "numba": round(sum(ex.numba_seconds for ex in exes), 3),
+                "numba_compiled": sum(ex.numba_compiled for ex in exes),   # not loaded from the cache
                 "kernels": sum(ex.kernels for ex in exes),
                 "distinct_kernels": len({id(fn) for ex in exes for fn in ex.kernel_functions()})}
 

@@ -110,6 +110,30 @@ def test_train_and_eval_programs_share_kernel_modules():
     assert set(mt["modules"]) & set(me["modules"])
 
 
+GRU_TAGGER = """
+model tag(x: f64[B, 6, 4], y: i64[B, 6]) {
+    hs = scan xt in x, h = zeros([B, 8]) {
+        h = gru_cell(xt, h)
+        yield h
+    }
+    return cross_entropy(dense(hs, 3), y)
+}
+"""
+
+
+def test_compiled_code_copies_through_one_helper():
+    """Scan carries and body outputs are copied by `_copy`, compiled once per array type: a
+    slice assignment (`a.reshape(-1)[:] = b.reshape(-1)`) makes Numba compile its shape check
+    anew at every site (half of a GRU decoder's scan compile). The Python step keeps NumPy's."""
+    g, _ = train_graph(GRU_TAGGER)
+    source, _ = generate(g, plan_memory(g), CpuTarget(), compiled_step=False)
+    compiled, step = source.split("\ndef step(")
+    assert "[:] = " not in compiled.replace("reshape(-1)[:] = 0", "")
+    assert len(re.findall(r"^def _copy\(", compiled, re.M)) == 1
+    assert len(re.findall(r"\b_copy\(cb\d+\[0\], ", compiled)) >= 2     # the carries enter the loop
+    assert "_copy(" not in step
+
+
 def _feeds(ex, rng):
     args = example_args(ex, {"B": 3})
     out = []
@@ -177,3 +201,4 @@ def test_run_json_reports_the_compile_split(tmp_path):
         assert 0 < c["distinct_kernels"] <= c["kernels"]
     assert reps[0]["kernel_cache_hit"] is False and reps[1]["kernel_cache_hit"] is True
     assert warm["numba"] < cold["numba"]
+    assert cold["numba_compiled"] > 0 and warm["numba_compiled"] == 0    # warm: Numba only loads
