@@ -54,6 +54,8 @@ class Op:
     read_at: Callable | None = None       # (attrs, pos, idx) -> the index expressions at which
                                           # arg `pos` (one of `remaps`) is read at output index
                                           # `idx`; "{k}" stands for arg k's value there
+    builtin: tuple = ()                   # the parameters of the `.dl` builtin of its name that
+                                          # applies it alone (generated in compiler/builtins.py)
 
     def __post_init__(self):
         self.user_name = self.user_name or self.name
@@ -129,11 +131,12 @@ def _unary_infer(float_only=True):
     return infer
 
 
-def unary(name, ref, scalar, float_only=True):
-    return register(Op(name, Kind.ELEMENTWISE, _unary_infer(float_only), ref=ref, scalar=scalar))
+def unary(name, ref, scalar, float_only=True, builtin=("x",)):
+    """An elementwise op of one argument, by default also the builtin `name(x)`."""
+    return register(Op(name, Kind.ELEMENTWISE, _unary_infer(float_only), ref=ref, scalar=scalar, builtin=builtin))
 
 
-neg = unary("neg", np.negative, "(-{0})", float_only=False)
+neg = unary("neg", np.negative, "(-{0})", float_only=False, builtin=())     # the operator `-x`
 exp = unary("exp", np.exp, "np.exp({0})")
 log = unary("log", np.log, "np.log({0})")
 sqrt = unary("sqrt", np.sqrt, "np.sqrt({0})")
@@ -224,8 +227,9 @@ def _div_infer(s, d, a):
     return _binary_infer(s, d, a)
 
 
-def binary(name, ref, scalar, infer=_binary_infer):
-    return register(Op(name, Kind.BROADCAST, infer, ref=ref, scalar=scalar))
+def binary(name, ref, scalar, infer=_binary_infer, builtin=()):
+    """A broadcasting op of two arguments (an operator, or with `builtin` the builtin `name(a, b)`)."""
+    return register(Op(name, Kind.BROADCAST, infer, ref=ref, scalar=scalar, builtin=builtin))
 
 
 add = binary("add", np.add, "({0} + {1})")
@@ -233,8 +237,8 @@ sub = binary("sub", np.subtract, "({0} - {1})")
 mul = binary("mul", np.multiply, "({0} * {1})")
 div = binary("div", np.divide, "({0} / {1})", _div_infer)
 pow_ = binary("pow", np.power, "({0} ** {1})")
-maximum = binary("maximum", np.maximum, "({0} if {0} >= {1} else {1})")
-minimum = binary("minimum", np.minimum, "({0} if {0} <= {1} else {1})")
+maximum = binary("maximum", np.maximum, "({0} if {0} >= {1} else {1})", builtin=("a", "b"))
+minimum = binary("minimum", np.minimum, "({0} if {0} <= {1} else {1})", builtin=("a", "b"))
 
 
 @add.def_grad

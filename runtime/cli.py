@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 from pathlib import Path
 
@@ -317,7 +316,6 @@ def _plural(n: int, noun: str) -> str:
 
 
 def _size(shape):
-    import math
     return math.prod(shape)
 
 
