@@ -3,6 +3,7 @@ imports (each file once) and the standard library (`dsl/stdlib/*.dl`, which user
 override)."""
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 from dsl import ast as A
@@ -10,6 +11,13 @@ from dsl.diagnostics import DlcError
 from dsl.parser import parse_file
 
 STDLIB_DIR = Path(__file__).resolve().parent.parent / "dsl" / "stdlib"
+
+
+@functools.cache
+def stdlib() -> tuple[A.Module, ...]:
+    """The standard library's modules, parsed once per process (ASTs are immutable; a Session
+    lowers its file twice, for training and for evaluation)."""
+    return tuple(parse_file(f) for f in sorted(STDLIB_DIR.glob("*.dl")))
 
 
 class Definitions:
@@ -22,8 +30,8 @@ class Definitions:
         self.models: dict[str, A.FuncDef] = {}
         self.trains: list[A.TrainDef] = []
         self.generators: dict[str, A.FuncDef] = {}     # sampling programs (`generate`)
-        for f in sorted(STDLIB_DIR.glob("*.dl")):
-            self._collect(parse_file(f), stdlib=True)
+        for lib in stdlib():
+            self._collect(lib, stdlib=True)
         self._load(module, seen=set())
 
     def _load(self, module: A.Module, seen: set, top: bool = True):
