@@ -50,11 +50,23 @@ def module_key(source: str, target: str) -> str:
     return h.hexdigest()[:24]
 
 
-def compiled(fn) -> bool:
-    """Has Numba cached the jitted function `fn` of a module here (its index file in
-    `__pycache__`, named by module, function and line)?"""
+def compiled_index() -> set[str]:
+    """The functions Numba has cached here, as `module.function-line`: the names of the index
+    files in `__pycache__` (`<module>.<function>-<line>.py<version>.nbi`), listed once (a
+    long-used cache holds thousands of files: a glob per kernel took seconds)."""
+    try:
+        with os.scandir(cache_dir() / "__pycache__") as it:
+            return {e.name.rsplit(".", 2)[0] for e in it if e.name.endswith(".nbi")}
+    except FileNotFoundError:
+        return set()
+
+
+def compiled(fn, index: set[str] | None = None) -> bool:
+    """Has Numba cached the jitted function `fn` of a module here? (`index`: from
+    `compiled_index()`, to ask about many functions.)"""
     f = fn.py_func
-    return any((cache_dir() / "__pycache__").glob(f"{f.__module__}.{f.__qualname__}-{f.__code__.co_firstlineno}.*.nbi"))
+    key = f"{f.__module__}.{f.__qualname__}-{f.__code__.co_firstlineno}"
+    return key in (compiled_index() if index is None else index)
 
 
 def load(source: str, target: str, name: str | None = None):

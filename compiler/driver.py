@@ -111,7 +111,8 @@ def compile_programs(programs: list[tuple[Executable, list]], workers: int | Non
             if (id(fn), sig) not in seen and sig not in fn.overloads:
                 seen.add((id(fn), sig))
                 jobs.append((ex, fn, sig))
-    fresh = [j for j in jobs if not cache.compiled(j[1])]
+    index = cache.compiled_index()
+    fresh = [j for j in jobs if not cache.compiled(j[1], index)]
     if workers is None:
         workers = int(os.environ.get("DLC_COMPILE_WORKERS", max((os.cpu_count() or 1) - 1, 0)))
     shares = _share([(fn, sig) for _, fn, sig in fresh], workers + 1) if len(fresh) > 1 and workers > 0 else []
