@@ -167,12 +167,28 @@ def optimize(graph, kind: str, ctx: Context, fuse: bool = True, stop_after: str 
 
 def optimize_eval(graph, fuse: bool = True, stop_after: str | None = None):
     """The evaluation (or sampling) program's pipeline: no gradients, no optimizer."""
-    return optimize(graph, "eval", Context(), fuse, stop_after)
+    return _optimize_stored(graph, "eval", Context(), fuse, stop_after)
 
 
 def optimize_phase(program: Program, phase: Phase, fuse: bool = True, stop_after: str | None = None):
     """One phase's training step: its forward graph, its gradients and its optimizer's update."""
-    return optimize(program.step_graph(phase), "train", Context.for_phase(program, phase), fuse, stop_after)
+    return _optimize_stored(program.step_graph(phase), "train", Context.for_phase(program, phase), fuse, stop_after)
+
+
+def _optimize_stored(graph, kind: str, ctx: Context, fuse: bool, stop_after: str | None):
+    """The whole pipeline's result, from the kernel cache when this compiler optimized the same
+    graph with the same options before (a warm run skips the passes); partial runs are not
+    stored."""
+    if stop_after is not None:
+        return optimize(graph, kind, ctx, fuse, stop_after)
+    opt = ctx.optimizer
+    key = cache.object_key("optimized", graph, kind, fuse, sorted(ctx.params.items()), ctx.phase, ctx.expose_grads,
+                           (opt.name, sorted(opt.options.items())) if opt is not None else None)
+    g = cache.load_object(key)
+    if g is None:
+        g = optimize(graph, kind, ctx, fuse)
+        cache.store_object(key, g)
+    return g
 
 
 def literal_setting(lowerer: Lowerer, train: A.TrainDef, name: str):

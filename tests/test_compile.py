@@ -202,3 +202,35 @@ def test_run_json_reports_the_compile_split(tmp_path):
     assert reps[0]["kernel_cache_hit"] is False and reps[1]["kernel_cache_hit"] is True
     assert warm["numba"] < cold["numba"]
     assert cold["numba_compiled"] > 0 and warm["numba_compiled"] == 0    # warm: Numba only loads
+
+
+def test_warm_runs_load_the_optimized_graph(tmp_path, monkeypatch):
+    """The pass pipeline's result is stored in the kernel cache under the lowered graph, the
+    options and the compiler's source: the same program again loads it (no pass runs); other
+    options, or a damaged file, run the passes."""
+    from compiler import cache, driver
+    from compiler.program import Phase
+    monkeypatch.setenv("DLC_CACHE_DIR", str(tmp_path))
+    runs = []
+    real = driver.optimize
+    monkeypatch.setattr(driver, "optimize", lambda *a, **k: runs.append(a[1]) or real(*a, **k))
+
+    def step(fuse=True, **options):
+        _, prog = lower_function(SMALL)
+        prog.graph.outputs["loss"] = prog.graph.outputs.pop("output")
+        phase = Phase("", prog.graph.outputs["loss"], list(prog.params), OptimizerSpec("adam", 1e-3, **options))
+        return driver.optimize_phase(prog, phase, fuse)
+
+    first = step()
+    again = step()
+    assert runs == ["train"]
+    assert list(again.g.nodes(data=True)) == list(first.g.nodes(data=True)) and again.outputs == first.outputs
+    assert again.updates == first.updates and again.grad_of == first.grad_of
+    step(fuse=False)
+    step(beta1=0.8)
+    assert runs == ["train"] * 3
+    for f in (tmp_path / "kernels" / "objects").glob("*.pkl"):
+        f.write_bytes(f.read_bytes()[:50])                     # truncated
+    step()
+    assert runs == ["train"] * 4
+    assert cache.compiler_digest() == cache.compiler_digest() and len(cache.compiler_digest()) == 64
