@@ -8,6 +8,11 @@ everything the function calls too).
 
 A train block lowers to one graph holding every phase's loss (`Program.phases`); each phase's
 training step is cut out of it (`Program.step_graph`).
+
+Here: expressions, calls, statements, parameters and state. Beside it: `program.py` (the
+values and what lowering produces), `definitions.py` (imports and the standard library),
+`typecheck.py` (declared types and sizes), `scan_lowering.py` (scan bodies), `builtins.py`,
+`indexing.py`, `train_block.py` and `generate.py`.
 """
 from __future__ import annotations
 
