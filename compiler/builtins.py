@@ -380,7 +380,7 @@ def _rand_like(lw, e, x):
     step; each call site draws its own stream)."""
     x = _tensor(lw, e, x)
     lw.rng_salt += 1
-    return _T(lw.g.add("rand_uniform", lw.rng_input(), shape=lw.g.shape(x), salt=lw.rng_salt,
+    return _T(lw.g.add("rand_uniform", lw.draw_seed(lw.g.shape(x), 1, e.loc), shape=lw.g.shape(x), salt=lw.rng_salt,
                        dtype=lw.float_dtype if lw.g.dtype(x) not in FLOATS else lw.g.dtype(x)))
 
 
@@ -488,7 +488,8 @@ def _sample(lw, e, logits, temperature):
     if not isinstance(temperature, (int, float)) or temperature <= 0:
         raise DlcError("`sample`: temperature must be a positive number", e.loc)
     lw.rng_salt += 1
-    return _T(lw.g.add("sample", _tensor(lw, e, logits), lw.rng_input(), salt=lw.rng_salt,
+    logits = _tensor(lw, e, logits)          # one counter per row of classes
+    return _T(lw.g.add("sample", logits, lw.draw_seed(lw.g.shape(logits)[:-1], 1, e.loc), salt=lw.rng_salt,
                        temperature=float(temperature)))
 
 
@@ -562,7 +563,8 @@ def _draw(lw, e, op, shape, dtype):
     if dtype not in ("float", "f32", "f64"):
         raise DlcError(f'`{e.func}`: dtype is "float", "f32" or "f64", got {lw._describe(dtype)}', e.loc)
     lw.rng_salt += 1
-    return _T(lw.g.add(op, lw.rng_input(), shape=tuple(shape), salt=lw.rng_salt,
+    seed = lw.draw_seed(tuple(shape), 2 if op == "rand_normal" else 1, e.loc)    # Box-Muller: 2 uniforms each
+    return _T(lw.g.add(op, seed, shape=tuple(shape), salt=lw.rng_salt,
                        dtype=lw.float_dtype if dtype == "float" else dtype))
 
 

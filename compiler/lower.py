@@ -38,8 +38,9 @@ MAX_DEPTH = 64
 
 class Lowerer:
     def __init__(self, module: A.Module, float_dtype: str = "f32", training: bool = True,
-                 temperature: float = 0.0):
+                 temperature: float = 0.0, row_offsets: bool = False):
         self.float_dtype = float_dtype
+        self.row_offsets = row_offsets          # data-parallel: draws follow the global batch's rows
         self.training = training
         self.temperature = temperature          # decoding: 0 = greedy, > 0 = sampling
         defs = Definitions(module)
@@ -57,6 +58,30 @@ class Lowerer:
         self.layers: list[tuple] = []     # (scope, function, output shape, params, state values)
         self.last_scope = ""
         self._rng = None
+        self._rng_row = None
+
+    def draw_seed(self, shape: tuple, per_element: int, loc: Loc | None) -> int:
+        """The seed of a random draw over `shape` taking `per_element` counters of its stream per
+        element. Lowered for data-parallel training (`row_offsets`), where a rank runs rows
+        r0, r0 + 1, ... of the global batch as its rows 0, 1, ..., a draw whose first axis is
+        the batch is shifted to the counters of those global rows: the stream is a function of
+        seed + counter * COUNTER_STRIDE (mod 2**64), so moving the counter by r0 * (counters per
+        row) adds r0 * (counters per row) * COUNTER_STRIDE to the seed, r0 being the run-time
+        scalar input `rng_row`. A draw without the batch axis is the same on every rank."""
+        from .ops_nn import COUNTER_STRIDE
+        seed = self.rng_input()
+        if not self.row_offsets or "B" not in shape:
+            return seed
+        if shape[0] != "B" or not all(isinstance(d, int) for d in shape[1:]) or self.scans:
+            raise DlcError("data-parallel training (mpiexec) cannot yet give this random draw the numbers "
+                           "of one process: it needs the batch as the draw's first axis, fixed sizes for the "
+                           "others, and no scan around it", loc, [f"the draw's shape is {fmt_shape(shape)}"])
+        stride = math.prod(shape[1:]) * per_element * COUNTER_STRIDE % 2 ** 64
+        if self._rng_row is None:
+            with self.root.at(None):
+                self._rng_row = self.root.input("rng_row", (), "i64", "scalar")
+        shift = self.g.add("mul", self._rng_row, self.g.const(stride - (stride >> 63 << 64), "i64"))
+        return self.g.add("add", seed, shift)
 
     def rng_input(self) -> int:
         """The per-step random seed, a run-time scalar input (made on first use)."""

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from compiler.passes import PASS_NAMES
 from dsl.diagnostics import DlcError
+from runtime import distributed
 
 STAGES = ["ast", "summary", "lowered", *PASS_NAMES, "source"]    # `dlc ir --stage`: the passes' names
 ALIASES = {"grad": "autodiff", "backward": "autodiff", "train": "optimizer", "opt": "dce", "optimized": "dce",
@@ -134,6 +135,8 @@ def main(argv=None) -> int:
     except DlcError as e:
         if args.debug:
             raise
+        if distributed.launched():      # one message, and no rank left waiting for the others
+            return distributed.fail(2, e.render())
         print(e.render(), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -147,8 +150,10 @@ def main(argv=None) -> int:
     except Exception as e:          # a bug in dlc, never the user's: the one other exit
         if args.debug:
             raise
-        print(f"dlc: internal error, please report: {type(e).__name__}: {e}\n"
-              f"  (run with --debug for the traceback)", file=sys.stderr)
+        msg = f"dlc: internal error, please report: {type(e).__name__}: {e}\n  (run with --debug for the traceback)"
+        if distributed.launched():
+            return distributed.fail(3, msg)
+        print(msg, file=sys.stderr)
         return 3
 
 
@@ -217,10 +222,11 @@ def _predict(args) -> int:
 def _run(args, options) -> int:
     from runtime import checkpoint
     from runtime.session import Session
-    if args.save:                   # before compiling and training, not after
+    lead = distributed.env_rank() == 0      # under mpiexec, rank 0 reports and writes files
+    if args.save and lead:          # before compiling and training, not after
         checkpoint.check_target(args.save)
     s = Session(args.file, options)
-    progress = not args.quiet
+    progress = not args.quiet and lead
     if progress:
         hit = "reused cached kernels" if s.cache_hit else "compiled"
         print(f"dlc: {s.program.model}: {_plural(len(s.params), 'parameter tensor')} "
@@ -230,7 +236,7 @@ def _run(args, options) -> int:
     if args.load:
         s.load(args.load)
     report = s.fit(progress=progress)
-    if args.plot:
+    if args.plot and lead:
         from runtime.history import plot
         plot(report["history"], args.plot, f"{Path(args.file).name}: {s.program.model}")
         if progress:
@@ -239,6 +245,8 @@ def _run(args, options) -> int:
         s.save(args.save)
         if progress:
             print(f"dlc: saved {args.save}", file=sys.stderr)
+    if not lead:
+        return 0
     if args.json:
         print(json.dumps(report))
     else:

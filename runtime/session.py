@@ -22,7 +22,7 @@ from dsl import ast as A
 from dsl.diagnostics import DlcError
 from dsl.parser import parse_file
 
-from . import checkpoint, data, metrics, numerics, resources
+from . import checkpoint, data, distributed, metrics, numerics, resources
 from .history import EarlyStopping, History
 from .initializers import initialize
 
@@ -61,7 +61,8 @@ class Session:
         self.opt = options or Options()
         t0 = time.perf_counter()
         self.module = parse_file(self.path)
-        self.lowerer = Lowerer(self.module, self.opt.dtype)
+        self.dist = distributed.world() if self.opt.train else None    # under mpiexec: data-parallel
+        self.lowerer = Lowerer(self.module, self.opt.dtype, row_offsets=self.dist is not None)
         if not self.lowerer.trains:
             raise DlcError("this file has no `train` block, so there is nothing to run", self.module.loc,
                            ["`dlc check` type-checks a file without one"])
@@ -111,9 +112,15 @@ class Session:
         self.passes_seconds = time.perf_counter() - t1
         self.eval_ex = build(self.eval_graph)
         self.train_exes: list[Executable] = []
+        if self.dist is not None:
+            self.dist.check_batch(int(self.settings["batch"]), self.program.setting_locs.get("batch", train.loc))
         if self.opt.train:
             for ph in self.phases:
                 t1 = time.perf_counter()
+                if self.dist is not None:      # a gradient and an update program, an allreduce between
+                    self.train_exes += self.dist.build_phase(self.program, ph, self.opt.fuse)
+                    self.passes_seconds += time.perf_counter() - t1
+                    continue
                 g = optimize_phase(self.program, ph, self.opt.fuse)
                 self.passes_seconds += time.perf_counter() - t1
                 self.train_exes.append(build(g))
@@ -205,7 +212,11 @@ class Session:
     def _compile(self):
         b = int(self.settings["batch"])
         exes = self.train_exes + [self.eval_ex]
-        compile_programs([(ex, example_args(ex, {"B": b})) for ex in exes])
+        jobs = [(ex, example_args(ex, {"B": b})) for ex in exes]
+        if self.dist is not None:           # one rank per machine compiles, the others load its kernels
+            self.dist.in_turn(lambda: compile_programs(jobs))
+        else:
+            compile_programs(jobs)
         self.cache_hit = all(ex.cache_hit for ex in exes)
 
     def _args(self, ex: Executable, batch: dict, scalars: dict | None = None) -> list:
@@ -244,8 +255,11 @@ class Session:
         watched = self.opt.check_numerics or self.step_count <= numerics.WATCH_STEPS
         snapshot = ({k: v.copy() for k, v in self.params.items()},
                     {k: v.copy() for k, v in self.state.items()}) if watched else None
-        res = dict(zip(ex.outputs, ex(*self._args(ex, batch, sc))))
-        loss = float(res["loss"])
+        if self.dist is None:
+            res = dict(zip(ex.outputs, ex(*self._args(ex, batch, sc))))
+            loss = float(res["loss"])
+        else:                               # this rank's rows; the loss of the global batch
+            res, loss = self.dist.step(self, i, batch, sc)
         history = self.loss_history.setdefault(ph.name, [])
         if not math.isfinite(loss):
             raise numerics.explain_nonfinite(self, i, loss, self.step_count, self.epoch + 1, snapshot, batch, sc,
@@ -269,12 +283,22 @@ class Session:
         if n == 0:
             return {}
         totals, acc = {ph.output: 0.0 for ph in self.phases}, metrics.Accumulator(self.task, self.settings["metrics"])
-        for s in range(0, n, batch_size):
+        batches = []                        # (loss * examples, metric inputs) of each batch, in order
+        starts = range(0, n, batch_size)
+        if self.dist is not None:           # rank r runs batches r, r + N, r + 2N, ...
+            starts = starts[self.dist.rank::self.dist.size]
+        for s in starts:
             b = {k: np.ascontiguousarray(v[s:s + batch_size]) for k, v in split.items()}
             res = self.run_eval(b)
+            one = metrics.Accumulator(self.task, self.settings["metrics"])
+            one.add(res["output"], b)
+            batches.append(({k: float(res[k]) * len(next(iter(b.values()))) for k in totals}, one.parts))
+        if self.dist is not None:           # every rank's batches, in the order one process runs them
+            batches = self.dist.gather_batches(batches)
+        for sums, parts in batches:
             for k in totals:
-                totals[k] += float(res[k]) * len(next(iter(b.values())))
-            acc.add(res["output"], b)
+                totals[k] += sums[k]
+            acc.parts += parts
         return {**{k: v / n for k, v in totals.items()}, **acc.result()}
 
     def run_eval(self, batch: dict, step: int = 0) -> dict:
@@ -285,9 +309,10 @@ class Session:
     def fit(self, progress: bool = True, log=None) -> dict:
         """Train for the configured epochs; return the final report."""
         from threadpoolctl import threadpool_limits
-        if self.opt.threads is None:
+        threads = self.opt.threads or (self.dist.threads if self.dist is not None else None)
+        if threads is None:
             return self._fit(progress, log)
-        with threadpool_limits(self.opt.threads):
+        with threadpool_limits(threads):
             return self._fit(progress, log)
 
     def _fit(self, progress: bool, log) -> dict:
@@ -296,7 +321,7 @@ class Session:
         train = self.dataset.train
         n = len(train["x"])
         batch, epochs = int(self.settings["batch"]), int(self.settings["epochs"])
-        step_times, history = [], History(self.opt.log_path)
+        step_times, history = [], History(self.opt.log_path if self.dist is None or self.dist.lead else None)
         stopper = self._early_stopping()
         best = None                          # the best epoch's parameters and state (with validation)
         t_train = time.perf_counter()
@@ -313,6 +338,8 @@ class Session:
                        disable=not (progress and sys.stderr.isatty()), unit="batch")
             for s in bar:
                 idx = perm[s:s + batch]
+                if self.dist is not None:
+                    idx = self.dist.shard(idx)
                 b = {k: np.ascontiguousarray(v[idx]) for k, v in train.items()}
                 ph = self.phases[self.next_phase]
                 t0 = time.perf_counter()
@@ -322,6 +349,9 @@ class Session:
                 totals[ph.output][1] += len(idx)
                 acc.add(out, b)
             self.epoch = ep + 1
+            if self.dist is not None:       # every rank's share of the epoch; rank 0's parameters
+                self.dist.reduce_epoch(totals, acc)
+                self.dist.sync(self)
             ep_metrics = {k: t / m for k, (t, m) in totals.items() if m}
             ep_metrics.update(acc.result())
             val = self.evaluate(self.dataset.val)       # the test split waits for the end
@@ -365,6 +395,7 @@ class Session:
             "parameters": int(sum(p.size for p in self.params.values())),
             "seed": self.seed,
             "history": history.epochs,
+            **({"distributed": self.dist.report()} if self.dist is not None else {}),
         }
 
     def losses_text(self, metrics: dict, prefix: str = "") -> str:
@@ -373,6 +404,8 @@ class Session:
 
     # ---- checkpoints -----------------------------------------------------------------------------
     def save(self, path) -> None:
+        if self.dist is not None and not self.dist.lead:      # rank 0 writes
+            return
         checkpoint.save(path, self.params, self.state, {
             "step": self.step_count, "epoch": self.epoch, "model": self.program.model,
             "phases": {ph.name: {"optimizer": ph.optimizer.name, "step": self.phase_steps[ph.name]}
