@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 from pathlib import Path
 
@@ -248,13 +247,12 @@ def _run(args, options) -> int:
 
 
 def _load_for_inspection(args, training: bool = True):
-    from compiler.lower import Lowerer
+    from compiler.driver import Lowerer, index_reads
     from dsl.parser import parse_file
     from runtime import data
     module = parse_file(args.file)
     lw = Lowerer(module, args.dtype, training=training)
     if lw.trains:
-        from compiler.bounds import index_reads
         train = lw.trains[0]
         ds = data.load(train.data, Path(args.file).parent, 0)
         prog = lw.lower_train(train, ds.fields())
@@ -315,7 +313,6 @@ def _plural(n: int, noun: str) -> str:
 
 
 def _size(shape):
-    import math
     return math.prod(shape)
 
 
@@ -349,8 +346,7 @@ def _ir_pages(args) -> int:
 
 def _ir(args) -> int:
     from compiler import printer
-    from compiler.driver import build, optimize
-    from compiler.passes import Context
+    from compiler.driver import build, optimize_eval, optimize_phase
     if args.stage == "all":
         return _ir_pages(args)
     stage = ALIASES.get(args.stage, args.stage)
@@ -365,14 +361,11 @@ def _ir(args) -> int:
         g = prog.graph
         kind = "train" if (args.program == "train" and lw.trains) else "eval"
         if stage != "lowered":
-            ctx = Context()
-            if kind == "train":
-                phase = _phase(prog, args.phase)
-                g, ctx = prog.step_graph(phase), Context.for_phase(prog, phase)
             if kind == "eval" and stage in ("autodiff", "optimizer"):
                 raise DlcError(f"the evaluation program has no `{stage}` stage")
-            g = optimize(g, kind, ctx, fuse=not args.no_fuse,
-                         stop_after=None if stage == "source" else stage)
+            stop = None if stage == "source" else stage
+            g = (optimize_phase(prog, _phase(prog, args.phase), not args.no_fuse, stop) if kind == "train"
+                 else optimize_eval(g, not args.no_fuse, stop))
         if stage == "source":
             text = build(g).source
         elif args.format == "dot":

@@ -14,11 +14,9 @@ from pathlib import Path
 import numpy as np
 
 from compiler.api import rng_seed
-from compiler.bounds import index_reads
-from compiler.driver import Executable, build, compile_programs, example_args, optimize
-from compiler.lower import Lowerer, Phase
+from compiler.driver import (Executable, Lowerer, Phase, build, compile_programs, example_args, index_reads,
+                             literal_setting, optimize_eval, optimize_phase)
 from compiler.optim import SchedulePlan, ScheduleSpec, step_scalars
-from compiler.passes import Context
 from compiler.shapes import DTYPES
 from dsl import ast as A
 from dsl.diagnostics import DlcError
@@ -53,17 +51,6 @@ class Options:
     check_numerics: bool = False    # watch every step for NaNs and divergence, not only the first
 
 
-def _literal_setting(lowerer: Lowerer, train: A.TrainDef, name: str):
-    """A setting needed before lowering (the seed splits the data), when it is a compile-time
-    integer such as `seed = 2 * 3`; lowering reports any other value."""
-    from compiler.lower import Frame
-    for st in train.body:
-        if isinstance(st, A.Assign) and st.name == name:
-            v = lowerer.eval(st.value, Frame({}, {}, "", "train", None))
-            return v if isinstance(v, int) and not isinstance(v, bool) else None
-    return None
-
-
 def _setting_loc(train: A.TrainDef, name: str):
     return next((st.value.loc for st in train.body if isinstance(st, A.Assign) and st.name == name), train.loc)
 
@@ -82,7 +69,7 @@ class Session:
             raise DlcError("this file has no `train` block, so there is nothing to run", self.module.loc,
                            ["`dlc check` type-checks a file without one"])
         train = self.lowerer.trains[0]
-        seed = self.opt.seed if self.opt.seed is not None else _literal_setting(self.lowerer, train, "seed")
+        seed = self.opt.seed if self.opt.seed is not None else literal_setting(self.lowerer, train, "seed")
         self.seed = int(seed) if seed is not None else DEFAULTS["seed"]
         if not 0 <= self.seed < 2 ** 32:       # the data split's generator takes 32 bits
             raise DlcError(f"the seed must be below 2**32 (4294967296), got {self.seed}",
@@ -123,7 +110,7 @@ class Session:
         # off, batch norm on running statistics, decoders feeding back their own predictions);
         # each phase's training step adds its backward pass and its optimizer's update
         t1 = time.perf_counter()
-        self.eval_graph = optimize(self.eval_program.graph, "eval", Context(), self.opt.fuse)
+        self.eval_graph = optimize_eval(self.eval_program.graph, self.opt.fuse)
         self.passes_seconds = time.perf_counter() - t1
         self.eval_ex = build(self.eval_graph)
         self.train_exes: list[Executable] = []
@@ -136,7 +123,7 @@ class Session:
                     self.train_exes += self.dist.build_phase(self.program, ph, self.opt.fuse)
                     self.passes_seconds += time.perf_counter() - t1
                     continue
-                g = optimize(self.program.step_graph(ph), "train", Context.for_phase(self.program, ph), self.opt.fuse)
+                g = optimize_phase(self.program, ph, self.opt.fuse)
                 self.passes_seconds += time.perf_counter() - t1
                 self.train_exes.append(build(g))
         self.train_ex = self.train_exes[0] if self.train_exes else None
@@ -159,6 +146,7 @@ class Session:
                 "passes": round(self.passes_seconds, 3),
                 "codegen": round(sum(ex.codegen_seconds for ex in exes), 3),
                 "numba": round(sum(ex.numba_seconds for ex in exes), 3),
+                "numba_compiled": sum(ex.numba_compiled for ex in exes),   # not loaded from the cache
                 "kernels": sum(ex.kernels for ex in exes),
                 "distinct_kernels": len({id(fn) for ex in exes for fn in ex.kernel_functions()})}
 
