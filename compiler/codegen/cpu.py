@@ -30,6 +30,16 @@ def _tanh_f32(x):
     return x * p / q
 """
 
+# `dst[...] = src` for two C-contiguous arrays of one size (scan carries, body outputs)
+COPY = """\
+@njit(cache=True, fastmath=FASTMATH, error_model='numpy')
+def _copy(dst, src):
+    d = dst.reshape(-1)
+    s = src.reshape(-1)
+    for i in range(d.size):
+        d[i] = s[i]
+"""
+
 
 # float32 exp: Cody-Waite reduction x = n ln2 + r (|r| <= ln2 / 2), Cephes' degree-7 polynomial
 # for exp(r), and 2^n built from its exponent bits (two factors, so that n down to -150 gives
@@ -129,6 +139,7 @@ class CpuTarget:
                               for op in (OPS["softmax"], OPS["log_softmax"])}
     helpers: dict = {("tanh", "f32"): FAST_TANH, ("sigmoid", "f32"): FAST_TANH, ("exp", "f32"): FAST_EXP,
                      ("erf", "f32"): FAST_ERF, ("softmax", "f32"): FAST_EXP, ("log_softmax", "f32"): FAST_EXP}
+    copy_helper = COPY
 
     @staticmethod
     def loop_header(var: str, extent: str) -> str:
