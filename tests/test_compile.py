@@ -71,7 +71,7 @@ def test_repeated_blocks_share_their_kernels():
     assert counts[2][1] < counts[2][0] / 1.5          # the second block reuses the first's kernels
     assert counts[1][0] < counts[2][0] < counts[4][0]
     assert counts[2][1] == counts[4][1]               # depth adds calls, not kernels
-    assert counts[4][1] - counts[1][1] <= 2           # (block 1's input is x, not a layer norm)
+    assert counts[4][1] - counts[1][1] <= 4           # (block 1's input is x; the gradient kernels where blocks meet)
 
 
 def test_kernels_differing_only_in_sizes_are_one():
