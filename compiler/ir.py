@@ -207,6 +207,7 @@ class Graph:
         new.updates = dict(self.updates)
         new.grad_of = dict(self.grad_of)
         new.groups = None if self.groups is None else [
-            Group(g.id, g.pattern, list(g.nodes), list(g.outputs), g.anchor, list(g.prologue)) for g in self.groups]
+            Group(g.id, g.pattern, list(g.nodes), list(g.outputs), g.anchor, list(g.prologue), g.tail)
+            for g in self.groups]
         new._next = self._next
         return new
