@@ -149,6 +149,7 @@ def test_scale_mask_softmax_fuse_into_the_matmul():
     assert grp.pattern == "anchored" and ops[0] == "matmul" and grp.tail == grp.nodes[-1], ops
     assert {"mul", "where"} <= set(ops) and ops[-1] == "softmax"
     assert grp.outputs == [grp.tail]                   # the scores before softmax are never stored
+    assert [x.tail for x in g.copy().groups] == [x.tail for x in g.groups]
     assert g.attrs(grp.anchor).get("tb") and not any(g.op(n) == "transpose" for n in g.topo())  # k^T: BLAS's
     from compiler.memory import plan as plan_memory
     p = plan_memory(g)
