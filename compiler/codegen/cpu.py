@@ -3,6 +3,8 @@
 Serial kernels leave the cores to BLAS (numba-notes: `parallel=True` beside threaded BLAS
 made a step 100x slower). fastmath flags keep NaN checks (no `nnan`/`ninf`).
 """
+from .target import Target
+
 FASTMATH = "{'nsz', 'arcp', 'contract', 'afn', 'reassoc'}"
 
 
@@ -29,7 +31,7 @@ def _tanh_f32(x):
 """
 
 
-class CpuTarget:
+class CpuTarget(Target):
     name = "cpu"
     prelude = f"from numba import njit\n\nFASTMATH = {FASTMATH}"
     # scan loops and bodies: inlined where they are called
@@ -51,13 +53,5 @@ class CpuTarget:
     helpers: dict = {("tanh", "f32"): FAST_TANH, ("sigmoid", "f32"): FAST_TANH}
 
     @staticmethod
-    def loop_header(var: str, extent: str) -> str:
-        return f"for {var} in range({extent}):"
-
-    @staticmethod
     def matmul_call(a: str, b: str, out: str) -> str:
         return f"np.dot({a}, {b}, {out})"
-
-    @staticmethod
-    def launch(kernel: str, args: list[str], group) -> str:
-        return f"{kernel}({', '.join(args)})"
