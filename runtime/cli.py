@@ -89,6 +89,8 @@ def make_parser() -> argparse.ArgumentParser:
                    "the test report is that epoch's")
     r.add_argument("--log", metavar="PATH", help="write one JSON line per epoch (run.jsonl)")
     r.add_argument("--plot", metavar="PNG", help="draw the train and validation curves (matplotlib)")
+    r.add_argument("--target", choices=["cpu", "cuda", "auto"], default="cpu",
+                   help="where to run: cpu (default), cuda (numba.cuda), auto (cuda when a GPU is available)")
     r.add_argument("--clip-value", type=_number(float, allow_zero=True), metavar="X",
                    help="clip each gradient to [-X, X] (0: off)")
 
@@ -124,6 +126,7 @@ def make_parser() -> argparse.ArgumentParser:
                    help="the training step (default) or the evaluation program")
     i.add_argument("--phase", help="which phase's training step (default: the first)")
     i.add_argument("--format", choices=["text", "dot"], default="text")
+    i.add_argument("--target", choices=["cpu", "cuda", "auto"], default="cpu", help="the kernels of --stage source")
     i.add_argument("-o", "--output", help="write to a file instead of standard output")
     return p
 
@@ -163,7 +166,7 @@ def _dispatch(args) -> int:
                                   schedule=args.schedule, warmup=args.warmup, clip_norm=args.clip_norm,
                                   clip_value=args.clip_value, patience=args.patience, monitor=args.monitor,
                                   save_best=args.save_best, log_path=args.log,
-                                  check_numerics=args.check_numerics))
+                                  check_numerics=args.check_numerics, target=args.target))
     if args.cmd == "check":
         return _check(args)
     if args.cmd == "predict":
@@ -357,7 +360,7 @@ def _ir(args) -> int:
             g = optimize(g, kind, ctx, fuse=not args.no_fuse,
                          stop_after=None if stage == "source" else stage)
         if stage == "source":
-            text = build(g).source
+            text = build(g, args.target).source
         elif args.format == "dot":
             text = printer.to_dot(g, stage)
         else:

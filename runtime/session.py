@@ -15,7 +15,7 @@ import numpy as np
 
 from compiler.api import rng_seed
 from compiler.bounds import index_reads
-from compiler.driver import Executable, build, compile_programs, example_args, optimize
+from compiler.driver import Executable, build, compile_programs, example_args, optimize, resolve_target
 from compiler.lower import Lowerer, Phase
 from compiler.optim import SchedulePlan, ScheduleSpec, step_scalars
 from compiler.passes import Context
@@ -24,7 +24,7 @@ from dsl import ast as A
 from dsl.diagnostics import DlcError
 from dsl.parser import parse_file
 
-from . import checkpoint, data, metrics, numerics, resources
+from . import checkpoint, data, device, metrics, numerics, resources
 from .history import EarlyStopping, History
 from .initializers import initialize
 
@@ -51,6 +51,7 @@ class Options:
     save_best: str | None = None    # --save-best PATH: checkpoint the best epoch (by the monitored metric)
     log_path: str | None = None     # --log run.jsonl: one JSON line per epoch
     check_numerics: bool = False    # watch every step for NaNs and divergence, not only the first
+    target: str = "cpu"             # --target cpu | cuda | auto (CUDA when numba.cuda sees a GPU)
 
 
 def _literal_setting(lowerer: Lowerer, train: A.TrainDef, name: str):
@@ -122,14 +123,15 @@ class Session:
         t1 = time.perf_counter()
         self.eval_graph = optimize(self.eval_program.graph, "eval", Context(), self.opt.fuse)
         self.passes_seconds = time.perf_counter() - t1
-        self.eval_ex = build(self.eval_graph)
+        self.target = resolve_target(self.opt.target)
+        self.eval_ex = build(self.eval_graph, self.target)
         self.train_exes: list[Executable] = []
         if self.opt.train:
             for ph in self.phases:
                 t1 = time.perf_counter()
                 g = optimize(self.program.step_graph(ph), "train", Context.for_phase(self.program, ph), self.opt.fuse)
                 self.passes_seconds += time.perf_counter() - t1
-                self.train_exes.append(build(g))
+                self.train_exes.append(build(g, self.target))
         self.train_ex = self.train_exes[0] if self.train_exes else None
         self.train_graph = self.train_ex.graph if self.train_ex else None
         self.params, self.state = self._init_params()
@@ -166,7 +168,8 @@ class Session:
             for (name, kind, shape, dtype) in ex.inputs:
                 if kind == "state" and name not in state:
                     state[name] = np.zeros(shape, DTYPES[dtype])
-        return params, state
+        tgt = self.eval_ex.target          # on a GPU: kept on the device, read back on demand
+        return device.on_target(params, tgt), device.on_target(state, tgt)
 
     def _override_optimizers(self):
         """--schedule/--warmup and --clip-norm/--clip-value apply to every phase's optimizer."""
@@ -226,9 +229,11 @@ class Session:
             if kind == "data":
                 args.append(batch[name])
             elif kind == "param":
-                args.append(self.params[name])
+                args.append(self.params.device(name) if isinstance(self.params, device.DeviceArrays)
+                            else self.params[name])
             elif kind == "state":
-                args.append(self.state[name])
+                args.append(self.state.device(name) if isinstance(self.state, device.DeviceArrays)
+                            else self.state[name])
             else:
                 args.append(DTYPES[dtype](scalars[name]))
         return args
@@ -257,6 +262,9 @@ class Session:
         snapshot = ({k: v.copy() for k, v in self.params.items()},
                     {k: v.copy() for k, v in self.state.items()}) if watched else None
         res = dict(zip(ex.outputs, ex(*self._args(ex, batch, sc))))
+        for arrays in (self.params, self.state):
+            if isinstance(arrays, device.DeviceArrays):
+                arrays.written()
         loss = float(res["loss"])
         history = self.loss_history.setdefault(ph.name, [])
         if not math.isfinite(loss):

@@ -536,7 +536,8 @@ class _Module:
             lines.append(self.t.launch(kname + "i" if inline and grp.pattern != "scan" else kname, call_args, grp,
                                        None if grp.pattern == "scan" else config))
             if not inline:
-                self.calls.append((kname, [self.arg_type(g, x) for x in reads + writes] + [("int",)] * len(dims)))
+                types = [self.arg_type(g, x) for x in reads + writes] + [("int",)] * len(dims)
+                self.calls.append((kname, self.t.call_types(types, None if grp.pattern == "scan" else config)))
         for st, v in plan.copies:
             lines.append(self.t.copy(plan.storage[st], plan.storage[v]))
         args = [f"a{i}" for i in range(len(g.inputs))]

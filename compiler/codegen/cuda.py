@@ -37,11 +37,12 @@ from .target import Target
 TPB = 256        # threads per block of a grid-stride kernel
 RB = 128         # threads per block of a reduction (a power of two: the shared-memory tree)
 TILE = 16        # matmul tile
-SIM_BLOCKS = {"TPB": 32, "RB": 8, "TILE": 4}
+GRID = 4096      # at most this many blocks along an axis of the grid (every kernel strides over its work)
+SIM_BLOCKS = {"TPB": 32, "RB": 8, "TILE": 4, "GRID": 2}
 
 PRELUDE = """\
 from numba import cuda
-from compiler.codegen.cuda import grid_blocks as _grid, row_blocks as _rows, cdiv as _cdiv
+from compiler.codegen.cuda import grid_blocks as _grid, cdiv as _cdiv
 from compiler.codegen.cuda import device_copy as _copy, to_device as _dev"""
 
 RNG_HELPERS = '''\
@@ -334,8 +335,8 @@ class CudaTarget(Target):
         if simulator is None:
             from numba import config
             simulator = bool(config.ENABLE_CUDASIM)
-        blocks = SIM_BLOCKS if simulator else {"TPB": TPB, "RB": RB, "TILE": TILE}
-        self.TPB, self.RB, self.TILE = blocks["TPB"], blocks["RB"], blocks["TILE"]
+        blocks = SIM_BLOCKS if simulator else {"TPB": TPB, "RB": RB, "TILE": TILE, "GRID": GRID}
+        self.TPB, self.RB, self.TILE, self.GRID = blocks["TPB"], blocks["RB"], blocks["TILE"], blocks["GRID"]
         self.scalar_templates = _math_templates()
         # the registry's helpers are CPU (@njit) functions: none is used here but the draws
         self.helpers = {name: "" for name, op in OPS.items() if op.helpers}
@@ -362,15 +363,30 @@ class CudaTarget(Target):
     def launch(self, kernel: str, args: list[str], group, config=None) -> str:
         if config is None:                 # a scan: host code
             return f"{kernel}({', '.join(args)})"
+        config, *views = config.split(";")
+        args = list(args)
+        for v in views:                    # arrays the kernel reads as reshaped views
+            pos, _, shape = v.split("=", 2)
+            a = args[int(pos)]
+            args[int(pos)] = f"{a}.reshape({a}.size)" if shape == "-1" else f"{a}.reshape({shape})"
         kind, *ext = config.split(":")
         if kind == "flat":
-            cfg = f"_grid({ext[0]}, {self.TPB}), {self.TPB}"
+            cfg = f"_grid({ext[0]}, {self.TPB}, {self.GRID}), {self.TPB}"
         elif kind == "rows":
-            cfg = f"_rows({ext[0]}), {self.RB}"
+            cfg = f"_grid({ext[0]}, 1, {self.GRID}), {self.RB}"
         else:                              # tile: M, N, batches
-            t = self.TILE
-            cfg = f"(_cdiv({ext[1]}, {t}), _cdiv({ext[0]}, {t}), {ext[2]}), ({t}, {t})"
+            t, cap = self.TILE, self.GRID
+            cfg = f"(_grid({ext[1]}, {t}, {cap}), _grid({ext[0]}, {t}, {cap}), _grid({ext[2]}, 1, {cap})), ({t}, {t})"
         return f"{kernel}[{cfg}]({', '.join(args)})"
+
+    @staticmethod
+    def call_types(types: list, config) -> list:
+        """The kernel's argument types: a reshaped view has its view's rank."""
+        types = list(types)
+        for v in (config or "").split(";")[1:]:
+            pos, nd, _ = v.split("=", 2)
+            types[int(pos)] = types[int(pos)][:2] + (int(nd),)
+        return types
 
     @staticmethod
     def to_device(a):
@@ -385,14 +401,43 @@ class CudaTarget(Target):
         g, grp = k.g, k.grp
         op = g.op(grp.nodes[0])
         if grp.pattern == "elementwise" or (grp.pattern == "opaque" and OPS[op].scalar):
-            return self._elementwise(k, grp.nodes, g.shape(grp.nodes[-1]))
-        if grp.pattern == "reduce":
-            return self._reduce(k)
-        if grp.pattern == "anchored":
-            return self._matmul(k) if g.op(grp.anchor) == "matmul" else self._conv(k)
-        if grp.pattern == "opaque":
-            return self._template(k, grp.nodes[0])
-        raise AssertionError(grp.pattern)
+            body = self._elementwise(k, grp.nodes, g.shape(grp.nodes[-1]))
+        elif grp.pattern == "reduce":
+            body = self._reduce(k)
+        elif grp.pattern == "anchored":
+            body = self._matmul(k) if g.op(grp.anchor) == "matmul" else self._conv(k)
+        elif grp.pattern == "opaque":
+            body = self._template(k, grp.nodes[0])
+        else:
+            raise AssertionError(grp.pattern)
+        return self._host_views(k, body)
+
+    @staticmethod
+    def _host_views(k, body: list[str]) -> list[str]:
+        """Reshape on the host, not in the kernel: Numba's in-kernel `reshape` checks the size
+        with a float64 comparison (a `.f64` instruction in every float32 kernel). A kernel line
+        `v = x0.reshape(shape)` becomes `v = x0`, and the launch passes `x0` reshaped; the
+        views go into the launch configuration as `;position=ndim=shape`."""
+        views = {}
+        for p, v in k.flat_views.items():            # the renderer's 1-D views
+            body = [f"{v} = {p}"] + body
+            views[p] = (1, "-1")
+        k.flat_views = {}
+        pat = re.compile(r"^(\w+) = ([xy]\d+)\.reshape\((.*)\)$")
+        out = []
+        for line in body:
+            m = pat.match(line)
+            if m and m.group(2) not in views:
+                shape = m.group(3)
+                views[m.group(2)] = (shape.count(",") + (0 if shape.rstrip(")").endswith(",") else 1), shape)
+                line = f"{m.group(1)} = {m.group(2)}"
+            out.append(line)
+        text = "\n".join(out)
+        for p in views:                               # the array itself must not be indexed as well
+            assert len(re.findall(rf"\b{p}\b", text)) == 1, f"{p} is both viewed and used in:\n{text}"
+        position = {name: i for i, name in enumerate(list(k.params.values()) + list(k.outs.values()))}
+        k.launch += "".join(f";{position[p]}={nd}={shape}" for p, (nd, shape) in views.items())
+        return out
 
     def _elementwise(self, k, nodes, shape) -> list[str]:
         dims = [k.r.dim(d) for d in shape]
@@ -497,8 +542,12 @@ class CudaTarget(Target):
         lines = pre + [
             f"ta_ = cuda.shared.array(({TILE}, {TILE}), {T})",
             f"tb_ = cuda.shared.array(({TILE}, {TILE}), {T})",
-            "tx = cuda.threadIdx.x", "ty = cuda.threadIdx.y", "bz = cuda.blockIdx.z",
-            f"row = cuda.blockIdx.y * {TILE} + ty", f"col = cuda.blockIdx.x * {TILE} + tx",
+            "tx = cuda.threadIdx.x", "ty = cuda.threadIdx.y",
+            f"for bz in range(cuda.blockIdx.z, {nb}, cuda.gridDim.z):",
+            f"    for by in range(cuda.blockIdx.y, ({M} + {TILE - 1}) // {TILE}, cuda.gridDim.y):",
+            f"        for bx in range(cuda.blockIdx.x, ({N} + {TILE - 1}) // {TILE}, cuda.gridDim.x):"]
+        tile = [
+            f"row = by * {TILE} + ty", f"col = bx * {TILE} + tx",
             f"acc = {T}(0.0)",
             f"for k0 in range(0, {K}, {TILE}):",
             "    ka = k0 + tx",
@@ -510,7 +559,8 @@ class CudaTarget(Target):
             "        acc += ta_[ty, kk] * tb_[kk, tx]",
             "    cuda.syncthreads()",
             f"if row < {M} and col < {N}:"]
-        lines += ["    " + s for s in pre_ep + self._epilogue(k, m, oidx, so, "acc")]
+        tile += ["    " + s for s in pre_ep + self._epilogue(k, m, oidx, so, "acc")]
+        lines += [" " * 12 + s for s in tile]
         k.launch = f"tile:{M}:{N}:{nb}"
         return lines
 
@@ -587,13 +637,10 @@ def cdiv(a: int, b: int) -> int:
     return -(-int(a) // b)
 
 
-def grid_blocks(n: int, tpb: int = TPB) -> int:
-    """Blocks of a grid-stride launch over n elements: enough to fill the GPU, not one per element."""
-    return max(1, min(cdiv(n, tpb), 4096))
-
-
-def row_blocks(n: int) -> int:
-    return max(1, min(int(n), 65535))
+def grid_blocks(n: int, per_block: int, cap: int) -> int:
+    """Blocks along a grid axis for n items, per_block to a block: enough to fill the GPU, at
+    most `cap` (each kernel strides over the rest)."""
+    return max(1, min(cdiv(n, per_block), cap))
 
 
 def is_device(a) -> bool:

@@ -89,6 +89,13 @@ class Target:
         return f"{kernel}({', '.join(args)})"
 
     @staticmethod
+    def call_types(types: list, config) -> list:
+        """The argument types a launch with `config` passes, from the arguments' own types
+        (("array", dtype, ndim), ("scalar", dtype), ("int",)): a target that passes views
+        of other ranks says so here."""
+        return types
+
+    @staticmethod
     def bind_input(arg: str, kind: str) -> list[str]:
         """Statements at the top of the step for one argument (e.g. moving a batch up)."""
         return []
