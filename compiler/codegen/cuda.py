@@ -40,6 +40,16 @@ TILE = 16        # matmul tile
 GRID = 4096      # at most this many blocks along an axis of the grid (every kernel strides over its work)
 SIM_BLOCKS = {"TPB": 32, "RB": 8, "TILE": 4, "GRID": 2}
 
+
+def sim_blocks() -> dict:
+    """The simulator's block shapes; DLC_CUDASIM_BLOCKS="TPB,RB,TILE,GRID" overrides them (the
+    end-to-end simulator tests run one-thread blocks: a simulated barrier costs milliseconds)."""
+    import os
+    env = os.environ.get("DLC_CUDASIM_BLOCKS")
+    if not env:
+        return SIM_BLOCKS
+    return dict(zip(("TPB", "RB", "TILE", "GRID"), (int(v) for v in env.split(","))))
+
 PRELUDE = """\
 from numba import cuda
 from compiler.codegen.cuda import grid_blocks as _grid, cdiv as _cdiv
@@ -335,7 +345,7 @@ class CudaTarget(Target):
         if simulator is None:
             from numba import config
             simulator = bool(config.ENABLE_CUDASIM)
-        blocks = SIM_BLOCKS if simulator else {"TPB": TPB, "RB": RB, "TILE": TILE, "GRID": GRID}
+        blocks = sim_blocks() if simulator else {"TPB": TPB, "RB": RB, "TILE": TILE, "GRID": GRID}
         self.TPB, self.RB, self.TILE, self.GRID = blocks["TPB"], blocks["RB"], blocks["TILE"], blocks["GRID"]
         self.scalar_templates = _math_templates()
         # the registry's helpers are CPU (@njit) functions: none is used here but the draws

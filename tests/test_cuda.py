@@ -1,0 +1,149 @@
+"""The CUDA target without a GPU.
+
+* The Target interface: both targets implement it; the CUDA source has no host allocation
+  inside a kernel and its float32 kernels name no float64 type.
+* PTX: every kernel of the examples compiled for a real GPU (sm_90) with
+  `numba.cuda.compile_ptx` (needs the `cuda` extra's NVVM/NVRTC wheels, no GPU): a typing
+  error fails, and so does any `.f64` instruction in a float32 program.
+* The simulator (`NUMBA_ENABLE_CUDASIM=1`), in a subprocess so the variable does not leak
+  into other tests: every primitive forward and backward against the NumPy references, a few
+  training steps of an MLP and a CNN against the CPU target, and `dlc run --target cuda`.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from compiler.codegen import TARGETS, CpuTarget, CudaTarget, Target
+
+ROOT = Path(__file__).resolve().parent.parent
+cuda = pytest.importorskip("numba.cuda", reason="numba-cuda is not installed (pip install .[cuda])")
+
+
+def _ptx_works() -> str | None:
+    """None when compile_ptx works here, else why not."""
+    try:
+        def k(y):
+            y[0] = np.float32(1.0)
+        cuda.compile_ptx(k, "(float32[::1],)", cc=(9, 0))
+    except Exception as e:          # no NVVM: the wheels of the `cuda` extra are missing
+        return f"numba.cuda.compile_ptx does not work here ({type(e).__name__}: {str(e)[:120]})"
+    return None
+
+
+PTX_MISSING = _ptx_works()
+
+
+def test_targets_implement_the_interface():
+    assert set(TARGETS) == {"cpu", "cuda"}
+    for t in (CpuTarget(), CudaTarget(simulator=False)):
+        assert isinstance(t, Target)
+        assert t.loop_header("i", "n") == "for i in range(n):"
+    assert CpuTarget.allow_compiled_step and not CudaTarget.allow_compiled_step
+    assert "device_array" in CudaTarget.alloc("(3,)", "np.float32")
+    # a view passed reshaped is typed with its view's rank
+    assert CudaTarget.call_types([("array", "f32", 3), ("int",)], "flat:n;0=1=-1") == [("array", "f32", 1), ("int",)]
+
+
+def _source(target: str, dtype: str = "f32") -> str:
+    from compiler.api import lower_function
+    from compiler.driver import build, optimize
+    from compiler.passes import Context
+    src = """
+model m(x: f32[B, 6], W: f32[6, 5]) {
+    return sum(softmax(tanh(x @ W) * 0.5), axis = 0) + mean(x)
+}"""
+    _, prog = lower_function(src, dtype=dtype)
+    g = optimize(prog.graph, "eval", Context())
+    return build(g, target).source
+
+
+def test_cuda_source_launches_kernels_on_device_buffers():
+    src = _source("cuda")
+    assert "@cuda.jit" in src and "cuda.device_array(" in src
+    assert "np.empty(" not in src and "np.full(" not in src      # nothing allocated on the host
+    assert ".reshape(" not in "\n".join(l for l in src.splitlines() if l.startswith("        "))  # not in kernels
+    assert "float64" not in src                                   # f32 program: typed literals
+    assert "cuda.shared.array" in src                             # the reductions and softmax
+    assert "math.tanh(" in src and "np.tanh(" not in src
+
+
+def test_cpu_source_is_unchanged_by_the_interface():
+    src = _source("cpu")
+    assert "@njit" in src and "cuda" not in src
+
+
+def test_cli_ir_source_for_cuda(capsys):
+    from runtime.cli import main
+    assert main(["ir", str(ROOT / "examples" / "mlp.dl"), "--stage", "source", "--target", "cuda"]) == 0
+    out = capsys.readouterr().out
+    assert "@cuda.jit" in out and "def step(" in out and "_dev(a0)" in out
+
+
+# ---- PTX for a real GPU ---------------------------------------------------------------------------
+# Each kernel takes about a second to compile: CI compiles the MLP's and the CNN's (and the
+# op programs' in the simulator check); DLC_PTX_ALL=1 compiles every example.
+PTX_DEFAULT = ("mlp", "cnn")
+EXAMPLES = sorted(p.stem for p in (ROOT / "examples").glob("*.dl"))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(PTX_MISSING is not None, reason=PTX_MISSING or "")
+@pytest.mark.parametrize("example", EXAMPLES)
+def test_ptx_every_kernel(example):
+    if example not in PTX_DEFAULT and not os.environ.get("DLC_PTX_ALL"):
+        pytest.skip("set DLC_PTX_ALL=1 to compile every example's kernels (about a second a kernel)")
+    from runtime.session import Options, Session
+    s = Session(ROOT / "examples" / f"{example}.dl", Options(target="cuda", batch=8))
+    seen = set()
+    for ex in s.train_exes + [s.eval_ex]:
+        assert ex.target.name == "cuda"
+        for fn, sig in ex.calls:
+            if not hasattr(fn, "py_func") or (fn.py_func.__module__, sig) in seen:
+                continue                     # a scan's host loop; a kernel compiled already
+            seen.add((fn.py_func.__module__, sig))
+            ptx, _ = cuda.compile_ptx(fn.py_func, sig, cc=(9, 0))
+            f64 = [line.strip() for line in ptx.splitlines() if ".f64" in line]
+            assert not f64, f"{fn.py_func.__module__}: float64 in a float32 kernel: {f64[:4]}"
+    assert seen
+
+
+# ---- the simulator, in a subprocess ---------------------------------------------------------------
+def _sim(*args, timeout=900) -> str:
+    env = {**os.environ, "NUMBA_ENABLE_CUDASIM": "1", "PYTHONWARNINGS": "ignore"}
+    r = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
+    return r.stdout
+
+
+@pytest.mark.slow
+def test_simulator_every_primitive_and_gradient():
+    out = _sim("-m", "tests.cuda_sim_check", "ops")
+    assert "ok cnn fwd f32" in out and "ok scan grad f64" in out
+
+
+@pytest.mark.slow
+def test_simulator_training_steps_match_the_cpu(tmp_path):
+    out = _sim("-m", "tests.cuda_sim_check", "train", str(tmp_path))
+    assert "ok train mlp" in out and "ok train cnn" in out
+
+
+@pytest.mark.slow
+def test_simulator_cli_run_target_cuda(tmp_path):
+    """`dlc run --target cuda` end to end on a narrow MLP: parameters uploaded, the evaluation
+    program on the device, a checkpoint saved from it. (The simulator runs a simulated barrier
+    in milliseconds: the examples' full widths and epochs take hours there; the training steps
+    are checked above, and the examples' kernels compile to PTX.)"""
+    from tests.cuda_sim_check import TINY_MLP
+    path = tmp_path / "tiny.dl"
+    path.write_text(TINY_MLP.replace("test = 0.2", "test = 0.02"))
+    out = _sim("-m", "runtime.cli", "run", str(path), "--target", "cuda", "--epochs", "0", "--json", "--quiet",
+               "--save", str(tmp_path / "tiny.npz"))
+    report = __import__("json").loads(out.splitlines()[-1])
+    assert 0 <= report["test"]["accuracy"] <= 1 and np.isfinite(report["test"]["loss"])
+    assert (tmp_path / "tiny.npz").exists()
