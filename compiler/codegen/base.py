@@ -502,6 +502,7 @@ class _Module:
                 continue
             if grp.pattern == "scan":
                 kname = f"scan{self.nscans}"
+                config = None                       # host code: launched by a call
                 self.nscans += 1
                 body, reads, writes, dims, pnames, onames = self.scan_kernel(r, grp, kname)
                 params = [pnames[x] for x in reads] + [onames[x] for x in writes] + dims
@@ -534,10 +535,10 @@ class _Module:
             # the compiled step inlines each kernel; Python and a scan's body call it
             inline = mode == "step" and self.compiled_step
             lines.append(self.t.launch(kname + "i" if inline and grp.pattern != "scan" else kname, call_args, grp,
-                                       None if grp.pattern == "scan" else config))
+                                       config))
             if not inline:
                 types = [self.arg_type(g, x) for x in reads + writes] + [("int",)] * len(dims)
-                self.calls.append((kname, self.t.call_types(types, None if grp.pattern == "scan" else config)))
+                self.calls.append((kname, self.t.call_types(types, config)))
         for st, v in plan.copies:
             lines.append(self.t.copy(plan.storage[st], plan.storage[v]))
         args = [f"a{i}" for i in range(len(g.inputs))]
