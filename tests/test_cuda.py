@@ -173,3 +173,48 @@ def test_simulator_cli_run_target_cuda(tmp_path):
     report = __import__("json").loads(out.splitlines()[-1])
     assert 0 <= report["test"]["accuracy"] <= 1 and np.isfinite(report["test"]["loss"])
     assert (tmp_path / "tiny.npz").exists()
+
+
+def test_auto_target_follows_numba_cuda():
+    from compiler.driver import resolve_target
+    assert resolve_target("auto") == ("cuda" if cuda.is_available() else "cpu")
+    assert resolve_target("cpu") == "cpu" and resolve_target("cuda") == "cuda"
+
+
+class _FakeDevice:
+    """A device array stand-in that counts transfers."""
+    moves = 0
+
+    def __init__(self, a):
+        self.a, self.shape = a.copy(), a.shape
+        _FakeDevice.moves += 1
+
+    def copy_to_host(self, out):
+        out[...] = self.a
+        _FakeDevice.moves += 1
+
+    def copy_to_device(self, a):
+        self.a[...] = a
+        _FakeDevice.moves += 1
+
+
+class _FakeTarget:
+    name = "fake"
+    to_device = staticmethod(_FakeDevice)
+
+
+def test_device_arrays_move_only_when_the_other_side_asks():
+    from runtime.device import DeviceArrays
+    _FakeDevice.moves = 0
+    p = DeviceArrays({"w": np.zeros(3)}, _FakeTarget())
+    d = p.device("w")                         # uploaded once
+    assert p.device("w") is d and _FakeDevice.moves == 1
+    d.a += 1.0                                 # a step writes it on the device
+    p.written()
+    assert p.device("w") is d and _FakeDevice.moves == 1      # steps in a row: no transfer
+    np.testing.assert_array_equal(p["w"], [1, 1, 1])           # the host asks: downloaded once
+    assert _FakeDevice.moves == 2
+    p["w"][...] = 5.0                          # the host writes (a checkpoint loaded)
+    assert p.device("w") is d and _FakeDevice.moves == 3       # uploaded into the same buffer
+    np.testing.assert_array_equal(d.a, [5, 5, 5])
+    assert list(p) == ["w"] and len(p) == 1

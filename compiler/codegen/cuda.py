@@ -174,17 +174,22 @@ CONV_GRAD_X = FOR + _NCHW + """\
     {out}[n, c, ih, iw] = acc
 """
 
-CONV_GRAD_W = FOR + _unflat("f", ["o", "c", "kh", "kw"], ["{O}", "{C}", "{KH}", "{KW}"]) + """\
+# dw[o, c, kh, kw]: a sum over N * HO * WO products, one block per weight (a reduction)
+CONV_GRAD_W = """\
+sm = cuda.shared.array({RB}, {T})
+tid = cuda.threadIdx.x
+for f in range(cuda.blockIdx.x, {O} * {C} * {KH} * {KW}, cuda.gridDim.x):
+""" + _unflat("f", ["o", "c", "kh", "kw"], ["{O}", "{C}", "{KH}", "{KW}"]) + """\
     acc = {T}(0.0)
-    for n in range({N}):
-        for oh in range({HO}):
-            ih = oh * {SH} - {PH} + kh * {DH}
-            if ih >= 0 and ih < {H}:
-                for ow in range({WO}):
-                    iw = ow * {SW} - {PW} + kw * {DW}
-                    if iw >= 0 and iw < {W}:
-                        acc += {x1}[n, o, oh, ow] * {x0}[n, c, ih, iw]
-    {out}[o, c, kh, kw] = acc
+    for q in range(tid, {N} * {HO} * {WO}, {RB}):
+""" + _unflat("q", ["n", "oh", "ow"], ["{N}", "{HO}", "{WO}"], " " * 8) + """\
+        ih = oh * {SH} - {PH} + kh * {DH}
+        iw = ow * {SW} - {PW} + kw * {DW}
+        if ih >= 0 and ih < {H} and iw >= 0 and iw < {W}:
+            acc += {x1}[n, o, oh, ow] * {x0}[n, c, ih, iw]
+""" + _tree("acc", "sm[tid] += sm[tid + h]") + """\
+    if tid == 0:
+        {out}[o, c, kh, kw] = acc
 """
 
 _WINDOW_MAX = """\
@@ -311,6 +316,7 @@ TEMPLATES = {"softmax": SOFTMAX, "log_softmax": LOG_SOFTMAX, "conv2d_grad_x": CO
              "max_pool2d_grad": MAX_POOL_GRAD, "avg_pool2d": AVG_POOL, "avg_pool2d_grad": AVG_POOL_GRAD,
              "scatter_add": SCATTER_ADD, "argmax": ARGMAX, "flip": FLIP, "cumsum": CUMSUM, "sample": SAMPLE}
 ROWWISE = ("softmax", "log_softmax")
+BLOCK_PER_ITEM = ("conv2d_grad_w",)        # templates that reduce in a block per output element
 
 NP_DTYPE = {"f32": "np.float32", "f64": "np.float64", "i32": "np.int32", "i64": "np.int64", "bool": "np.bool_"}
 
@@ -637,8 +643,9 @@ class CudaTarget(Target):
             sizes["V"] = g.shape(n)[0]
         k.shapes.append(tuple(sizes.values()))
         sz = {name: k.r.dim(v) for name, v in sizes.items()}
-        body = self.kernel_templates[spec.name].format(out=out, T=T, X=X, U=U, work=numel, **names, **sz, **attrs)
-        k.launch = f"flat:{numel}"
+        body = self.kernel_templates[spec.name].format(out=out, T=T, X=X, U=U, work=numel, RB=self.RB,
+                                                       HALF=self.RB // 2, **names, **sz, **attrs)
+        k.launch = f"{'rows' if spec.name in BLOCK_PER_ITEM else 'flat'}:{numel}"
         return body.rstrip().split("\n")
 
 
