@@ -61,6 +61,20 @@ class DeviceArrays(MutableMapping):
                 self.newest[k] = DEVICE
 
 
+def require_gpu() -> None:
+    """Raise the user's error when --target cuda finds no GPU (nor numba's simulator)."""
+    from dsl.diagnostics import DlcError
+    try:
+        from numba import cuda
+        ok = cuda.is_available()
+    except Exception:                 # numba-cuda not installed
+        ok = False
+    if not ok:
+        raise DlcError("--target cuda: no CUDA GPU here (numba.cuda.is_available() is false)", None,
+                       ["run on the CPU with --target cpu; install the GPU support with pip install '.[cuda]'; "
+                        "NUMBA_ENABLE_CUDASIM=1 runs numba's (slow) simulator"])
+
+
 def on_target(arrays: dict, target):
     """`arrays` as the step of `target` wants them: as they are on the CPU, else DeviceArrays."""
     return arrays if target.name == "cpu" else DeviceArrays(arrays, target)

@@ -124,6 +124,8 @@ class Session:
         self.eval_graph = optimize(self.eval_program.graph, "eval", Context(), self.opt.fuse)
         self.passes_seconds = time.perf_counter() - t1
         self.target = resolve_target(self.opt.target)
+        if self.target == "cuda":
+            device.require_gpu()
         self.eval_ex = build(self.eval_graph, self.target)
         self.train_exes: list[Executable] = []
         if self.opt.train:

@@ -218,3 +218,11 @@ def test_device_arrays_move_only_when_the_other_side_asks():
     assert p.device("w") is d and _FakeDevice.moves == 3       # uploaded into the same buffer
     np.testing.assert_array_equal(d.a, [5, 5, 5])
     assert list(p) == ["w"] and len(p) == 1
+
+
+@pytest.mark.skipif(cuda.is_available(), reason="a GPU is here")
+def test_target_cuda_without_a_gpu_is_one_error(capsys):
+    from runtime.cli import main
+    assert main(["run", str(ROOT / "examples" / "mlp.dl"), "--target", "cuda", "--epochs", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "no CUDA GPU" in err and "Traceback" not in err
