@@ -1,4 +1,9 @@
-"""The compiler's front door: program -> pipeline -> memory plan -> code -> loaded kernels."""
+"""The compiler's front door: program -> pipeline -> memory plan -> code -> loaded kernels.
+
+The runtime reaches the compiler through here (and `compiler/api.py`): `Lowerer` turns a parsed
+file into `Program`s, `optimize_eval`/`optimize_phase` run the pass pipeline of the evaluation
+program and of one phase's training step, `build` generates and loads the code, and
+`compile_programs` has Numba compile (or load) every kernel."""
 from __future__ import annotations
 
 import inspect
@@ -11,8 +16,12 @@ from dataclasses import dataclass, field
 import numba
 import numpy as np
 
+from dsl import ast as A
+
 from . import cache
+from .bounds import index_reads  # noqa: F401  (for the runtime: the data checks of index reads)
 from .codegen import TARGETS, generate
+from .lower import Frame, Lowerer, Phase, Program  # noqa: F401  (for the runtime: the front end)
 from .memory import plan as plan_memory
 from .passes import Context, pipeline, run_pipeline
 from .shapes import DTYPES
@@ -46,6 +55,7 @@ class Executable:
     codegen_seconds: float = 0.0
     numba_seconds: float = 0.0
     target: object = None                         # the codegen Target (None: the CPU)
+    numba_compiled: int = 0        # functions Numba compiled here, not loaded from its cache
 
     def __call__(self, *args):
         out = self.fn(*args)
@@ -108,7 +118,8 @@ def compile_programs(programs: list[tuple[Executable, list]], workers: int | Non
             if (id(fn), sig) not in seen and sig not in fn.overloads:
                 seen.add((id(fn), sig))
                 jobs.append((ex, fn, sig))
-    fresh = [j for j in jobs if not cache.compiled(j[1])]
+    index = cache.compiled_index()
+    fresh = [j for j in jobs if not cache.compiled(j[1], index)]
     if workers is None:
         workers = int(os.environ.get("DLC_COMPILE_WORKERS", max((os.cpu_count() or 1) - 1, 0)))
     shares = _share([(fn, sig) for _, fn, sig in fresh], workers + 1) if len(fresh) > 1 and workers > 0 else []
@@ -128,6 +139,9 @@ def compile_programs(programs: list[tuple[Executable, list]], workers: int | Non
     for ex, fn, sig in jobs:                          # the rest: loaded from the cache the children filled
         _compile_repairing_cache(fn, sig)
     dt = time.perf_counter() - t0
+    by_workers = {(id(fn), sig) for share in shares[1:] for fn, sig in share} if children else set()
+    for ex, fn, sig in jobs:                          # compiled here or by a worker, not loaded from the cache
+        ex.numba_compiled += bool(fn.stats.cache_misses.get(sig)) or (id(fn), sig) in by_workers
     for ex, _ in programs:
         ex.cache_hit = not any(j[0] is ex for j in fresh)
     total = len(jobs) or 1
@@ -157,6 +171,43 @@ def _compile_share(share: list) -> None:
 def optimize(graph, kind: str, ctx: Context, fuse: bool = True, stop_after: str | None = None,
              target: str = "cpu"):
     return run_pipeline(graph, pipeline(kind, fuse, target), ctx, stop_after)
+
+
+def optimize_eval(graph, fuse: bool = True, stop_after: str | None = None):
+    """The evaluation (or sampling) program's pipeline: no gradients, no optimizer."""
+    return _optimize_stored(graph, "eval", Context(), fuse, stop_after)
+
+
+def optimize_phase(program: Program, phase: Phase, fuse: bool = True, stop_after: str | None = None):
+    """One phase's training step: its forward graph, its gradients and its optimizer's update."""
+    return _optimize_stored(program.step_graph(phase), "train", Context.for_phase(program, phase), fuse, stop_after)
+
+
+def _optimize_stored(graph, kind: str, ctx: Context, fuse: bool, stop_after: str | None):
+    """The whole pipeline's result, from the kernel cache when this compiler optimized the same
+    graph with the same options before (a warm run skips the passes); partial runs are not
+    stored."""
+    if stop_after is not None:
+        return optimize(graph, kind, ctx, fuse, stop_after)
+    opt = ctx.optimizer
+    key = cache.object_key("optimized", graph, kind, fuse, sorted(ctx.params.items()), ctx.phase, ctx.expose_grads,
+                           (opt.name, sorted(opt.options.items())) if opt is not None else None)
+    g = cache.load_object(key)
+    if g is None:
+        g = optimize(graph, kind, ctx, fuse)
+        cache.store_object(key, g)
+    return g
+
+
+def literal_setting(lowerer: Lowerer, train: A.TrainDef, name: str):
+    """A train block setting needed before lowering (the seed splits the data), when it is a
+    compile-time integer such as `seed = 2 * 3`; None otherwise (lowering reports any other
+    value)."""
+    for st in train.body:
+        if isinstance(st, A.Assign) and st.name == name:
+            v = lowerer.eval(st.value, Frame({}, {}, "", "train", None))
+            return v if isinstance(v, int) and not isinstance(v, bool) else None
+    return None
 
 
 def _numba_type(t: tuple):

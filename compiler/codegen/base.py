@@ -165,31 +165,14 @@ class _Kernel:
         if self.flat_loop:
             return f"{self.flat_view(self.param(a))}[i]"
         spec = OPS[g.op(consumer)]
-        shape = g.shape(a)
-        if spec.name == "onehot":           # the label at the output index without its last axis
-            idx, it_shape = idx[:-1], it_shape[:-1]
-        if spec.name == "slice":            # x at the index shifted by `start` along the axis
-            at = g.attrs(consumer)
-            j = list(idx)
-            j[at["axis"]] = f"{idx[at['axis']]} + {at['start']}"
-            return f"{self.param(a)}[{', '.join(j)}]"
-        if spec.name == "unslice":          # dy at the index shifted back (guarded by the template)
-            at = g.attrs(consumer)
-            j = list(idx)
-            j[at["axis"]] = f"{idx[at['axis']]} - {at['start']}"
-            return f"{self.param(a)}[{', '.join(j)}]"
-        if spec.name == "take":             # table[ids[i...], j]
-            if pos == 0:
-                ids = self.read(g.args(consumer)[1], consumer, 1, idx, it_shape, local)
-                return f"{self.param(a)}[{ids}, {idx[-1]}]"
-            idx, it_shape = idx[:-1], it_shape[:-1]
-        if spec.name == "transpose":        # x[j] with j[perm[k]] = i[k]
-            perm = g.attrs(consumer)["perm"]
-            j = [None] * len(perm)
-            for kk, pk in enumerate(perm):
-                j[pk] = idx[kk]
-            return f"{self.param(a)}[{', '.join(j)}]"
-        return f"{self.param(a)}[{self.index(shape, idx, it_shape)}]"
+        if pos in spec.remaps:              # at the op's own index (shifted, permuted, gathered)
+            at = ", ".join(spec.read_at(g.attrs(consumer), pos, list(idx)))
+            if "{" in at:                   # it depends on another argument's value (take's ids)
+                args = g.args(consumer)
+                at = at.format(*[self.read(b, consumer, k, idx, it_shape, local) if f"{{{k}}}" in at else ""
+                                 for k, b in enumerate(args)])
+            return f"{self.param(a)}[{at}]"
+        return f"{self.param(a)}[{self.index(g.shape(a), idx, it_shape)}]"
 
     def compute(self, n, idx, it_shape, local) -> str:
         """Assign node n's value at the loop index to a local; return the statement."""
@@ -253,7 +236,7 @@ class _Kernel:
             return False
         for n in nodes:
             spec = OPS[g.op(n)]
-            if spec.remaps or spec.name in ("onehot", "unslice", "size", "iota"):
+            if not spec.flat:
                 return False
             for a in g.args(n):
                 if a in nodes or g.op(a) == "const" or (g.op(a) == "input" and self.r.input_kind[a] == "scalar"):
@@ -539,14 +522,15 @@ class _Module:
             if not inline:
                 types = [self.arg_type(g, x) for x in reads + writes] + [("int",)] * len(dims)
                 self.calls.append((kname, self.t.call_types(types, config)))
+        compiled = mode == "body" or self.compiled_step
         for st, v in plan.copies:
-            lines.append(self.t.copy(plan.storage[st], plan.storage[v]))
+            lines.append(self.copy(plan.storage[st], plan.storage[v], compiled))
         args = [f"a{i}" for i in range(len(g.inputs))]
         outs = list(g.outputs)
         if mode == "body":
             dests = [f"o{i}" for i in range(len(outs))]
             for dname, k in zip(dests, outs):
-                lines.append(self.t.copy(dname, plan.storage[g.outputs[k]]))
+                lines.append(self.copy(dname, plan.storage[g.outputs[k]], True))
             head = [f"# ---- {fname}: one step of a scan ({', '.join(outs)}) ----", self.inlinable(len(args + dests)),
                     f"def {fname}({', '.join(args + dests)}):"]
             return head + ["    " + x for x in binds + lines] + ["    return", ""]
@@ -555,6 +539,17 @@ class _Module:
         head += [self.t.step_decorator] if self.compiled_step else ["# (plain Python: each kernel is compiled alone)"]
         head += [f"def {fname}({', '.join(args)}):"]
         return head + ["    " + x for x in binds + lines] + [f"    return ({ret}{',' if len(outs) == 1 else ''})", ""]
+
+    def copy(self, dst: str, src: str, compiled: bool) -> str:
+        """`dst[...] = src` element by element (same size, C order). Compiled code calls the
+        target's copy helper: Numba compiles a slice assignment's shape check anew at every
+        site (about 0.1 s each, half of a GRU decoder's scan compile)."""
+        helper = getattr(self.t, "copy_helper", None)
+        if not compiled or helper is None:
+            return self.t.copy(dst, src)
+        if helper not in self.helpers:
+            self.helpers.append(helper)
+        return f"_copy({dst}, {src})"
 
     def inlinable(self, nparams: int) -> str:
         """The decorator of a scan loop or body: inlined where it is called, except with more
@@ -586,7 +581,7 @@ class _Module:
         for i in range(nc):
             shape = g.shape(args[i])
             lines.append(f"cb{i} = {self.t.alloc(r.shape_expr((2,) + tuple(shape)), NP_DTYPE[g.dtype(args[i])])}")
-            lines.append(self.t.copy(f"cb{i}[0]", names[i]))
+            lines.append(self.copy(f"cb{i}[0]", names[i], True))
         ydest = []
         for j in range(ny):
             if nc + j in outs:
@@ -600,13 +595,13 @@ class _Module:
         lines.append("    cur = s % 2")
         for i in range(nc):
             if a.get("save") and nc + ny + i in outs:
-                lines.append("    " + self.t.copy(f"{outs[nc + ny + i]}[t]", f"cb{i}[cur]"))
+                lines.append("    " + self.copy(f"{outs[nc + ny + i]}[t]", f"cb{i}[cur]", True))
         call = [f"cb{i}[cur]" for i in range(nc)] + [f"{names[nc + j]}[t]" for j in range(ni)]
         call += names[nc + ni:] + [f"cb{i}[1 - cur]" for i in range(nc)] + ydest
         lines.append(f"    {bname}({', '.join(call)})")
         for i in range(nc):
             if i in outs:
-                lines.append(self.t.copy(outs[i], f"cb{i}[T % 2]"))
+                lines.append(self.copy(outs[i], f"cb{i}[T % 2]", True))
         return k.finish(lines)
 
     def source(self, g, step_lines) -> str:

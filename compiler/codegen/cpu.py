@@ -30,6 +30,16 @@ def _tanh_f32(x):
     return x * p / q
 """
 
+# `dst[...] = src` for two C-contiguous arrays of one size (scan carries, body outputs)
+COPY = """\
+@njit(cache=True, fastmath=FASTMATH, error_model='numpy')
+def _copy(dst, src):
+    d = dst.reshape(-1)
+    s = src.reshape(-1)
+    for i in range(d.size):
+        d[i] = s[i]
+"""
+
 
 class CpuTarget(Target):
     name = "cpu"
@@ -51,6 +61,7 @@ class CpuTarget(Target):
     }
     kernel_templates: dict = {}
     helpers: dict = {("tanh", "f32"): FAST_TANH, ("sigmoid", "f32"): FAST_TANH}
+    copy_helper = COPY
 
     @staticmethod
     def matmul_call(a: str, b: str, out: str) -> str:
