@@ -41,6 +41,17 @@ def _copy(dst, src):
 """
 
 
+# `a ** b` outside the kernels' fastmath: with `afn`, LLVM rewrites pow(x, float(int)) into
+# powi, whose runtime helper (__powisf2/__powidf2) Numba's JIT does not link: the process
+# dies (SIGSEGV or "Symbol not found"). An ordinary (not Numba-inlined) call keeps this pow
+# instruction's own flags when LLVM inlines it.
+POW = """\
+@njit(cache=True, fastmath={'nsz', 'arcp', 'contract', 'reassoc'}, error_model='numpy')
+def _pow(a, b):
+    return a ** b
+"""
+
+
 class CpuTarget(Target):
     name = "cpu"
     prelude = f"from numba import njit\n\nFASTMATH = {FASTMATH}"
@@ -58,9 +69,11 @@ class CpuTarget(Target):
     scalar_templates: dict = {
         ("tanh", "f32"): "_tanh_f32({0})",
         ("sigmoid", "f32"): "(np.float32(0.5) + np.float32(0.5) * _tanh_f32(np.float32(0.5) * {0}))",
+        ("pow", "f32"): "_pow({0}, {1})",
+        ("pow", "f64"): "_pow({0}, {1})",
     }
     kernel_templates: dict = {}
-    helpers: dict = {("tanh", "f32"): FAST_TANH, ("sigmoid", "f32"): FAST_TANH}
+    helpers: dict = {("tanh", "f32"): FAST_TANH, ("sigmoid", "f32"): FAST_TANH, ("pow", "f32"): POW, ("pow", "f64"): POW}
     copy_helper = COPY
 
     @staticmethod
