@@ -494,6 +494,12 @@ def _sample(lw, e, logits, temperature):
                        temperature=float(temperature)))
 
 
+@builtin("top_k", "logits", "k")
+def _top_k(lw, e, logits, k):
+    """The logits with all but the k largest of each row set to -inf (ties kept), for sampling."""
+    return _T(lw.g.add("top_k", _tensor(lw, e, logits), k=_int(lw, e, k, "k", 1)))
+
+
 # ---- math: floor, sin, cos, flip, cumsum, arange, iota ---------------------------------------------
 for _n in ("floor", "sin", "cos"):          # (fold on numbers like the other unary builtins)
     _unary(_n)
