@@ -169,7 +169,7 @@ def attention_maps(path, checkpoint_path, ids: list[int], dtype: str = "f32", fu
         raise DlcError(f"model `{model}` has no attention (no softmax over [N, heads, T, S])")
     for i, n in enumerate(layers):
         g.outputs[f"attention{i}"] = n
-    labels = [f"{Path(g[n]['loc'].file).name}:{g[n]['loc'].line}" if g[n].get("loc") else f"layer {i + 1}"
+    labels = [f"layer {i + 1}" + (f" ({Path(g[n]['loc'].file).name}:{g[n]['loc'].line})" if g[n].get("loc") else "")
               for i, n in enumerate(layers)]
     ex = build(optimize(g, "eval", Context(), fuse))
     params, state, _ = checkpoint.load(checkpoint_path)

@@ -234,7 +234,7 @@ def test_cli_prints_text_json_and_attention(tiny, capsys, tmp_path):
     assert png.stat().st_size > 1000
     maps, window = attention_maps(path, ck, PROMPT + [1, 2], "f64")
     (label, w), = maps
-    assert label == "tiny.dl:4" and w.shape == (HEADS, 6, 6) and window == PROMPT + [1, 2]
+    assert label == "layer 1 (tiny.dl:4)" and w.shape == (HEADS, 6, 6) and window == PROMPT + [1, 2]
     np.testing.assert_allclose(w.sum(-1), 1, rtol=1e-12)
     assert (w[:, np.triu_indices(6, 1)[0], np.triu_indices(6, 1)[1]] == 0).all()      # causal
 
