@@ -173,8 +173,10 @@ def attention_maps(path, checkpoint_path, ids: list[int], dtype: str = "f32", fu
               for i, n in enumerate(layers)]
     ex = build(optimize(g, "eval", Context(), fuse))
     params, state, _ = checkpoint.load(checkpoint_path)
-    (_, kind, shape, _), = [i for i in ex.inputs if i[1] == "data"]
-    context = shape[-1]
+    data = [shape for _, kind, shape, _ in ex.inputs if kind == "data"]
+    if len(data) != 1 or len(data[0]) != 2:
+        raise DlcError(f"--attention draws a model of one token sequence [B, T]; `{model}` reads {len(data)} inputs")
+    context = data[0][-1]
     if not isinstance(context, int):
         raise DlcError(f"model `{model}` reads sequences of a symbolic length; --attention needs a fixed context")
     window = list(ids)[-context:]
@@ -191,8 +193,13 @@ def attention_maps(path, checkpoint_path, ids: list[int], dtype: str = "f32", fu
                 raise DlcError(f"checkpoint {checkpoint_path} lacks `{name}`, which model `{model}` uses")
             args.append(np.ascontiguousarray(v, DTYPES[dt]))
     out = dict(zip(ex.outputs, ex(*args)))
-    n = len(window)          # causal: the padding after the text changes none of its rows
-    return [(labels[i], np.asarray(out[f"attention{i}"])[0, :, :n, :n]) for i in range(len(layers))], window
+    maps = [np.asarray(out[f"attention{i}"])[0] for i in range(len(layers))]
+    n = len(window)
+    if n < context and any(np.triu(w[..., :n, :], 1).any() for w in maps):
+        raise DlcError(f"model `{model}` attends to later positions, so the padding after a text of {n} < {context} "
+                       "characters would change its attention; give a longer text")
+    # causal attention: the padding after the text changes none of the text's rows
+    return [(label, w[:, :n, :n]) for label, w in zip(labels, maps)], window
 
 
 def draw_attention(maps, tokens: list[str], path) -> None:
