@@ -107,7 +107,8 @@ def make_parser() -> argparse.ArgumentParser:
     sa = sub.add_parser("sample", help="run the file's sampling program (`generate`) on a trained checkpoint")
     common(sa)
     sa.add_argument("--load", metavar="PATH", required=True, help="the checkpoint (from `dlc run --save`)")
-    sa.add_argument("-n", type=_positive(int), help="how many samples (default 16), or new characters of text (300)")
+    sa.add_argument("-n", "--tokens", dest="n", type=_positive(int),
+                    help="how many samples (default 16), or new characters of text (300)")
     sa.add_argument("--seed", type=_number(int, allow_zero=True), default=0, help="seed of the random draws")
     sa.add_argument("--out", metavar="PNG", help="write image samples as a grid (default samples.png)")
     sa.add_argument("--npz", metavar="PATH", help="also save the raw samples (array `samples`)")
