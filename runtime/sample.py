@@ -91,7 +91,11 @@ def generate_text(sampler: Sampler, prompt: list[int], n: int, context: int, see
     """n tokens after `prompt` from a program with a `prompt` input, which continues a window of
     at most `context` tokens (and numbers positions from the window's start). The window is the
     prompt's last `context // 2` tokens when the prompt fills the context, and slides by half a
-    context whenever the text fills it; the next call then reads that half again first."""
+    context whenever the text fills it; the next call then reads that half again first. (Call
+    a text program through this: the window and the characters of one call must fit the
+    context, whose positions the program's tables hold.)"""
+    if context < 2:
+        raise DlcError(f"a text program needs a context of at least 2 tokens, not {context}")
     if not prompt:
         raise DlcError("the prompt is empty; give at least one character (--prompt)")
     ids, keep = list(prompt), max(1, context // 2)
