@@ -191,7 +191,7 @@ def samplers(tiny):
 PROMPT = [CHARS.index(c) for c in "the "]
 
 
-@pytest.mark.parametrize("program", ["text", "text_full"])
+@pytest.mark.parametrize("program", ["text", pytest.param("text_full", marks=pytest.mark.slow)])
 def test_greedy_decoding_matches_numpy_across_window_slides(tiny, samplers, program):
     from runtime.sample import generate_text
     ref = np_decode(tiny[2], PROMPT, 20)
