@@ -114,11 +114,20 @@ def make_parser() -> argparse.ArgumentParser:
     sa = sub.add_parser("sample", help="run the file's sampling program (`generate`) on a trained checkpoint")
     common(sa)
     sa.add_argument("--load", metavar="PATH", required=True, help="the checkpoint (from `dlc run --save`)")
-    sa.add_argument("-n", type=_positive(int), default=16, help="how many samples (default 16)")
+    sa.add_argument("-n", "--tokens", dest="n", type=_positive(int),
+                    help="how many samples (default 16), or new characters of text (300)")
     sa.add_argument("--seed", type=_number(int, allow_zero=True), default=0, help="seed of the random draws")
     sa.add_argument("--out", metavar="PNG", help="write image samples as a grid (default samples.png)")
     sa.add_argument("--npz", metavar="PATH", help="also save the raw samples (array `samples`)")
     sa.add_argument("--program", help="which `generate` block (default: the first)")
+    sa.add_argument("--prompt", metavar="TEXT", help="text programs: the text to continue (default a newline)")
+    sa.add_argument("--temperature", type=_number(float, allow_zero=True),
+                    help="the program's `temperature` option: 0 greedy, T > 0 samples softmax(logits / T)")
+    sa.add_argument("--top-k", type=_number(int, allow_zero=True), help="the program's `top_k` option: "
+                    "draw among the K most likely tokens only (0: all)")
+    sa.add_argument("--attention", metavar="PNG", help="text programs: draw each layer's and head's attention "
+                    "on the prompt and the text")
+    sa.add_argument("--json", action="store_true", help="text programs: print the text, tokens/s and settings as JSON")
 
     ex = sub.add_parser("export", help="write the evaluation program with its weights as an ONNX model")
     common(ex)
