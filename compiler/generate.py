@@ -20,6 +20,7 @@ from dsl.diagnostics import DlcError
 
 from .lower import Frame, Program, SymDim, Tensor, _suggest
 from .shapes import fmt_type
+from .typecheck import dtype_of
 
 COUNT = "count"
 
@@ -74,4 +75,4 @@ def _input(lw, p: A.Param) -> int:
             shape.append(d.value)
         else:
             raise DlcError("inputs of a sampling program take names and integers as dimensions", d.loc)
-    return lw.g.input(p.name, tuple(shape), lw._dtype(p.type.dtype, p.type.loc), "data", loc=p.loc)
+    return lw.g.input(p.name, tuple(shape), dtype_of(lw, p.type.dtype, p.type.loc), "data", loc=p.loc)
