@@ -24,11 +24,12 @@ from dsl import ast as A
 from dsl.diagnostics import DlcError
 from dsl.parser import parse_file
 
-from . import checkpoint, data, metrics, numerics, resources
+from . import checkpoint, data, metrics, numerics, resources, threads
 from .history import EarlyStopping, History
 from .initializers import initialize
 
 DEFAULTS = {"batch": 32, "epochs": 10, "seed": 0}       # metrics: the loss's (runtime/metrics.py)
+EVAL_BATCH = 512                                        # examples per call of the evaluation program
 
 
 @dataclass
@@ -40,7 +41,7 @@ class Options:
     lr: float | None = None
     seed: int | None = None
     temperature: float = 0.0        # decoding in evaluation: 0 greedy, > 0 sampling
-    threads: int | None = None      # BLAS threads while running (None: the library's default)
+    threads: int | None = None      # at most this many cores (None: all; runtime/threads.py decides)
     train: bool = True              # False: compile the evaluation program only (predict)
     schedule: str | None = None     # --schedule NAME (with --warmup E): every phase's lr schedule
     warmup: float | None = None
@@ -140,6 +141,13 @@ class Session:
         self.phase_steps = {ph.name: 0 for ph in self.phases}   # each phase's own (bias corrections)
         self._compile()
         self.compile_seconds = time.perf_counter() - t0
+        # who uses the cores (runtime/threads.py): the training programs' plan from now on,
+        # the evaluation program's around `evaluate`
+        b = int(self.settings["batch"])
+        self.core_plan = threads.plan([ex.graph for ex in self.train_exes] or [self.eval_ex.graph], {"B": b},
+                                      self.opt.threads)
+        self.eval_core_plan = threads.plan([self.eval_ex.graph], {"B": EVAL_BATCH}, self.opt.threads)
+        threads.apply(self.core_plan)
 
     def compile_report(self) -> dict:
         """Where the compile time went (seconds: parsing and lowering, passes, code generation,
@@ -276,10 +284,14 @@ class Session:
         """The random stream of a step: a function of the run's seed and the step number."""
         return rng_seed(self.seed, step)
 
-    def evaluate(self, split: dict, batch_size: int = 512) -> dict:
+    def evaluate(self, split: dict, batch_size: int = EVAL_BATCH) -> dict:
         n = len(next(iter(split.values())))
         if n == 0:
             return {}
+        with threads.using(self.eval_core_plan):
+            return self._evaluate(split, batch_size, n)
+
+    def _evaluate(self, split: dict, batch_size: int, n: int) -> dict:
         totals, acc = {ph.output: 0.0 for ph in self.phases}, metrics.Accumulator(self.task, self.settings["metrics"])
         for s in range(0, n, batch_size):
             b = {k: np.ascontiguousarray(v[s:s + batch_size]) for k, v in split.items()}
@@ -296,10 +308,7 @@ class Session:
 
     def fit(self, progress: bool = True, log=None) -> dict:
         """Train for the configured epochs; return the final report."""
-        from threadpoolctl import threadpool_limits
-        if self.opt.threads is None:
-            return self._fit(progress, log)
-        with threadpool_limits(self.opt.threads):
+        with threads.using(self.core_plan):
             return self._fit(progress, log)
 
     def _fit(self, progress: bool, log) -> dict:
@@ -374,6 +383,7 @@ class Session:
             "step_ms": round(1000 * float(np.median(step_times)), 4) if step_times else None,
             "kernel_cache_hit": self.cache_hit,
             "compile": self.compile_report(),
+            "cores": {"train": self.core_plan.as_dict(), "eval": self.eval_core_plan.as_dict()},
             "parameters": int(sum(p.size for p in self.params.values())),
             "seed": self.seed,
             "history": history.epochs,
