@@ -69,6 +69,59 @@ def _setting_loc(train: A.TrainDef, name: str):
     return next((st.value.loc for st in train.body if isinstance(st, A.Assign) and st.name == name), train.loc)
 
 
+class Tensors(dict):
+    """Parameters or state by name. Steps keep their argument lists from call to call (the
+    arrays are updated in place); storing or removing a name counts in `version`, which tells
+    them to gather the arrays again."""
+    version = 0
+
+    def __setitem__(self, k, v):
+        super().__setitem__(k, v)
+        self.version += 1
+
+    def __delitem__(self, k):
+        super().__delitem__(k)
+        self.version += 1
+
+    def update(self, *a, **kw):
+        super().update(*a, **kw)
+        self.version += 1
+
+    def pop(self, *a):
+        self.version += 1
+        return super().pop(*a)
+
+    def setdefault(self, k, v=None):
+        self.version += 1
+        return super().setdefault(k, v)
+
+    def clear(self):
+        super().clear()
+        self.version += 1
+
+
+class _ArgPlan:
+    """An executable's argument list with the parameter and state arrays in place, and the
+    slots each call fills: data from the batch, scalars (as the program's dtype)."""
+
+    def __init__(self, ex: Executable, params: dict, state: dict):
+        self.params, self.state = params, state
+        self.versions = (getattr(params, "version", None), getattr(state, "version", None))
+        self.fixed, self.data, self.scalars = [None] * len(ex.inputs), [], []
+        for i, (name, kind, shape, dtype) in enumerate(ex.inputs):
+            if kind == "data":
+                self.data.append((i, name))
+            elif kind in ("param", "state"):
+                self.fixed[i] = (params if kind == "param" else state)[name]
+            else:
+                self.scalars.append((i, name, DTYPES[dtype]))
+
+    def current(self, params: dict, state: dict) -> bool:
+        """Still right for these dicts? (A plain dict, not Tensors, is gathered every call.)"""
+        return (params is self.params and state is self.state and self.versions[0] is not None
+                and self.versions[1] is not None and self.versions == (params.version, state.version))
+
+
 class Session:
     def __init__(self, path: str | Path, options: Options | None = None):
         self.path = Path(path)
@@ -134,6 +187,7 @@ class Session:
         self.train_ex = self.train_exes[0] if self.train_exes else None
         self.train_graph = self.train_ex.graph if self.train_ex else None
         self.params, self.state = self._init_params()
+        self._arg_plans: dict[int, _ArgPlan] = {}
         self.step_count = 0                                  # steps of every phase
         self.epoch = 0                                       # epochs done
         self.loss_history: dict[str, list[float]] = {}       # per phase: the first loss, the recent ones
@@ -174,7 +228,7 @@ class Session:
             for (name, kind, shape, dtype) in ex.inputs:
                 if kind == "state" and name not in state:
                     state[name] = np.zeros(shape, DTYPES[dtype])
-        return params, state
+        return Tensors(params), Tensors(state)
 
     def _override_optimizers(self):
         """--schedule/--warmup and --clip-norm/--clip-value apply to every phase's optimizer."""
@@ -229,16 +283,16 @@ class Session:
         self.cache_hit = all(ex.cache_hit for ex in exes)
 
     def _args(self, ex: Executable, batch: dict, scalars: dict | None = None) -> list:
-        args = []
-        for name, kind, shape, dtype in ex.inputs:
-            if kind == "data":
-                args.append(batch[name])
-            elif kind == "param":
-                args.append(self.params[name])
-            elif kind == "state":
-                args.append(self.state[name])
-            else:
-                args.append(DTYPES[dtype](scalars[name]))
+        """The executable's arguments: its parameter and state arrays are kept from call to
+        call (they are updated in place); only the batch and the scalars are filled in."""
+        plan = self._arg_plans.get(id(ex))
+        if plan is None or not plan.current(self.params, self.state):
+            plan = self._arg_plans[id(ex)] = _ArgPlan(ex, self.params, self.state)
+        args = plan.fixed.copy()
+        for i, name in plan.data:
+            args[i] = batch[name]
+        for i, name, make in plan.scalars:
+            args[i] = make(scalars[name])
         return args
 
     # ---- running ---------------------------------------------------------------------------------
