@@ -384,8 +384,7 @@ def worker_dlc(a) -> dict:
     from runtime.session import Options, Session
     import_s = time.perf_counter() - t0
     prob = load_problem(a.model, a.batches)
-    s = Session(a.model, Options())
-    limiter = limit_threads(a.threads)
+    s = Session(a.model, Options(threads=a.threads))     # a cap: dlc decides how to use the cores
     batches = prob["batches"]
     nb = len(batches)
     busy0, own0, t0 = _cpu_busy_seconds(), _own_cpu_seconds(), time.perf_counter()
@@ -394,7 +393,7 @@ def worker_dlc(a) -> dict:
     others = max((busy1 - busy0) - (own1 - own0), 0.0) / (t1 - t0) if busy0 is not None else 0.0
     res = {"framework": "dlc", "threads": a.threads, **summary(per), "steps": steps,
            "thread_pools": thread_info(), "compile_seconds": s.compile_seconds, "kernel_cache_hit": s.cache_hit,
-           "kernel_count": s.train_ex.kernels, "import_seconds": import_s}
+           "kernel_count": s.train_ex.kernels, "import_seconds": import_s, "cores": s.core_plan.as_dict()}
     if a.forward:
         per_f, steps_f = time_steps(lambda i: float(s.run_eval(batches[i % nb])["loss"]), a.steps, a.repeats,
                                     a.warmup, a.max_seconds)
@@ -404,7 +403,6 @@ def worker_dlc(a) -> dict:
                                   "a profile would measure them")
     elif a.profile:
         res["profile"] = profile_dlc(s, batches[0], a.steps, a.repeats, a.max_seconds)
-    del limiter
     return res
 
 
@@ -563,21 +561,6 @@ def worker_jax(a, bench: Bench) -> dict:
     per, steps = time_steps(one, a.steps, a.repeats, a.warmup, a.max_seconds)
     return {"framework": "jax", "threads": a.threads, **summary(per), "steps": steps, "jax": jax.__version__,
             "compile_seconds": compile_s, "thread_pools": thread_info()}
-
-
-def worker_flops(a, bench: Bench) -> dict:
-    """FLOPs of one training step (forward and backward; the optimizer's elementwise work left
-    out), counted by PyTorch's FlopCounterMode on the workload's PyTorch twin."""
-    import torch
-    import torch.nn.functional as F
-    from torch.utils.flop_counter import FlopCounterMode
-    prob = load_problem(a.model, 1)
-    torch.manual_seed(0)
-    model = bench.torch_model(prob, a)
-    x, y = torch_batches(prob)[0]
-    with FlopCounterMode(display=False) as fc:
-        F.cross_entropy(model(x), y).backward()
-    return {"framework": "flops", "threads": a.threads, "flops": fc.get_total_flops()}
 
 
 def worker_check(a, bench: Bench) -> dict:
@@ -751,7 +734,7 @@ def main(bench: Bench, argv=None) -> int:
         a.model = Path(a.model)
         fn = {"dlc": worker_dlc, "compile": worker_compile,
               "torch": lambda a: worker_torch(a, bench), "check": lambda a: worker_check(a, bench),
-              "jax": lambda a: worker_jax(a, bench), "flops": lambda a: worker_flops(a, bench)}
+              "jax": lambda a: worker_jax(a, bench)}
         res = fn[a._worker](a)
         import resource
         res["max_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024     # Linux: KiB
