@@ -9,9 +9,12 @@ processes 100x slower, because a waiting worker spins on a core another process 
 
 - every GEMM of the program (scan bodies counted once per time step, a convolution's GEMMs once
   per sample) is weighed at the program's batch size;
-- BLAS gets all the cores when the GEMMs of at least `PARALLEL_GEMM_FLOPS` hold at least half
+- BLAS gets the cores when the GEMMs of at least `PARALLEL_GEMM_FLOPS` hold at least half
   of the step's GEMM work, and one thread otherwise;
-- the cores are those the process may run on (`os.sched_getaffinity`), capped by `--threads`.
+- the cores are those the process may run on (`os.sched_getaffinity`), capped by `--threads`,
+  less those other processes keep busy (the load average, this process counted as one, when
+  the plan is made): a BLAS worker waiting for a core another process holds made GPT's step
+  6x slower on two threads than on one (112 -> 665 ms, bench_all.py at load 9).
 
 `Session` applies the plan of its training programs when it is built and the plan of its
 evaluation program around `evaluate` (a larger batch); `dlc run --json` reports both.
@@ -32,17 +35,18 @@ PARALLEL_SHARE = 0.5                    # ... when such GEMMs are at least this 
 @dataclass(frozen=True)
 class CorePlan:
     blas_threads: int
-    cores: int
+    cores: int                 # the process's cores, capped by --threads
     gemm_flops: float          # GEMM work of one call of the programs
     large_share: float         # its share in GEMMs of at least PARALLEL_GEMM_FLOPS
+    free: int = 0              # cores not kept busy by other processes when planned
 
     def describe(self) -> str:
-        return (f"BLAS {self.blas_threads} of {self.cores} core(s): {self.large_share:.0%} of "
+        return (f"BLAS {self.blas_threads} of {self.cores} core(s), {self.free} free: {self.large_share:.0%} of "
                 f"{self.gemm_flops / 1e6:.1f} MFLOP of GEMMs per step in GEMMs of >= "
                 f"{PARALLEL_GEMM_FLOPS / 1e6:.1f} MFLOP")
 
     def as_dict(self) -> dict:
-        return {"blas_threads": self.blas_threads, "cores": self.cores,
+        return {"blas_threads": self.blas_threads, "cores": self.cores, "free_cores": self.free,
                 "gemm_mflop": round(self.gemm_flops / 1e6, 3), "large_gemm_share": round(self.large_share, 3)}
 
 
@@ -82,14 +86,27 @@ def gemms(graph, dims: dict, repeat: int = 1) -> list[tuple[float, int]]:
     return out
 
 
-def plan(graphs, dims: dict, cap: int | None = None) -> CorePlan:
-    """The owner of the cores for programs `graphs` at sizes `dims` (e.g. {"B": 64})."""
+def free_cores(cores: int, load: float | None = None) -> int:
+    """Cores of `cores` that other processes leave free: the 1-minute load average (or `load`)
+    less this process's own one."""
+    if load is None:
+        try:
+            load = os.getloadavg()[0]
+        except (AttributeError, OSError):
+            load = 0.0
+    return max(1, min(cores, int(cores - max(load - 1.0, 0.0) + 0.5)))
+
+
+def plan(graphs, dims: dict, cap: int | None = None, load: float | None = None) -> CorePlan:
+    """The owner of the cores for programs `graphs` at sizes `dims` (e.g. {"B": 64}); `load`:
+    the load average to plan for (default: the machine's now)."""
     work = [g for graph in graphs for g in gemms(graph, dims)]
     total = sum(f * c for f, c in work)
     large = sum(f * c for f, c in work if f >= PARALLEL_GEMM_FLOPS)
     share = large / total if total else 0.0
     cores = available_cores(cap)
-    return CorePlan(cores if share >= PARALLEL_SHARE else 1, cores, total, share)
+    free = free_cores(cores, load)
+    return CorePlan(free if share >= PARALLEL_SHARE else 1, cores, total, share, free)
 
 
 _controller = None

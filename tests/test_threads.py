@@ -73,9 +73,15 @@ def test_plan_threads_only_for_large_gemms():
     small = threads.plan([g], {"B": 8})
     assert small.blas_threads == 1 and small.large_share == 0.0
     big_b = threads.PARALLEL_GEMM_FLOPS // (2 * 16 * 32) + 1        # x @ W1 alone is a large GEMM
-    big = threads.plan([g], {"B": big_b}, cap=2)
+    big = threads.plan([g], {"B": big_b}, cap=2, load=1.0)       # this process alone
     assert big.large_share == pytest.approx(16 * 32 / (16 * 32 + 32 * 8)) and big.blas_threads == min(2, threads.available_cores())
-    assert threads.plan([g], {"B": big_b}, cap=1).blas_threads == 1
+    assert threads.plan([g], {"B": big_b}, cap=1, load=1.0).blas_threads == 1
+    assert threads.plan([g], {"B": big_b}, cap=2, load=2.0).blas_threads == 1    # another process on a core
+
+
+def test_free_cores():
+    assert threads.free_cores(2, 0.0) == 2 and threads.free_cores(2, 1.2) == 2
+    assert threads.free_cores(2, 1.8) == 1 and threads.free_cores(2, 9.0) == 1 and threads.free_cores(8, 3.0) == 6
 
 
 def test_using_restores_blas_threads():
