@@ -10,7 +10,8 @@ pointing at a new directory), then *warm* with the cache that run filled. The sp
 one `dlc run --json` reports under `compile`: front end (parse and lower, without loading the
 data), passes, code generation (memory plan, source, writing and importing the modules) and
 Numba (compiling or loading the kernels); `kernels` counts kernel calls in both programs,
-`distinct` the kernels compiled once each.
+`distinct` the kernels compiled once each, `w-jit` the functions Numba compiled in the warm
+run (0: it only loads them from its cache).
 
 The depth sweep is a Transformer-style encoder on the `tagging` task: token embedding, then N
 blocks of multi-head self-attention built from primitives (dense projections, reshape and
@@ -117,7 +118,7 @@ def main() -> None:
     rows = []
     if not a.json:
         print(f"{'model':<16} {'kernels':>7} {'distinct':>8} {'front':>6} {'passes':>6} {'codegen':>7} "
-              f"{'numba':>6} {'cold':>6} {'warm':>6} {'step':>8}  load", flush=True)
+              f"{'numba':>6} {'cold':>6} {'warm':>6} {'w-jit':>5} {'step':>8}  load", flush=True)
     for name, path in models:
         cache = tempfile.mkdtemp(prefix="dlc_cache_", dir=tmp)
         cold = measure(path, cache, a.timeout)
@@ -126,7 +127,8 @@ def main() -> None:
         if not a.json:
             print(f"{name:<16} {cold['kernels']:>7} {cold['distinct_kernels']:>8} {cold['front_end']:>6.2f} "
                   f"{cold['passes']:>6.2f} {cold['codegen']:>7.2f} {cold['numba']:>6.2f} {cold['compile']:>6.2f} "
-                  f"{warm['compile']:>6.2f} {'compiled' if cold['compiled_step'] else 'python':>8}  "
+                  f"{warm['compile']:>6.2f} {warm['numba_compiled']:>5} "
+                  f"{'compiled' if cold['compiled_step'] else 'python':>8}  "
                   f"{cold['load']:.1f}/{warm['load']:.1f}", flush=True)
     if a.json:
         print(json.dumps({"rows": rows, "cpus": os.cpu_count()}))

@@ -128,15 +128,15 @@ def load_problem(model: Path, n_batches: int) -> dict:
     found the way `runtime.session.Session` finds them (no kernels are compiled)."""
     import numpy as np
 
-    from compiler.lower import Lowerer
+    from compiler.driver import Lowerer, literal_setting
     from dsl.parser import parse_file
     from runtime import data
-    from runtime.session import DEFAULTS, _literal_setting
+    from runtime.session import DEFAULTS
 
     module = parse_file(model)
     low = Lowerer(module, "f32")
     train = low.trains[0]
-    seed = _literal_setting(low, train, "seed")
+    seed = literal_setting(low, train, "seed")
     seed = int(seed) if seed is not None else DEFAULTS["seed"]
     ds = data.load(train.data, model.parent, seed)
     program = low.lower_train(train, ds.fields())

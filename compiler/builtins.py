@@ -12,6 +12,7 @@ import numpy as np
 from dsl import ast as A
 from dsl.diagnostics import DlcError
 
+from .ops import OPS
 from .shapes import FLOATS, INTS, ShapeError, broadcast, fmt_shape, norm_axes, same_dim
 
 _REQUIRED = object()
@@ -65,7 +66,6 @@ def _number(v) -> bool:
 
 def _fold(e, op, *vals):
     """A primitive applied to numbers alone is computed now, with the op's NumPy reference."""
-    from .ops import OPS
     with np.errstate(all="ignore"):
         v = OPS[op].ref(*(np.float64(x) for x in vals)).item()
     if not math.isfinite(v) and all(math.isfinite(x) for x in vals):
@@ -75,34 +75,32 @@ def _fold(e, op, *vals):
     return v
 
 
-def _unary(name, op=None):
+def _unary(name):
     @builtin(name, "x")
     def f(lw, e, x):
         if _number(x):
-            return _fold(e, op or name, x)
-        return _T(lw.g.add(op or name, _tensor(lw, e, x)))
+            return _fold(e, name, x)
+        return _T(lw.g.add(name, _tensor(lw, e, x)))
 
 
-for _n in ("exp", "log", "sqrt", "tanh", "sigmoid", "relu", "erf"):
-    _unary(_n)
-_unary("abs")
-_unary("sign")
-_unary("stop_gradient")
-
-
-def _binary(name, op):
+def _binary(name):
     @builtin(name, "a", "b")
     def f(lw, e, a, b):
         from .lower import Tensor
         if _number(a) and _number(b):
-            return max(a, b) if name == "maximum" else min(a, b)
+            return OPS[name].ref(a, b).item()
         da = lw.g.dtype(a.node) if isinstance(a, Tensor) else None
         db = lw.g.dtype(b.node) if isinstance(b, Tensor) else None
-        return _T(lw.g.add(op, lw.to_tensor(a, db, e.loc).node, lw.to_tensor(b, da, e.loc).node))
+        return _T(lw.g.add(name, lw.to_tensor(a, db, e.loc).node, lw.to_tensor(b, da, e.loc).node))
 
 
-_binary("maximum", "maximum")
-_binary("minimum", "minimum")
+# The simple builtins, generated from the op registry: `exp(x)`, `floor(x)`, `maximum(a, b)`, ...
+# (on numbers alone, computed now with the op's reference)
+for _op in list(OPS.values()):
+    if _op.builtin == ("x",):
+        _unary(_op.name)
+    elif _op.builtin == ("a", "b"):
+        _binary(_op.name)
 
 
 def matmul(lw, a: int, b: int) -> int:
@@ -382,7 +380,7 @@ def _rand_like(lw, e, x):
     step; each call site draws its own stream)."""
     x = _tensor(lw, e, x)
     lw.rng_salt += 1
-    return _T(lw.g.add("rand_uniform", lw.rng_input(), shape=lw.g.shape(x), salt=lw.rng_salt,
+    return _T(lw.g.add("rand_uniform", lw.draw_seed(lw.g.shape(x), 1, e.loc), shape=lw.g.shape(x), salt=lw.rng_salt,
                        dtype=lw.float_dtype if lw.g.dtype(x) not in FLOATS else lw.g.dtype(x)))
 
 
@@ -490,13 +488,12 @@ def _sample(lw, e, logits, temperature):
     if not isinstance(temperature, (int, float)) or temperature <= 0:
         raise DlcError("`sample`: temperature must be a positive number", e.loc)
     lw.rng_salt += 1
-    return _T(lw.g.add("sample", _tensor(lw, e, logits), lw.rng_input(), salt=lw.rng_salt,
+    logits = _tensor(lw, e, logits)          # one counter per row of classes
+    return _T(lw.g.add("sample", logits, lw.draw_seed(lw.g.shape(logits)[:-1], 1, e.loc), salt=lw.rng_salt,
                        temperature=float(temperature)))
 
 
-# ---- math: floor, sin, cos, flip, cumsum, arange, iota ---------------------------------------------
-for _n in ("floor", "sin", "cos"):          # (fold on numbers like the other unary builtins)
-    _unary(_n)
+# ---- math: flip, cumsum, arange, iota (floor, sin, cos: generated from the registry above) ----------
 
 
 def _one_axis(lw, e, x, axis):
@@ -566,7 +563,8 @@ def _draw(lw, e, op, shape, dtype):
     if dtype not in ("float", "f32", "f64"):
         raise DlcError(f'`{e.func}`: dtype is "float", "f32" or "f64", got {lw._describe(dtype)}', e.loc)
     lw.rng_salt += 1
-    return _T(lw.g.add(op, lw.rng_input(), shape=tuple(shape), salt=lw.rng_salt,
+    seed = lw.draw_seed(tuple(shape), 2 if op == "rand_normal" else 1, e.loc)    # Box-Muller: 2 uniforms each
+    return _T(lw.g.add(op, seed, shape=tuple(shape), salt=lw.rng_salt,
                        dtype=lw.float_dtype if dtype == "float" else dtype))
 
 

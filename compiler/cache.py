@@ -1,5 +1,8 @@
 """The kernel cache: generated modules on disk, keyed by a content hash.
 
+It also holds the pass pipeline's results (`objects/`, pickled optimized graphs keyed by the
+lowered graph, the options and the compiler's own source), so a warm run skips the passes.
+
 Numba's `cache=True` cannot cache code built with `exec`, so each generated module is written
 to `<cache>/dlc_<hash>.py` (atomically) and imported from there, registered in `sys.modules`
 under its name *before* it is executed (otherwise Numba records the module as `<dynamic>` and
@@ -9,9 +12,11 @@ versions and the target, so a stale cache is never used.
 from __future__ import annotations
 
 import atexit
+import functools
 import hashlib
 import importlib.util
 import os
+import pickle
 import shutil
 import sys
 import tempfile
@@ -50,11 +55,23 @@ def module_key(source: str, target: str) -> str:
     return h.hexdigest()[:24]
 
 
-def compiled(fn) -> bool:
-    """Has Numba cached the jitted function `fn` of a module here (its index file in
-    `__pycache__`, named by module, function and line)?"""
+def compiled_index() -> set[str]:
+    """The functions Numba has cached here, as `module.function-line`: the names of the index
+    files in `__pycache__` (`<module>.<function>-<line>.py<version>.nbi`), listed once (a
+    long-used cache holds thousands of files: a glob per kernel took seconds)."""
+    try:
+        with os.scandir(cache_dir() / "__pycache__") as it:
+            return {e.name.rsplit(".", 2)[0] for e in it if e.name.endswith(".nbi")}
+    except FileNotFoundError:
+        return set()
+
+
+def compiled(fn, index: set[str] | None = None) -> bool:
+    """Has Numba cached the jitted function `fn` of a module here? (`index`: from
+    `compiled_index()`, to ask about many functions.)"""
     f = fn.py_func
-    return any((cache_dir() / "__pycache__").glob(f"{f.__module__}.{f.__qualname__}-{f.__code__.co_firstlineno}.*.nbi"))
+    key = f"{f.__module__}.{f.__qualname__}-{f.__code__.co_firstlineno}"
+    return key in (compiled_index() if index is None else index)
 
 
 def load(source: str, target: str, name: str | None = None):
@@ -84,6 +101,50 @@ def load(source: str, target: str, name: str | None = None):
         except BaseException:
             del sys.modules[name]
             raise
+
+
+@functools.cache
+def compiler_digest() -> str:
+    """A hash of the compiler's own source: a stored result of its passes is valid only for the
+    compiler that made it."""
+    h = hashlib.sha256()
+    root = Path(__file__).resolve().parent
+    for f in sorted(root.rglob("*.py")):
+        h.update(str(f.relative_to(root)).encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def object_key(*parts) -> str:
+    """The key of a stored result computed from `parts` (pickled: graphs, options) by this
+    compiler, under this Python."""
+    h = hashlib.sha256(pickle.dumps(parts, protocol=5))
+    for part in (compiler_digest(), sys.version):
+        h.update(part.encode())
+    return h.hexdigest()[:32]
+
+
+def load_object(key: str):
+    """A stored result, or None (absent, or unreadable: then it is computed again)."""
+    path = cache_dir() / "objects" / f"{key}.pkl"
+    try:
+        with open(path, "rb") as f:
+            return pickle.load(f)
+    except FileNotFoundError:
+        return None
+    except Exception:               # truncated or damaged: drop it
+        path.unlink(missing_ok=True)
+        return None
+
+
+def store_object(key: str, value) -> None:
+    """Store a result atomically (a reader sees the old file or the whole new one)."""
+    d = cache_dir() / "objects"
+    d.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=d, suffix=".tmp")
+    with os.fdopen(fd, "wb") as f:
+        pickle.dump(value, f, protocol=5)
+    os.replace(tmp, d / f"{key}.pkl")
 
 
 def _write(path: Path, source: str) -> Path:

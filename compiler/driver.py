@@ -1,4 +1,9 @@
-"""The compiler's front door: program -> pipeline -> memory plan -> code -> loaded kernels."""
+"""The compiler's front door: program -> pipeline -> memory plan -> code -> loaded kernels.
+
+The runtime reaches the compiler through here (and `compiler/api.py`): `Lowerer` turns a parsed
+file into `Program`s, `optimize_eval`/`optimize_phase` run the pass pipeline of the evaluation
+program and of one phase's training step, `build` generates and loads the code, and
+`compile_programs` has Numba compile (or load) every kernel."""
 from __future__ import annotations
 
 import inspect
@@ -11,8 +16,12 @@ from dataclasses import dataclass, field
 import numba
 import numpy as np
 
+from dsl import ast as A
+
 from . import cache
+from .bounds import index_reads  # noqa: F401  (for the runtime: the data checks of index reads)
 from .codegen import TARGETS, generate
+from .lower import Frame, Lowerer, Phase, Program  # noqa: F401  (for the runtime: the front end)
 from .memory import plan as plan_memory
 from .passes import Context, pipeline, run_pipeline
 from .shapes import DTYPES
@@ -45,9 +54,14 @@ class Executable:
     distinct_kernels: int = 0
     codegen_seconds: float = 0.0
     numba_seconds: float = 0.0
+    target: object = None                         # the codegen Target (None: the CPU)
+    numba_compiled: int = 0        # functions Numba compiled here, not loaded from its cache
 
     def __call__(self, *args):
-        return self.fn(*args)
+        out = self.fn(*args)
+        if self.target is not None and self.target.name != "cpu":    # outputs come back to the host
+            out = tuple(self.target.to_host(o) for o in out)
+        return out
 
     def kernel_functions(self) -> list:
         return self.functions
@@ -57,7 +71,10 @@ class Executable:
         return isinstance(self.fn, numba.core.dispatcher.Dispatcher)
 
     def jobs(self, args) -> list[tuple]:
-        """What Numba must compile to run on arguments like `args`: (function, signature)."""
+        """What Numba must compile to run on arguments like `args`: (function, signature).
+        Nothing ahead of time for a target whose kernels compile at their first launch."""
+        if self.target is not None and not self.target.eager_compile:
+            return []
         if self.compiled_step:        # the kernels its scans call, then the step (inlining the rest)
             return list(self.calls) + [(self.fn, tuple(numba.typeof(a) for a in args))]
         return list(self.calls)
@@ -101,7 +118,8 @@ def compile_programs(programs: list[tuple[Executable, list]], workers: int | Non
             if (id(fn), sig) not in seen and sig not in fn.overloads:
                 seen.add((id(fn), sig))
                 jobs.append((ex, fn, sig))
-    fresh = [j for j in jobs if not cache.compiled(j[1])]
+    index = cache.compiled_index()
+    fresh = [j for j in jobs if not cache.compiled(j[1], index)]
     if workers is None:
         workers = int(os.environ.get("DLC_COMPILE_WORKERS", max((os.cpu_count() or 1) - 1, 0)))
     shares = _share([(fn, sig) for _, fn, sig in fresh], workers + 1) if len(fresh) > 1 and workers > 0 else []
@@ -121,6 +139,9 @@ def compile_programs(programs: list[tuple[Executable, list]], workers: int | Non
     for ex, fn, sig in jobs:                          # the rest: loaded from the cache the children filled
         _compile_repairing_cache(fn, sig)
     dt = time.perf_counter() - t0
+    by_workers = {(id(fn), sig) for share in shares[1:] for fn, sig in share} if children else set()
+    for ex, fn, sig in jobs:                          # compiled here or by a worker, not loaded from the cache
+        ex.numba_compiled += bool(fn.stats.cache_misses.get(sig)) or (id(fn), sig) in by_workers
     for ex, _ in programs:
         ex.cache_hit = not any(j[0] is ex for j in fresh)
     total = len(jobs) or 1
@@ -147,8 +168,46 @@ def _compile_share(share: list) -> None:
         _compile_repairing_cache(fn, sig)
 
 
-def optimize(graph, kind: str, ctx: Context, fuse: bool = True, stop_after: str | None = None):
-    return run_pipeline(graph, pipeline(kind, fuse), ctx, stop_after)
+def optimize(graph, kind: str, ctx: Context, fuse: bool = True, stop_after: str | None = None,
+             target: str = "cpu"):
+    return run_pipeline(graph, pipeline(kind, fuse, target), ctx, stop_after)
+
+
+def optimize_eval(graph, fuse: bool = True, stop_after: str | None = None):
+    """The evaluation (or sampling) program's pipeline: no gradients, no optimizer."""
+    return _optimize_stored(graph, "eval", Context(), fuse, stop_after)
+
+
+def optimize_phase(program: Program, phase: Phase, fuse: bool = True, stop_after: str | None = None):
+    """One phase's training step: its forward graph, its gradients and its optimizer's update."""
+    return _optimize_stored(program.step_graph(phase), "train", Context.for_phase(program, phase), fuse, stop_after)
+
+
+def _optimize_stored(graph, kind: str, ctx: Context, fuse: bool, stop_after: str | None):
+    """The whole pipeline's result, from the kernel cache when this compiler optimized the same
+    graph with the same options before (a warm run skips the passes); partial runs are not
+    stored."""
+    if stop_after is not None:
+        return optimize(graph, kind, ctx, fuse, stop_after)
+    opt = ctx.optimizer
+    key = cache.object_key("optimized", graph, kind, fuse, sorted(ctx.params.items()), ctx.phase, ctx.expose_grads,
+                           (opt.name, sorted(opt.options.items())) if opt is not None else None)
+    g = cache.load_object(key)
+    if g is None:
+        g = optimize(graph, kind, ctx, fuse)
+        cache.store_object(key, g)
+    return g
+
+
+def literal_setting(lowerer: Lowerer, train: A.TrainDef, name: str):
+    """A train block setting needed before lowering (the seed splits the data), when it is a
+    compile-time integer such as `seed = 2 * 3`; None otherwise (lowering reports any other
+    value)."""
+    for st in train.body:
+        if isinstance(st, A.Assign) and st.name == name:
+            v = lowerer.eval(st.value, Frame({}, {}, "", "train", None))
+            return v if isinstance(v, int) and not isinstance(v, bool) else None
+    return None
 
 
 def _numba_type(t: tuple):
@@ -159,12 +218,15 @@ def _numba_type(t: tuple):
 
 
 def build(graph, target: str = "cpu", compiled_step: bool | None = None) -> Executable:
-    """Generate and load the program's modules (Numba compiles on `compile_for` or first call).
+    """Generate and load the program's modules (Numba compiles on `compile_for` or first call)
+    for `target` (a name in `codegen.TARGETS`: "cpu", "cuda"; "auto": CUDA when a GPU is there).
     `compiled_step`: one inlined `@njit` step (default: for at most INLINE_MAX_KERNELS kernels;
     the environment's `DLC_STEP=compiled` or `python` decides for every program)."""
     t0 = time.perf_counter()
-    tgt = TARGETS[target]()
+    tgt = TARGETS[resolve_target(target)]()
     p = plan_memory(graph)
+    if not tgt.allow_compiled_step:
+        compiled_step = False
     if compiled_step is None and os.environ.get("DLC_STEP") in ("compiled", "python"):
         compiled_step = os.environ["DLC_STEP"] == "compiled"
     if compiled_step is None:
@@ -178,6 +240,7 @@ def build(graph, target: str = "cpu", compiled_step: bool | None = None) -> Exec
     listing = "\n".join([f"# ==== module {name} ====\n{text}" for name, text in meta["modules"].items()] + [source])
     ex = Executable(mod.step, listing, graph, ins, meta["outputs"], meta["kernels"])
     ex.distinct_kernels = meta["distinct_kernels"]
+    ex.target = tgt
     ex.functions = [getattr(mod, name) for name in meta["names"]]
     seen = set()
     for kname, types in meta["calls"]:
@@ -200,3 +263,14 @@ def example_args(ex: Executable, dims: dict[str, int]) -> list:
         else:
             out.append(np.zeros(resolve(shape, dims), DTYPES[dtype]))
     return out
+
+
+def resolve_target(name: str) -> str:
+    """"auto" -> "cuda" when numba.cuda sees a GPU (or runs its simulator), else "cpu"."""
+    if name != "auto":
+        return name
+    try:
+        from numba import cuda
+        return "cuda" if cuda.is_available() else "cpu"
+    except Exception:          # numba-cuda missing or no driver: the CPU
+        return "cpu"

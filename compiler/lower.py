@@ -8,144 +8,45 @@ everything the function calls too).
 
 A train block lowers to one graph holding every phase's loss (`Program.phases`); each phase's
 training step is cut out of it (`Program.step_graph`).
+
+Here: expressions, calls, statements, parameters and state. Beside it: `program.py` (the
+values and what lowering produces), `definitions.py` (imports and the standard library),
+`typecheck.py` (declared types and sizes), `scan_lowering.py` (scan bodies), `builtins.py`,
+`indexing.py`, `train_block.py` and `generate.py`.
 """
 from __future__ import annotations
 
-import difflib
 import itertools
 import math
-from dataclasses import dataclass, field
+import re
 from pathlib import Path
 
 from dsl import ast as A
 from dsl.diagnostics import DlcError, Loc
-from dsl.parser import parse_file
 
 from . import indexing
+from .definitions import Definitions
 from .ir import Graph
 from .optim import OPTIMIZERS, SCHEDULES, OptimizerSpec, ScheduleSpec
-from .shapes import FLOATS, INTS, dim_div, dim_factors, dim_mul, fmt_shape, fmt_type, same_dim
+from .program import INITIALIZERS, Frame, InitSpec, Outer, ParamInfo, Phase, Program, SymDim, Tensor  # noqa: F401
+from .scan_lowering import capture, lower_scan
+from .shapes import FLOATS, INTS, dim_div, dim_mul, fmt_shape, fmt_type, same_dim
+from .typecheck import check_type, dtype_of, eval_dim
+from .typecheck import suggest as _suggest
 
-STDLIB_DIR = Path(__file__).resolve().parent.parent / "dsl" / "stdlib"
 MAX_DEPTH = 64
-
-
-@dataclass(frozen=True)
-class Tensor:
-    node: int
-
-
-class SymDim(str):
-    """A symbolic dimension (the batch size) used as a value, e.g. in zeros([N, units])."""
-
-
-@dataclass(frozen=True)
-class InitSpec:
-    name: str
-    kwargs: tuple = ()
-
-    def __str__(self):
-        if not self.kwargs:
-            return self.name
-        return f"{self.name}({', '.join(f'{k}={v}' for k, v in self.kwargs)})"
-
-
-INITIALIZERS = {
-    "glorot": {}, "xavier": {}, "glorot_normal": {}, "he": {}, "kaiming": {}, "he_uniform": {},
-    "zeros": {}, "ones": {}, "normal": {"mean": 0.0, "std": 0.01}, "uniform": {"low": -0.05, "high": 0.05},
-    "constant": {"value": 0.0},
-}
-
-
-@dataclass
-class ParamInfo:
-    name: str
-    node: int
-    shape: tuple
-    dtype: str
-    init: InitSpec
-    loc: Loc
-
-
-@dataclass
-class Phase:
-    """One training phase: a loss, the parameters it trains, its optimizer and its schedule.
-    A train block without `phase`s is one phase named "" that trains every parameter."""
-
-    name: str
-    loss: int                       # the loss node in the program's graph
-    params: list[str]               # names of the parameters it trains
-    optimizer: OptimizerSpec
-    steps: int = 1                  # consecutive steps per round
-    every: int = 1                  # runs in every `every`-th round
-    loc: Loc | None = None
-    setting_locs: dict = field(default_factory=dict)
-    updates: dict = field(default_factory=dict)     # state updates (`<-`) made by its own calls
-
-    @property
-    def output(self) -> str:
-        """The graph output holding its loss (in the evaluation program too)."""
-        return f"loss:{self.name}" if self.name else "loss"
-
-
-@dataclass
-class Program:
-    """What lowering produces: the forward graph and what the runtime needs to drive it."""
-
-    graph: Graph
-    params: dict[str, ParamInfo]
-    data: dict[str, int] = field(default_factory=dict)     # data field -> input node
-    states: dict[str, ParamInfo] = field(default_factory=dict)
-    settings: dict = field(default_factory=dict)
-    setting_locs: dict = field(default_factory=dict)
-    model: str = ""
-    phases: list[Phase] = field(default_factory=list)
-
-    def step_graph(self, phase: Phase) -> Graph:
-        """The forward graph of one phase's training step: its loss, the model's outputs, and
-        the state updates made outside any phase or inside this one."""
-        g = self.graph.copy()
-        g.outputs = {"loss": phase.loss, **{k: v for k, v in self.graph.outputs.items() if k.startswith("output")}}
-        g.updates = {**self.graph.updates, **phase.updates}
-        return g
-
-
-@dataclass
-class Frame:
-    vars: dict
-    dims: dict
-    scope: str
-    fn: str
-    user_loc: Loc | None
-    yielded: list | None = None       # in a scan body: the values of its `yield`
-    counters: dict = field(default_factory=dict)   # def name -> calls so far (scope names f_1, f_2)
-
-
-@dataclass(frozen=True)
-class _Outer:
-    """A tensor of the enclosing graph seen from a scan body: captured on first use."""
-    node: int
-
-
-def _suggest(name, options) -> list[str]:
-    close = difflib.get_close_matches(name, list(options), n=1)
-    return [f"did you mean `{close[0]}`?"] if close else []
 
 
 class Lowerer:
     def __init__(self, module: A.Module, float_dtype: str = "f32", training: bool = True,
-                 temperature: float = 0.0):
+                 temperature: float = 0.0, row_offsets: bool = False):
         self.float_dtype = float_dtype
+        self.row_offsets = row_offsets          # data-parallel: draws follow the global batch's rows
         self.training = training
         self.temperature = temperature          # decoding: 0 = greedy, > 0 = sampling
-        self.user_files = {module.loc.file}
-        self.funcs: dict[str, A.FuncDef] = {}
-        self.models: dict[str, A.FuncDef] = {}
-        self.trains: list[A.TrainDef] = []
-        self.generators: dict[str, A.FuncDef] = {}     # sampling programs (`generate`)
-        for f in sorted(STDLIB_DIR.glob("*.dl")):
-            self._collect(parse_file(f), stdlib=True)
-        self._load(module, seen=set())
+        defs = Definitions(module)
+        self.user_files, self.funcs, self.models = defs.user_files, defs.funcs, defs.models
+        self.trains, self.generators = defs.trains, defs.generators
         self.g = Graph(module.loc.file)
         self.root = self.g                   # parameters live here even when a scan body is lowered
         self.scans: list[dict] = []
@@ -158,6 +59,30 @@ class Lowerer:
         self.layers: list[tuple] = []     # (scope, function, output shape, params, state values)
         self.last_scope = ""
         self._rng = None
+        self._rng_row = None
+
+    def draw_seed(self, shape: tuple, per_element: int, loc: Loc | None) -> int:
+        """The seed of a random draw over `shape` taking `per_element` counters of its stream per
+        element. Lowered for data-parallel training (`row_offsets`), where a rank runs rows
+        r0, r0 + 1, ... of the global batch as its rows 0, 1, ..., a draw whose first axis is
+        the batch is shifted to the counters of those global rows: the stream is a function of
+        seed + counter * COUNTER_STRIDE (mod 2**64), so moving the counter by r0 * (counters per
+        row) adds r0 * (counters per row) * COUNTER_STRIDE to the seed, r0 being the run-time
+        scalar input `rng_row`. A draw without the batch axis is the same on every rank."""
+        from .ops_nn import COUNTER_STRIDE
+        seed = self.rng_input()
+        if not self.row_offsets or "B" not in shape:
+            return seed
+        if shape[0] != "B" or not all(isinstance(d, int) for d in shape[1:]) or self.scans:
+            raise DlcError("data-parallel training (mpiexec) cannot yet give this random draw the numbers "
+                           "of one process: it needs the batch as the draw's first axis, fixed sizes for the "
+                           "others, and no scan around it", loc, [f"the draw's shape is {fmt_shape(shape)}"])
+        stride = math.prod(shape[1:]) * per_element * COUNTER_STRIDE % 2 ** 64
+        if self._rng_row is None:
+            with self.root.at(None):
+                self._rng_row = self.root.input("rng_row", (), "i64", "scalar")
+        shift = self.g.add("mul", self._rng_row, self.g.const(stride - (stride >> 63 << 64), "i64"))
+        return self.g.add("add", seed, shift)
 
     def rng_input(self) -> int:
         """The per-step random seed, a run-time scalar input (made on first use)."""
@@ -172,40 +97,6 @@ class Lowerer:
                 cap["rng"] = cap["graph"].input("rng", (1,), "i64", "data")
                 cap["seed"] = cap["graph"].add("reshape", cap["rng"], shape=())
         return cap["seed"]
-
-    # ---- modules -------------------------------------------------------------------------------
-    def _load(self, module: A.Module, seen: set, top: bool = True):
-        for item in module.items:
-            if isinstance(item, A.Import):
-                path = (Path(item.loc.file).parent / item.path).resolve()
-                if str(path) in seen:
-                    continue
-                seen.add(str(path))
-                if not path.exists():
-                    raise DlcError(f"cannot import \"{item.path}\": no such file {path}", item.loc)
-                sub = parse_file(path)
-                self.user_files.add(sub.loc.file)
-                self._load(sub, seen, top=False)
-        self._collect(module, stdlib=False, trains=top)
-
-    def _collect(self, module: A.Module, stdlib: bool, trains: bool = False):
-        """Gather definitions; train blocks only from the file being run (an imported file's
-        train block is not run, so a file may import another example's models)."""
-        for item in module.items:
-            if isinstance(item, A.FuncDef):
-                table = {"model": self.models, "generate": self.generators}.get(item.kind, self.funcs)
-                prev = table.get(item.name)
-                if prev is not None and not stdlib and prev.loc.file in self.user_files and prev.loc.file == item.loc.file:
-                    raise DlcError(f"`{item.name}` is defined twice (first at {prev.loc})", item.loc)
-                table[item.name] = item
-            elif isinstance(item, A.TrainDef) and trains:
-                if self.trains:
-                    first = self.trains[0]
-                    raise DlcError(f"a second `train` block (the first, for `{first.model}`, is at "
-                                   f"{Path(first.loc.file).name}:{first.loc.line})", item.loc,
-                                   ["a file has one train block; to train with several losses, declare "
-                                    "`phase`s inside it"])
-                self.trains.append(item)
 
     # ---- entry points --------------------------------------------------------------------------
     def lower_train(self, train: A.TrainDef, fields: dict[str, tuple[str, tuple]]) -> Program:
@@ -234,7 +125,7 @@ class Lowerer:
                     shape.append(d.value)
                 else:
                     raise DlcError("model inputs take names and integers as dimensions", d.loc)
-            dt = self._dtype(p.type.dtype, p.type.loc)
+            dt = dtype_of(self, p.type.dtype, p.type.loc)
             args.append(Tensor(self.g.input(p.name, tuple(shape), dt, "data", loc=p.loc)))
         prog = Program(self.g, self.params, {self.g[a.node]["name"]: a.node for a in args}, self.states, model=name)
         call = A.Call(fn.loc, name, fn.loc, tuple(A.Name(fn.loc, p.name) for p in fn.params), ())
@@ -312,8 +203,8 @@ class Lowerer:
     def _name(self, e: A.Name, frame: Frame):
         if e.name in frame.vars:
             v = frame.vars[e.name]
-            if isinstance(v, _Outer):
-                return Tensor(self.capture(v.node))
+            if isinstance(v, Outer):
+                return Tensor(capture(self, v.node))
             if v is None:
                 raise DlcError(f"`{e.name}` steps through a range and has no value", e.loc)
             return v
@@ -498,8 +389,8 @@ class Lowerer:
         items = e.items if isinstance(e, A.List) else (e,)
         out = []
         for it in items:
-            if not isinstance(it, A.Name) or it.name not in METRICS:
-                raise DlcError(f"metrics are names from: {', '.join(METRICS)}", it.loc)
+            if not isinstance(it, A.Name) or not (it.name in METRICS or re.fullmatch(r"top[1-9][0-9]*", it.name)):
+                raise DlcError(f"metrics are names from: {', '.join(METRICS)}, top3, top5 (any topK)", it.loc)
             out.append(it.name)
         return out
 
@@ -552,7 +443,7 @@ class Lowerer:
                     raise DlcError(f"`{fn.name}` is missing argument `{p.name}`", e.loc,
                                    [f"parameters: {', '.join(pnames)}"])
                 if p.type is not None:
-                    self.check_type(p.type, v, inner, f"argument `{p.name}` of `{fn.name}`", e.loc)
+                    check_type(self, p.type, v, inner, f"argument `{p.name}` of `{fn.name}`", e.loc)
                 inner.vars[p.name] = v
             result = self.run_body(fn, inner)
         except DlcError as err:
@@ -570,7 +461,7 @@ class Lowerer:
         values = result if isinstance(result, tuple) else (result,)
         if fn.ret is not None:
             ret_loc = self._return_loc(fn) if fn.loc.file in self.user_files else e.loc
-            self.check_type(fn.ret, values[0], inner, f"the result of `{fn.name}`", ret_loc)
+            check_type(self, fn.ret, values[0], inner, f"the result of `{fn.name}`", ret_loc)
         if fn.kind == "model" and fn.name == self.current_model and not self.model_outputs:
             self.model_outputs = [v.node for v in values if isinstance(v, Tensor)]
         self.last_scope = scope
@@ -616,7 +507,7 @@ class Lowerer:
                                    st.loc)
                 frame.vars.update(zip(st.names, v))
             elif isinstance(st, A.Scan):
-                self.run_scan(st, frame)
+                lower_scan(self, st, frame)
             elif isinstance(st, A.Phase):
                 raise DlcError("`phase` blocks belong in a train block", st.loc)
             elif isinstance(st, A.Yield):
@@ -629,111 +520,6 @@ class Lowerer:
                 vals = [self.eval(v, frame) for v in st.values]
                 return True, (vals[0] if len(vals) == 1 else tuple(vals))
         return False, None
-
-    # ---- recurrence ------------------------------------------------------------------------------
-    def run_scan(self, st: A.Scan, frame: Frame):
-        """Lower a scan: its body becomes a graph of its own, run once per time step."""
-        from .ir import Graph
-        from .ops_scan import results
-        if self.scans:
-            raise DlcError("a scan inside another scan's body is not supported yet", st.loc)
-        loc = self.loc_of(st, frame)
-        outer = self.g
-        seqs, T = [], None
-        for name, e in st.ins:
-            v = self.eval(e, frame)
-            if isinstance(v, range):
-                if T is not None or seqs:
-                    raise DlcError("a scan steps over sequences or over one range(...), not both", e.loc)
-                T = len(v)
-                continue
-            if not isinstance(v, Tensor) or len(outer.shape(v.node)) < 2:
-                raise DlcError(f"`{name}` steps through axis 1 of a batch-first sequence [N, T, ...]; "
-                               f"got {self._describe(v)}", e.loc)
-            seqs.append((name, v.node))
-        if seqs and T is None:
-            lens = {outer.shape(n)[1] for _, n in seqs}
-            if len(lens) > 1:
-                raise DlcError(f"the sequences of a scan differ in length: {sorted(map(str, lens))}", st.loc)
-        if not seqs and T is None:
-            raise DlcError("a scan needs a sequence to step through (`x in xs`) or `t in range(n)`", st.loc)
-        carries = []
-        for name, e in st.carries:
-            v = self.eval(e, frame)
-            if not isinstance(v, Tensor):
-                raise DlcError(f"carry `{name}` needs a tensor as its initial value, got {self._describe(v)}", e.loc)
-            carries.append((name, v.node))
-        body = Graph(f"{outer.name}.scan")
-        inner = Frame({k: (_Outer(v.node) if isinstance(v, Tensor) else v) for k, v in frame.vars.items()},
-                      dict(frame.dims), frame.scope, frame.fn, frame.user_loc)
-        inner.yielded = []
-        inner.counters = frame.counters          # the body is in its enclosing call's scope
-        with body.at(loc):
-            for name, n in carries:
-                inner.vars[name] = Tensor(body.input(name, outer.shape(n), outer.dtype(n), "data"))
-            for name, n in seqs:
-                s = outer.shape(n)
-                inner.vars[name] = Tensor(body.input(name, (s[0],) + tuple(s[2:]), outer.dtype(n), "data"))
-        for name, e in st.ins:
-            if name not in inner.vars or isinstance(inner.vars[name], _Outer):
-                inner.vars[name] = None           # the step of a range(...) has no value
-        self.scans.append({"graph": body, "captures": {}})
-        self.g = body
-        try:
-            self.run_stmts(st.body, inner)
-        finally:
-            self.g = outer
-            cap = self.scans.pop()
-        if st.targets and len(inner.yielded) != len(st.targets):
-            raise DlcError(f"the scan assigns {len(st.targets)} name{'s' * (len(st.targets) != 1)} but its body "
-                           f"yields {len(inner.yielded)} value{'s' * (len(inner.yielded) != 1)}", st.loc)
-        for i, (name, n) in enumerate(carries):
-            v = inner.vars.get(name)
-            if not isinstance(v, Tensor):
-                raise DlcError(f"carry `{name}` must stay a tensor in the scan body", st.loc)
-            if body.shape(v.node) != outer.shape(n):
-                raise DlcError(f"carry `{name}` enters the step as {fmt_type(outer.dtype(n), outer.shape(n))} but "
-                               f"leaves it as {fmt_type(body.dtype(v.node), body.shape(v.node))}", st.loc)
-            out = v.node
-            if body.dtype(out) != outer.dtype(n):
-                with body.at(loc):
-                    out = body.add("cast", out, dtype=outer.dtype(n))
-            body.outputs[f"c{i}"] = out
-        if "rng" in cap:                 # random draws in the body: step t's seed is the scan's seed + t
-            body.inputs.remove(cap["rng"])
-            body.inputs.insert(len(carries), cap["rng"])
-            with body.at(loc):
-                body.outputs[f"c{len(carries)}"] = body.add("add", cap["rng"], body.const(1, "i64"))
-            with outer.at(loc):
-                carries.append(("", outer.add("broadcast_to", self.rng_input(), shape=(1,))))
-        for j, y in enumerate(inner.yielded):
-            if not isinstance(y, Tensor):
-                y = self.to_tensor(y, None, st.loc)
-            body.outputs[f"y{j}"] = y.node
-        with outer.at(loc):
-            perms = [(1, 0) + tuple(range(2, len(outer.shape(n)))) for _, n in seqs]
-            tm = [outer.add("transpose", n, perm=p) for (_, n), p in zip(seqs, perms)]
-            node = outer.add("scan", *[n for _, n in carries], *tm, *cap["captures"].keys(), body=body,
-                             n_carry=len(carries), n_in=len(seqs), reverse=False, save=True, length=T)
-            res = results(outer, node)
-            for i, (name, _) in enumerate(carries):
-                if name:
-                    frame.vars[name] = Tensor(res[i])
-            for j, name in enumerate(st.targets):
-                r = res[len(carries) + j]
-                perm = (1, 0) + tuple(range(2, len(outer.shape(r))))
-                frame.vars[name] = Tensor(outer.add("transpose", r, perm=perm))
-
-    def capture(self, node: int) -> int:
-        """An outer tensor used in a scan body becomes an input of the body."""
-        cap = self.scans[-1]
-        if node not in cap["captures"]:
-            g = self.root if node in self.root else self.g
-            kind = "scalar" if g.op(node) == "input" and g.attrs(node)["kind"] == "scalar" else "data"
-            with cap["graph"].at(None):
-                cap["captures"][node] = cap["graph"].input(f"cap{len(cap['captures'])}", g.shape(node),
-                                                           g.dtype(node), kind)
-        return cap["captures"][node]
 
     def update_state(self, st: A.Update, frame: Frame):
         target = frame.vars.get(st.name)
@@ -763,14 +549,14 @@ class Lowerer:
             raise DlcError(f"{kind} `{st.name}` needs a tensor type, such as [64, 10] or f32[10]", st.type.loc)
         shape = []
         for d in st.type.dims:
-            v = self.eval_dim(d, frame)
+            v = eval_dim(self, d, frame)
             if not isinstance(v, int):
                 raise DlcError(f"parameter `{st.name}` needs a fixed size, but dimension {v} depends on the input",
                                self.loc_of(d, frame))
             if v <= 0:
                 raise DlcError(f"parameter `{st.name}` has a dimension of size {v}", self.loc_of(d, frame))
             shape.append(v)
-        dtype = self._dtype(st.type.dtype, st.type.loc) if st.type.dtype else self.float_dtype
+        dtype = dtype_of(self, st.type.dtype, st.type.loc) if st.type.dtype else self.float_dtype
         init = self.eval(st.init, frame) if st.init is not None else InitSpec("zeros")
         if isinstance(init, (int, float)) and not isinstance(init, bool):
             init = InitSpec("constant", (("value", float(init)),))
@@ -785,97 +571,13 @@ class Lowerer:
             if info.shape != tuple(shape):
                 raise DlcError(f"shared parameter `{name}` is {fmt_shape(tuple(shape))} here but "
                                f"{fmt_shape(info.shape)} at its first use ({info.loc})", loc)
-            return Tensor(self.capture(info.node) if self.scans else info.node)
+            return Tensor(capture(self, info.node) if self.scans else info.node)
         n = self.root.input(name, tuple(shape), dtype, kind, loc=loc)
         table[name] = ParamInfo(name, n, tuple(shape), dtype, init, loc)
-        return Tensor(self.capture(n) if self.scans else n)
-
-    def eval_dim(self, d, frame: Frame):
-        if isinstance(d, A.DimInt):
-            return d.value
-        if isinstance(d, A.DimName):
-            if d.name in frame.dims:
-                return frame.dims[d.name]
-            v = frame.vars.get(d.name)
-            if isinstance(v, int) and not isinstance(v, bool):
-                return v
-            raise DlcError(f"unknown dimension `{d.name}`", self.loc_of(d, frame),
-                           _suggest(d.name, list(frame.dims) + [k for k, x in frame.vars.items() if isinstance(x, int)]))
-        if isinstance(d, A.DimBin):
-            a, b = self.eval_dim(d.left, frame), self.eval_dim(d.right, frame)
-            if isinstance(a, int) and isinstance(b, int):
-                if d.op == "/" and (b == 0 or a % b):
-                    raise DlcError(f"dimension {a} / {b} is not a whole number", self.loc_of(d, frame))
-                return {"+": a + b, "-": a - b, "*": a * b, "/": a // b if b else 0}[d.op]
-            if d.op == "*":
-                return dim_mul(a, b)
-            if d.op == "/":
-                r = dim_div(a, b)
-                if r is not None:
-                    return r
-            raise DlcError(f"cannot compute dimension {a} {d.op} {b}", self.loc_of(d, frame))
-        raise DlcError("`...` is only allowed in an argument's type", self.loc_of(d, frame))
-
-    # ---- types ---------------------------------------------------------------------------------
-    def _dtype(self, name: str, loc: Loc) -> str:
-        if name not in ("f32", "f64", "i32", "i64", "bool"):
-            raise DlcError(f"unknown dtype `{name}`", loc, ["dtypes: f32, f64, i32, i64, bool"])
-        return self.float_dtype if name in FLOATS else name
-
-    def check_type(self, typ, v, frame: Frame, what: str, loc: Loc):
-        if isinstance(typ, A.ScalarType):
-            ok = {"int": lambda x: isinstance(x, int) and not isinstance(x, bool),
-                  "float": lambda x: isinstance(x, (int, float)) and not isinstance(x, bool),
-                  "bool": lambda x: isinstance(x, bool), "str": lambda x: isinstance(x, str)}.get(typ.name)
-            if ok is None:
-                raise DlcError(f"unknown type `{typ.name}`", typ.loc, ["scalar types: int, float, bool, str"])
-            if not ok(v):
-                raise DlcError(f"{what} must be {typ.name}, got {self._describe(v)}", loc)
-            return
-        if not isinstance(v, Tensor):
-            raise DlcError(f"{what} must be a tensor, got {self._describe(v)}", loc)
-        shape, dtype = self.g.shape(v.node), self.g.dtype(v.node)
-        want = f"{typ.dtype or ''}[{', '.join(_dim_text(d) for d in typ.dims)}]"
-        got = fmt_type(dtype, shape)
-        if typ.dtype is not None and self._dtype(typ.dtype, typ.loc) != dtype:
-            raise DlcError(f"{what} must be {want}, got {got}", loc)
-        dims = list(typ.dims)
-        ell = [i for i, d in enumerate(dims) if isinstance(d, A.DimEllipsis)]
-        if len(ell) > 1:
-            raise DlcError("a type has at most one `...`", typ.loc)
-        if ell:
-            i = ell[0]
-            head, tail = dims[:i], dims[i + 1:]
-            if len(shape) < len(head) + len(tail):
-                raise DlcError(f"{what} must be {want}, got {got} (rank {len(shape)})", loc)
-            pairs = list(zip(head, shape[:len(head)])) + list(zip(tail, shape[len(shape) - len(tail):]))
-        else:
-            if len(shape) != len(dims):
-                raise DlcError(f"{what} must be {want}, got {got} (rank {len(shape)}, expected {len(dims)})", loc)
-            pairs = list(zip(dims, shape))
-        for d, actual in pairs:
-            if isinstance(d, A.DimName) and d.name not in frame.dims and not isinstance(frame.vars.get(d.name), int):
-                frame.dims[d.name] = actual
-                continue
-            expected = self.eval_dim(d, frame)
-            if not same_dim(expected, actual):
-                why = (f"`{_dim_text(d)}` is {expected} here, but the tensor has {actual}"
-                       if not isinstance(d, A.DimInt) else f"expected size {expected}, found {actual}")
-                raise DlcError(f"{what} must be {want}, got {got}", loc, [why])
-
+        return Tensor(capture(self, n) if self.scans else n)
 
 def _numel(shape) -> int:
     return math.prod(shape)
-
-
-def _dim_text(d) -> str:
-    if isinstance(d, A.DimName):
-        return d.name
-    if isinstance(d, A.DimInt):
-        return str(d.value)
-    if isinstance(d, A.DimEllipsis):
-        return "..."
-    return f"{_dim_text(d.left)}{d.op}{_dim_text(d.right)}"
 
 
 _PY_BINOPS = {
@@ -889,7 +591,7 @@ _TENSOR_BINOPS = {"+": "add", "-": "sub", "*": "mul", "/": "div", "**": "pow", "
                   "//": "floordiv"}
 
 CONSTANTS = {"pi": math.pi, "e": math.e, "inf": math.inf}
-METRICS = ("accuracy", "exact", "loss", "mse", "mae")     # which apply follows the loss (runtime/metrics.py)
+METRICS = ("accuracy", "exact", "loss", "mse", "mae", "rmse", "r2", "f1", "auc")     # which apply follows the loss (runtime/metrics.py)
 
 from .builtins import BUILTINS, matmul  # noqa: E402  (the builtins use Tensor and Lowerer above)
 

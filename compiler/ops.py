@@ -20,8 +20,8 @@ from typing import Callable
 import numpy as np
 from scipy import special
 
-from .shapes import (DTYPES, FLOATS, INTS, ShapeError, broadcast, dim_div, dim_factors, fmt_shape,
-                     norm_axes, numel, promote, same_dim)
+from .shapes import (DTYPES, FLOATS, INTS, ShapeError, broadcast, dim_div, fmt_shape,
+                     norm_axes, numel, promote, resolve, same_dim)
 
 
 class Kind:
@@ -51,9 +51,20 @@ class Op:
     kernel_sizes: Callable | None = None  # (graph, node) -> named sizes for the kernel template
     remaps: tuple = ()                    # args read at an index other than the output's own:
                                           # the fusion pass keeps their producers out of its kernel
+    read_at: Callable | None = None       # (attrs, pos, idx) -> the index expressions at which
+                                          # arg `pos` (one of `remaps`) is read at output index
+                                          # `idx`; "{k}" stands for arg k's value there
+    builtin: tuple = ()                   # the parameters of the `.dl` builtin of its name that
+                                          # applies it alone (generated in compiler/builtins.py)
 
     def __post_init__(self):
         self.user_name = self.user_name or self.name
+
+    @property
+    def flat(self) -> bool:
+        """Can its scalar template run in a loop over one flat index? Not when it reads at a
+        remapped index or uses the loop's index or sizes ({ax}, {last}, {size})."""
+        return not self.remaps and not any(k in (self.scalar or "") for k in ("{ax}", "{last}", "{size}"))
 
     def def_grad(self, fn):
         self.grad = fn
@@ -107,7 +118,8 @@ def _size_infer(s, d, a):
 # dims are symbolic; this is how `mean` is written in the library (sum / size).
 register(Op("size", Kind.ELEMENTWISE, _size_infer, scalar="{T}({size})",
             canon=lambda s, a: {**a, "axes": norm_axes(a["axes"], len(s[0]))},
-            ref=lambda x, *, axes, dtype: np.array(math.prod(x.shape[i] for i in axes), DTYPES[dtype])))
+            ref=lambda x, *, axes, dtype: np.array(math.prod(x.shape[i] for i in norm_axes(axes, x.ndim)),
+                                                   DTYPES[dtype])))
 
 
 # ---- elementwise unary ---------------------------------------------------------------------------
@@ -119,11 +131,12 @@ def _unary_infer(float_only=True):
     return infer
 
 
-def unary(name, ref, scalar, float_only=True):
-    return register(Op(name, Kind.ELEMENTWISE, _unary_infer(float_only), ref=ref, scalar=scalar))
+def unary(name, ref, scalar, float_only=True, builtin=("x",)):
+    """An elementwise op of one argument, by default also the builtin `name(x)`."""
+    return register(Op(name, Kind.ELEMENTWISE, _unary_infer(float_only), ref=ref, scalar=scalar, builtin=builtin))
 
 
-neg = unary("neg", np.negative, "(-{0})", float_only=False)
+neg = unary("neg", np.negative, "(-{0})", float_only=False, builtin=())     # the operator `-x`
 exp = unary("exp", np.exp, "np.exp({0})")
 log = unary("log", np.log, "np.log({0})")
 sqrt = unary("sqrt", np.sqrt, "np.sqrt({0})")
@@ -214,8 +227,9 @@ def _div_infer(s, d, a):
     return _binary_infer(s, d, a)
 
 
-def binary(name, ref, scalar, infer=_binary_infer):
-    return register(Op(name, Kind.BROADCAST, infer, ref=ref, scalar=scalar))
+def binary(name, ref, scalar, infer=_binary_infer, builtin=()):
+    """A broadcasting op of two arguments (an operator, or with `builtin` the builtin `name(a, b)`)."""
+    return register(Op(name, Kind.BROADCAST, infer, ref=ref, scalar=scalar, builtin=builtin))
 
 
 add = binary("add", np.add, "({0} + {1})")
@@ -223,8 +237,8 @@ sub = binary("sub", np.subtract, "({0} - {1})")
 mul = binary("mul", np.multiply, "({0} * {1})")
 div = binary("div", np.divide, "({0} / {1})", _div_infer)
 pow_ = binary("pow", np.power, "({0} ** {1})")
-maximum = binary("maximum", np.maximum, "({0} if {0} >= {1} else {1})")
-minimum = binary("minimum", np.minimum, "({0} if {0} <= {1} else {1})")
+maximum = binary("maximum", np.maximum, "({0} if {0} >= {1} else {1})", builtin=("a", "b"))
+minimum = binary("minimum", np.minimum, "({0} if {0} <= {1} else {1})", builtin=("a", "b"))
 
 
 @add.def_grad
@@ -315,7 +329,7 @@ def _onehot_ref(x, *, depth, dtype):
 
 # The label is read at the output index without its last axis ({last} is that last index).
 register(Op("onehot", Kind.BROADCAST, _onehot_infer, ref=_onehot_ref, remaps=(0,),
-            scalar="({T}(1.0) if {0} == {last} else {T}(0.0))"))
+            read_at=lambda a, pos, idx: idx[:-1], scalar="({T}(1.0) if {0} == {last} else {T}(0.0))"))
 
 
 def _broadcast_to_infer(s, d, a):
@@ -366,9 +380,16 @@ def _transpose_infer(s, d, a):
     return tuple(s[0][p] for p in perm), d[0]
 
 
-transpose = register(Op("transpose", Kind.INJECTIVE, _transpose_infer, remaps=(0,),
-                        ref=lambda x, *, perm: np.transpose(x, perm).copy(),
-                        scalar="{0}"))   # a gather loop: the renderer reads x at the permuted index
+def _transpose_read(a, pos, idx):
+    """x[j] with j[perm[k]] = i[k]: a gather loop over the output."""
+    j = [None] * len(idx)
+    for k, p in enumerate(a["perm"]):
+        j[p] = idx[k]
+    return j
+
+
+transpose = register(Op("transpose", Kind.INJECTIVE, _transpose_infer, remaps=(0,), read_at=_transpose_read,
+                        ref=lambda x, *, perm: np.transpose(x, perm).copy(), scalar="{0}"))
 
 
 @transpose.def_grad
@@ -560,52 +581,28 @@ def _(g, n, dy):
 
 
 def evaluate(graph, feeds: dict[int, np.ndarray]) -> dict[int, np.ndarray]:
-    """Run a graph with the NumPy references (the slow, obviously-correct interpreter)."""
+    """Run a graph with the NumPy references (the slow, obviously-correct interpreter). A
+    `shape` attribute (reshape, broadcast_to, the random ops) reaches the reference with its
+    symbolic sizes bound by the fed inputs' shapes."""
     vals: dict[int, np.ndarray] = dict(feeds)
+    env = {}                                # symbolic size -> its value in this run
+    for n in graph.inputs:
+        if n in vals:
+            for sym, size in zip(graph.shape(n), np.shape(vals[n])):
+                if isinstance(sym, str) and "*" not in sym:
+                    env[sym] = size
     for n in graph.topo():
         if n in vals:
             continue
         d = graph[n]
-        op = OPS[d["op"]]
         if d["op"] == "input":
             raise KeyError(f"no value fed for input {d['name']!r}")
         attrs = dict(d["attrs"])
-        args = [vals[a] for a in d["args"]]
-        if d["op"] == "size":
-            attrs.pop("axes")
-            axes = norm_axes(d["attrs"]["axes"], args[0].ndim)
-            vals[n] = np.array(math.prod(args[0].shape[i] for i in axes), DTYPES[d["dtype"]])
-            continue
-        if d["op"] == "reshape":
-            vals[n] = args[0].reshape(_concrete_shape(d["shape"], vals, graph))
-            continue
-        if d["op"] in ("rand_uniform", "rand_normal"):
-            shape = _concrete_shape(d["shape"], vals, graph)
-            vals[n] = op.ref(args[0], **{**attrs, "shape": shape})
-            continue
-        if d["op"] == "broadcast_to":
-            vals[n] = np.broadcast_to(args[0], _concrete_shape(d["shape"], vals, graph)).copy()
-            continue
-        out = op.ref(*args, **attrs)
-        if d["dtype"] == "tuple":
-            vals[n] = out
-            continue
-        vals[n] = np.asarray(out).astype(DTYPES[d["dtype"]], copy=False)
+        if "shape" in attrs:
+            attrs["shape"] = resolve(attrs["shape"], env)
+        out = OPS[d["op"]].ref(*[vals[a] for a in d["args"]], **attrs)
+        vals[n] = out if d["dtype"] == "tuple" else np.asarray(out).astype(DTYPES[d["dtype"]], copy=False)
     return vals
-
-
-def _concrete_shape(shape, vals, graph):
-    env = {}
-    for n in graph.inputs:
-        if n in vals:
-            for sym, size in zip(graph.shape(n), vals[n].shape):
-                if isinstance(sym, str) and "*" not in sym:
-                    env[sym] = size
-    out = []
-    for dd in shape:
-        c, syms = dim_factors(dd)
-        out.append(c * math.prod(env[s] for s in syms))
-    return tuple(out)
 
 
 # Ops whose outputs are piecewise constant or integer: their gradient is zero.

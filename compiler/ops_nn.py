@@ -351,6 +351,7 @@ def _(g, n, dy):
 # ---- randomness ---------------------------------------------------------------------------------
 # A counter-based generator (SplitMix64 of seed, call-site salt and element index): the same
 # numbers in any kernel, fused or not, on any target, and from the NumPy reference.
+COUNTER_STRIDE = 0x9E3779B97F4A7C15     # _uniform's step between consecutive counters
 RNG_HELPERS = '''\
 @njit(cache=True, inline='always')
 def _uniform(seed, salt, i):
@@ -365,7 +366,7 @@ def _uniform(seed, salt, i):
 def uniform_ref(seed, salt, n):
     with np.errstate(over="ignore"):
         i = np.arange(n, dtype=np.uint64)
-        z = np.uint64(seed) + np.uint64(salt) * np.uint64(0xD1B54A32D192ED03) + i * np.uint64(0x9E3779B97F4A7C15)
+        z = np.uint64(seed % 2 ** 64) + np.uint64(salt) * np.uint64(0xD1B54A32D192ED03) + i * np.uint64(0x9E3779B97F4A7C15)
         z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
         z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
         z = z ^ (z >> np.uint64(31))

@@ -16,6 +16,11 @@ def _axis(a, rank):
     return norm_axes((a["axis"],), rank)[0]
 
 
+def _shift(idx: list, axis: int, by: str) -> list:
+    """The index `idx` moved along `axis` (`by`: "+ 3", "- 3")."""
+    return [f"{i} {by}" if k == axis else i for k, i in enumerate(idx)]
+
+
 def _slice_infer(s, d, a):
     x = s[0]
     ax = _axis(a, len(x))
@@ -34,6 +39,7 @@ def _slice_ref(x, *, axis, start, stop):
 
 
 slice_ = register(Op("slice", Kind.BROADCAST, _slice_infer, ref=_slice_ref, scalar="{0}", remaps=(0,),
+                     read_at=lambda a, pos, idx: _shift(idx, a["axis"], f"+ {a['start']}"),
                      canon=lambda s, a: {**a, "axis": _axis(a, len(s[0]))}))
 
 
@@ -57,6 +63,7 @@ def _unslice_ref(y, *, axis, start, stop, size):
 
 # The adjoint of slice: dy placed at [start:stop] of a zero tensor.
 unslice = register(Op("unslice", Kind.BROADCAST, _unslice_infer, ref=_unslice_ref, remaps=(0,),
+                      read_at=lambda a, pos, idx: _shift(idx, a["axis"], f"- {a['start']}"),  # (guarded by the template)
                       scalar="({0} if {start} <= {ax} < {stop} else {T}(0.0))",
                       canon=lambda s, a: {**a, "axis": _axis(a, len(s[0]))}))
 
@@ -84,7 +91,8 @@ def _take_infer(s, d, a):
 
 
 # out[..., j] = table[idx[...], j]
-take = register(Op("take", Kind.BROADCAST, _take_infer, ref=lambda t, i: t[i], scalar="{0}", remaps=(0, 1)))
+take = register(Op("take", Kind.BROADCAST, _take_infer, ref=lambda t, i: t[i], scalar="{0}", remaps=(0, 1),
+                   read_at=lambda a, pos, idx: ["{1}", idx[-1]] if pos == 0 else idx[:-1]))   # table[ids[i...], j]
 
 
 def _scatter_infer(s, d, a):

@@ -150,21 +150,32 @@ def _q(s: str) -> str:
     return '"' + s.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
 
 
+def _type(g, n) -> str:
+    return "tuple" if g.dtype(n) == "tuple" else fmt_type(g.dtype(n), g.shape(n))
+
+
 def to_dot(g, stage: str = "") -> str:
+    """Graphviz: a box per op (its SSA name, op and attributes; its type; the `.dl` line), an
+    ellipse per input (parameters shaded), gradient ops red and updates green, a dashed
+    cluster per fused kernel."""
     names = _names(g)
-    out = [f"digraph {_q(g.name)} {{", "  rankdir=TB;", '  node [shape=box, fontname="monospace", fontsize=10];']
+    out = [f"digraph {_q(g.name)} {{", "  rankdir=TB;", '  node [shape=box, fontname="monospace", fontsize=10];',
+           '  edge [color="#555555", arrowsize=0.6];']
     if stage:
-        out.append(f"  label={_q(g.name + ' after ' + stage)};")
+        out.append(f"  label={_q(g.name + ' after ' + stage)}; labelloc=t; fontname=\"sans-serif\";")
 
     def node(n):
         d = g[n]
         if d["op"] == "input":
-            label = f"{d['name']}\n{fmt_type(d['dtype'], d['shape'])}"
+            label = f"{d['name']}\n{_type(g, n)}"
             style = ', style=filled, fillcolor="#e8f0ff"' if d["attrs"]["kind"] == "param" else ""
             return f"  n{n} [label={_q(label)}, shape=ellipse{style}];"
-        label = f"{names[n]} {d['op']}\n{fmt_type(d['dtype'], d['shape'])}"
         if d["op"] == "const":
-            label = repr(d["attrs"]["value"])
+            return f"  n{n} [label={_q(repr(d['attrs']['value']))}, shape=plaintext];"
+        attrs = _attr_text(g, n)
+        label = f"{names[n]} = {d['op']}" + (f"({attrs})" if attrs else "") + f"\n{_type(g, n)}"
+        if d["loc"]:
+            label += f"\n{Path(d['loc'].file).name}:{d['loc'].line}"
         color = {"grad": ', color="#c04000"', "update": ', color="#008000"'}.get(d["role"], "")
         return f"  n{n} [label={_q(label)}{color}];"
 
@@ -186,3 +197,91 @@ def to_dot(g, stage: str = "") -> str:
         out.append(f"  n{a} -> n{b};")
     out.append("}")
     return "\n".join(out) + "\n"
+
+
+FORMATS = ("svg", "png")
+
+
+def render(dot: str, fmt: str) -> bytes:
+    """Lay out DOT text with Graphviz's `dot` (svg or png); a DlcError when it is not installed."""
+    import shutil
+    import subprocess
+
+    from dsl.diagnostics import DlcError
+    exe = shutil.which("dot")
+    if exe is None:
+        raise DlcError(f"--format {fmt} needs Graphviz's `dot` program, which is not installed",
+                       notes=["install Graphviz (apt-get install graphviz, brew install graphviz), or write "
+                              "--format dot and render it elsewhere"])
+    r = subprocess.run([exe, f"-T{fmt}"], input=dot.encode(), capture_output=True, timeout=300)
+    if r.returncode != 0:
+        raise RuntimeError(f"dot failed: {r.stderr.decode(errors='replace').strip()}")
+    return r.stdout
+
+
+_HTML = """<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8">
+<title>{title}</title>
+<style>
+body {{ margin: 0; font: 14px/1.4 system-ui, sans-serif; color: #222; display: flex; height: 100vh; }}
+#graph {{ flex: 3; overflow: auto; border-right: 1px solid #ccc; background: #fff; }}
+#side {{ flex: 2; overflow: auto; background: #fafafa; }}
+header {{ padding: 8px 12px; background: #2b3a55; color: #fff; position: sticky; top: 0; }}
+header a {{ color: #cde; }} header h1 {{ font-size: 16px; margin: 0; }} header p {{ margin: 2px 0 0; font-size: 12px; opacity: .85; }}
+pre {{ margin: 0; padding: 8px 12px; font: 12px/1.45 ui-monospace, monospace; }}
+pre span {{ display: block; white-space: pre; }} pre span:hover {{ background: #eef; cursor: pointer; }}
+pre span.hit {{ background: #ffe58a; }} svg g.node.hit > polygon, svg g.node.hit > ellipse {{ fill: #ffe58a; }}
+svg g.node {{ cursor: pointer; }} .legend b {{ padding: 0 6px; border-radius: 3px; }}
+#graph.fit svg {{ width: 100%; height: auto; }}
+button {{ position: fixed; left: 8px; top: 8px; z-index: 1; }}
+</style></head><body>
+<button onclick="document.getElementById('graph').classList.toggle('fit')">fit / 100%</button>
+<div id="graph" class="fit">{svg}</div>
+<div id="side"><header><h1>{title}</h1><p>{summary}</p>
+<p class="legend"><b style="background:#e8f0ff;color:#222">parameter</b> <b style="border:1px solid #c04000">gradient</b>
+<b style="border:1px solid #008000">update</b> dashed box: one fused kernel. Click a node or a line.</p></header>
+<pre>{listing}</pre></div>
+<script>
+function pick(id) {{
+  document.querySelectorAll('.hit').forEach(e => e.classList.remove('hit'));
+  const line = document.getElementById('L' + id);
+  if (line) {{ line.classList.add('hit'); line.scrollIntoView({{block: 'center'}}); }}
+  document.querySelectorAll('svg g.node').forEach(g => {{
+    if (g.querySelector('title').textContent === 'n' + id) {{ g.classList.add('hit'); g.scrollIntoView({{block: 'center', inline: 'center'}}); }}
+  }});
+}}
+document.querySelectorAll('svg g.node').forEach(g => g.addEventListener('click', () => pick(g.querySelector('title').textContent.slice(1))));
+document.querySelectorAll('pre span[id]').forEach(s => s.addEventListener('click', () => pick(s.id.slice(1))));
+document.body.dataset.nodes = document.querySelectorAll('svg g.node').length;
+</script></body></html>
+"""
+
+
+def to_html(g, stage: str = "", svg: str | None = None, pages: list[str] | None = None) -> str:
+    """One self-contained page (no network: styles, script and the Graphviz SVG inline): the
+    graph beside its listing, one line per node; clicking either highlights both. `pages`:
+    the stages written beside it as STAGE.html, linked from the header."""
+    import html
+    names = _names(g)
+
+    def line(n):
+        d = g[n]
+        text = f"  {names[n]:<28} : {_type(g, n)}  {d['attrs']['kind']}" if d["op"] == "input" else _line(g, n, names)
+        return f'<span id="L{n}">{html.escape(text)}</span>'
+    lines = ["<span><b>inputs</b></span>"] + [line(n) for n in g.inputs]
+    if g.groups is None:
+        lines += ["<span><b>ops</b></span>"] + [line(n) for n in g.topo() if g.op(n) not in ("input", "const")]
+    else:
+        for grp in g.groups:
+            lines.append(f"<span><b>kernel k{grp.id} ({html.escape(grp.label(g))})</b></span>")
+            lines += [line(n) for n in grp.nodes]
+    if svg is None:
+        svg = "<p style='padding:12px'>Graphviz's <code>dot</code> is not installed: the listing only.</p>"
+    else:
+        svg = svg[svg.index("<svg"):]                  # drop the XML prolog and DOCTYPE
+    kernels = f", {len(g.groups)} kernels" if g.groups is not None else ""
+    summary = f"{sum(1 for n in g.topo() if g.op(n) not in ('input', 'const'))} ops, {len(g.inputs)} inputs{kernels}"
+    title = f"{g.name}" + (f" after {stage}" if stage else "")
+    if pages:
+        summary += "<br>" + " · ".join(f"<b>{p}</b>" if p == stage else f'<a href="{p}.html">{p}</a>' for p in pages)
+    return _HTML.format(title=html.escape(title), summary=summary, svg=svg, listing="".join(lines))

@@ -8,12 +8,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 from pathlib import Path
 
 from compiler.passes import PASS_NAMES
 from dsl.diagnostics import DlcError
+from runtime import distributed
 
 STAGES = ["ast", "summary", "lowered", *PASS_NAMES, "source"]    # `dlc ir --stage`: the passes' names
 ALIASES = {"grad": "autodiff", "backward": "autodiff", "train": "optimizer", "opt": "dce", "optimized": "dce",
@@ -89,6 +89,8 @@ def make_parser() -> argparse.ArgumentParser:
                    "the test report is that epoch's")
     r.add_argument("--log", metavar="PATH", help="write one JSON line per epoch (run.jsonl)")
     r.add_argument("--plot", metavar="PNG", help="draw the train and validation curves (matplotlib)")
+    r.add_argument("--target", choices=["cpu", "cuda", "auto"], default="cpu",
+                   help="where to run: cpu (default), cuda (numba.cuda), auto (cuda when a GPU is available)")
     r.add_argument("--clip-value", type=_number(float, allow_zero=True), metavar="X",
                    help="clip each gradient to [-X, X] (0: off)")
 
@@ -103,6 +105,11 @@ def make_parser() -> argparse.ArgumentParser:
                     help="decoders sample from softmax(logits / T) instead of taking the argmax (default 0: greedy)")
     pr.add_argument("--seed", type=_number(int, allow_zero=True), default=0, help="seed for sampling")
     pr.add_argument("--json", action="store_true", help="print the predictions as one JSON object")
+    pr.add_argument("--input-file", metavar="PATH", help="feature vectors, one example per row (.csv or .npz), "
+                    "encoded and standardized as the training data was")
+    pr.add_argument("--output", metavar="PATH", help="also write the predictions (.csv or .npz)")
+    pr.add_argument("--top", type=_positive(int), metavar="K", help="a classifier's K most probable classes")
+    pr.add_argument("--raw", action="store_true", help="also show the model's raw outputs (logits, values)")
 
     sa = sub.add_parser("sample", help="run the file's sampling program (`generate`) on a trained checkpoint")
     common(sa)
@@ -113,17 +120,32 @@ def make_parser() -> argparse.ArgumentParser:
     sa.add_argument("--npz", metavar="PATH", help="also save the raw samples (array `samples`)")
     sa.add_argument("--program", help="which `generate` block (default: the first)")
 
+    ex = sub.add_parser("export", help="write the evaluation program with its weights as an ONNX model")
+    common(ex)
+    ex.add_argument("--load", metavar="PATH", help="the checkpoint (default: the seeded initial weights)")
+    ex.add_argument("-o", "--output", metavar="ONNX", required=True, help="the .onnx file to write")
+
+    im = sub.add_parser("import", help="turn an ONNX model into a .dl file and a checkpoint")
+    im.add_argument("file", help="an .onnx file")
+    im.add_argument("-o", "--output", metavar="DL", required=True,
+                    help="the .dl file to write (its weights go beside it, in NAME.safetensors)")
+    im.add_argument("--train", metavar="DL", help="copy this file's `train` block into the result, "
+                    "so `dlc run` and `dlc predict` work on it")
+    im.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks for errors")
+
     c = sub.add_parser("check", help="parse and type/shape-check a file")
     common(c)
 
     i = sub.add_parser("ir", help="print the IR at a stage")
     common(i)
-    i.add_argument("--stage", default="lowered", help=f"one of: {', '.join(STAGES)} (aliases: "
+    i.add_argument("--stage", default="lowered", help=f"one of: {', '.join(STAGES)}, or all (with --format html -o DIR; aliases: "
                    + ", ".join(f"{k}={v}" for k, v in ALIASES.items()) + ")")
     i.add_argument("--program", choices=["train", "eval"], default="train",
                    help="the training step (default) or the evaluation program")
     i.add_argument("--phase", help="which phase's training step (default: the first)")
-    i.add_argument("--format", choices=["text", "dot"], default="text")
+    i.add_argument("--format", choices=["text", "dot", "svg", "png", "html"], default="text",
+                   help="dot: Graphviz text; svg, png: rendered by Graphviz's `dot`; html: one self-contained page")
+    i.add_argument("--target", choices=["cpu", "cuda", "auto"], default="cpu", help="the kernels of --stage source")
     i.add_argument("-o", "--output", help="write to a file instead of standard output")
     return p
 
@@ -135,6 +157,8 @@ def main(argv=None) -> int:
     except DlcError as e:
         if args.debug:
             raise
+        if distributed.launched():      # one message, and no rank left waiting for the others
+            return distributed.fail(2, e.render())
         print(e.render(), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -148,8 +172,10 @@ def main(argv=None) -> int:
     except Exception as e:          # a bug in dlc, never the user's: the one other exit
         if args.debug:
             raise
-        print(f"dlc: internal error, please report: {type(e).__name__}: {e}\n"
-              f"  (run with --debug for the traceback)", file=sys.stderr)
+        msg = f"dlc: internal error, please report: {type(e).__name__}: {e}\n  (run with --debug for the traceback)"
+        if distributed.launched():
+            return distributed.fail(3, msg)
+        print(msg, file=sys.stderr)
         return 3
 
 
@@ -157,13 +183,16 @@ def _dispatch(args) -> int:
     from runtime.session import Options
     if not args.file.endswith(".dl") and not Path(args.file).exists():
         raise DlcError(f"no such file: {args.file}")
+    if args.cmd in ("export", "import"):
+        from runtime import onnx_io
+        return onnx_io.run_cli(args)
     if args.cmd == "run":
         return _run(args, Options(dtype=args.dtype, fuse=not args.no_fuse, epochs=args.epochs,
                                   batch=args.batch, lr=args.lr, seed=args.seed, threads=args.threads,
                                   schedule=args.schedule, warmup=args.warmup, clip_norm=args.clip_norm,
                                   clip_value=args.clip_value, patience=args.patience, monitor=args.monitor,
                                   save_best=args.save_best, log_path=args.log,
-                                  check_numerics=args.check_numerics))
+                                  check_numerics=args.check_numerics, target=args.target))
     if args.cmd == "check":
         return _check(args)
     if args.cmd == "predict":
@@ -175,53 +204,18 @@ def _dispatch(args) -> int:
 
 
 def _predict(args) -> int:
-    import numpy as np
-    from runtime import data
-    from runtime.predict import decode_rows, encode_inputs, predictions
-    from runtime.session import Options, Session
-    if args.temperature < 0:
-        raise DlcError("--temperature must be >= 0")
-    s = Session(args.file, Options(dtype=args.dtype, fuse=not args.no_fuse, train=False,
-                                   temperature=args.temperature, seed=None))
-    s.load(args.load)
-    ds = s.dataset
-    if args.input:
-        batch, shown = encode_inputs(ds, args.input)
-        data.check_indices(s.index_reads, batch, "--input")
-        targets = [None] * len(args.input)
-    else:
-        n = len(next(iter(ds.test.values())))
-        idx = args.index or list(range(min(5, n)))
-        for k in idx:
-            if not 0 <= k < n:
-                raise DlcError(f"--index {k} is outside the {n} held-out examples")
-        batch = {k: np.ascontiguousarray(v[idx]) for k, v in ds.test.items()}
-        shown = [f"#{k}: {t}" for k, t in zip(idx, decode_rows(ds, batch["x"], "input_vocab"))] \
-            if ds.info.get("input_vocab") else [f"held-out #{k}" for k in idx]
-        tgt = s.task.target or "y"
-        targets = predictions(ds, s.task, {"output": batch[tgt]}, target=True) if tgt in batch else [None] * len(idx)
-    res = s.run_eval(batch, step=args.seed)
-    preds = predictions(ds, s.task, res)
-    rows = [{"input": i, "prediction": p, **({"target": t} if t is not None else {})}
-            for i, p, t in zip(shown, preds, targets)]
-    if args.json:
-        print(json.dumps({"predictions": rows, "temperature": args.temperature}))
-    else:
-        for r in rows:
-            line = f"{r['input']:<24} -> {r['prediction']}"
-            if "target" in r:
-                line += f"    (expected {r['target']})"
-            print(line)
-    return 0
+    from runtime.predict import run_cli
+    return run_cli(args)
 
 
 def _run(args, options) -> int:
     from runtime import checkpoint
     from runtime.session import Session
-    if args.save:                   # before compiling and training, not after
+    lead = distributed.env_rank() == 0      # under mpiexec, rank 0 reports and writes files
+    if args.save and lead:          # before compiling and training, not after
         checkpoint.check_target(args.save)
     s = Session(args.file, options)
-    progress = not args.quiet
+    progress = not args.quiet and lead
     if progress:
         hit = "reused cached kernels" if s.cache_hit else "compiled"
         print(f"dlc: {s.program.model}: {_plural(len(s.params), 'parameter tensor')} "
@@ -231,7 +225,7 @@ def _run(args, options) -> int:
     if args.load:
         s.load(args.load)
     report = s.fit(progress=progress)
-    if args.plot:
+    if args.plot and lead:
         from runtime.history import plot
         plot(report["history"], args.plot, f"{Path(args.file).name}: {s.program.model}")
         if progress:
@@ -240,24 +234,28 @@ def _run(args, options) -> int:
         s.save(args.save)
         if progress:
             print(f"dlc: saved {args.save}", file=sys.stderr)
+    if not lead:
+        return 0
     if args.json:
         print(json.dumps(report))
     else:
+        from runtime.metrics import report_text
+        sys.stdout.write(report_text(report["test_report"]))       # the test split's details, then its line
         t = report["test"]
-        line = "test: " + "  ".join(f"{k} {v:.4f}" for k, v in t.items()) if t else "test: no held-out examples"
+        line = "test: " + "  ".join(f"{k} {v:.4f}" if v is not None else f"{k} n/a" for k, v in t.items()) \
+            if t else "test: no held-out examples"
         step = f", {report['step_ms']} ms/step" if report["step_ms"] is not None else ""
         print(line + f"  (train {report['train_seconds']:.1f}s, compile {report['compile_seconds']:.1f}s{step})")
     return 0
 
 
 def _load_for_inspection(args, training: bool = True):
-    from compiler.lower import Lowerer
+    from compiler.driver import Lowerer, index_reads
     from dsl.parser import parse_file
     from runtime import data
     module = parse_file(args.file)
     lw = Lowerer(module, args.dtype, training=training)
     if lw.trains:
-        from compiler.bounds import index_reads
         train = lw.trains[0]
         ds = data.load(train.data, Path(args.file).parent, 0)
         prog = lw.lower_train(train, ds.fields())
@@ -318,7 +316,6 @@ def _plural(n: int, noun: str) -> str:
 
 
 def _size(shape):
-    import math
     return math.prod(shape)
 
 
@@ -332,10 +329,29 @@ def _phase(prog, name):
     raise DlcError(f"--phase {name}: no such phase; " + (f"phases: {names}" if names else "this train block has no phases"))
 
 
+def _ir_pages(args) -> int:
+    """`--stage all --format html -o DIR`: one self-contained page per stage, linked in order."""
+    import copy
+    if args.format != "html" or not args.output:
+        raise DlcError("--stage all writes one HTML page per stage: give --format html -o DIR")
+    out = Path(args.output)
+    if out.exists() and not out.is_dir():
+        raise DlcError(f"-o {args.output}: not a directory")
+    out.mkdir(parents=True, exist_ok=True)
+    stages = ["lowered"] + [st for st in PASS_NAMES if args.program == "train" or st not in ("autodiff", "optimizer")]
+    for st in stages:
+        one = copy.copy(args)
+        one.stage, one.output, one.pages = st, str(out / f"{st}.html"), stages
+        _ir(one)
+    print(f"dlc: wrote {len(stages)} pages to {out}/ ({', '.join(f'{st}.html' for st in stages)})", file=sys.stderr)
+    return 0
+
+
 def _ir(args) -> int:
     from compiler import printer
-    from compiler.driver import build, optimize
-    from compiler.passes import Context
+    from compiler.driver import build, optimize_eval, optimize_phase
+    if args.stage == "all":
+        return _ir_pages(args)
     stage = ALIASES.get(args.stage, args.stage)
     if stage not in STAGES:
         raise DlcError(f"unknown stage `{args.stage}`; stages: {', '.join(STAGES)}")
@@ -348,18 +364,29 @@ def _ir(args) -> int:
         g = prog.graph
         kind = "train" if (args.program == "train" and lw.trains) else "eval"
         if stage != "lowered":
-            ctx = Context()
-            if kind == "train":
-                phase = _phase(prog, args.phase)
-                g, ctx = prog.step_graph(phase), Context.for_phase(prog, phase)
             if kind == "eval" and stage in ("autodiff", "optimizer"):
                 raise DlcError(f"the evaluation program has no `{stage}` stage")
-            g = optimize(g, kind, ctx, fuse=not args.no_fuse,
-                         stop_after=None if stage == "source" else stage)
+            stop = None if stage == "source" else stage
+            g = (optimize_phase(prog, _phase(prog, args.phase), not args.no_fuse, stop) if kind == "train"
+                 else optimize_eval(g, not args.no_fuse, stop))
         if stage == "source":
-            text = build(g).source
+            text = build(g, args.target).source
         elif args.format == "dot":
             text = printer.to_dot(g, stage)
+        elif args.format in printer.FORMATS:
+            if args.format == "png" and not args.output:
+                raise DlcError("--format png writes an image: give -o graph.png")
+            picture = printer.render(printer.to_dot(g, stage), args.format)
+            if args.output:
+                Path(args.output).write_bytes(picture)
+                return 0
+            text = picture.decode()
+        elif args.format == "html":
+            import shutil
+            svg = printer.render(printer.to_dot(g, stage), "svg").decode() if shutil.which("dot") else None
+            if svg is None:
+                print("dlc: Graphviz's `dot` is not installed: the page shows the listing only", file=sys.stderr)
+            text = printer.to_html(g, stage, svg, getattr(args, "pages", None))
         else:
             batch = prog.settings.get("batch", 32) if lw.trains else 32
             text = printer.to_text(g, stage, prog.params, {"B": batch})

@@ -15,7 +15,8 @@ import numpy as np
 from dsl import ast as A
 from dsl.diagnostics import DlcError, Loc
 
-from .resources import require
+from .resources import memory_limit, require
+from .streaming import Rows, npz_member
 
 
 @dataclass
@@ -158,7 +159,7 @@ def _split(arrays: dict[str, np.ndarray], test: float, seed: int, scale, loc: Lo
     for k, v in arrays.items():
         if len(v) != n:
             raise DlcError(f"data fields disagree in length: {k} has {len(v)} rows, expected {n}", loc)
-        if v.dtype.kind == "f" and not np.isfinite(v).all():
+        if v.dtype.kind == "f" and not (v.all_finite() if isinstance(v, Rows) else np.isfinite(v).all()):
             raise DlcError(f"data field `{k}` holds NaN or infinite values", loc)
     idx = np.arange(n)
     labels = arrays.get("y")
@@ -180,19 +181,28 @@ def _split(arrays: dict[str, np.ndarray], test: float, seed: int, scale, loc: Lo
                                       stratify=strat[tr] if strat is not None else None)
         except ValueError:
             tr, va = train_test_split(tr, test_size=part, random_state=seed)
-    train = {k: v[tr] for k, v in arrays.items()}
-    testd = {k: v[te] for k, v in arrays.items()}
-    vald = {k: v[va] for k, v in arrays.items()}
+    def rows(v, index):         # a streamed field stays on disk: its split is row indices
+        return v.take(index) if isinstance(v, Rows) else v[index]
+    train = {k: rows(v, tr) for k, v in arrays.items()}
+    testd = {k: rows(v, te) for k, v in arrays.items()}
+    vald = {k: rows(v, va) for k, v in arrays.items()}
+    scaling = {}                # field -> (mean, deviation): `dlc predict --input-file` scales the same way
     if scale:
         for k, v in train.items():
-            if v.dtype.kind == "f" and k != "y":
+            if v.dtype.kind == "f" and k != "y" and isinstance(v, Rows):
+                mu, sd = v.mean_std()
+                sd[sd == 0] = 1.0
+                scaling[k] = (mu, sd)
+                train[k], testd[k], vald[k] = (d[k].scaled(mu, sd) for d in (train, testd, vald))
+            elif v.dtype.kind == "f" and k != "y":
                 mu = v.mean(axis=0)
                 sd = v.std(axis=0)
                 sd[sd == 0] = 1.0
+                scaling[k] = (mu, sd)
                 train[k] = ((v - mu) / sd).astype(np.float32)
                 testd[k] = ((testd[k] - mu) / sd).astype(np.float32)
                 vald[k] = ((vald[k] - mu) / sd).astype(np.float32)
-    info = {**(info or {}), "train_size": len(tr), "test_size": len(te), "val_size": len(va)}
+    info = {**(info or {}), "train_size": len(tr), "test_size": len(te), "val_size": len(va), "scaling": scaling}
     if labels is not None and labels.dtype.kind in "iu":
         info["classes"] = int(labels.max()) + 1
     return Dataset(train, testd, info, vald)
@@ -224,6 +234,8 @@ def _reshape(x: np.ndarray, shape, loc):
         return x
     if not isinstance(shape, list) or not all(isinstance(d, int) for d in shape):
         raise DlcError("`shape` must be a list of integers, e.g. shape = [1, 8, 8]", loc)
+    if isinstance(x, Rows) and math.prod(shape) != math.prod(x.row_shape):
+        raise DlcError(f"cannot reshape examples of {x.row_shape} to {tuple(shape)}", loc)
     try:
         return x.reshape((len(x),) + tuple(shape))
     except ValueError:
@@ -267,18 +279,31 @@ def _resolve(call, base_dir, path):
     return p
 
 
-@source("npz", ("path", "x", "y", "shape", "test", "scale"), path=REQUIRED, x="x", y="y", shape=None)
-def _npz(call, base_dir, path, x="x", y="y", shape=None):
+@source("npz", ("path", "x", "y", "shape", "test", "scale", "stream"), path=REQUIRED, x="x", y="y", shape=None,
+        stream="auto")
+def _npz(call, base_dir, path, x="x", y="y", shape=None, stream="auto"):
+    """Arrays of an archive. `stream = true` reads `x` from disk a batch at a time (it must be
+    stored uncompressed, as np.savez does); `"auto"` streams when `x` would fill more than a
+    quarter of the memory available."""
     p = _resolve(call, base_dir, path)
     if not isinstance(x, str) or not isinstance(y, str):
         raise DlcError("`npz`: `x` and `y` name arrays in the archive (strings)", call.loc)
+    _check_stream(call, stream)
     try:
-        with np.load(p, allow_pickle=False) as f:
+        with np.load(p, allow_pickle=False, mmap_mode="r") as f:
             files = set(f.files)
             for key in (x, y):
                 if key not in files:
                     raise DlcError(f"{p.name} has no array `{key}` (it has: {', '.join(sorted(files))})", call.loc)
-            xs, ys = f[x], f[y]
+            mapped = npz_member(p, x) if stream is not False else None
+            if stream is True and mapped is None:
+                raise DlcError(f"`npz`: cannot stream `{x}` from {p.name}: it is compressed", call.loc,
+                               ["save it with np.savez, not np.savez_compressed, or set stream = false"])
+            if mapped is not None and (stream is True or _too_big(mapped)):
+                xs = mapped
+            else:
+                xs = f[x]
+            ys = f[y]
     except DlcError:
         raise
     except Exception as e:  # zip errors, pickled objects, truncated files
@@ -291,11 +316,26 @@ def _npz(call, base_dir, path, x="x", y="y", shape=None):
                        ["a single feature per example is x.reshape(-1, 1)"] if xs.ndim == 1 else [])
     if ys.ndim < 1:
         raise DlcError(f"array `{y}` in {p.name} must hold one label (or row) per example, got a scalar", call.loc)
-    return {"x": _reshape(xs.astype(np.float32), shape, call.loc), "y": _labels(ys, y, call.loc)}
+    xs = Rows(xs, np.arange(len(xs)), np.float32) if isinstance(xs, np.memmap) else xs.astype(np.float32)
+    return {"x": _reshape(xs, shape, call.loc), "y": _labels(ys, y, call.loc)}
 
 
-@source("csv", ("path", "label", "header", "shape", "test", "scale"), path=REQUIRED, label=-1, header=True, shape=None)
-def _csv(call, base_dir, path, label=-1, header=True, shape=None):
+def _check_stream(call, stream):
+    if stream not in (True, False, "auto"):
+        raise DlcError(f"`{call.func}`: `stream` is true, false or \"auto\", got {stream!r}", call.loc)
+
+
+def _too_big(a: np.ndarray) -> bool:
+    """Whether an array, as float32, would take more than a quarter of the memory available."""
+    return a.size * 4 > memory_limit() / 4
+
+
+@source("csv", ("path", "label", "header", "shape", "test", "scale", "onehot"), path=REQUIRED, label=-1, header=True,
+        shape=None, onehot=None)
+def _csv(call, base_dir, path, label=-1, header=True, shape=None, onehot=None):
+    """One example per row. A label column of text (`setosa`, `versicolor`, ...) is encoded as
+    class ids in sorted order (the names kept for `dlc predict` and the checkpoint); feature
+    columns are numbers, or text one-hot encoded when listed in `onehot = ["colour", ...]`."""
     import csv as _csv_mod
     p = _resolve(call, base_dir, path)
     if isinstance(label, bool) or not isinstance(label, (str, int)):
@@ -325,26 +365,189 @@ def _csv(call, base_dir, path, label=-1, header=True, shape=None):
         raise DlcError(f"{p.name} has one column; it needs the features and a label", call.loc)
     names = rows[0] if header else [str(i) for i in range(len(rows[0]))]
     body = rows[1:] if header else rows
-    if isinstance(label, str):
-        if label not in names:
-            raise DlcError(f"{p.name} has no column `{label}` (columns: {', '.join(names)})", call.loc)
-        li = names.index(label)
-    elif -len(names) <= label < len(names):
-        li = label % len(names)
-    else:
-        raise DlcError(f"{p.name} has {len(names)} columns; there is no column {label}", call.loc)
-    data = []
-    for i, r in enumerate(body, start=2 if header else 1):
+    li = _column(p, names, label, "label", call.loc)
+    hot = onehot if isinstance(onehot, list) else [] if onehot is None else None
+    if hot is None or not all(isinstance(c, (str, int)) and not isinstance(c, bool) for c in hot):
+        raise DlcError(f"`csv`: `onehot` is a list of column names or indices, got {onehot!r}", call.loc)
+    hot = {_column(p, names, c, "onehot", call.loc) for c in hot}
+    if li in hot:
+        raise DlcError(f"`csv`: the label column `{names[li]}` cannot be one-hot encoded too", call.loc,
+                       ["a text label is encoded as class ids by itself"])
+    first = 2 if header else 1
+    for i, r in enumerate(body, start=first):
         if len(r) != len(names):
             raise DlcError(f"{p.name}:{i}: expected {len(names)} columns, found {len(r)}", call.loc)
-        try:
-            data.append([float(c) for c in r])
-        except ValueError:
-            bad = next(c for c in r if not _is_float(c))
-            raise DlcError(f"{p.name}:{i}: `{bad}` is not a number", call.loc) from None
-    arr = np.array(data)
-    xs = np.delete(arr, li, axis=1).astype(np.float32)
-    return {"x": _reshape(xs, shape, call.loc), "y": _labels(arr[:, li], names[li], call.loc)}
+    cols = [[r[c].strip() for r in body] for c in range(len(names))]
+    features = []               # (column name, categories or None): how `dlc predict` encodes a row the same way
+    for c, values in enumerate(cols):
+        if c == li:
+            continue
+        if c in hot:
+            features.append((names[c], sorted(set(values))))
+        elif not any(map(_is_float, values)):
+            shown = ", ".join(f"`{v}`" for v in sorted(set(values))[:3])
+            raise DlcError(f"{p.name}: column `{names[c]}` holds text ({shown}, ...), not numbers", call.loc,
+                           [f"to one-hot encode it: csv(\"{path}\", ..., onehot = [\"{names[c]}\"])"])
+        else:
+            features.append((names[c], None))
+    header_row = [n for c, n in enumerate(names) if c != li]
+    xs = encode_rows(p.name, header_row, [[v for c, v in enumerate(r) if c != li] for r in body], features,
+                     first, call.loc)
+    out = {"x": _reshape(xs, shape, call.loc)}
+    labels = cols[li]
+    if not any(map(_is_float, labels)):              # class names: encoded in sorted order
+        classes = sorted(set(labels))
+        out["y"] = np.searchsorted(np.array(classes), np.array(labels)).astype(np.int32)
+        out["__info__"] = {"class_names": classes}
+    else:
+        ys = []
+        for i, v in enumerate(labels, start=first):
+            if not _is_float(v):
+                raise DlcError(f"{p.name}:{i}: `{v}` is not a number", call.loc)
+            ys.append(float(v))
+        out["y"] = _labels(np.array(ys), names[li], call.loc)
+    out.setdefault("__info__", {})["csv_features"] = features
+    return out
+
+
+def _column(p, names, which, option, loc) -> int:
+    """The index of a column given by name or (negative) index."""
+    if isinstance(which, str):
+        if which not in names:
+            raise DlcError(f"{p.name} has no column `{which}` (columns: {', '.join(names)})", loc)
+        return names.index(which)
+    if -len(names) <= which < len(names):
+        return which % len(names)
+    raise DlcError(f"{p.name} has {len(names)} columns; there is no column {which}", loc)
+
+
+def encode_rows(source: str, names: list, rows: list, features: list, first_line: int, loc=None) -> np.ndarray:
+    """CSV feature rows (strings) as float32 vectors: number columns parsed, categorical ones
+    one-hot over their known categories (`features`: (name, categories or None) per column, in
+    the order of `names`). A value that is not a number, or a category not seen in training,
+    is an error naming its line."""
+    out = np.zeros((len(rows), sum(len(cats) if cats else 1 for _, cats in features)), np.float32)
+    for i, r in enumerate(rows):
+        j = 0
+        for (name, cats), v in zip(features, r):
+            v = v.strip()
+            if cats is None:
+                try:
+                    out[i, j] = float(v)
+                except ValueError:
+                    raise DlcError(f"{source}:{i + first_line}: `{v}` is not a number", loc) from None
+                j += 1
+            else:
+                if v not in cats:
+                    raise DlcError(f"{source}:{i + first_line}: column `{name}` holds `{v}`, not a category seen in "
+                                   f"training ({', '.join(cats)})", loc)
+                out[i, j + cats.index(v)] = 1.0
+                j += len(cats)
+    return out
+
+
+IDX_TYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+
+def read_idx(p: Path, loc, stream=False) -> np.ndarray:
+    """An IDX file (MNIST's format, gzipped or not): magic 0 0 TYPE NDIM, NDIM big-endian
+    int32 sizes, then the data, big-endian. Memory-mapped when not compressed and `stream`."""
+    import gzip
+    try:
+        gz = p.read_bytes()[:2] == b"\x1f\x8b"
+        with (gzip.open(p, "rb") if gz else open(p, "rb")) as f:
+            head = f.read(4)
+            if len(head) < 4 or head[:2] != b"\0\0" or head[2] not in IDX_TYPES or head[3] == 0:
+                raise DlcError(f"{p.name} is not an IDX file (it starts with {head.hex()}; an IDX file starts "
+                               f"with 0000, a type byte 08-0e and the number of dimensions)", loc)
+            dims = tuple(int(d) for d in np.frombuffer(f.read(4 * head[3]), ">i4"))
+            if len(dims) != head[3]:
+                raise DlcError(f"{p.name}: the IDX header is cut short", loc)
+            dtype = np.dtype(IDX_TYPES[head[2]])
+            need = math.prod(dims) * dtype.itemsize
+            if not gz and (stream is True or stream == "auto" and need * 4 // dtype.itemsize > memory_limit() / 4):
+                if p.stat().st_size < 4 + 4 * len(dims) + need:
+                    raise DlcError(f"{p.name}: the header promises {dims} values, the file is shorter", loc)
+                return np.memmap(p, dtype=dtype, mode="r", offset=4 + 4 * len(dims), shape=dims)
+            require(need, f"reading {p.name}", loc)
+            raw = f.read(need)
+    except OSError as e:
+        raise DlcError(f"cannot read {p.name}: {e.strerror or e}", loc) from None
+    if len(raw) < need:
+        raise DlcError(f"{p.name}: the header promises {dims} values, the file is shorter", loc)
+    return np.frombuffer(raw, dtype).reshape(dims).astype(dtype.newbyteorder("="))
+
+
+@source("idx", ("images", "labels", "shape", "test", "scale", "stream"), images=REQUIRED, labels=REQUIRED,
+        shape=None, stream="auto")
+def _idx(call, base_dir, images, labels, shape=None, stream="auto"):
+    """A pair of IDX files as MNIST ships them: `idx("train-images-idx3-ubyte",
+    "train-labels-idx1-ubyte")` (also `.gz`). Images are [N, rows, cols] of float32 (`shape =
+    [1, 28, 28]` for a CNN); the labels' type is kept as class ids. `stream` as for `npz`."""
+    _check_stream(call, stream)
+    img_p = _resolve(call, base_dir, images)
+    lab_p = _resolve(call, base_dir, labels) if isinstance(labels, str) and labels else None
+    if lab_p is None:
+        raise DlcError("`idx` takes the labels file's path second", call.loc)
+    xs = read_idx(img_p, call.loc, stream)
+    ys = read_idx(lab_p, call.loc)
+    if xs.ndim < 2:
+        raise DlcError(f"{img_p.name} holds {xs.ndim}-D data; the images file is [N, rows, cols]", call.loc)
+    if ys.ndim != 1:
+        raise DlcError(f"{lab_p.name} holds {list(ys.shape)} values; the labels file is one label per image "
+                       "(were the two files given the other way round?)", call.loc)
+    if len(xs) != len(ys):
+        raise DlcError(f"{img_p.name} holds {len(xs):,} images but {lab_p.name} {len(ys):,} labels", call.loc)
+    xs = Rows(xs, np.arange(len(xs)), np.float32) if isinstance(xs, np.memmap) else xs.astype(np.float32)
+    return {"x": _reshape(xs, shape, call.loc), "y": _labels(ys, labels, call.loc)}
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+
+
+@source("images", ("path", "size", "channels", "test", "scale"), path=REQUIRED, size=REQUIRED, channels=1)
+def _images(call, base_dir, path, size, channels=1):
+    """A folder of image files, one subfolder per class (`dir/cat/1.png`, `dir/dog/7.jpg`):
+    each image read with Pillow, converted to grey (`channels = 1`) or RGB (3), resized to
+    size x size (bilinear) and scaled to [0, 1]: x is [N, channels, size, size], y the index
+    of its subfolder in sorted order (the names kept for `dlc predict` and the checkpoint)."""
+    if not isinstance(path, str) or not path:
+        raise DlcError("`images` takes a folder path first", call.loc)
+    root = Path(path) if Path(path).is_absolute() else base_dir / path
+    where = call.args[0].loc if call.args else call.loc
+    if not root.is_dir():
+        raise DlcError(f"image folder not found: {root}" if not root.exists() else f"{root} is not a folder", where)
+    if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= 1024:
+        raise DlcError(f"`images`: `size` is the side images are resized to, 1 to 1024, got {size!r}", call.loc)
+    if channels not in (1, 3) or isinstance(channels, bool):
+        raise DlcError(f"`images`: `channels` is 1 (grey) or 3 (RGB), got {channels!r}", call.loc)
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    files = [(f, k) for k, c in enumerate(classes) for f in sorted((root / c).rglob("*"))
+             if f.suffix.lower() in IMAGE_SUFFIXES]
+    if len(classes) < 2:
+        raise DlcError(f"{root} needs a subfolder per class (at least 2), found "
+                       f"{', '.join(classes) or 'none'}", where, ["dir/cat/1.png, dir/dog/2.png, ..."])
+    if not files:
+        raise DlcError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in the subfolders of {root}", where)
+    require(len(files) * channels * size * size * 4 * 3, f"`images` with {len(files):,} images of {size}x{size}",
+            call.loc)
+    x = np.empty((len(files), channels, size, size), np.float32)
+    for i, (f, _) in enumerate(files):
+        x[i] = read_image(f, size, channels, call.loc, f.relative_to(root))
+    y = np.array([k for _, k in files], np.int32)
+    return {"x": x, "y": y, "__info__": {"class_names": classes, "image": (size, channels)}}
+
+
+def read_image(f: Path, size: int, channels: int, loc=None, shown=None) -> np.ndarray:
+    """An image file as [channels, size, size] in [0, 1]: grey or RGB, resized bilinearly."""
+    from PIL import Image, UnidentifiedImageError
+    try:
+        with Image.open(f) as im:
+            im = im.convert("L" if channels == 1 else "RGB").resize((size, size), Image.Resampling.BILINEAR)
+            a = np.asarray(im, np.float32) / 255.0
+    except (UnidentifiedImageError, OSError) as e:
+        raise DlcError(f"cannot read the image {shown or f}: {e}", loc) from None
+    return a[None] if channels == 1 else a.transpose(2, 0, 1)
 
 
 def _is_float(s: str) -> bool:

@@ -11,8 +11,8 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-# Metrics that improve downwards; every other one (accuracy, exact) improves upwards.
-_LOWER_IS_BETTER = ("loss", "mse", "mae")
+# Metrics that improve downwards; every other one (accuracy, exact, f1, topK, auc, r2) improves upwards.
+_LOWER_IS_BETTER = ("loss", "mse", "mae", "rmse")
 
 
 def lower_is_better(metric: str) -> bool:

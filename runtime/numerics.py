@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from compiler.driver import optimize
+from compiler.driver import optimize_phase
 from compiler.ops import OPS, evaluate
-from compiler.passes import Context
 from compiler.shapes import DTYPES
 from dsl.diagnostics import DlcError
 
@@ -29,7 +28,7 @@ def first_nonfinite(session, phase: int, params: dict, state: dict, batch: dict,
     """Replay one training step with the NumPy references on the unfused graph; return
     (node, graph) of the first op whose finite inputs gave a non-finite output, or None."""
     prog, ph = session.program, session.phases[phase]
-    g = optimize(prog.step_graph(ph), "train", Context.for_phase(prog, ph), fuse=False, stop_after="optimizer")
+    g = optimize_phase(prog, ph, fuse=False, stop_after="optimizer")
     feeds = {}
     for n in g.inputs:
         name, kind = g[n]["name"], g.attrs(n)["kind"]

@@ -22,9 +22,7 @@ class Sampler:
     """A compiled sampling program: `Sampler(path)(n, seed)` after `load(checkpoint)`."""
 
     def __init__(self, path, program: str | None = None, dtype: str = "f32", fuse: bool = True):
-        from compiler.driver import build, optimize
-        from compiler.lower import Lowerer
-        from compiler.passes import Context
+        from compiler.driver import Lowerer, build, optimize_eval
         self.path = Path(path)
         module = parse_file(self.path)
         lw = Lowerer(module, dtype, training=False)
@@ -34,7 +32,7 @@ class Sampler:
         self.name = program or next(iter(lw.generators))
         self.lowerer = lw
         prog = lw.lower_generate(self.name)
-        self.ex = build(optimize(prog.graph, "eval", Context(), fuse))
+        self.ex = build(optimize_eval(prog.graph, fuse))
         self.values: dict[str, np.ndarray] = {}
 
     def load(self, path) -> None:
@@ -95,7 +93,7 @@ def write_grid(images: np.ndarray, path, scale: int = 4, pad: int = 1) -> None:
 
 def as_text(path: Path, ids: np.ndarray) -> list[str]:
     """Token samples as text, with the vocabulary of the file's training data if it has one."""
-    from compiler.lower import Lowerer
+    from compiler.driver import Lowerer
     from . import data
     from .predict import decode_rows
     lw = Lowerer(parse_file(path), "f32")
@@ -123,7 +121,7 @@ def run_cli(args) -> int:
 
 def check_generators(module, dtype: str = "f32") -> list[str]:
     """Lower each sampling program of a file (for `dlc check`): one line per program, its result type."""
-    from compiler.lower import Lowerer
+    from compiler.driver import Lowerer
     from compiler.shapes import fmt_type
     lines = []
     for name in Lowerer(module, dtype, training=False).generators:

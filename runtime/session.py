@@ -14,17 +14,16 @@ from pathlib import Path
 import numpy as np
 
 from compiler.api import rng_seed
-from compiler.bounds import index_reads
-from compiler.driver import Executable, build, compile_programs, example_args, optimize
-from compiler.lower import Lowerer, Phase
+from compiler.driver import (Executable, Lowerer, Phase, build, compile_programs, example_args, index_reads,
+                             literal_setting, optimize_eval, optimize_phase,
+                             resolve_target)
 from compiler.optim import SchedulePlan, ScheduleSpec, step_scalars
-from compiler.passes import Context
 from compiler.shapes import DTYPES
 from dsl import ast as A
 from dsl.diagnostics import DlcError
 from dsl.parser import parse_file
 
-from . import checkpoint, data, metrics, numerics, resources, threads
+from . import checkpoint, data, device, distributed, metrics, numerics, resources, threads
 from .history import EarlyStopping, History
 from .initializers import initialize
 
@@ -52,17 +51,7 @@ class Options:
     save_best: str | None = None    # --save-best PATH: checkpoint the best epoch (by the monitored metric)
     log_path: str | None = None     # --log run.jsonl: one JSON line per epoch
     check_numerics: bool = False    # watch every step for NaNs and divergence, not only the first
-
-
-def _literal_setting(lowerer: Lowerer, train: A.TrainDef, name: str):
-    """A setting needed before lowering (the seed splits the data), when it is a compile-time
-    integer such as `seed = 2 * 3`; lowering reports any other value."""
-    from compiler.lower import Frame
-    for st in train.body:
-        if isinstance(st, A.Assign) and st.name == name:
-            v = lowerer.eval(st.value, Frame({}, {}, "", "train", None))
-            return v if isinstance(v, int) and not isinstance(v, bool) else None
-    return None
+    target: str = "cpu"             # --target cpu | cuda | auto (CUDA when numba.cuda sees a GPU)
 
 
 def _setting_loc(train: A.TrainDef, name: str):
@@ -123,17 +112,20 @@ class _ArgPlan:
 
 
 class Session:
+    PROGRESS_DELAY = 2.0        # seconds into an epoch before its progress bar appears (short epochs: none)
+
     def __init__(self, path: str | Path, options: Options | None = None):
         self.path = Path(path)
         self.opt = options or Options()
         t0 = time.perf_counter()
         self.module = parse_file(self.path)
-        self.lowerer = Lowerer(self.module, self.opt.dtype)
+        self.dist = distributed.world() if self.opt.train else None    # under mpiexec: data-parallel
+        self.lowerer = Lowerer(self.module, self.opt.dtype, row_offsets=self.dist is not None)
         if not self.lowerer.trains:
             raise DlcError("this file has no `train` block, so there is nothing to run", self.module.loc,
                            ["`dlc check` type-checks a file without one"])
         train = self.lowerer.trains[0]
-        seed = self.opt.seed if self.opt.seed is not None else _literal_setting(self.lowerer, train, "seed")
+        seed = self.opt.seed if self.opt.seed is not None else literal_setting(self.lowerer, train, "seed")
         self.seed = int(seed) if seed is not None else DEFAULTS["seed"]
         if not 0 <= self.seed < 2 ** 32:       # the data split's generator takes 32 bits
             raise DlcError(f"the seed must be below 2**32 (4294967296), got {self.seed}",
@@ -174,16 +166,25 @@ class Session:
         # off, batch norm on running statistics, decoders feeding back their own predictions);
         # each phase's training step adds its backward pass and its optimizer's update
         t1 = time.perf_counter()
-        self.eval_graph = optimize(self.eval_program.graph, "eval", Context(), self.opt.fuse)
+        self.eval_graph = optimize_eval(self.eval_program.graph, self.opt.fuse)
         self.passes_seconds = time.perf_counter() - t1
-        self.eval_ex = build(self.eval_graph)
+        self.target = resolve_target(self.opt.target)
+        if self.target == "cuda":
+            device.require_gpu()
+        self.eval_ex = build(self.eval_graph, self.target)
         self.train_exes: list[Executable] = []
+        if self.dist is not None:
+            self.dist.check_batch(int(self.settings["batch"]), self.program.setting_locs.get("batch", train.loc))
         if self.opt.train:
             for ph in self.phases:
                 t1 = time.perf_counter()
-                g = optimize(self.program.step_graph(ph), "train", Context.for_phase(self.program, ph), self.opt.fuse)
+                if self.dist is not None:      # a gradient and an update program, an allreduce between
+                    self.train_exes += self.dist.build_phase(self.program, ph, self.opt.fuse)
+                    self.passes_seconds += time.perf_counter() - t1
+                    continue
+                g = optimize_phase(self.program, ph, self.opt.fuse)
                 self.passes_seconds += time.perf_counter() - t1
-                self.train_exes.append(build(g))
+                self.train_exes.append(build(g, self.target))
         self.train_ex = self.train_exes[0] if self.train_exes else None
         self.train_graph = self.train_ex.graph if self.train_ex else None
         self.params, self.state = self._init_params()
@@ -198,9 +199,9 @@ class Session:
         # who uses the cores (runtime/threads.py): the training programs' plan from now on,
         # the evaluation program's around `evaluate`
         b = int(self.settings["batch"])
-        self.core_plan = threads.plan([ex.graph for ex in self.train_exes] or [self.eval_ex.graph], {"B": b},
-                                      self.opt.threads)
-        self.eval_core_plan = threads.plan([self.eval_ex.graph], {"B": EVAL_BATCH}, self.opt.threads)
+        cap = self.opt.threads or (self.dist.threads if self.dist is not None else None)
+        self.core_plan = threads.plan([ex.graph for ex in self.train_exes] or [self.eval_ex.graph], {"B": b}, cap)
+        self.eval_core_plan = threads.plan([self.eval_ex.graph], {"B": EVAL_BATCH}, cap)
         threads.apply(self.core_plan)
 
     def compile_report(self) -> dict:
@@ -212,6 +213,7 @@ class Session:
                 "passes": round(self.passes_seconds, 3),
                 "codegen": round(sum(ex.codegen_seconds for ex in exes), 3),
                 "numba": round(sum(ex.numba_seconds for ex in exes), 3),
+                "numba_compiled": sum(ex.numba_compiled for ex in exes),   # not loaded from the cache
                 "kernels": sum(ex.kernels for ex in exes),
                 "distinct_kernels": len({id(fn) for ex in exes for fn in ex.kernel_functions()})}
 
@@ -228,7 +230,10 @@ class Session:
             for (name, kind, shape, dtype) in ex.inputs:
                 if kind == "state" and name not in state:
                     state[name] = np.zeros(shape, DTYPES[dtype])
-        return Tensors(params), Tensors(state)
+        tgt = self.eval_ex.target          # on a GPU: kept on the device, read back on demand
+        if tgt.name == "cpu":               # steps keep their argument lists (Tensors counts changes)
+            return Tensors(params), Tensors(state)
+        return device.on_target(params, tgt), device.on_target(state, tgt)
 
     def _override_optimizers(self):
         """--schedule/--warmup and --clip-norm/--clip-value apply to every phase's optimizer."""
@@ -279,12 +284,30 @@ class Session:
     def _compile(self):
         b = int(self.settings["batch"])
         exes = self.train_exes + [self.eval_ex]
-        compile_programs([(ex, example_args(ex, {"B": b})) for ex in exes])
+        jobs = [(ex, example_args(ex, {"B": b})) for ex in exes]
+        if self.dist is not None:           # one rank per machine compiles, the others load its kernels
+            self.dist.in_turn(lambda: compile_programs(jobs))
+        else:
+            compile_programs(jobs)
         self.cache_hit = all(ex.cache_hit for ex in exes)
 
     def _args(self, ex: Executable, batch: dict, scalars: dict | None = None) -> list:
-        """The executable's arguments: its parameter and state arrays are kept from call to
-        call (they are updated in place); only the batch and the scalars are filled in."""
+        """The executable's arguments. On the CPU its parameter and state arrays are kept from call
+        to call (they are updated in place); only the batch and the scalars are filled in."""
+        if isinstance(self.params, device.DeviceArrays) or isinstance(self.state, device.DeviceArrays):
+            args = []
+            for name, kind, shape, dtype in ex.inputs:
+                if kind == "data":
+                    args.append(batch[name])
+                elif kind == "param":
+                    args.append(self.params.device(name) if isinstance(self.params, device.DeviceArrays)
+                                else self.params[name])
+                elif kind == "state":
+                    args.append(self.state.device(name) if isinstance(self.state, device.DeviceArrays)
+                                else self.state[name])
+                else:
+                    args.append(DTYPES[dtype](scalars[name]))
+            return args
         plan = self._arg_plans.get(id(ex))
         if plan is None or not plan.current(self.params, self.state):
             plan = self._arg_plans[id(ex)] = _ArgPlan(ex, self.params, self.state)
@@ -318,8 +341,14 @@ class Session:
         watched = self.opt.check_numerics or self.step_count <= numerics.WATCH_STEPS
         snapshot = ({k: v.copy() for k, v in self.params.items()},
                     {k: v.copy() for k, v in self.state.items()}) if watched else None
-        res = dict(zip(ex.outputs, ex(*self._args(ex, batch, sc))))
-        loss = float(res["loss"])
+        if self.dist is None:
+            res = dict(zip(ex.outputs, ex(*self._args(ex, batch, sc))))
+            for arrays in (self.params, self.state):
+                if isinstance(arrays, device.DeviceArrays):
+                    arrays.written()
+            loss = float(res["loss"])
+        else:                               # this rank's rows; the loss of the global batch
+            res, loss = self.dist.step(self, i, batch, sc)
         history = self.loss_history.setdefault(ph.name, [])
         if not math.isfinite(loss):
             raise numerics.explain_nonfinite(self, i, loss, self.step_count, self.epoch + 1, snapshot, batch, sc,
@@ -338,22 +367,37 @@ class Session:
         """The random stream of a step: a function of the run's seed and the step number."""
         return rng_seed(self.seed, step)
 
-    def evaluate(self, split: dict, batch_size: int = EVAL_BATCH) -> dict:
+    def evaluate(self, split: dict, batch_size: int = EVAL_BATCH, details: bool = False):
+        """The losses and metrics over a split; with `details`, also the split's full report
+        (per-class precision/recall/F1 and confusion matrix, AUC, R², ...: metrics.Accumulator.report)."""
+        with threads.using(self.eval_core_plan):
+            return self._evaluate(split, batch_size, details)
+
+    def _evaluate(self, split: dict, batch_size: int, details: bool):
         n = len(next(iter(split.values())))
         if n == 0:
-            return {}
-        with threads.using(self.eval_core_plan):
-            return self._evaluate(split, batch_size, n)
-
-    def _evaluate(self, split: dict, batch_size: int, n: int) -> dict:
-        totals, acc = {ph.output: 0.0 for ph in self.phases}, metrics.Accumulator(self.task, self.settings["metrics"])
-        for s in range(0, n, batch_size):
+            return ({}, {}) if details else {}
+        totals = {ph.output: 0.0 for ph in self.phases}
+        acc = metrics.Accumulator(self.task, self.settings["metrics"], keep=details)
+        batches = []                        # (loss * examples, metric inputs) of each batch, in order
+        starts = range(0, n, batch_size)
+        if self.dist is not None:           # rank r runs batches r, r + N, r + 2N, ...
+            starts = starts[self.dist.rank::self.dist.size]
+        for s in starts:
             b = {k: np.ascontiguousarray(v[s:s + batch_size]) for k, v in split.items()}
             res = self.run_eval(b)
+            one = metrics.Accumulator(self.task, self.settings["metrics"], keep=details)
+            one.add(res["output"], b)
+            batches.append(({k: float(res[k]) * len(next(iter(b.values()))) for k in totals}, one.parts))
+        if self.dist is not None:           # every rank's batches, in the order one process runs them
+            batches = self.dist.gather_batches(batches)
+        for sums, parts in batches:
             for k in totals:
-                totals[k] += float(res[k]) * len(next(iter(b.values())))
-            acc.add(res["output"], b)
-        return {**{k: v / n for k, v in totals.items()}, **acc.result()}
+                totals[k] += sums[k]
+            acc.parts += parts
+        result = {**{k: v / n for k, v in totals.items()}, **acc.result()}
+        names = self.dataset.info.get("class_names") or self.dataset.info.get("vocab")
+        return (result, acc.report(names)) if details else result
 
     def run_eval(self, batch: dict, step: int = 0) -> dict:
         """The evaluation program on one batch: {"loss", "output", "output2", ...}."""
@@ -371,7 +415,7 @@ class Session:
         train = self.dataset.train
         n = len(train["x"])
         batch, epochs = int(self.settings["batch"]), int(self.settings["epochs"])
-        step_times, history = [], History(self.opt.log_path)
+        step_times, history = [], History(self.opt.log_path if self.dist is None or self.dist.lead else None)
         stopper = self._early_stopping()
         best = None                          # the best epoch's parameters and state (with validation)
         t_train = time.perf_counter()
@@ -384,10 +428,13 @@ class Session:
             t_ep = time.perf_counter()
             lrs = {ph.output: self.lr(ph) for ph in self.phases}
             acc = metrics.Accumulator(self.task, self.settings["metrics"])
+            # a live bar within the epoch, on a terminal only, once the epoch has run PROGRESS_DELAY seconds
             bar = tqdm(range(0, n, batch), desc=f"epoch {ep + 1}/{first + epochs}", leave=False, file=sys.stderr,
-                       disable=not (progress and sys.stderr.isatty()), unit="batch")
+                       disable=not (progress and sys.stderr.isatty()), unit="batch", delay=self.PROGRESS_DELAY)
             for s in bar:
                 idx = perm[s:s + batch]
+                if self.dist is not None:
+                    idx = self.dist.shard(idx)
                 b = {k: np.ascontiguousarray(v[idx]) for k, v in train.items()}
                 ph = self.phases[self.next_phase]
                 t0 = time.perf_counter()
@@ -395,8 +442,13 @@ class Session:
                 step_times.append(time.perf_counter() - t0)
                 totals[ph.output][0] += loss * len(idx)
                 totals[ph.output][1] += len(idx)
+                if not bar.disable and bar.n % 10 == 0:
+                    bar.set_postfix_str(self.losses_text({k: t / m for k, (t, m) in totals.items() if m}), refresh=False)
                 acc.add(out, b)
             self.epoch = ep + 1
+            if self.dist is not None:       # every rank's share of the epoch; rank 0's parameters
+                self.dist.reduce_epoch(totals, acc)
+                self.dist.sync(self)
             ep_metrics = {k: t / m for k, (t, m) in totals.items() if m}
             ep_metrics.update(acc.result())
             val = self.evaluate(self.dataset.val)       # the test split waits for the end
@@ -424,9 +476,11 @@ class Session:
             for k, v in best[1].items():
                 self.state[k][...] = v
         train_seconds = time.perf_counter() - t_train
+        test, test_report = self.evaluate(self.dataset.test, 512, True)
         return {
             "model": self.program.model,
-            "test": self.evaluate(self.dataset.test),
+            "test": test,
+            "test_report": test_report,
             "train": ep_metrics,
             "epochs": len(history.epochs),
             **({"best_epoch": stopper.best_epoch, f"best_val_{stopper.monitor}": stopper.best} if best else {}),
@@ -441,6 +495,7 @@ class Session:
             "parameters": int(sum(p.size for p in self.params.values())),
             "seed": self.seed,
             "history": history.epochs,
+            **({"distributed": self.dist.report()} if self.dist is not None else {}),
         }
 
     def losses_text(self, metrics: dict, prefix: str = "") -> str:
@@ -449,11 +504,14 @@ class Session:
 
     # ---- checkpoints -----------------------------------------------------------------------------
     def save(self, path) -> None:
+        if self.dist is not None and not self.dist.lead:      # rank 0 writes
+            return
         checkpoint.save(path, self.params, self.state, {
             "step": self.step_count, "epoch": self.epoch, "model": self.program.model,
             "phases": {ph.name: {"optimizer": ph.optimizer.name, "step": self.phase_steps[ph.name]}
                        for ph in self.phases},
-            "data_order": self.data_order.bit_generator.state})
+            "data_order": self.data_order.bit_generator.state,
+            **({"class_names": self.dataset.info["class_names"]} if "class_names" in self.dataset.info else {})})
 
     def load(self, path) -> None:
         """Parameters, state and the position of a run: a resumed run continues bit-identically.
@@ -493,7 +551,17 @@ class Session:
                 rng.bit_generator.state = order
             except (TypeError, ValueError, KeyError) as e:
                 raise DlcError(f"{path}: metadata `data_order` is not a generator state: {e}") from None
+        names = meta.get("class_names")         # a text label column's classes, in the order trained
+        if names is not None:
+            if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+                raise DlcError(f"{path}: metadata `class_names` must be a list of strings")
+            mine = self.dataset.info.get("class_names")
+            if mine is not None and mine != names:
+                raise DlcError(f"{path}: the checkpoint was trained on the classes {', '.join(names)}; the data now "
+                               f"holds {', '.join(mine)}", notes=["class ids would be read as the wrong names"])
         # all checked: now change the session
+        if names is not None:
+            self.dataset.info["class_names"] = names
         for k, v in params.items():
             self.params[k][...] = v
         for k, v in state.items():

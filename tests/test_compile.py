@@ -110,6 +110,30 @@ def test_train_and_eval_programs_share_kernel_modules():
     assert set(mt["modules"]) & set(me["modules"])
 
 
+GRU_TAGGER = """
+model tag(x: f64[B, 6, 4], y: i64[B, 6]) {
+    hs = scan xt in x, h = zeros([B, 8]) {
+        h = gru_cell(xt, h)
+        yield h
+    }
+    return cross_entropy(dense(hs, 3), y)
+}
+"""
+
+
+def test_compiled_code_copies_through_one_helper():
+    """Scan carries and body outputs are copied by `_copy`, compiled once per array type: a
+    slice assignment (`a.reshape(-1)[:] = b.reshape(-1)`) makes Numba compile its shape check
+    anew at every site (half of a GRU decoder's scan compile). The Python step keeps NumPy's."""
+    g, _ = train_graph(GRU_TAGGER)
+    source, _ = generate(g, plan_memory(g), CpuTarget(), compiled_step=False)
+    compiled, step = source.split("\ndef step(")
+    assert "[:] = " not in compiled.replace("reshape(-1)[:] = 0", "")
+    assert len(re.findall(r"^def _copy\(", compiled, re.M)) == 1
+    assert len(re.findall(r"\b_copy\(cb\d+\[0\], ", compiled)) >= 2     # the carries enter the loop
+    assert "_copy(" not in step
+
+
 def _feeds(ex, rng):
     args = example_args(ex, {"B": 3})
     out = []
@@ -177,3 +201,36 @@ def test_run_json_reports_the_compile_split(tmp_path):
         assert 0 < c["distinct_kernels"] <= c["kernels"]
     assert reps[0]["kernel_cache_hit"] is False and reps[1]["kernel_cache_hit"] is True
     assert warm["numba"] < cold["numba"]
+    assert cold["numba_compiled"] > 0 and warm["numba_compiled"] == 0    # warm: Numba only loads
+
+
+def test_warm_runs_load_the_optimized_graph(tmp_path, monkeypatch):
+    """The pass pipeline's result is stored in the kernel cache under the lowered graph, the
+    options and the compiler's source: the same program again loads it (no pass runs); other
+    options, or a damaged file, run the passes."""
+    from compiler import cache, driver
+    from compiler.program import Phase
+    monkeypatch.setenv("DLC_CACHE_DIR", str(tmp_path))
+    runs = []
+    real = driver.optimize
+    monkeypatch.setattr(driver, "optimize", lambda *a, **k: runs.append(a[1]) or real(*a, **k))
+
+    def step(fuse=True, **options):
+        _, prog = lower_function(SMALL)
+        prog.graph.outputs["loss"] = prog.graph.outputs.pop("output")
+        phase = Phase("", prog.graph.outputs["loss"], list(prog.params), OptimizerSpec("adam", 1e-3, **options))
+        return driver.optimize_phase(prog, phase, fuse)
+
+    first = step()
+    again = step()
+    assert runs == ["train"]
+    assert list(again.g.nodes(data=True)) == list(first.g.nodes(data=True)) and again.outputs == first.outputs
+    assert again.updates == first.updates and again.grad_of == first.grad_of
+    step(fuse=False)
+    step(beta1=0.8)
+    assert runs == ["train"] * 3
+    for f in (tmp_path / "kernels" / "objects").glob("*.pkl"):
+        f.write_bytes(f.read_bytes()[:50])                     # truncated
+    step()
+    assert runs == ["train"] * 4
+    assert cache.compiler_digest() == cache.compiler_digest() and len(cache.compiler_digest()) == 64

@@ -107,7 +107,7 @@ def test_bad_flags_exit_2(capsys, dl_file):
     assert e.value.code == 2
     assert "--epochs" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:
-        main(["ir", str(p), "--format", "svg"])
+        main(["ir", str(p), "--format", "jpeg"])
     assert e.value.code == 2
     assert main(["ir", str(p), "--stage", "nope"]) == 2
     assert "unknown stage `nope`" in capsys.readouterr().err

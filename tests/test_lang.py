@@ -386,3 +386,20 @@ def test_keywords_are_not_names(src):
     with pytest.raises(DlcError) as err:
         parse(f"def f(x) {{\n    {src}\n    return x\n}}\n")
     assert err.value.loc.line == 2 and ("keyword" in str(err.value) or "syntax error" in str(err.value))
+
+
+@pytest.mark.parametrize("name", sorted(o.name for o in OPS.values() if o.builtin))
+def test_builtins_generated_from_the_registry(name):
+    """An op with a builtin signature is callable by its name: on tensors it adds that op, on
+    numbers it folds to the op's NumPy reference."""
+    params = OPS[name].builtin
+    nums = (0.75, -1.5)[:len(params)]
+    _, prog = lower_function(f"model m({', '.join(f'{p}: f64[B, 3]' for p in params)}) {{\n"
+                             f"    return {name}({', '.join(params)}) * {name}({', '.join(map(str, nums))})\n}}\n")
+    g = prog.graph
+    out = g.outputs["output"]
+    applied, folded = g.args(out)
+    assert g.op(out) == "mul" and g.op(applied) == name and g.op(folded) == "const"
+    assert [g[a]["name"] for a in g.args(applied)] == list(params)
+    want = float(OPS[name].ref(*(np.float64(v) for v in nums)))
+    assert g.attrs(folded)["value"] == pytest.approx(want, rel=1e-12)

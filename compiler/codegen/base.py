@@ -96,6 +96,10 @@ class Renderer:
     def kernel(self, grp) -> tuple[str, list[int], list[int], list[str]]:
         """Source of one kernel and its parameters: (source, read nodes, written nodes, dims)."""
         k = _Kernel(self, grp)
+        body = self.t.render_kernel(k)
+        self.launch = k.launch
+        if body is not None:
+            return k.finish(body)
         if grp.pattern in ("elementwise",) or (grp.pattern == "opaque" and OPS[self.g.op(grp.nodes[0])].scalar):
             body = k.loop_body(grp.nodes, self.g.shape(grp.nodes[-1]) if grp.pattern == "opaque" else None)
         elif grp.pattern == "reduce":
@@ -120,6 +124,7 @@ class _Kernel:
         self.shapes = []
         self.flat_loop = False                # rendering a flat (1-D) loop
         self.flat_views: dict[str, str] = {}  # parameter -> its 1-D view
+        self.launch = None                    # the launch configuration a target's kernel needs
 
     def param(self, n) -> str:
         if n not in self.params:
@@ -160,31 +165,14 @@ class _Kernel:
         if self.flat_loop:
             return f"{self.flat_view(self.param(a))}[i]"
         spec = OPS[g.op(consumer)]
-        shape = g.shape(a)
-        if spec.name == "onehot":           # the label at the output index without its last axis
-            idx, it_shape = idx[:-1], it_shape[:-1]
-        if spec.name == "slice":            # x at the index shifted by `start` along the axis
-            at = g.attrs(consumer)
-            j = list(idx)
-            j[at["axis"]] = f"{idx[at['axis']]} + {at['start']}"
-            return f"{self.param(a)}[{', '.join(j)}]"
-        if spec.name == "unslice":          # dy at the index shifted back (guarded by the template)
-            at = g.attrs(consumer)
-            j = list(idx)
-            j[at["axis"]] = f"{idx[at['axis']]} - {at['start']}"
-            return f"{self.param(a)}[{', '.join(j)}]"
-        if spec.name == "take":             # table[ids[i...], j]
-            if pos == 0:
-                ids = self.read(g.args(consumer)[1], consumer, 1, idx, it_shape, local)
-                return f"{self.param(a)}[{ids}, {idx[-1]}]"
-            idx, it_shape = idx[:-1], it_shape[:-1]
-        if spec.name == "transpose":        # x[j] with j[perm[k]] = i[k]
-            perm = g.attrs(consumer)["perm"]
-            j = [None] * len(perm)
-            for kk, pk in enumerate(perm):
-                j[pk] = idx[kk]
-            return f"{self.param(a)}[{', '.join(j)}]"
-        return f"{self.param(a)}[{self.index(shape, idx, it_shape)}]"
+        if pos in spec.remaps:              # at the op's own index (shifted, permuted, gathered)
+            at = ", ".join(spec.read_at(g.attrs(consumer), pos, list(idx)))
+            if "{" in at:                   # it depends on another argument's value (take's ids)
+                args = g.args(consumer)
+                at = at.format(*[self.read(b, consumer, k, idx, it_shape, local) if f"{{{k}}}" in at else ""
+                                 for k, b in enumerate(args)])
+            return f"{self.param(a)}[{at}]"
+        return f"{self.param(a)}[{self.index(g.shape(a), idx, it_shape)}]"
 
     def compute(self, n, idx, it_shape, local) -> str:
         """Assign node n's value at the loop index to a local; return the statement."""
@@ -248,7 +236,7 @@ class _Kernel:
             return False
         for n in nodes:
             spec = OPS[g.op(n)]
-            if spec.remaps or spec.name in ("onehot", "unslice", "size", "iota"):
+            if not spec.flat:
                 return False
             for a in g.args(n):
                 if a in nodes or g.op(a) == "const" or (g.op(a) == "input" and self.r.input_kind[a] == "scalar"):
@@ -272,7 +260,7 @@ class _Kernel:
             inner = [self.compute(n, ["i"], (total,), local) for n in nodes]
             inner += [f"{self.flat_view(self.out(n))}[i] = {local[n]}" for n in nodes if n in self.grp.outputs]
             self.flat_loop = False
-            return [f"for i in range({total}):"] + ["    " + x for x in inner]
+            return [self.t.loop_header("i", total)] + ["    " + x for x in inner]
 
         def body(idx):
             local: dict = {}
@@ -292,8 +280,7 @@ class _Kernel:
         is_max = g.op(r) == "reduce_max"
         acc_dt = "np.float64" if g.dtype(r) in ("f32", "f64") else NP_DTYPE[g.dtype(r)]
         lowest = {"i32": -2**31, "i64": -2**63, "bool": False}.get(g.dtype(r), "-np.inf")   # max starts below all
-        init = f"np.full({self.r.shape_expr(kshape)}, {lowest}, {acc_dt})" if is_max else \
-            f"np.zeros({self.r.shape_expr(kshape)}, {acc_dt})"
+        init = self.t.full(self.r.shape_expr(kshape), lowest if is_max else 0, acc_dt)
         lines = [f"acc = {init}"]
 
         def pro(idx):
@@ -339,7 +326,7 @@ class _Kernel:
             tgt = self.out(cands[-1]) if cands else None
         lines = []
         if tgt is None:
-            lines.append(f"acc = np.empty({self.r.shape_expr(so)}, {NP_DTYPE[g.dtype(m)]})")
+            lines.append(f"acc = {self.t.alloc(self.r.shape_expr(so), NP_DTYPE[g.dtype(m)])}")
             tgt = "acc"
         if g.op(m) == "matmul":
             lines += self.matmul_lines(m, tgt)
@@ -374,7 +361,7 @@ class _Kernel:
             ra = f"{A}.reshape(({nb}, {self.r.dim(sa[-2])}, {self.r.dim(sa[-1])}))"
             rb = f"{B}.reshape(({nb}, {self.r.dim(sb[-2])}, {self.r.dim(sb[-1])}))"
             ro = f"{tgt}.reshape(({nb}, {self.r.dim(so[-2])}, {self.r.dim(so[-1])}))"
-            lines += [f"a3 = {ra}", f"b3 = {rb}", f"o3 = {ro}", f"for bi in range({nb}):",
+            lines += [f"a3 = {ra}", f"b3 = {rb}", f"o3 = {ro}", self.t.loop_header("bi", nb),
                       "    " + self.t.matmul_call("a3[bi]" + (".T" if ta else ""), "b3[bi]" + (".T" if tb else ""), "o3[bi]")]
         else:
             raise NotImplementedError("matmul with broadcast batch dimensions")
@@ -465,8 +452,8 @@ class _Module:
             if h and h not in helpers:
                 helpers.append(h)
         src = "\n".join(["# Generated by dlc: one kernel. Do not edit.", "import math", "import numpy as np",
-                          self.t.prelude, ""] + helpers + [self.t.function_decorator, text, "",
-                                                         f"inlined = {self.t.inline_wrapper}(getattr(kernel, 'py_func', kernel))", ""])
+                          self.t.prelude, ""] + helpers + [self.t.function_decorator, text, ""]
+                         + self.t.kernel_exports() + [""])
         if src not in self.by_text:
             kname = f"k{len(self.by_text)}"
             self.by_text[src] = kname
@@ -487,6 +474,8 @@ class _Module:
                 if isinstance(d, str) and "*" not in d and d not in r.dim_names:
                     r.dim_names[d] = f"d{len(r.dim_names)}"
                     binds.append(f"{r.dim_names[d]} = a{i}.shape[{ax}]")
+        if mode == "step":
+            binds = [x for i, n in enumerate(g.inputs) for x in self.t.bind_input(f"a{i}", r.input_kind[n])] + binds
         lines = []
         for grp in plan.order:
             if grp.pattern == "view":
@@ -496,6 +485,7 @@ class _Module:
                 continue
             if grp.pattern == "scan":
                 kname = f"scan{self.nscans}"
+                config = None                       # host code: launched by a call
                 self.nscans += 1
                 body, reads, writes, dims, pnames, onames = self.scan_kernel(r, grp, kname)
                 params = [pnames[x] for x in reads] + [onames[x] for x in writes] + dims
@@ -513,6 +503,7 @@ class _Module:
                 r.int_dims = True
                 body, reads, writes, dims, pnames, onames = r.kernel(grp)
                 r.int_dims = False
+                config = r.launch if r.launch is None else re.sub(r"__int(\d+)__", r"\1", r.launch)
                 sizes = list(dict.fromkeys(re.findall(r"__int(\d+)__", "\n".join(body))))
                 body = [re.sub(r"__int(\d+)__", lambda m: f"m{sizes.index(m.group(1))}", x) for x in body]
                 params = [pnames[x] for x in reads] + [onames[x] for x in writes] + dims
@@ -522,21 +513,24 @@ class _Module:
                 dims = dims + (sizes if mode == "step" else [f"np.int64({v})" for v in sizes])
             self.count += 1
             for name, shape, dtype in plan.allocs.get(grp.id, []):
-                lines.append(f"{name} = np.empty({r.shape_expr(shape)}, {NP_DTYPE[dtype]})")
+                lines.append(f"{name} = {self.t.alloc(r.shape_expr(shape), NP_DTYPE[dtype])}")
             call_args = [plan.storage[x] for x in reads] + [plan.storage[x] for x in writes] + dims
             # the compiled step inlines each kernel; Python and a scan's body call it
             inline = mode == "step" and self.compiled_step
-            lines.append(self.t.launch(kname + "i" if inline and grp.pattern != "scan" else kname, call_args, grp))
+            lines.append(self.t.launch(kname + "i" if inline and grp.pattern != "scan" else kname, call_args, grp,
+                                       config))
             if not inline:
-                self.calls.append((kname, [self.arg_type(g, x) for x in reads + writes] + [("int",)] * len(dims)))
+                types = [self.arg_type(g, x) for x in reads + writes] + [("int",)] * len(dims)
+                self.calls.append((kname, self.t.call_types(types, config)))
+        compiled = mode == "body" or self.compiled_step
         for st, v in plan.copies:
-            lines.append(f"{plan.storage[st]}.reshape(-1)[:] = {plan.storage[v]}.reshape(-1)")
+            lines.append(self.copy(plan.storage[st], plan.storage[v], compiled))
         args = [f"a{i}" for i in range(len(g.inputs))]
         outs = list(g.outputs)
         if mode == "body":
             dests = [f"o{i}" for i in range(len(outs))]
             for dname, k in zip(dests, outs):
-                lines.append(f"{dname}.reshape(-1)[:] = {plan.storage[g.outputs[k]]}.reshape(-1)")
+                lines.append(self.copy(dname, plan.storage[g.outputs[k]], True))
             head = [f"# ---- {fname}: one step of a scan ({', '.join(outs)}) ----", self.inlinable(len(args + dests)),
                     f"def {fname}({', '.join(args + dests)}):"]
             return head + ["    " + x for x in binds + lines] + ["    return", ""]
@@ -546,9 +540,22 @@ class _Module:
         head += [f"def {fname}({', '.join(args)}):"]
         return head + ["    " + x for x in binds + lines] + [f"    return ({ret}{',' if len(outs) == 1 else ''})", ""]
 
+    def copy(self, dst: str, src: str, compiled: bool) -> str:
+        """`dst[...] = src` element by element (same size, C order). Compiled code calls the
+        target's copy helper: Numba compiles a slice assignment's shape check anew at every
+        site (about 0.1 s each, half of a GRU decoder's scan compile)."""
+        helper = getattr(self.t, "copy_helper", None)
+        if not compiled or helper is None:
+            return self.t.copy(dst, src)
+        if helper not in self.helpers:
+            self.helpers.append(helper)
+        return f"_copy({dst}, {src})"
+
     def inlinable(self, nparams: int) -> str:
         """The decorator of a scan loop or body: inlined where it is called, except with more
         than 30 parameters, which Numba's inliner rejects (then called: a few ns per call)."""
+        if not self.t.kernel_decorator:            # host code (the CUDA target's scans): not compiled
+            return ""
         return self.t.kernel_decorator if nparams <= 30 else self.t.function_decorator
 
     def scan_kernel(self, r: Renderer, grp, kname: str):
@@ -573,28 +580,28 @@ class _Module:
         lines = [f"T = {T}"]
         for i in range(nc):
             shape = g.shape(args[i])
-            lines.append(f"cb{i} = np.empty({r.shape_expr((2,) + tuple(shape))}, {NP_DTYPE[g.dtype(args[i])]})")
-            lines.append(f"cb{i}[0].reshape(-1)[:] = {names[i]}.reshape(-1)")
+            lines.append(f"cb{i} = {self.t.alloc(r.shape_expr((2,) + tuple(shape)), NP_DTYPE[g.dtype(args[i])])}")
+            lines.append(self.copy(f"cb{i}[0]", names[i], True))
         ydest = []
         for j in range(ny):
             if nc + j in outs:
                 ydest.append(f"{outs[nc + j]}[t]")
             else:                                   # an output nobody reads: a scratch step buffer
                 shape, dtype = types[nc + j]
-                lines.append(f"ys{j} = np.empty({r.shape_expr(shape[1:])}, {NP_DTYPE[dtype]})")
+                lines.append(f"ys{j} = {self.t.alloc(r.shape_expr(shape[1:]), NP_DTYPE[dtype])}")
                 ydest.append(f"ys{j}")
-        lines.append("for s in range(T):")
+        lines.append(self.t.loop_header("s", "T"))
         lines.append(f"    t = {'T - 1 - s' if a.get('reverse') else 's'}")
         lines.append("    cur = s % 2")
         for i in range(nc):
             if a.get("save") and nc + ny + i in outs:
-                lines.append(f"    {outs[nc + ny + i]}[t].reshape(-1)[:] = cb{i}[cur].reshape(-1)")
+                lines.append("    " + self.copy(f"{outs[nc + ny + i]}[t]", f"cb{i}[cur]", True))
         call = [f"cb{i}[cur]" for i in range(nc)] + [f"{names[nc + j]}[t]" for j in range(ni)]
         call += names[nc + ni:] + [f"cb{i}[1 - cur]" for i in range(nc)] + ydest
         lines.append(f"    {bname}({', '.join(call)})")
         for i in range(nc):
             if i in outs:
-                lines.append(f"{outs[i]}.reshape(-1)[:] = cb{i}[T % 2].reshape(-1)")
+                lines.append(self.copy(outs[i], f"cb{i}[T % 2]", True))
         return k.finish(lines)
 
     def source(self, g, step_lines) -> str:

@@ -3,6 +3,8 @@
 Serial kernels leave the cores to BLAS (numba-notes: `parallel=True` beside threaded BLAS
 made a step 100x slower). fastmath flags keep NaN checks (no `nnan`/`ninf`).
 """
+from .target import Target
+
 FASTMATH = "{'nsz', 'arcp', 'contract', 'afn', 'reassoc'}"
 
 
@@ -28,8 +30,29 @@ def _tanh_f32(x):
     return x * p / q
 """
 
+# `dst[...] = src` for two C-contiguous arrays of one size (scan carries, body outputs)
+COPY = """\
+@njit(cache=True, fastmath=FASTMATH, error_model='numpy')
+def _copy(dst, src):
+    d = dst.reshape(-1)
+    s = src.reshape(-1)
+    for i in range(d.size):
+        d[i] = s[i]
+"""
 
-class CpuTarget:
+
+# `a ** b` outside the kernels' fastmath: with `afn`, LLVM rewrites pow(x, float(int)) into
+# powi, whose runtime helper (__powisf2/__powidf2) Numba's JIT does not link: the process
+# dies (SIGSEGV or "Symbol not found"). An ordinary (not Numba-inlined) call keeps this pow
+# instruction's own flags when LLVM inlines it.
+POW = """\
+@njit(cache=True, fastmath={'nsz', 'arcp', 'contract', 'reassoc'}, error_model='numpy')
+def _pow(a, b):
+    return a ** b
+"""
+
+
+class CpuTarget(Target):
     name = "cpu"
     prelude = f"from numba import njit\n\nFASTMATH = {FASTMATH}"
     # scan loops and bodies: inlined where they are called
@@ -46,18 +69,13 @@ class CpuTarget:
     scalar_templates: dict = {
         ("tanh", "f32"): "_tanh_f32({0})",
         ("sigmoid", "f32"): "(np.float32(0.5) + np.float32(0.5) * _tanh_f32(np.float32(0.5) * {0}))",
+        ("pow", "f32"): "_pow({0}, {1})",
+        ("pow", "f64"): "_pow({0}, {1})",
     }
     kernel_templates: dict = {}
-    helpers: dict = {("tanh", "f32"): FAST_TANH, ("sigmoid", "f32"): FAST_TANH}
-
-    @staticmethod
-    def loop_header(var: str, extent: str) -> str:
-        return f"for {var} in range({extent}):"
+    helpers: dict = {("tanh", "f32"): FAST_TANH, ("sigmoid", "f32"): FAST_TANH, ("pow", "f32"): POW, ("pow", "f64"): POW}
+    copy_helper = COPY
 
     @staticmethod
     def matmul_call(a: str, b: str, out: str) -> str:
         return f"np.dot({a}, {b}, {out})"
-
-    @staticmethod
-    def launch(kernel: str, args: list[str], group) -> str:
-        return f"{kernel}({', '.join(args)})"
