@@ -73,8 +73,8 @@ def make_parser() -> argparse.ArgumentParser:
                         "naming the op and line that made them")
     r.add_argument("--json", action="store_true", help="print the final report as JSON on the last line")
     r.add_argument("--quiet", action="store_true", help="no progress output")
-    r.add_argument("--threads", type=_positive(int), help="BLAS threads (default: the library's, one per core; "
-                   "1 is steadier on a busy machine)")
+    r.add_argument("--threads", type=_positive(int), help="use at most N cores (default: all; dlc decides how "
+                   "its programs use them, runtime/threads.py)")
     from compiler.optim import SCHEDULES
     r.add_argument("--schedule", choices=list(SCHEDULES), help="every phase's learning-rate schedule")
     r.add_argument("--warmup", type=_number(float, allow_zero=True), metavar="EPOCHS",
