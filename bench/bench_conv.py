@@ -403,6 +403,7 @@ def main(argv=None):
     import numpy as np
     from threadpoolctl import threadpool_info, threadpool_limits
 
+    import compiler.ops  # noqa: F401  (the op registry first: ops_nn alone is a circular import)
     from compiler.ops_nn import _conv_grad_w_ref, _conv_grad_x_ref, _conv_ref
     limiter = threadpool_limits(a.threads)
     rng = np.random.default_rng(0)

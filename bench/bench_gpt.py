@@ -147,12 +147,50 @@ def drive(bench, a, shown: str) -> dict:
 
 
 
+def jax_model(prob, a):
+    import jax
+    import jax.numpy as jnp
+    keys = iter(jax.random.split(jax.random.PRNGKey(0), 64))
+
+    def w(*shape):
+        return jax.random.normal(next(keys), shape, jnp.float32) * 0.02
+    params = {"tok": w(VOCAB, D), "pos": w(T, D), "head": w(D, VOCAB), "head_b": jnp.zeros(VOCAB),
+              "ln_g": jnp.ones(D), "ln_b": jnp.zeros(D)}
+    for i in range(BLOCKS):
+        params.update({f"{i}/{n}": w(*s) for n, s in (("Wqkv", (D, 3 * D)), ("Wo", (D, D)),
+                                                        ("W1", (D, 4 * D)), ("W2", (4 * D, D)))})
+        params.update({f"{i}/{n}": jnp.zeros(s) for n, s in (("bqkv", 3 * D), ("bo", D), ("b1", 4 * D), ("b2", D),
+                                                               ("ln1_b", D), ("ln2_b", D))})
+        params.update({f"{i}/ln1_g": jnp.ones(D), f"{i}/ln2_g": jnp.ones(D)})
+    mask = jnp.tril(jnp.ones((T, T), bool))
+
+    def ln(x, g, b):
+        mu = x.mean(-1, keepdims=True)
+        var = ((x - mu) ** 2).mean(-1, keepdims=True)
+        return (x - mu) * jax.lax.rsqrt(var + 1e-5) * g + b
+
+    def apply(p, x):
+        B = x.shape[0]
+        h = p["tok"][x] + p["pos"]
+        for i in range(BLOCKS):
+            q = f"{i}/"
+            qkv = ln(h, p[q + "ln1_g"], p[q + "ln1_b"]) @ p[q + "Wqkv"] + p[q + "bqkv"]
+            qq, kk, vv = (t.reshape(B, T, HEADS, D // HEADS).transpose(0, 2, 1, 3) for t in jnp.split(qkv, 3, -1))
+            att = jnp.where(mask, qq @ kk.transpose(0, 1, 3, 2) * (D // HEADS) ** -0.5, -jnp.inf)
+            o = (jax.nn.softmax(att, -1) @ vv).transpose(0, 2, 1, 3).reshape(B, T, D)
+            h = h + o @ p[q + "Wo"] + p[q + "bo"]
+            f = jax.nn.gelu(ln(h, p[q + "ln2_g"], p[q + "ln2_b"]) @ p[q + "W1"] + p[q + "b1"], approximate=True)
+            h = h + f @ p[q + "W2"] + p[q + "b2"]
+        return ln(h, p["ln_g"], p["ln_b"]) @ p["head"] + p["head_b"]
+    return params, apply
+
+
 BENCH = common.Bench(
     script=Path(__file__).resolve(),
     default_model=ROOT / "examples" / "gpt.dl",
     shapes=f"GPT: {BLOCKS} pre-norm blocks, d {D}, {HEADS} heads, T {T}, batch 16, vocab {VOCAB}, GELU FF 4x, "
            "f32, softmax cross-entropy, Adam lr 3e-3 (random text)",
-    torch_model=torch_model, weight_pairs=weight_pairs,
+    torch_model=torch_model, weight_pairs=weight_pairs, jax_model=jax_model,
     steps=50, repeats=5, warmup=5, batches=8, max_seconds=10.0,
     prepare=prepare, add_args=add_args, drive=drive,
     description=__doc__,

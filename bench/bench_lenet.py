@@ -48,12 +48,37 @@ def weight_pairs(model):
     return pairs
 
 
+def jax_model(prob, a):
+    import jax
+    import jax.numpy as jnp
+    from jax import lax
+    shapes = {"c1": (6, 1, 5, 5), "c2": (16, 6, 5, 5), "d1": (256, 120), "d2": (120, 84), "d3": (84, 10)}
+    keys = jax.random.split(jax.random.PRNGKey(0), len(shapes))
+    params = {}
+    for (n, shp), k in zip(shapes.items(), keys):
+        fan_in = shp[0] if n.startswith("d") else shp[1] * shp[2] * shp[3]
+        params[n] = jax.random.normal(k, shp, jnp.float32) * (1 / fan_in) ** 0.5
+        params[n + "b"] = jnp.zeros(shp[1] if n.startswith("d") else shp[0], jnp.float32)
+
+    def conv_pool(x, w, b):
+        y = lax.conv_general_dilated(x, w, (1, 1), "VALID", dimension_numbers=("NCHW", "OIHW", "NCHW"))
+        y = jax.nn.relu(y + b[None, :, None, None])
+        return lax.reduce_window(y, -jnp.inf, lax.max, (1, 1, 2, 2), (1, 1, 2, 2), "VALID")
+
+    def apply(p, x):
+        x = conv_pool(conv_pool(x, p["c1"], p["c1b"]), p["c2"], p["c2b"]).reshape(x.shape[0], -1)
+        x = jax.nn.relu(x @ p["d1"] + p["d1b"])
+        x = jax.nn.relu(x @ p["d2"] + p["d2b"])
+        return x @ p["d3"] + p["d3b"]
+    return params, apply
+
+
 BENCH = common.Bench(
     script=Path(__file__).resolve(),
     default_model=common.ROOT / "examples" / "lenet28.dl",
     shapes="LeNet-5 on 1x28x28: conv5 1->6, pool2, conv5 6->16, pool2, 256-120-84-10, ReLU, batch 64, f32, "
            "softmax cross-entropy, Adam lr 1e-3",
-    torch_model=torch_model, weight_pairs=weight_pairs,
+    torch_model=torch_model, weight_pairs=weight_pairs, jax_model=jax_model,
     steps=100, repeats=5, warmup=20, max_seconds=10.0,
     description=__doc__,
 )

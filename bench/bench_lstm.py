@@ -74,12 +74,39 @@ def add_args(ap):
     ap.add_argument("--data-seed", type=int, default=0, help="seed of the random data (default 0)")
 
 
+def jax_model(prob, a):
+    import jax
+    import jax.numpy as jnp
+    from jax import lax
+    k = jax.random.split(jax.random.PRNGKey(0), 3)
+    s = (1 / HIDDEN) ** 0.5
+    params = {"Wx": jax.random.uniform(k[0], (FEATURES, 4 * HIDDEN), jnp.float32, -s, s),
+              "Wh": jax.random.uniform(k[1], (HIDDEN, 4 * HIDDEN), jnp.float32, -s, s),
+              "b": jnp.zeros(4 * HIDDEN, jnp.float32),
+              "W": jax.random.uniform(k[2], (HIDDEN, CLASSES), jnp.float32, -s, s),
+              "bo": jnp.zeros(CLASSES, jnp.float32)}
+
+    def apply(p, x):
+        xs = jnp.swapaxes(x @ p["Wx"] + p["b"], 0, 1)          # [T, B, 4H]: the input GEMM once
+
+        def cell(carry, xt):
+            h, c = carry
+            i, f, g, o = jnp.split(xt + h @ p["Wh"], 4, axis=-1)
+            c = jax.nn.sigmoid(f) * c + jax.nn.sigmoid(i) * jnp.tanh(g)
+            h = jax.nn.sigmoid(o) * jnp.tanh(c)
+            return (h, c), None
+        zero = jnp.zeros((x.shape[0], HIDDEN), jnp.float32)
+        (h, _), _ = lax.scan(cell, (zero, zero), xs)
+        return h @ p["W"] + p["bo"]
+    return params, apply
+
+
 BENCH = common.Bench(
     script=Path(__file__).resolve(),
     default_model=HERE / "lstm_bench.dl",
     shapes=f"LSTM: batch 32, T {T}, input {FEATURES}, hidden {HIDDEN}, last state -> dense {CLASSES}, f32, "
            "softmax cross-entropy, Adam lr 1e-3 (random data)",
-    torch_model=torch_model, weight_pairs=weight_pairs,
+    torch_model=torch_model, weight_pairs=weight_pairs, jax_model=jax_model,
     steps=40, repeats=5, warmup=5, batches=8, forward=True, max_seconds=10.0,
     prepare=prepare, add_args=add_args,
     description=__doc__,

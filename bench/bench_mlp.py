@@ -49,11 +49,28 @@ def weight_pairs(model):
     return pairs
 
 
+def jax_model(prob, a):
+    import jax
+    import jax.numpy as jnp
+    keys = jax.random.split(jax.random.PRNGKey(0), len(DIMS))
+    params = {}
+    for i, ((n_in, n_out), k) in enumerate(zip(DIMS, keys)):
+        params[f"W{i}"] = jax.random.normal(k, (n_in, n_out), jnp.float32) * (1 / n_in) ** 0.5
+        params[f"b{i}"] = jnp.zeros(n_out, jnp.float32)
+
+    def apply(p, x):
+        for i in range(len(DIMS)):
+            x = x @ p[f"W{i}"] + p[f"b{i}"]
+            x = jax.nn.relu(x) if i < len(DIMS) - 1 else x
+        return x
+    return params, apply
+
+
 BENCH = common.Bench(
     script=Path(__file__).resolve(),
     default_model=common.ROOT / "examples" / "mlp.dl",
     shapes="64-128-64-10 MLP, ReLU, batch 64, f32, softmax cross-entropy (int labels), Adam",
-    torch_model=torch_model, weight_pairs=weight_pairs,
+    torch_model=torch_model, weight_pairs=weight_pairs, jax_model=jax_model,
     steps=500, repeats=5, warmup=100,
     description=__doc__,
 )

@@ -62,6 +62,9 @@ class Bench:
     add_args: Callable | None = None  # add_args(argparser): workload-specific options
     drive: Callable | None = None     # drive(bench, a, shown) -> report dict, in place of `drive` below
     description: str = ""
+    # jax_model(prob, a) -> (params: {name: jnp array}, apply(params, x) -> logits, class axis last);
+    # the JAX jit twin bench_all.py times where JAX is installed
+    jax_model: Callable | None = None
 
 
 # ---- timing (inside the workers) ---------------------------------------------------------------
@@ -382,8 +385,7 @@ def worker_dlc(a) -> dict:
     from runtime.session import Options, Session
     import_s = time.perf_counter() - t0
     prob = load_problem(a.model, a.batches)
-    s = Session(a.model, Options())
-    limiter = limit_threads(a.threads)
+    s = Session(a.model, Options(threads=a.threads))     # a cap: dlc decides how to use the cores
     batches = prob["batches"]
     nb = len(batches)
     busy0, own0, t0 = _cpu_busy_seconds(), _own_cpu_seconds(), time.perf_counter()
@@ -392,7 +394,7 @@ def worker_dlc(a) -> dict:
     others = max((busy1 - busy0) - (own1 - own0), 0.0) / (t1 - t0) if busy0 is not None else 0.0
     res = {"framework": "dlc", "threads": a.threads, **summary(per), "steps": steps,
            "thread_pools": thread_info(), "compile_seconds": s.compile_seconds, "kernel_cache_hit": s.cache_hit,
-           "kernel_count": s.train_ex.kernels, "import_seconds": import_s}
+           "kernel_count": s.train_ex.kernels, "import_seconds": import_s, "cores": s.core_plan.as_dict()}
     if a.forward:
         per_f, steps_f = time_steps(lambda i: float(s.run_eval(batches[i % nb])["loss"]), a.steps, a.repeats,
                                     a.warmup, a.max_seconds)
@@ -402,7 +404,6 @@ def worker_dlc(a) -> dict:
                                   "a profile would measure them")
     elif a.profile:
         res["profile"] = profile_dlc(s, batches[0], a.steps, a.repeats, a.max_seconds)
-    del limiter
     return res
 
 
@@ -492,18 +493,75 @@ def worker_torch(a, bench: Bench) -> dict:
     opt = torch_optimizer(model.parameters(), prob["optimizer"], a.torch_adam)
     tb = torch_batches(prob)
     nb = len(tb)
-    step = torch_step_fn(model, opt)
+    compiled = getattr(a, "torch_compile", False)
+    t0 = time.perf_counter()
+    step = torch_step_fn(torch.compile(model) if compiled else model, opt)
+    if compiled:                    # the first call compiles (forward and backward graphs)
+        step(*tb[0])
     per, steps = time_steps(lambda i: step(*tb[i % nb]), a.steps, a.repeats, a.warmup, a.max_seconds)
     res = {"framework": "torch", "threads": a.threads, **summary(per), "steps": steps,
            "thread_pools": thread_info(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
            "torch_interop_threads": torch.get_num_interop_threads(),
            "optimizer": type(opt).__name__, "adam_impl": a.torch_adam}
+    if compiled:
+        res["framework"], res["compile_seconds"] = "torch.compile", time.perf_counter() - t0
     if a.forward:
         fwd = torch_forward_fn(model)
         per_f, steps_f = time_steps(lambda i: fwd(*tb[i % nb]), a.steps, a.repeats, a.warmup, a.max_seconds)
         res["forward"] = {**summary(per_f), "steps": steps_f}
     del limiter
     return res
+
+
+def worker_jax(a, bench: Bench) -> dict:
+    """The workload's JAX twin: forward, backward and Adam (the .dl file's settings, written out:
+    JAX has no optimizer library of its own) in one `jax.jit` step; `float(loss)` waits for it."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    prob = load_problem(a.model, a.batches)
+    spec = prob["optimizer"]
+    params, apply = bench.jax_model(prob, a)
+    decayed = {k: (v.ndim >= 2 or spec.decay == "all") and spec.weight_decay > 0 for k, v in params.items()}
+    b1, b2, eps, lr, adamw = spec.beta1, spec.beta2, spec.eps, spec.lr, spec.name == "adamw"
+
+    def loss_fn(p, x, y):
+        logits = apply(p, x)
+        logp = jax.nn.log_softmax(logits, axis=-1)
+        return -jnp.mean(jnp.take_along_axis(logp, y[..., None], axis=-1))
+
+    def step(p, m, v, t, x, y):
+        loss, g = jax.value_and_grad(loss_fn)(p, x, y)
+        out_p, out_m, out_v = {}, {}, {}
+        c1, c2 = 1 - b1 ** t, 1 - b2 ** t
+        for k in p:
+            gk = g[k] + spec.weight_decay * p[k] if decayed[k] and not adamw else g[k]
+            out_m[k] = b1 * m[k] + (1 - b1) * gk
+            out_v[k] = b2 * v[k] + (1 - b2) * gk * gk
+            upd = lr * (out_m[k] / c1) / (jnp.sqrt(out_v[k] / c2) + eps)
+            if decayed[k] and adamw:
+                upd = upd + lr * spec.weight_decay * p[k]
+            out_p[k] = p[k] - upd
+        return out_p, out_m, out_v, loss
+
+    jstep = jax.jit(step, donate_argnums=(0, 1, 2))
+    batches = [(jnp.asarray(b["x"]), jnp.asarray(b["y"].astype(np.int32))) for b in prob["batches"]]
+    nb = len(batches)
+    state = {"p": params, "m": {k: jnp.zeros_like(v) for k, v in params.items()},
+             "v": {k: jnp.zeros_like(v) for k, v in params.items()}, "t": 0}
+
+    def one(i):
+        st = state
+        st["t"] += 1
+        st["p"], st["m"], st["v"], loss = jstep(st["p"], st["m"], st["v"], jnp.float32(st["t"]), *batches[i % nb])
+        return float(loss)
+
+    t0 = time.perf_counter()
+    one(0)                          # traces and compiles
+    compile_s = time.perf_counter() - t0
+    per, steps = time_steps(one, a.steps, a.repeats, a.warmup, a.max_seconds)
+    return {"framework": "jax", "threads": a.threads, **summary(per), "steps": steps, "jax": jax.__version__,
+            "compile_seconds": compile_s, "thread_pools": thread_info()}
 
 
 def worker_check(a, bench: Bench) -> dict:
@@ -587,6 +645,8 @@ def run_worker(bench: Bench, kind: str, a, threads=None, env_extra=None, timeout
     if threads is not None:
         for v in THREAD_VARS:
             env[v] = str(threads)
+        if threads == 1:            # XLA's CPU client (the JAX twin)
+            env["XLA_FLAGS"] = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
     env.update(env_extra or {})
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     wa = {k: v for k, v in vars(a).items() if not k.startswith("_") and k not in ("threads",)}
@@ -674,8 +734,12 @@ def main(bench: Bench, argv=None) -> int:
             setattr(a, k, v)
         a.model = Path(a.model)
         fn = {"dlc": worker_dlc, "compile": worker_compile,
-              "torch": lambda a: worker_torch(a, bench), "check": lambda a: worker_check(a, bench)}
-        print(json.dumps(fn[a._worker](a)))
+              "torch": lambda a: worker_torch(a, bench), "check": lambda a: worker_check(a, bench),
+              "jax": lambda a: worker_jax(a, bench)}
+        res = fn[a._worker](a)
+        import resource
+        res["max_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024     # Linux: KiB
+        print(json.dumps(res))
         return 0
 
     a.model = a.model.resolve()

@@ -493,6 +493,12 @@ def _sample(lw, e, logits, temperature):
                        temperature=float(temperature)))
 
 
+@builtin("top_k", "logits", "k")
+def _top_k(lw, e, logits, k):
+    """The logits with all but the k largest of each row set to -inf (ties kept), for sampling."""
+    return _T(lw.g.add("top_k", _tensor(lw, e, logits), k=_int(lw, e, k, "k", 1)))
+
+
 # ---- math: flip, cumsum, arange, iota (floor, sin, cos: generated from the registry above) ----------
 
 

@@ -54,10 +54,14 @@ class Executable:
     distinct_kernels: int = 0
     codegen_seconds: float = 0.0
     numba_seconds: float = 0.0
+    target: object = None                         # the codegen Target (None: the CPU)
     numba_compiled: int = 0        # functions Numba compiled here, not loaded from its cache
 
     def __call__(self, *args):
-        return self.fn(*args)
+        out = self.fn(*args)
+        if self.target is not None and self.target.name != "cpu":    # outputs come back to the host
+            out = tuple(self.target.to_host(o) for o in out)
+        return out
 
     def kernel_functions(self) -> list:
         return self.functions
@@ -67,7 +71,10 @@ class Executable:
         return isinstance(self.fn, numba.core.dispatcher.Dispatcher)
 
     def jobs(self, args) -> list[tuple]:
-        """What Numba must compile to run on arguments like `args`: (function, signature)."""
+        """What Numba must compile to run on arguments like `args`: (function, signature).
+        Nothing ahead of time for a target whose kernels compile at their first launch."""
+        if self.target is not None and not self.target.eager_compile:
+            return []
         if self.compiled_step:        # the kernels its scans call, then the step (inlining the rest)
             return list(self.calls) + [(self.fn, tuple(numba.typeof(a) for a in args))]
         return list(self.calls)
@@ -161,8 +168,9 @@ def _compile_share(share: list) -> None:
         _compile_repairing_cache(fn, sig)
 
 
-def optimize(graph, kind: str, ctx: Context, fuse: bool = True, stop_after: str | None = None):
-    return run_pipeline(graph, pipeline(kind, fuse), ctx, stop_after)
+def optimize(graph, kind: str, ctx: Context, fuse: bool = True, stop_after: str | None = None,
+             target: str = "cpu"):
+    return run_pipeline(graph, pipeline(kind, fuse, target), ctx, stop_after)
 
 
 def optimize_eval(graph, fuse: bool = True, stop_after: str | None = None):
@@ -210,12 +218,15 @@ def _numba_type(t: tuple):
 
 
 def build(graph, target: str = "cpu", compiled_step: bool | None = None) -> Executable:
-    """Generate and load the program's modules (Numba compiles on `compile_for` or first call).
+    """Generate and load the program's modules (Numba compiles on `compile_for` or first call)
+    for `target` (a name in `codegen.TARGETS`: "cpu", "cuda"; "auto": CUDA when a GPU is there).
     `compiled_step`: one inlined `@njit` step (default: for at most INLINE_MAX_KERNELS kernels;
     the environment's `DLC_STEP=compiled` or `python` decides for every program)."""
     t0 = time.perf_counter()
-    tgt = TARGETS[target]()
+    tgt = TARGETS[resolve_target(target)]()
     p = plan_memory(graph)
+    if not tgt.allow_compiled_step:
+        compiled_step = False
     if compiled_step is None and os.environ.get("DLC_STEP") in ("compiled", "python"):
         compiled_step = os.environ["DLC_STEP"] == "compiled"
     if compiled_step is None:
@@ -229,6 +240,7 @@ def build(graph, target: str = "cpu", compiled_step: bool | None = None) -> Exec
     listing = "\n".join([f"# ==== module {name} ====\n{text}" for name, text in meta["modules"].items()] + [source])
     ex = Executable(mod.step, listing, graph, ins, meta["outputs"], meta["kernels"])
     ex.distinct_kernels = meta["distinct_kernels"]
+    ex.target = tgt
     ex.functions = [getattr(mod, name) for name in meta["names"]]
     seen = set()
     for kname, types in meta["calls"]:
@@ -251,3 +263,14 @@ def example_args(ex: Executable, dims: dict[str, int]) -> list:
         else:
             out.append(np.zeros(resolve(shape, dims), DTYPES[dtype]))
     return out
+
+
+def resolve_target(name: str) -> str:
+    """"auto" -> "cuda" when numba.cuda sees a GPU (or runs its simulator), else "cpu"."""
+    if name != "auto":
+        return name
+    try:
+        from numba import cuda
+        return "cuda" if cuda.is_available() else "cpu"
+    except Exception:          # numba-cuda missing or no driver: the CPU
+        return "cpu"

@@ -134,10 +134,10 @@ class Lowerer:
         self._model_outputs()
         return prog
 
-    def lower_generate(self, name: str) -> Program:
+    def lower_generate(self, name: str, options: dict | None = None) -> Program:
         """Lower a sampling program (`compiler/generate.py`)."""
         from .generate import lower_generate
-        return lower_generate(self, name)
+        return lower_generate(self, name, options)
 
     def _model_outputs(self):
         for i, n in enumerate(self.model_outputs):
@@ -417,6 +417,8 @@ class Lowerer:
         # the new frame: scope and call-site location
         if fn.kind == "model":
             scope = fn.name
+        elif fn.kind == "generate":         # a sampling program's calls name their scopes from the root
+            scope = ""
         else:
             base = frame.scope
             if share is not None:

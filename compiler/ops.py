@@ -626,3 +626,4 @@ from . import ops_seq  # noqa: E402,F401  (registers slice, unslice, take, scatt
 from . import ops_math  # noqa: E402,F401  (registers floor, sin, cos, //, logical ops, iota, flip, cumsum)
 from . import ops_layers  # noqa: E402,F401  (registers conv_transpose2d)
 from . import ops_random  # noqa: E402,F401  (registers rand_normal)
+from . import ops_sample  # noqa: E402,F401  (registers top_k)

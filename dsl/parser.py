@@ -111,9 +111,9 @@ class _ToAst(Transformer):
 
     @v_args(meta=True)
     def gendef(self, meta, c):
-        name, count, body = c
-        return A.FuncDef(self._loc(meta), "generate", str(name), (A.Param(self._tloc(count), str(count), None, None),),
-                         None, body)
+        name, count, *params, body = c
+        return A.FuncDef(self._loc(meta), "generate", str(name),
+                         (A.Param(self._tloc(count), str(count), None, None), *params), None, body)
 
     def params(self, c):
         return tuple(c)

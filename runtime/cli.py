@@ -73,8 +73,8 @@ def make_parser() -> argparse.ArgumentParser:
                         "naming the op and line that made them")
     r.add_argument("--json", action="store_true", help="print the final report as JSON on the last line")
     r.add_argument("--quiet", action="store_true", help="no progress output")
-    r.add_argument("--threads", type=_positive(int), help="BLAS threads (default: the library's, one per core; "
-                   "1 is steadier on a busy machine)")
+    r.add_argument("--threads", type=_positive(int), help="use at most N cores (default: all; dlc decides how "
+                   "its programs use them, runtime/threads.py)")
     from compiler.optim import SCHEDULES
     r.add_argument("--schedule", choices=list(SCHEDULES), help="every phase's learning-rate schedule")
     r.add_argument("--warmup", type=_number(float, allow_zero=True), metavar="EPOCHS",
@@ -89,6 +89,8 @@ def make_parser() -> argparse.ArgumentParser:
                    "the test report is that epoch's")
     r.add_argument("--log", metavar="PATH", help="write one JSON line per epoch (run.jsonl)")
     r.add_argument("--plot", metavar="PNG", help="draw the train and validation curves (matplotlib)")
+    r.add_argument("--target", choices=["cpu", "cuda", "auto"], default="cpu",
+                   help="where to run: cpu (default), cuda (numba.cuda), auto (cuda when a GPU is available)")
     r.add_argument("--clip-value", type=_number(float, allow_zero=True), metavar="X",
                    help="clip each gradient to [-X, X] (0: off)")
 
@@ -112,11 +114,20 @@ def make_parser() -> argparse.ArgumentParser:
     sa = sub.add_parser("sample", help="run the file's sampling program (`generate`) on a trained checkpoint")
     common(sa)
     sa.add_argument("--load", metavar="PATH", required=True, help="the checkpoint (from `dlc run --save`)")
-    sa.add_argument("-n", type=_positive(int), default=16, help="how many samples (default 16)")
+    sa.add_argument("-n", "--tokens", dest="n", type=_positive(int),
+                    help="how many samples (default 16), or new characters of text (300)")
     sa.add_argument("--seed", type=_number(int, allow_zero=True), default=0, help="seed of the random draws")
     sa.add_argument("--out", metavar="PNG", help="write image samples as a grid (default samples.png)")
     sa.add_argument("--npz", metavar="PATH", help="also save the raw samples (array `samples`)")
     sa.add_argument("--program", help="which `generate` block (default: the first)")
+    sa.add_argument("--prompt", metavar="TEXT", help="text programs: the text to continue (default a newline)")
+    sa.add_argument("--temperature", type=_number(float, allow_zero=True),
+                    help="the program's `temperature` option: 0 greedy, T > 0 samples softmax(logits / T)")
+    sa.add_argument("--top-k", type=_number(int, allow_zero=True), help="the program's `top_k` option: "
+                    "draw among the K most likely tokens only (0: all)")
+    sa.add_argument("--attention", metavar="PNG", help="text programs: draw each layer's and head's attention "
+                    "on the prompt and the text")
+    sa.add_argument("--json", action="store_true", help="text programs: print the text, tokens/s and settings as JSON")
 
     ex = sub.add_parser("export", help="write the evaluation program with its weights as an ONNX model")
     common(ex)
@@ -143,6 +154,7 @@ def make_parser() -> argparse.ArgumentParser:
     i.add_argument("--phase", help="which phase's training step (default: the first)")
     i.add_argument("--format", choices=["text", "dot", "svg", "png", "html"], default="text",
                    help="dot: Graphviz text; svg, png: rendered by Graphviz's `dot`; html: one self-contained page")
+    i.add_argument("--target", choices=["cpu", "cuda", "auto"], default="cpu", help="the kernels of --stage source")
     i.add_argument("-o", "--output", help="write to a file instead of standard output")
     return p
 
@@ -189,7 +201,7 @@ def _dispatch(args) -> int:
                                   schedule=args.schedule, warmup=args.warmup, clip_norm=args.clip_norm,
                                   clip_value=args.clip_value, patience=args.patience, monitor=args.monitor,
                                   save_best=args.save_best, log_path=args.log,
-                                  check_numerics=args.check_numerics))
+                                  check_numerics=args.check_numerics, target=args.target))
     if args.cmd == "check":
         return _check(args)
     if args.cmd == "predict":
@@ -367,7 +379,7 @@ def _ir(args) -> int:
             g = (optimize_phase(prog, _phase(prog, args.phase), not args.no_fuse, stop) if kind == "train"
                  else optimize_eval(g, not args.no_fuse, stop))
         if stage == "source":
-            text = build(g).source
+            text = build(g, args.target).source
         elif args.format == "dot":
             text = printer.to_dot(g, stage)
         elif args.format in printer.FORMATS:

@@ -13,9 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from compiler.driver import optimize
-from compiler.lower import Lowerer
-from compiler.passes import Context
+from compiler.driver import Lowerer, optimize_eval
 from compiler.shapes import DTYPES
 from dsl.diagnostics import DlcError
 from dsl.parser import parse_file
@@ -43,7 +41,7 @@ def eval_program(path: str | Path, dtype: str = "f32"):
     g = prog.graph.copy()
     g.outputs = {k: v for k, v in g.outputs.items() if k in OUTPUTS}
     g.updates = {}
-    return prog, optimize(g, "eval", Context(), fuse=False, stop_after="dce")
+    return prog, optimize_eval(g, fuse=False, stop_after="dce")
 
 
 def weights_of(prog, load: str | None, seed: int = 0) -> dict[str, np.ndarray]:

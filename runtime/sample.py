@@ -4,6 +4,13 @@ of a trained checkpoint, and write the samples: a PNG grid for images, text for 
 The program is compiled once, in evaluation mode, like the model's evaluation program; the
 number of samples is a run-time size and the seed a run-time scalar, so `-n` and `--seed`
 never recompile. A diffusion model's T denoising steps are one compiled `scan`.
+
+A program with a `prompt` input (a character language model: `generate text(n, prompt: i32[1, P],
+temperature: float = 0, top_k: int = 0)`) continues a prompt: each call draws n characters after
+the P of the window it is given, and `generate_text` slides the window (the model's context)
+along the text, half a context at a time, so any number of characters comes out of a few calls.
+The draws are indexed by the character's position in the text (the seed of each call is the
+seed plus the characters drawn before it), so the text does not depend on how it is cut into calls.
 """
 from __future__ import annotations
 
@@ -21,7 +28,8 @@ from . import checkpoint
 class Sampler:
     """A compiled sampling program: `Sampler(path)(n, seed)` after `load(checkpoint)`."""
 
-    def __init__(self, path, program: str | None = None, dtype: str = "f32", fuse: bool = True):
+    def __init__(self, path, program: str | None = None, dtype: str = "f32", fuse: bool = True,
+                 options: dict | None = None):
         from compiler.driver import Lowerer, build, optimize_eval
         self.path = Path(path)
         module = parse_file(self.path)
@@ -31,7 +39,7 @@ class Sampler:
                            "`generate samples(n) { return G(normal([n, 16])) }`", module.loc)
         self.name = program or next(iter(lw.generators))
         self.lowerer = lw
-        prog = lw.lower_generate(self.name)
+        prog = lw.lower_generate(self.name, options)
         self.ex = build(optimize_eval(prog.graph, fuse))
         self.values: dict[str, np.ndarray] = {}
 
@@ -50,17 +58,55 @@ class Sampler:
             from compiler.shapes import DTYPES
             self.values[name] = np.ascontiguousarray(v, DTYPES[dtype])
 
-    def __call__(self, n: int, seed: int = 0) -> np.ndarray:
+    @property
+    def input_names(self) -> list[str]:
+        """The program's own inputs besides the sample count (such as `prompt`)."""
+        from compiler.generate import COUNT
+        return [name for name, kind, _, _ in self.ex.inputs if kind == "data" and name != COUNT]
+
+    def __call__(self, n: int, seed: int = 0, **inputs) -> np.ndarray:
+        from compiler.generate import COUNT
         from compiler.shapes import DTYPES
         args = []
         for name, kind, shape, dtype in self.ex.inputs:
             if kind == "scalar":                    # the seed of the random stream
                 args.append(DTYPES[dtype](seed))
-            elif kind == "data":                    # `count`: its length is the number of samples
+            elif kind == "data" and name == COUNT:  # its length is the number of samples
                 args.append(np.zeros(n, DTYPES[dtype]))
+            elif kind == "data":                    # an input of the program, such as a prompt
+                if name not in inputs:
+                    raise DlcError(f"the sampling program `{self.name}` needs its input `{name}`")
+                v = np.ascontiguousarray(inputs[name], DTYPES[dtype])
+                if v.ndim != len(shape) or any(isinstance(d, int) and d != k for d, k in zip(shape, v.shape)):
+                    raise DlcError(f"input `{name}` of `{self.name}` is {list(shape)}, got {list(v.shape)}")
+                args.append(v)
             else:
                 args.append(self.values[name])
         return np.asarray(dict(zip(self.ex.outputs, self.ex(*args)))["output"])
+
+
+def generate_text(sampler: Sampler, prompt: list[int], n: int, context: int, seed: int = 0) -> list[int]:
+    """n tokens after `prompt` from a program with a `prompt` input, which continues a window of
+    at most `context` tokens (and numbers positions from the window's start). The window is the
+    prompt's last `context // 2` tokens when the prompt fills the context, and slides by half a
+    context whenever the text fills it; the next call then reads that half again first. (Call
+    a text program through this: the window and the characters of one call must fit the
+    context, whose positions the program's tables hold.)"""
+    if context < 2:
+        raise DlcError(f"a text program needs a context of at least 2 tokens, not {context}")
+    if not prompt:
+        raise DlcError("the prompt is empty; give at least one character (--prompt)")
+    ids, keep = list(prompt), max(1, context // 2)
+    start = 0 if len(ids) < context else len(ids) - keep
+    drawn = 0
+    while drawn < n:
+        if len(ids) - start >= context:
+            start = len(ids) - keep
+        window = ids[start:]
+        m = min(context - len(window), n - drawn)
+        ids += [int(t) for t in sampler(m, seed + drawn, prompt=np.array([window]))]
+        drawn += m
+    return ids[len(prompt):]
 
 
 def as_images(x: np.ndarray) -> np.ndarray:
@@ -93,19 +139,143 @@ def write_grid(images: np.ndarray, path, scale: int = 4, pad: int = 1) -> None:
 
 def as_text(path: Path, ids: np.ndarray) -> list[str]:
     """Token samples as text, with the vocabulary of the file's training data if it has one."""
+    from .predict import decode_rows
+    return decode_rows(_training_data(path)[0], ids)
+
+
+def _training_data(path: Path):
     from compiler.driver import Lowerer
     from . import data
-    from .predict import decode_rows
     lw = Lowerer(parse_file(path), "f32")
-    ds = data.load(lw.trains[0].data, path.parent, 0) if lw.trains else data.Dataset({}, {}, {})
-    return decode_rows(ds, ids)
+    return (data.load(lw.trains[0].data, path.parent, 0) if lw.trains else data.Dataset({}, {}, {})), lw
+
+
+def attention_maps(path, checkpoint_path, ids: list[int], dtype: str = "f32", fuse: bool = True):
+    """The attention weights of the trained model on a text: [(label, weights [heads, L, L])] per
+    layer, L = len(ids) (at most the model's context). Every softmax of rank 4 in the model's
+    evaluation program -- [N, heads, T, S] -- is an attention layer; its label is the `.dl`
+    line that made it."""
+    from compiler.driver import Lowerer, build, optimize_eval
+    path = Path(path)
+    module = parse_file(path)
+    lw = Lowerer(module, dtype, training=False)
+    if not lw.trains:
+        raise DlcError(f"{path.name} has no train block naming the model whose attention to draw", module.loc)
+    model = lw.trains[0].model
+    prog = lw.lower_model(model)
+    g = prog.graph
+    layers = [n for n in g.topo() if g.op(n) == "softmax" and len(g.shape(n)) == 4]
+    if not layers:
+        raise DlcError(f"model `{model}` has no attention (no softmax over [N, heads, T, S])")
+    for i, n in enumerate(layers):
+        g.outputs[f"attention{i}"] = n
+    labels = [f"layer {i + 1}" + (f" ({Path(g[n]['loc'].file).name}:{g[n]['loc'].line})" if g[n].get("loc") else "")
+              for i, n in enumerate(layers)]
+    ex = build(optimize_eval(g, fuse))
+    params, state, _ = checkpoint.load(checkpoint_path)
+    data = [shape for _, kind, shape, _ in ex.inputs if kind == "data"]
+    if len(data) != 1 or len(data[0]) != 2:
+        raise DlcError(f"--attention draws a model of one token sequence [B, T]; `{model}` reads {len(data)} inputs")
+    context = data[0][-1]
+    if not isinstance(context, int):
+        raise DlcError(f"model `{model}` reads sequences of a symbolic length; --attention needs a fixed context")
+    window = list(ids)[-context:]
+    from compiler.shapes import DTYPES
+    args = []
+    for name, kind, shape, dt in ex.inputs:
+        if kind == "data":
+            args.append(np.array([window + [0] * (context - len(window))], DTYPES[dt]))
+        elif kind == "scalar":
+            args.append(DTYPES[dt](0))
+        else:
+            v = params.get(name) if kind == "param" else state.get(name)
+            if v is None:
+                raise DlcError(f"checkpoint {checkpoint_path} lacks `{name}`, which model `{model}` uses")
+            args.append(np.ascontiguousarray(v, DTYPES[dt]))
+    out = dict(zip(ex.outputs, ex(*args)))
+    maps = [np.asarray(out[f"attention{i}"])[0] for i in range(len(layers))]
+    n = len(window)
+    if n < context and any(np.triu(w[..., :n, :], 1).any() for w in maps):
+        raise DlcError(f"model `{model}` attends to later positions, so the padding after a text of {n} < {context} "
+                       "characters would change its attention; give a longer text")
+    # causal attention: the padding after the text changes none of the text's rows
+    return [(label, w[:, :n, :n]) for label, w in zip(labels, maps)], window
+
+
+def draw_attention(maps, tokens: list[str], path) -> None:
+    """One heatmap per layer (rows) and head (columns): query positions down, keys across."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows, cols = len(maps), max(w.shape[0] for _, w in maps)
+    n = len(tokens)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.2 * rows), squeeze=False)
+    shown = [repr(t)[1:-1] for t in tokens]
+    for r, (label, w) in enumerate(maps):
+        for h in range(cols):
+            ax = axes[r][h]
+            ax.imshow(w[h], cmap="viridis", vmin=0, vmax=1)
+            ax.set_title(f"{label} head {h + 1}", fontsize=8)
+            step = max(1, n // 32)
+            ax.set_xticks(range(0, n, step), shown[::step], fontsize=5, rotation=90)
+            ax.set_yticks(range(0, n, step), shown[::step], fontsize=5)
+    fig.suptitle("attention weights (rows: queries, columns: keys)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _text_cli(s: Sampler, args) -> int:
+    """Continue a prompt with a character model and print the text (or one JSON object)."""
+    import json
+    import sys
+    import time
+    ds, _ = _training_data(s.path)
+    vocab = ds.info.get("input_vocab")
+    if vocab is None or "x" not in ds.train:
+        raise DlcError(f"`{s.name}` takes a prompt, but {s.path.name} trains on no token vocabulary to read it with")
+    prompt = "\n" if args.prompt is None else args.prompt
+    unknown = sorted({c for c in prompt if c not in vocab})
+    if unknown:
+        raise DlcError(f"the prompt has characters the model never saw: {''.join(unknown)!r}")
+    context = ds.train["x"].shape[1]
+    n = args.n or 300
+    ids = [vocab.index(c) for c in prompt]
+    s(1, args.seed, prompt=np.array([ids[-1:]]))          # compile (or load) the kernels first
+    t0 = time.perf_counter()
+    new = generate_text(s, ids, n, context, args.seed)
+    seconds = time.perf_counter() - t0
+    text = "".join(vocab[t] for t in new)
+    if args.attention:
+        maps, window = attention_maps(s.path, args.load, ids + new, args.dtype, not args.no_fuse)
+        draw_attention(maps, [vocab[t] for t in window], args.attention)
+        print(f"dlc: attention of {len(maps)} layers on the last {len(window)} characters -> {args.attention}",
+              file=sys.stderr)
+    if args.npz:
+        np.savez(args.npz, samples=np.array(new, np.int32))
+    if args.json:
+        print(json.dumps({"program": s.name, "prompt": prompt, "text": text, "tokens": n, "seed": args.seed,
+                          "temperature": args.temperature or 0.0, "top_k": args.top_k or 0,
+                          "seconds": round(seconds, 4), "tokens_per_s": round(n / seconds, 1)}))
+    else:
+        print(prompt + text)
+    return 0
 
 
 def run_cli(args) -> int:
-    """`dlc sample FILE --load CK [-n N] [--seed S] [--out grid.png] [--npz samples.npz]`."""
+    """`dlc sample FILE --load CK [-n N] [--seed S] [--out grid.png] [--npz samples.npz]`;
+    for a text program `[--prompt TEXT] [--temperature T] [--top-k K] [--attention PNG] [--json]`."""
     import sys
-    s = Sampler(args.file, args.program, args.dtype, fuse=not args.no_fuse)
+    options = {k: v for k, v in (("temperature", args.temperature), ("top_k", args.top_k)) if v is not None}
+    s = Sampler(args.file, args.program, args.dtype, fuse=not args.no_fuse, options=options)
     s.load(args.load)
+    if "prompt" in s.input_names:
+        return _text_cli(s, args)
+    if args.prompt is not None or args.attention:
+        raise DlcError(f"--prompt and --attention are for text programs; `{s.name}` takes no prompt")
+    if s.input_names:
+        raise DlcError(f"`{s.name}` has inputs `dlc sample` cannot give: {', '.join(s.input_names)}")
+    args.n = args.n or 16
     x = s(args.n, args.seed)
     if args.npz:
         np.savez(args.npz, samples=x)

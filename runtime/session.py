@@ -15,18 +15,20 @@ import numpy as np
 
 from compiler.api import rng_seed
 from compiler.driver import (Executable, Lowerer, Phase, build, compile_programs, example_args, index_reads,
-                             literal_setting, optimize_eval, optimize_phase)
+                             literal_setting, optimize_eval, optimize_phase,
+                             resolve_target)
 from compiler.optim import SchedulePlan, ScheduleSpec, step_scalars
 from compiler.shapes import DTYPES
 from dsl import ast as A
 from dsl.diagnostics import DlcError
 from dsl.parser import parse_file
 
-from . import checkpoint, data, distributed, metrics, numerics, resources
+from . import checkpoint, data, device, distributed, metrics, numerics, resources, threads
 from .history import EarlyStopping, History
 from .initializers import initialize
 
 DEFAULTS = {"batch": 32, "epochs": 10, "seed": 0}       # metrics: the loss's (runtime/metrics.py)
+EVAL_BATCH = 512                                        # examples per call of the evaluation program
 
 
 @dataclass
@@ -38,7 +40,7 @@ class Options:
     lr: float | None = None
     seed: int | None = None
     temperature: float = 0.0        # decoding in evaluation: 0 greedy, > 0 sampling
-    threads: int | None = None      # BLAS threads while running (None: the library's default)
+    threads: int | None = None      # at most this many cores (None: all; runtime/threads.py decides)
     train: bool = True              # False: compile the evaluation program only (predict)
     schedule: str | None = None     # --schedule NAME (with --warmup E): every phase's lr schedule
     warmup: float | None = None
@@ -49,10 +51,64 @@ class Options:
     save_best: str | None = None    # --save-best PATH: checkpoint the best epoch (by the monitored metric)
     log_path: str | None = None     # --log run.jsonl: one JSON line per epoch
     check_numerics: bool = False    # watch every step for NaNs and divergence, not only the first
+    target: str = "cpu"             # --target cpu | cuda | auto (CUDA when numba.cuda sees a GPU)
 
 
 def _setting_loc(train: A.TrainDef, name: str):
     return next((st.value.loc for st in train.body if isinstance(st, A.Assign) and st.name == name), train.loc)
+
+
+class Tensors(dict):
+    """Parameters or state by name. Steps keep their argument lists from call to call (the
+    arrays are updated in place); storing or removing a name counts in `version`, which tells
+    them to gather the arrays again."""
+    version = 0
+
+    def __setitem__(self, k, v):
+        super().__setitem__(k, v)
+        self.version += 1
+
+    def __delitem__(self, k):
+        super().__delitem__(k)
+        self.version += 1
+
+    def update(self, *a, **kw):
+        super().update(*a, **kw)
+        self.version += 1
+
+    def pop(self, *a):
+        self.version += 1
+        return super().pop(*a)
+
+    def setdefault(self, k, v=None):
+        self.version += 1
+        return super().setdefault(k, v)
+
+    def clear(self):
+        super().clear()
+        self.version += 1
+
+
+class _ArgPlan:
+    """An executable's argument list with the parameter and state arrays in place, and the
+    slots each call fills: data from the batch, scalars (as the program's dtype)."""
+
+    def __init__(self, ex: Executable, params: dict, state: dict):
+        self.params, self.state = params, state
+        self.versions = (getattr(params, "version", None), getattr(state, "version", None))
+        self.fixed, self.data, self.scalars = [None] * len(ex.inputs), [], []
+        for i, (name, kind, shape, dtype) in enumerate(ex.inputs):
+            if kind == "data":
+                self.data.append((i, name))
+            elif kind in ("param", "state"):
+                self.fixed[i] = (params if kind == "param" else state)[name]
+            else:
+                self.scalars.append((i, name, DTYPES[dtype]))
+
+    def current(self, params: dict, state: dict) -> bool:
+        """Still right for these dicts? (A plain dict, not Tensors, is gathered every call.)"""
+        return (params is self.params and state is self.state and self.versions[0] is not None
+                and self.versions[1] is not None and self.versions == (params.version, state.version))
 
 
 class Session:
@@ -112,7 +168,10 @@ class Session:
         t1 = time.perf_counter()
         self.eval_graph = optimize_eval(self.eval_program.graph, self.opt.fuse)
         self.passes_seconds = time.perf_counter() - t1
-        self.eval_ex = build(self.eval_graph)
+        self.target = resolve_target(self.opt.target)
+        if self.target == "cuda":
+            device.require_gpu()
+        self.eval_ex = build(self.eval_graph, self.target)
         self.train_exes: list[Executable] = []
         if self.dist is not None:
             self.dist.check_batch(int(self.settings["batch"]), self.program.setting_locs.get("batch", train.loc))
@@ -125,10 +184,11 @@ class Session:
                     continue
                 g = optimize_phase(self.program, ph, self.opt.fuse)
                 self.passes_seconds += time.perf_counter() - t1
-                self.train_exes.append(build(g))
+                self.train_exes.append(build(g, self.target))
         self.train_ex = self.train_exes[0] if self.train_exes else None
         self.train_graph = self.train_ex.graph if self.train_ex else None
         self.params, self.state = self._init_params()
+        self._arg_plans: dict[int, _ArgPlan] = {}
         self.step_count = 0                                  # steps of every phase
         self.epoch = 0                                       # epochs done
         self.loss_history: dict[str, list[float]] = {}       # per phase: the first loss, the recent ones
@@ -136,6 +196,13 @@ class Session:
         self.phase_steps = {ph.name: 0 for ph in self.phases}   # each phase's own (bias corrections)
         self._compile()
         self.compile_seconds = time.perf_counter() - t0
+        # who uses the cores (runtime/threads.py): the training programs' plan from now on,
+        # the evaluation program's around `evaluate`
+        b = int(self.settings["batch"])
+        cap = self.opt.threads or (self.dist.threads if self.dist is not None else None)
+        self.core_plan = threads.plan([ex.graph for ex in self.train_exes] or [self.eval_ex.graph], {"B": b}, cap)
+        self.eval_core_plan = threads.plan([self.eval_ex.graph], {"B": EVAL_BATCH}, cap)
+        threads.apply(self.core_plan)
 
     def compile_report(self) -> dict:
         """Where the compile time went (seconds: parsing and lowering, passes, code generation,
@@ -163,7 +230,10 @@ class Session:
             for (name, kind, shape, dtype) in ex.inputs:
                 if kind == "state" and name not in state:
                     state[name] = np.zeros(shape, DTYPES[dtype])
-        return params, state
+        tgt = self.eval_ex.target          # on a GPU: kept on the device, read back on demand
+        if tgt.name == "cpu":               # steps keep their argument lists (Tensors counts changes)
+            return Tensors(params), Tensors(state)
+        return device.on_target(params, tgt), device.on_target(state, tgt)
 
     def _override_optimizers(self):
         """--schedule/--warmup and --clip-norm/--clip-value apply to every phase's optimizer."""
@@ -222,16 +292,30 @@ class Session:
         self.cache_hit = all(ex.cache_hit for ex in exes)
 
     def _args(self, ex: Executable, batch: dict, scalars: dict | None = None) -> list:
-        args = []
-        for name, kind, shape, dtype in ex.inputs:
-            if kind == "data":
-                args.append(batch[name])
-            elif kind == "param":
-                args.append(self.params[name])
-            elif kind == "state":
-                args.append(self.state[name])
-            else:
-                args.append(DTYPES[dtype](scalars[name]))
+        """The executable's arguments. On the CPU its parameter and state arrays are kept from call
+        to call (they are updated in place); only the batch and the scalars are filled in."""
+        if isinstance(self.params, device.DeviceArrays) or isinstance(self.state, device.DeviceArrays):
+            args = []
+            for name, kind, shape, dtype in ex.inputs:
+                if kind == "data":
+                    args.append(batch[name])
+                elif kind == "param":
+                    args.append(self.params.device(name) if isinstance(self.params, device.DeviceArrays)
+                                else self.params[name])
+                elif kind == "state":
+                    args.append(self.state.device(name) if isinstance(self.state, device.DeviceArrays)
+                                else self.state[name])
+                else:
+                    args.append(DTYPES[dtype](scalars[name]))
+            return args
+        plan = self._arg_plans.get(id(ex))
+        if plan is None or not plan.current(self.params, self.state):
+            plan = self._arg_plans[id(ex)] = _ArgPlan(ex, self.params, self.state)
+        args = plan.fixed.copy()
+        for i, name in plan.data:
+            args[i] = batch[name]
+        for i, name, make in plan.scalars:
+            args[i] = make(scalars[name])
         return args
 
     # ---- running ---------------------------------------------------------------------------------
@@ -259,6 +343,9 @@ class Session:
                     {k: v.copy() for k, v in self.state.items()}) if watched else None
         if self.dist is None:
             res = dict(zip(ex.outputs, ex(*self._args(ex, batch, sc))))
+            for arrays in (self.params, self.state):
+                if isinstance(arrays, device.DeviceArrays):
+                    arrays.written()
             loss = float(res["loss"])
         else:                               # this rank's rows; the loss of the global batch
             res, loss = self.dist.step(self, i, batch, sc)
@@ -280,9 +367,13 @@ class Session:
         """The random stream of a step: a function of the run's seed and the step number."""
         return rng_seed(self.seed, step)
 
-    def evaluate(self, split: dict, batch_size: int = 512, details: bool = False):
+    def evaluate(self, split: dict, batch_size: int = EVAL_BATCH, details: bool = False):
         """The losses and metrics over a split; with `details`, also the split's full report
         (per-class precision/recall/F1 and confusion matrix, AUC, R², ...: metrics.Accumulator.report)."""
+        with threads.using(self.eval_core_plan):
+            return self._evaluate(split, batch_size, details)
+
+    def _evaluate(self, split: dict, batch_size: int, details: bool):
         n = len(next(iter(split.values())))
         if n == 0:
             return ({}, {}) if details else {}
@@ -315,11 +406,7 @@ class Session:
 
     def fit(self, progress: bool = True, log=None) -> dict:
         """Train for the configured epochs; return the final report."""
-        from threadpoolctl import threadpool_limits
-        threads = self.opt.threads or (self.dist.threads if self.dist is not None else None)
-        if threads is None:
-            return self._fit(progress, log)
-        with threadpool_limits(threads):
+        with threads.using(self.core_plan):
             return self._fit(progress, log)
 
     def _fit(self, progress: bool, log) -> dict:
@@ -404,6 +491,7 @@ class Session:
             "step_ms": round(1000 * float(np.median(step_times)), 4) if step_times else None,
             "kernel_cache_hit": self.cache_hit,
             "compile": self.compile_report(),
+            "cores": {"train": self.core_plan.as_dict(), "eval": self.eval_core_plan.as_dict()},
             "parameters": int(sum(p.size for p in self.params.values())),
             "seed": self.seed,
             "history": history.epochs,

@@ -674,6 +674,7 @@ GRAD_TESTED |= {"floor", "sin", "cos", "floordiv", "logical_and", "logical_or", 
 GRAD_TESTED |= {"stop_gradient"}      # finite differences through it in tests/test_phases.py
 GRAD_TESTED |= {"rand_normal"}        # no gradient; reparameterized draws in tests/test_generative.py
 GRAD_TESTED |= {"conv_transpose2d"}   # every gradient against PyTorch in tests/test_golden_layers.py
+GRAD_TESTED |= {"top_k"}              # finite differences in tests/test_sample_gpt.py
 
 
 def test_every_primitive_has_a_gradient_test():
@@ -918,6 +919,7 @@ def test_kernels_cover_every_primitive():
     seen.add("stop_gradient")   # compiled and differentiated in tests/test_phases.py
     seen.add("rand_normal")     # compiled against its reference in tests/test_generative.py
     seen.add("conv_transpose2d")    # compiled against PyTorch, fused and unfused, in tests/test_golden_layers.py
+    seen.add("top_k")           # compiled against NumPy in tests/test_sample_gpt.py
     missing = set(PRIMITIVES) - seen
     assert not missing, f"primitives no compiled program runs: {sorted(missing)}"
     assert {"matmul:TrueFalse", "matmul:FalseTrue"} <= seen

@@ -484,3 +484,14 @@ def test_predict_input_tokens_are_checked_like_data():
     data.check_indices(labels, {"y": np.array([-1, 0, 2])}, "`digits()`")      # -1: padding
     with pytest.raises(DlcError, match="holds the label 3"):
         data.check_indices(labels, {"y": np.array([-1, 3])}, "`digits()`")
+
+
+@pytest.mark.parametrize("dtype", ["f32", "f64"])
+def test_pow_with_an_integer_valued_exponent_does_not_crash(dtype):
+    # fastmath `afn` let LLVM turn pow(x, float(i)) into powi, whose helper Numba does not
+    # link: the process died (SIGSEGV / "Symbol not found: __powidf2").
+    src = "model m(x: f32[4], y: i32[4]) { return x ** float(y) }"
+    f = compile_function(src, dtype=dtype)
+    x = np.array([1.5, 2.0, 3.0, -2.0], np.float32)
+    y = np.array([2, 3, -1, 3], np.int32)
+    np.testing.assert_allclose(f(x=x, y=y)["output"], np.power(x.astype(np.float64), y), rtol=1e-6)

@@ -4,6 +4,7 @@ Serial kernels leave the cores to BLAS (numba-notes: `parallel=True` beside thre
 made a step 100x slower). fastmath flags keep NaN checks (no `nnan`/`ninf`).
 """
 from ..ops import OPS
+from .target import Target
 
 FASTMATH = "{'nsz', 'arcp', 'contract', 'afn', 'reassoc'}"
 
@@ -114,7 +115,18 @@ def _erf_f32(x):
 """
 
 
-class CpuTarget:
+# `a ** b` outside the kernels' fastmath: with `afn`, LLVM rewrites pow(x, float(int)) into
+# powi, whose runtime helper (__powisf2/__powidf2) Numba's JIT does not link: the process
+# dies (SIGSEGV or "Symbol not found"). An ordinary (not Numba-inlined) call keeps this pow
+# instruction's own flags when LLVM inlines it.
+POW = """\
+@njit(cache=True, fastmath={'nsz', 'arcp', 'contract', 'reassoc'}, error_model='numpy')
+def _pow(a, b):
+    return a ** b
+"""
+
+
+class CpuTarget(Target):
     name = "cpu"
     prelude = f"from numba import njit\n\nFASTMATH = {FASTMATH}"
     # scan loops and bodies: inlined where they are called
@@ -133,22 +145,17 @@ class CpuTarget:
         ("sigmoid", "f32"): "(np.float32(0.5) + np.float32(0.5) * _tanh_f32(np.float32(0.5) * {0}))",
         ("exp", "f32"): "_exp_f32({0})",
         ("erf", "f32"): "_erf_f32({0})",
+        ("pow", "f32"): "_pow({0}, {1})",
+        ("pow", "f64"): "_pow({0}, {1})",
     }
     # the row-wise softmax kernels, in float32 with the vectorizing exp
     kernel_templates: dict = {(op.name, "f32"): op.kernel.replace("np.exp(", "_exp_f32(")
                               for op in (OPS["softmax"], OPS["log_softmax"])}
     helpers: dict = {("tanh", "f32"): FAST_TANH, ("sigmoid", "f32"): FAST_TANH, ("exp", "f32"): FAST_EXP,
-                     ("erf", "f32"): FAST_ERF, ("softmax", "f32"): FAST_EXP, ("log_softmax", "f32"): FAST_EXP}
+                     ("erf", "f32"): FAST_ERF, ("softmax", "f32"): FAST_EXP, ("log_softmax", "f32"): FAST_EXP,
+                     ("pow", "f32"): POW, ("pow", "f64"): POW}
     copy_helper = COPY
-
-    @staticmethod
-    def loop_header(var: str, extent: str) -> str:
-        return f"for {var} in range({extent}):"
 
     @staticmethod
     def matmul_call(a: str, b: str, out: str) -> str:
         return f"np.dot({a}, {b}, {out})"
-
-    @staticmethod
-    def launch(kernel: str, args: list[str], group) -> str:
-        return f"{kernel}({', '.join(args)})"

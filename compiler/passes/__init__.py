@@ -41,7 +41,10 @@ GRAD_PIPELINE = [autodiff, simplify, cse, dce, fusion]
 EVAL_PIPELINE = [simplify, cse, dce, fusion]
 
 
-def pipeline(kind: str, fuse: bool = True) -> list:
+def pipeline(kind: str, fuse: bool = True, target: str = "cpu") -> list:
+    """The passes of a program kind for a target. Both targets fuse alike today (the CUDA
+    target runs a matmul's or a reduction's fused epilogue in the thread that owns the value);
+    a target-specific fusion policy goes here."""
     base = {"train": TRAIN_PIPELINE, "grad": GRAD_PIPELINE, "eval": EVAL_PIPELINE}[kind]
     return [p if (fuse or p is not fusion) else no_fusion for p in base]
 
