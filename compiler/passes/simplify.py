@@ -1,7 +1,7 @@
 """Pass `simplify`: constant folding and algebraic identities.
 
 Folds ops whose arguments are all constants (with the op's NumPy reference), and rewrites
-x+0, x-0, x*1, x/1, --x, x**1, x**2 -> x*x, reshape(constant) -> broadcast, and no-op reshapes, broadcasts and casts.
+x+0, x-0, x*1, x/1, --x, x**1, x**2 -> x*x, x**3 -> x*x*x, reshape(constant) -> broadcast, and no-op reshapes, broadcasts and casts.
 A matmul operand that is a transpose of the last two axes becomes the matmul's `ta`/`tb` flag
 (BLAS reads it transposed: no copy; attention's k^T and its gradients' transposes).
 """
@@ -49,6 +49,9 @@ def _rewrite(g, n):
     if op == "pow" and c[1] == 2:
         with g.at(g[n]["loc"], g[n]["role"]):
             return g.add("mul", args[0], args[0])
+    if op == "pow" and c[1] == 3 and same(args[0]):      # GELU's x**3: no pow call in the loop
+        with g.at(g[n]["loc"], g[n]["role"]):
+            return g.add("mul", g.add("mul", args[0], args[0]), args[0])
     if op in ("reshape", "broadcast_to", "cast") and same(args[0]):
         return args[0]
     if op == "reshape" and g.op(args[0]) == "const":       # a filled array, not a view of nothing
