@@ -24,6 +24,7 @@ from .codegen import TARGETS, generate
 from .lower import Frame, Lowerer, Phase, Program  # noqa: F401  (for the runtime: the front end)
 from .memory import plan as plan_memory
 from .passes import Context, pipeline, run_pipeline
+from .passes.fusion import split_tails
 from .shapes import DTYPES
 
 # A step of at most this many kernels, and no scan, is one `@njit` function with every kernel
@@ -224,6 +225,8 @@ def build(graph, target: str = "cpu", compiled_step: bool | None = None) -> Exec
     the environment's `DLC_STEP=compiled` or `python` decides for every program)."""
     t0 = time.perf_counter()
     tgt = TARGETS[resolve_target(target)]()
+    if not tgt.rowwise_tails:
+        graph = split_tails(graph)
     p = plan_memory(graph)
     if not tgt.allow_compiled_step:
         compiled_step = False

@@ -127,6 +127,7 @@ def _pow(a, b):
 
 
 class CpuTarget(Target):
+    rowwise_tails = True
     name = "cpu"
     prelude = f"from numba import njit\n\nFASTMATH = {FASTMATH}"
     # scan loops and bodies: inlined where they are called

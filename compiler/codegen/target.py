@@ -37,6 +37,8 @@ class Target:
     inline_wrapper: str = ""           # the same kernel inlined into a compiled step ("" : none)
     step_decorator: str = ""           # the step function ("" : plain Python)
     allow_compiled_step: bool = True   # may the step be one compiled function with kernels inlined?
+    rowwise_tails: bool = False        # renders a fused row-wise tail (softmax ending its input's
+                                       # kernel)? If not, the driver runs each tail as its own kernel
     eager_compile: bool = True         # compile kernels for example arguments before the first call
     scalar_templates: dict = {}
     kernel_templates: dict = {}

@@ -255,6 +255,34 @@ def partition(g) -> _Groups:
     return G
 
 
+def split_tails(g):
+    """The same kernels with every row-wise tail (a softmax ending the kernel that computes its
+    input) run as a kernel of its own, its input stored: for a target that renders no tails
+    (CUDA runs a softmax one block per row). Returns a copy; scan bodies are split too."""
+    if not g.groups or not any(grp.tail is not None for grp in g.groups) and not any(
+            g.op(n) == "scan" for n in g.nodes()):
+        return g
+    g = g.copy()
+    for n in g.nodes():
+        if g.op(n) == "scan":
+            g.attrs(n)["body"] = split_tails(g.attrs(n)["body"])
+    groups = []
+    for grp in g.groups:
+        t = grp.tail
+        if t is None:
+            groups.append(grp)
+            continue
+        x = g.args(t)[0]
+        grp.nodes = [m for m in grp.nodes if m != t]
+        grp.outputs = [m if m != t else x for m in grp.outputs]
+        grp.tail = None
+        groups += [grp, Group(0, _pattern(g, t), [t], [t])]
+    for i, grp in enumerate(groups):
+        grp.id = i
+    g.groups = groups
+    return g
+
+
 def no_fusion(g, ctx):
     """Every op its own kernel (`--no-fuse`): the reference the fused program is tested against."""
     _optimize_bodies(g, fuse=False)
