@@ -20,7 +20,7 @@ from dsl.diagnostics import DlcError
 
 from .lower import Frame, Program, SymDim, Tensor, _suggest
 from .shapes import fmt_type
-from .typecheck import dtype_of
+from .typecheck import dtype_of, input_shape
 
 COUNT = "count"
 
@@ -67,12 +67,5 @@ def _input(lw, p: A.Param) -> int:
     """An input parameter of a sampling program: a full type, dimensions named or fixed."""
     if p.type.dtype is None:
         raise DlcError(f"input `{p.name}` needs a full type such as i32[1, P]", p.loc)
-    shape = []
-    for d in p.type.dims:
-        if isinstance(d, A.DimName):
-            shape.append(d.name)
-        elif isinstance(d, A.DimInt):
-            shape.append(d.value)
-        else:
-            raise DlcError("inputs of a sampling program take names and integers as dimensions", d.loc)
-    return lw.g.input(p.name, tuple(shape), dtype_of(lw, p.type.dtype, p.type.loc), "data", loc=p.loc)
+    shape = input_shape(p.type, "inputs of a sampling program")
+    return lw.g.input(p.name, shape, dtype_of(lw, p.type.dtype, p.type.loc), "data", loc=p.loc)

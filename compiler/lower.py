@@ -31,7 +31,7 @@ from .optim import OPTIMIZERS, SCHEDULES, OptimizerSpec, ScheduleSpec
 from .program import INITIALIZERS, Frame, InitSpec, Outer, ParamInfo, Phase, Program, SymDim, Tensor  # noqa: F401
 from .scan_lowering import capture, lower_scan
 from .shapes import FLOATS, INTS, dim_div, dim_mul, fmt_shape, fmt_type, same_dim
-from .typecheck import check_type, dtype_of, eval_dim
+from .typecheck import check_type, dtype_of, eval_dim, input_shape
 from .typecheck import suggest as _suggest
 
 MAX_DEPTH = 64
@@ -117,16 +117,8 @@ class Lowerer:
         for p in fn.params:
             if not isinstance(p.type, A.TensorType) or p.type.dtype is None:
                 raise DlcError(f"model input `{p.name}` needs a full type such as f32[B, 64]", p.loc)
-            shape = []
-            for d in p.type.dims:
-                if isinstance(d, A.DimName):
-                    shape.append(d.name)
-                elif isinstance(d, A.DimInt):
-                    shape.append(d.value)
-                else:
-                    raise DlcError("model inputs take names and integers as dimensions", d.loc)
             dt = dtype_of(self, p.type.dtype, p.type.loc)
-            args.append(Tensor(self.g.input(p.name, tuple(shape), dt, "data", loc=p.loc)))
+            args.append(Tensor(self.g.input(p.name, input_shape(p.type, "model inputs"), dt, "data", loc=p.loc)))
         prog = Program(self.g, self.params, {self.g[a.node]["name"]: a.node for a in args}, self.states, model=name)
         call = A.Call(fn.loc, name, fn.loc, tuple(A.Name(fn.loc, p.name) for p in fn.params), ())
         frame.vars.update({p.name: a for p, a in zip(fn.params, args)})

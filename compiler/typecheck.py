@@ -45,6 +45,20 @@ def eval_dim(lw, d, frame: Frame):
     raise DlcError("`...` is only allowed in an argument's type", lw.loc_of(d, frame))
 
 
+def input_shape(typ, what: str) -> tuple:
+    """The shape of a program input's declared type: names and integers as dimensions
+    (`what` names the inputs in the error, e.g. "model inputs")."""
+    shape = []
+    for d in typ.dims:
+        if isinstance(d, A.DimName):
+            shape.append(d.name)
+        elif isinstance(d, A.DimInt):
+            shape.append(d.value)
+        else:
+            raise DlcError(f"{what} take names and integers as dimensions", d.loc)
+    return tuple(shape)
+
+
 def dtype_of(lw, name: str, loc: Loc) -> str:
     """A dtype name as written; float types become the program's float dtype."""
     if name not in ("f32", "f64", "i32", "i64", "bool"):
