@@ -2,7 +2,7 @@
 
 dlc's kernels are serial `@njit` functions; the only threads a step can use are BLAS's, inside
 `np.dot` (matmuls, and the GEMM of each convolution). A multithreaded GEMM pays only when it
-is large: below about 256^3 multiply-adds OpenBLAS's fork and join and its spinning workers cost
+is large: below about 512^3 multiply-adds OpenBLAS's fork and join and its spinning workers cost
 more than the second core gains (measured on this project's 2-core machine: the LSTM's 32x128 @
 128x512 GEMMs run 2.5x slower on two threads, a step 11 -> 17.6 ms; under load from other
 processes 100x slower, because a waiting worker spins on a core another process holds). So:
@@ -28,7 +28,8 @@ from dataclasses import dataclass
 from compiler.ops import OPS
 from compiler.shapes import resolve
 
-PARALLEL_GEMM_FLOPS = 2 * 256 ** 3      # a GEMM from which threads pay (2 x 256^3 = 33.6 MFLOP)
+PARALLEL_GEMM_FLOPS = 2 * 512 ** 3      # a GEMM from which threads pay (2 x 512^3 = 268 MFLOP; at
+                                        # 2 x 256^3 GPT's 1024x64 @ 64x256 GEMMs took 2 threads: 13.9 -> 16.1 ms)
 PARALLEL_SHARE = 0.5                    # ... when such GEMMs are at least this share of the GEMM work
 
 
