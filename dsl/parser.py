@@ -88,7 +88,9 @@ class _ToAst(Transformer):
     # items
     @v_args(meta=True)
     def start(self, meta, items):
-        return A.Module(self._loc(meta), tuple(i for i in items if i is not None))
+        # the module is the whole file: its errors point at line 1, column 1 (the start rule's
+        # own position is wherever its first token is, often the end of a leading comment)
+        return A.Module(Loc(self.file, 1, 1), tuple(i for i in items if i is not None))
 
     @v_args(meta=True)
     def import_stmt(self, meta, c):
