@@ -234,3 +234,53 @@ def test_warm_runs_load_the_optimized_graph(tmp_path, monkeypatch):
     step()
     assert runs == ["train"] * 4
     assert cache.compiler_digest() == cache.compiler_digest() and len(cache.compiler_digest()) == 64
+
+
+DEEP_CELL = """
+model deep(x: f64[B, 6, 4], y: i64[B, 6]) {
+    hs = scan xt in x, h = zeros([B, 8]) {
+        a = tanh(dense(concat([xt, h], axis = 1), 8, name = "l1"))
+        b = layer_norm(a + relu(dense(a, 8, name = "l2")), name = "n1")
+        c = layer_norm(b + sigmoid(dense(b, 8, name = "l3")), name = "n2")
+        h = 0.5 * h + 0.5 * tanh(dense(c, 8, name = "l4"))
+        yield h
+    }
+    return cross_entropy(dense(hs, 3), y)
+}
+"""
+
+
+def test_a_scan_with_a_large_body_loops_in_python(tmp_path, monkeypatch):
+    """A scan run from the Python step whose body calls more than `host_scan_kernels` kernels
+    loops in Python, calling the body's kernels one by one (compiling the loop would link and
+    optimize every one of them again); a small body stays one compiled loop. Both compute the
+    same numbers, forward and backward."""
+    monkeypatch.setenv("DLC_CACHE_DIR", str(tmp_path))
+    g, _ = train_graph(DEEP_CELL)
+    source, meta = generate(g, plan_memory(g), CpuTarget(), compiled_step=False)
+    bodies = re.findall(r"^# ---- (scan\d+)_body: .*\n(.*)\n", source, re.M)
+    assert len(bodies) == 2 and all(line == "# (host Python)" for _, line in bodies)   # forward, backward
+    assert not any(name.startswith("scan") for name, _ in meta["calls"])     # nothing for Numba to compile
+    gru, _ = train_graph(GRU_TAGGER)
+    small, _ = generate(gru, plan_memory(gru), CpuTarget(), compiled_step=False)
+    assert "# (host Python)" not in small
+    assert re.search(r"^@njit\(.*\)\ndef scan0_body\(", small, re.M)
+
+    class Compiled(CpuTarget):
+        host_scan_kernels = None
+    from compiler.codegen import TARGETS
+    monkeypatch.setitem(TARGETS, "cpu_compiled_scans", Compiled)
+    Compiled.name = "cpu_compiled_scans"
+    hosted, compiled = build(g.copy()), build(g.copy(), target="cpu_compiled_scans")
+    assert "# (host Python)" in hosted.source and "# (host Python)" not in compiled.source
+    args = _feeds(hosted, np.random.default_rng(0))
+    compile_programs([(hosted, args), (compiled, args)])
+    a1 = [x.copy() if isinstance(x, np.ndarray) else x for x in args]
+    a2 = [x.copy() if isinstance(x, np.ndarray) else x for x in args]
+    out1, out2 = hosted(*a1), compiled(*a2)
+    assert len(out1) == len(out2)
+    for u, v in zip(out1, out2):
+        np.testing.assert_allclose(u, v, rtol=1e-12, atol=1e-13)
+    for u, v in zip(a1, a2):                     # the state updates (parameters, Adam's moments)
+        if isinstance(u, np.ndarray):
+            np.testing.assert_allclose(u, v, rtol=1e-12, atol=1e-13)

@@ -495,9 +495,10 @@ class _Module:
             self.imports.append("\n".join(head + [f"from {modname} import kernel as {kname}, inlined as {kname}i", ""]))
         return self.by_text[src]
 
-    def function(self, g, plan: Plan, fname: str, mode: str) -> list[str]:
-        """One compiled function over graph g: `step` (allocates and returns its outputs) or a
-        scan `body` (writes its outputs into trailing destination arguments)."""
+    def function(self, g, plan: Plan, fname: str, mode: str, host: bool = False) -> list[str]:
+        """One function over graph g: `step` (allocates and returns its outputs) or a scan
+        `body` (writes its outputs into trailing destination arguments); compiled, except a
+        Python step and, with `host`, a body run from host Python (see `hosted`)."""
         r = Renderer(g, plan, self.t)
         binds = []
         for i, n in enumerate(g.inputs):         # dims: bound from the inputs' shapes
@@ -518,11 +519,13 @@ class _Module:
                 plan.storage[n] = f"v{n}"
                 lines.append(f"v{n} = {plan.storage[g.args(n)[0]]}.reshape({r.shape_expr(g.shape(n))})")
                 continue
+            hosted = False
             if grp.pattern == "scan":
                 kname = f"scan{self.nscans}"
                 config = None                       # host code: launched by a call
                 self.nscans += 1
-                body, reads, writes, dims, pnames, onames = self.scan_kernel(r, grp, kname)
+                hosted = self.hosted(g, grp, from_host=host or (mode == "step" and not self.compiled_step))
+                body, reads, writes, dims, pnames, onames = self.scan_kernel(r, grp, kname, hosted)
                 params = [pnames[x] for x in reads] + [onames[x] for x in writes] + dims
                 for n in grp.nodes:
                     h = self.helper_for(g.op(n), g.dtype(n))
@@ -530,7 +533,8 @@ class _Module:
                         self.helpers.append(h)
                 text = [f"# ---- kernel {kname}: {grp.label(g)}, {len(grp.nodes)} op{'s' * (len(grp.nodes) != 1)} ----"]
                 text += ["# " + r.ir_line(n) for n in grp.nodes]
-                text += [self.inlinable(len(params)), f"def {kname}({', '.join(params)}):"]
+                text += ["# (host Python: a time loop calling its body's kernels)" if hosted else self.inlinable(len(params)),
+                         f"def {kname}({', '.join(params)}):"]
                 text += ["    " + line for line in body] + [""]
                 self.kernels.append("\n".join(text))
                 self.scan_names.append(kname)
@@ -558,10 +562,10 @@ class _Module:
             inline = mode == "step" and self.compiled_step
             lines.append(self.t.launch(kname + "i" if inline and grp.pattern != "scan" else kname, call_args, grp,
                                        config))
-            if not inline:
+            if not inline and not hosted:
                 types = [self.arg_type(g, x) for x in reads + writes] + [("int",)] * len(dims)
                 self.calls.append((kname, self.t.call_types(types, config)))
-        compiled = mode == "body" or self.compiled_step
+        compiled = (mode == "body" and not host) or self.compiled_step
         for st, v in plan.copies:
             lines.append(self.copy(plan.storage[st], plan.storage[v], compiled))
         args = [f"a{i}" for i in range(len(g.inputs))]
@@ -569,8 +573,9 @@ class _Module:
         if mode == "body":
             dests = [f"o{i}" for i in range(len(outs))]
             for dname, k in zip(dests, outs):
-                lines.append(self.copy(dname, plan.storage[g.outputs[k]], True))
-            head = [f"# ---- {fname}: one step of a scan ({', '.join(outs)}) ----", self.inlinable(len(args + dests)),
+                lines.append(self.copy(dname, plan.storage[g.outputs[k]], not host))
+            head = [f"# ---- {fname}: one step of a scan ({', '.join(outs)}) ----",
+                    "# (host Python)" if host else self.inlinable(len(args + dests)),
                     f"def {fname}({', '.join(args + dests)}):"]
             return head + ["    " + x for x in binds + lines] + ["    return", ""]
         ret = ", ".join(plan.storage[g.outputs[k]] for k in outs)
@@ -608,7 +613,24 @@ class _Module:
             return ""
         return self.t.kernel_decorator if nparams <= 30 else self.t.function_decorator
 
-    def scan_kernel(self, r: Renderer, grp, kname: str):
+    def hosted(self, g, grp, from_host: bool) -> bool:
+        """Does this scan's time loop run in host Python, calling its body's kernels one by one?
+        Always on a target that compiles no host code (CUDA). On the CPU, for a scan called
+        from host code (a Python step) whose body calls more than the target's
+        `host_scan_kernels` kernels: Numba links every kernel a compiled loop calls into the
+        loop's own module and optimizes and generates its code again there (translate's greedy
+        decoder, 55 kernels a step: 5.3 s of a 15 s cold compile), while calling them from
+        Python costs about a microsecond each per time step."""
+        if not self.t.kernel_decorator:
+            return True
+        limit = getattr(self.t, "host_scan_kernels", None)
+        if not from_host or limit is None:
+            return False
+        from ..memory import plan as plan_memory
+        body = plan_memory(g.attrs(grp.nodes[0])["body"])
+        return sum(1 for x in body.order if x.pattern != "view") > limit
+
+    def scan_kernel(self, r: Renderer, grp, kname: str, hosted: bool = False):
         """The time loop: ping-pong carry buffers, one call of the body function per step."""
         from ..memory import plan as plan_memory
         from ..ops_scan import scan_layout, scan_results
@@ -618,7 +640,7 @@ class _Module:
         body = a["body"]
         nc, ni, ny = scan_layout(a)
         bname = f"{kname}_body"
-        self.kernels.append("\n".join(self.function(body, plan_memory(body), bname, "body")))
+        self.kernels.append("\n".join(self.function(body, plan_memory(body), bname, "body", host=hosted)))
         k = _Kernel(r, grp)
         args = g.args(n)
         names = [k.param(x) for x in args]
@@ -631,7 +653,7 @@ class _Module:
         for i in range(nc):
             shape = g.shape(args[i])
             lines.append(f"cb{i} = {self.t.alloc(r.shape_expr((2,) + tuple(shape)), NP_DTYPE[g.dtype(args[i])])}")
-            lines.append(self.copy(f"cb{i}[0]", names[i], True))
+            lines.append(self.copy(f"cb{i}[0]", names[i], not hosted))
         ydest = []
         for j in range(ny):
             if nc + j in outs:
@@ -645,13 +667,13 @@ class _Module:
         lines.append("    cur = s % 2")
         for i in range(nc):
             if a.get("save") and nc + ny + i in outs:
-                lines.append("    " + self.copy(f"{outs[nc + ny + i]}[t]", f"cb{i}[cur]", True))
+                lines.append("    " + self.copy(f"{outs[nc + ny + i]}[t]", f"cb{i}[cur]", not hosted))
         call = [f"cb{i}[cur]" for i in range(nc)] + [f"{names[nc + j]}[t]" for j in range(ni)]
         call += names[nc + ni:] + [f"cb{i}[1 - cur]" for i in range(nc)] + ydest
         lines.append(f"    {bname}({', '.join(call)})")
         for i in range(nc):
             if i in outs:
-                lines.append(self.copy(outs[i], f"cb{i}[T % 2]", True))
+                lines.append(self.copy(outs[i], f"cb{i}[T % 2]", not hosted))
         return k.finish(lines)
 
     def source(self, g, step_lines) -> str:

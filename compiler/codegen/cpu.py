@@ -156,6 +156,9 @@ class CpuTarget(Target):
                      ("erf", "f32"): FAST_ERF, ("softmax", "f32"): FAST_EXP, ("log_softmax", "f32"): FAST_EXP,
                      ("pow", "f32"): POW, ("pow", "f64"): POW}
     copy_helper = COPY
+    # a scan run from a Python step whose body calls more kernels than this runs its time loop
+    # in Python too (codegen `_Module.hosted`): its compile would re-optimize every kernel
+    host_scan_kernels = 16
 
     @staticmethod
     def matmul_call(a: str, b: str, out: str) -> str:

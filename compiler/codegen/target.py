@@ -40,6 +40,8 @@ class Target:
     rowwise_tails: bool = False        # renders a fused row-wise tail (softmax ending its input's
                                        # kernel)? If not, the driver runs each tail as its own kernel
     eager_compile: bool = True         # compile kernels for example arguments before the first call
+    host_scan_kernels: int | None = None   # a scan called from host code whose body calls more
+                                       # kernels than this loops in host Python (None: compiled)
     scalar_templates: dict = {}
     kernel_templates: dict = {}
     helpers: dict = {}
