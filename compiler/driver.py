@@ -18,14 +18,18 @@ import numpy as np
 
 from dsl import ast as A
 
-from . import cache
+from . import cache, printer  # noqa: F401  (printer: `dlc ir`'s listings and pictures)
 from .bounds import index_reads  # noqa: F401  (for the runtime: the data checks of index reads)
 from .codegen import TARGETS, generate
 from .lower import Frame, Lowerer, Phase, Program  # noqa: F401  (for the runtime: the front end)
+from .generate import COUNT as SAMPLE_COUNT  # noqa: F401  (a generate block's sample-count input)
+from .ir import Graph
 from .memory import plan as plan_memory
-from .passes import Context, pipeline, run_pipeline
+from .ops import OPS, evaluate  # noqa: F401  (for the runtime: op references for NaN tracing)
+from .optim import SCHEDULES, SchedulePlan, ScheduleSpec, step_scalars  # noqa: F401  (the runtime's schedules)
+from .passes import PASS_NAMES, Context, pipeline, run_pipeline  # noqa: F401
 from .passes.fusion import split_tails
-from .shapes import DTYPES
+from .shapes import DTYPES, fmt_type, resolve  # noqa: F401  (for the runtime: dtypes and shapes)
 
 # A step of at most this many kernels, and no scan, is one `@njit` function with every kernel
 # inlined: the fastest step (no call from Python per kernel; the MLP's 0.11 ms against 0.17 ms
@@ -196,6 +200,25 @@ def optimize_phase(program: Program, phase: Phase, fuse: bool = True, stop_after
     return _optimize_stored(program.step_graph(phase), "train", Context.for_phase(program, phase), fuse, stop_after)
 
 
+def optimize_gradients(program: Program, phase: Phase, fuse: bool = True):
+    """A phase's gradient program (data-parallel training): its forward graph and backward
+    pass, the gradients as outputs `grad:NAME`, no optimizer."""
+    ctx = Context.for_phase(program, phase)
+    ctx.expose_grads = True
+    return optimize(program.step_graph(phase), "grad", ctx, fuse)
+
+
+def optimize_update(program: Program, phase: Phase, fuse: bool = True):
+    """A phase's update program (data-parallel training): its optimizer alone, applied to the
+    gradients given as inputs `grad:NAME` (averaged over the ranks between the two programs)."""
+    g, ctx = Graph(program.graph.name), Context(optimizer=phase.optimizer, phase=phase.name)
+    for name in phase.params:
+        info = program.params[name]
+        p = ctx.params[name] = g.input(name, info.shape, info.dtype, "param", loc=info.loc)
+        ctx.grads[p] = g.input(f"grad:{name}", info.shape, info.dtype, "data", loc=info.loc)
+    return run_pipeline(g, [p for p in pipeline("train", fuse) if p.__name__ != "autodiff"], ctx)
+
+
 def _optimize_stored(graph, kind: str, ctx: Context, fuse: bool, stop_after: str | None):
     """The whole pipeline's result, from the kernel cache when this compiler optimized the same
     graph with the same options before (a warm run skips the passes); partial runs are not
@@ -289,3 +312,22 @@ def resolve_target(name: str) -> str:
         return "cuda" if cuda.is_available() else "cpu"
     except Exception:          # numba-cuda missing or no driver: the CPU
         return "cpu"
+
+
+# ONNX (the `onnx` extra), imported only when asked for
+def require_onnx() -> None:
+    """A user error (exit 2) when the onnx extra is not installed."""
+    from .onnx_export import require_onnx as f
+    f()
+
+
+def to_onnx(graph, weights: dict, name: str):
+    """The evaluation program `graph` as an ONNX model (compiler/onnx_export.py)."""
+    from .onnx_export import to_onnx as f
+    return f(graph, weights, name=name)
+
+
+def from_onnx(*args, **kwargs):
+    """A `.dl` file's text and its weights from an ONNX model (compiler/onnx_import.py)."""
+    from .onnx_import import from_onnx as f
+    return f(*args, **kwargs)

@@ -11,7 +11,7 @@ import math
 import sys
 from pathlib import Path
 
-from compiler.passes import PASS_NAMES
+from compiler.driver import PASS_NAMES
 from dsl.diagnostics import DlcError
 from runtime import distributed
 
@@ -75,7 +75,7 @@ def make_parser() -> argparse.ArgumentParser:
     r.add_argument("--quiet", action="store_true", help="no progress output")
     r.add_argument("--threads", type=_positive(int), help="use at most N cores (default: all; dlc decides how "
                    "its programs use them, runtime/threads.py)")
-    from compiler.optim import SCHEDULES
+    from compiler.driver import SCHEDULES
     r.add_argument("--schedule", choices=list(SCHEDULES), help="every phase's learning-rate schedule")
     r.add_argument("--warmup", type=_number(float, allow_zero=True), metavar="EPOCHS",
                    help="linear learning-rate warm-up over this many epochs")
@@ -357,8 +357,7 @@ def _ir_pages(args) -> int:
 
 
 def _ir(args) -> int:
-    from compiler import printer
-    from compiler.driver import build, optimize_eval, optimize_phase
+    from compiler.driver import build, optimize_eval, optimize_phase, printer
     if args.stage == "all":
         return _ir_pages(args)
     stage = ALIASES.get(args.stage, args.stage)

@@ -195,18 +195,9 @@ class World:
     # ---- compiling -------------------------------------------------------------------------------
     def build_phase(self, program, phase, fuse: bool) -> list:
         """The phase's gradient and update programs (compiled by the session with the rest)."""
-        from compiler.driver import build, optimize
-        from compiler.ir import Graph
-        from compiler.passes import Context, pipeline, run_pipeline
-        ctx = Context.for_phase(program, phase)
-        ctx.expose_grads = True
-        grad = build(optimize(program.step_graph(phase), "grad", ctx, fuse))
-        g, uctx = Graph(program.graph.name), Context(optimizer=phase.optimizer, phase=phase.name)
-        for name in phase.params:
-            info = program.params[name]
-            p = uctx.params[name] = g.input(name, info.shape, info.dtype, "param", loc=info.loc)
-            uctx.grads[p] = g.input(f"grad:{name}", info.shape, info.dtype, "data", loc=info.loc)
-        update = build(run_pipeline(g, [p for p in pipeline("train", fuse) if p.__name__ != "autodiff"], uctx))
+        from compiler.driver import build, optimize_gradients, optimize_update
+        grad = build(optimize_gradients(program, phase, fuse))
+        update = build(optimize_update(program, phase, fuse))
         gg = grad.graph
         state = [gg[s]["name"] for s in gg.updates
                  if gg.attrs(s)["kind"] == "state" and gg.dtype(s) in ("f32", "f64")]

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from compiler.driver import optimize_phase
-from compiler.ops import OPS, evaluate
-from compiler.shapes import DTYPES
+from compiler.driver import DTYPES, OPS, evaluate, optimize_phase
 from dsl.diagnostics import DlcError
 
 WATCH_STEPS = 50          # steps watched by default: where a model's own NaNs show up

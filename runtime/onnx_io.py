@@ -13,8 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from compiler.driver import Lowerer, optimize_eval
-from compiler.shapes import DTYPES
+from compiler.driver import DTYPES, Lowerer, optimize_eval
 from dsl.diagnostics import DlcError
 from dsl.parser import parse_file
 
@@ -64,7 +63,7 @@ def weights_of(prog, load: str | None, seed: int = 0) -> dict[str, np.ndarray]:
 
 def export_file(path: str | Path, load: str | None, out: str | Path, dtype: str = "f32"):
     """Write the ONNX model; returns it (checked by `onnx.checker`)."""
-    from compiler.onnx_export import require_onnx, to_onnx
+    from compiler.driver import require_onnx, to_onnx
     require_onnx()
     import onnx
     prog, g = eval_program(path, dtype)
@@ -96,8 +95,7 @@ def run_cli(args) -> int:
 
 def import_file(src: str | Path, out: str | Path, train: str | None = None) -> tuple[Path, Path]:
     """Write OUT.dl (the model, named after the file) and OUT.safetensors (its weights)."""
-    from compiler.onnx_import import from_onnx
-    from compiler.onnx_export import require_onnx
+    from compiler.driver import from_onnx, require_onnx
     require_onnx()
     import onnx
     out = Path(out)

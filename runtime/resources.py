@@ -62,7 +62,7 @@ def array_bytes(shape, itemsize: int) -> int:
 def check_program(prog, batch: int, batch_loc: Loc | None = None, training: bool = True) -> None:
     """Refuse a program whose parameters or activations at `batch` cannot fit, naming the
     largest parameter (a layer a million times too wide) or the batch."""
-    from compiler.shapes import DTYPES, resolve
+    from compiler.driver import DTYPES, resolve
 
     def nbytes(shape, dtype):
         return array_bytes(shape, np.dtype(DTYPES[dtype]).itemsize)

@@ -55,18 +55,18 @@ class Sampler:
                                f"which the sampling program `{self.name}` uses")
             if tuple(v.shape) != tuple(shape):
                 raise DlcError(f"checkpoint {kind} `{name}` is {list(v.shape)}, the program's is {list(shape)}")
-            from compiler.shapes import DTYPES
+            from compiler.driver import DTYPES
             self.values[name] = np.ascontiguousarray(v, DTYPES[dtype])
 
     @property
     def input_names(self) -> list[str]:
         """The program's own inputs besides the sample count (such as `prompt`)."""
-        from compiler.generate import COUNT
+        from compiler.driver import SAMPLE_COUNT as COUNT
         return [name for name, kind, _, _ in self.ex.inputs if kind == "data" and name != COUNT]
 
     def __call__(self, n: int, seed: int = 0, **inputs) -> np.ndarray:
-        from compiler.generate import COUNT
-        from compiler.shapes import DTYPES
+        from compiler.driver import SAMPLE_COUNT as COUNT
+        from compiler.driver import DTYPES
         args = []
         for name, kind, shape, dtype in self.ex.inputs:
             if kind == "scalar":                    # the seed of the random stream
@@ -180,7 +180,7 @@ def attention_maps(path, checkpoint_path, ids: list[int], dtype: str = "f32", fu
     if not isinstance(context, int):
         raise DlcError(f"model `{model}` reads sequences of a symbolic length; --attention needs a fixed context")
     window = list(ids)[-context:]
-    from compiler.shapes import DTYPES
+    from compiler.driver import DTYPES
     args = []
     for name, kind, shape, dt in ex.inputs:
         if kind == "data":
@@ -292,7 +292,7 @@ def run_cli(args) -> int:
 def check_generators(module, dtype: str = "f32") -> list[str]:
     """Lower each sampling program of a file (for `dlc check`): one line per program, its result type."""
     from compiler.driver import Lowerer
-    from compiler.shapes import fmt_type
+    from compiler.driver import fmt_type
     lines = []
     for name in Lowerer(module, dtype, training=False).generators:
         lw = Lowerer(module, dtype, training=False)

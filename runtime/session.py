@@ -14,11 +14,9 @@ from pathlib import Path
 import numpy as np
 
 from compiler.api import rng_seed
-from compiler.driver import (Executable, Lowerer, Phase, build, compile_programs, example_args, index_reads,
-                             literal_setting, optimize_eval, optimize_phase,
-                             resolve_target)
-from compiler.optim import SchedulePlan, ScheduleSpec, step_scalars
-from compiler.shapes import DTYPES
+from compiler.driver import (DTYPES, Executable, Lowerer, Phase, SchedulePlan, ScheduleSpec, build, compile_programs,
+                             example_args, index_reads, literal_setting, optimize_eval, optimize_phase,
+                             resolve_target, step_scalars)
 from dsl import ast as A
 from dsl.diagnostics import DlcError
 from dsl.parser import parse_file

@@ -25,8 +25,7 @@ import os
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from compiler.ops import OPS
-from compiler.shapes import resolve
+from compiler.driver import OPS, resolve
 
 PARALLEL_GEMM_FLOPS = 2 * 512 ** 3      # a GEMM from which threads pay (2 x 512^3 = 268 MFLOP; at
                                         # 2 x 256^3 GPT's 1024x64 @ 64x256 GEMMs took 2 threads: 13.9 -> 16.1 ms)
