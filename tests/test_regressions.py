@@ -495,3 +495,18 @@ def test_pow_with_an_integer_valued_exponent_does_not_crash(dtype):
     x = np.array([1.5, 2.0, 3.0, -2.0], np.float32)
     y = np.array([2, 3, -1, 3], np.int32)
     np.testing.assert_allclose(f(x=x, y=y)["output"], np.power(x.astype(np.float64), y), rtol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", ["f32", "f64"])
+def test_pow_by_a_constant_exponent_is_inline_and_exact(dtype):
+    # A compile-time exponent stays `a ** c` in the loop (LLVM expands small integer powers and
+    # the loop vectorizes: GELU-tanh's x**3); only a computed exponent calls the `_pow` helper.
+    src = ("model m(x: f32[5]) { return x ** 3 + x ** 2.5 + x ** -2 + x ** 7 + x ** 0.5 + x ** float(2 * 3) }")
+    f = compile_function(src, dtype=dtype)
+    assert "_pow(" not in f.ex.source
+    x = np.array([0.5, 1.0, 1.5, 2.0, 3.0], np.float32)
+    x64 = x.astype(np.float64)
+    want = x64 ** 3 + x64 ** 2.5 + x64 ** -2 + x64 ** 7 + x64 ** 0.5 + x64 ** 6
+    np.testing.assert_allclose(f(x=x)["output"], want, rtol=1e-6 if dtype == "f32" else 1e-13)
+    g = compile_function("model m(x: f32[4], y: f32[4]) { return x ** y }", dtype=dtype)
+    assert "_pow(" in g.ex.source

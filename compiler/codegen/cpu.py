@@ -160,6 +160,14 @@ class CpuTarget(Target):
     # in Python too (codegen `_Module.hosted`): its compile would re-optimize every kernel
     host_scan_kernels = 16
 
+    def scalar_template(self, spec, dtype: str, const_args: list[bool]) -> str:
+        # pow by a compile-time constant exponent stays inline (LLVM expands small integer
+        # powers into multiplies and calls libm's pow for the rest: the loop still vectorizes);
+        # only a computed exponent, which LLVM may turn into a powi call, goes through `_pow`
+        if spec.name == "pow" and const_args[1:2] == [True]:
+            return spec.scalar
+        return super().scalar_template(spec, dtype, const_args)
+
     @staticmethod
     def matmul_call(a: str, b: str, out: str) -> str:
         return f"np.dot({a}, {b}, {out})"

@@ -59,6 +59,12 @@ class Target:
         `k.launch` to the launch configuration its `launch` method reads."""
         return None
 
+    def scalar_template(self, spec, dtype: str, const_args: list[bool]) -> str:
+        """The scalar expression of op `spec` on `dtype` values: the target's override by
+        (op, dtype), then by op, then the registry's. `const_args` says which arguments are
+        compile-time constants (a target may render those cases differently)."""
+        return self.scalar_templates.get((spec.name, dtype)) or self.scalar_templates.get(spec.name, spec.scalar)
+
     @staticmethod
     def matmul_call(a: str, b: str, out: str) -> str:
         raise NotImplementedError

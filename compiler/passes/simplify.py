@@ -49,9 +49,6 @@ def _rewrite(g, n):
     if op == "pow" and c[1] == 2:
         with g.at(g[n]["loc"], g[n]["role"]):
             return g.add("mul", args[0], args[0])
-    if op == "pow" and c[1] == 3 and same(args[0]):      # GELU's x**3: no pow call in the loop
-        with g.at(g[n]["loc"], g[n]["role"]):
-            return g.add("mul", g.add("mul", args[0], args[0]), args[0])
     if op in ("reshape", "broadcast_to", "cast") and same(args[0]):
         return args[0]
     if op == "reshape" and g.op(args[0]) == "const":       # a filled array, not a view of nothing
