@@ -44,11 +44,14 @@ class Op:
     ref: Callable                         # (*arrays, **attrs) -> ndarray
     grad: Callable | None = None          # (graph, node, dy) -> [grad or None per input]
     scalar: str | None = None             # elementwise template: {0} {1} args, {T} out dtype
-    kernel: str | None = None             # loop-nest template for non-elementwise ops
+    kernel: str | Callable | None = None  # loop-nest template for non-elementwise ops, or
+                                          # (sizes) -> template, chosen by the named sizes
     user_name: str | None = None
     canon: Callable | None = None         # (shapes, attrs) -> attrs in canonical form
     helpers: str | None = None            # @njit helper source the kernel template calls
     kernel_sizes: Callable | None = None  # (graph, node) -> named sizes for the kernel template
+    literal_sizes: tuple = ()             # those written into the kernel as numbers (a window's
+                                          # geometry: its loops unroll), not passed as parameters
     remaps: tuple = ()                    # args read at an index other than the output's own:
                                           # the fusion pass keeps their producers out of its kernel
     read_at: Callable | None = None       # (attrs, pos, idx) -> the index expressions at which

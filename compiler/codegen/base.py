@@ -397,7 +397,9 @@ class _Kernel:
         if spec.kernel_sizes is not None:
             sizes = spec.kernel_sizes(g, n)
             self.shapes.append(tuple(sizes.values()))
-            names.update({k: self.r.dim(v) for k, v in sizes.items()})
+            names.update({k: str(v) if k in spec.literal_sizes else self.r.dim(v) for k, v in sizes.items()})
+            if callable(tmpl):
+                tmpl = tmpl(sizes)
         else:                                   # row-wise ops (softmax): rows x last axis
             shape = g.shape(g.args(n)[0])
             self.shapes.append(shape)
