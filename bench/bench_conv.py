@@ -63,7 +63,9 @@ def dlc_source(N, C, H, W, O, K, blas_only=False):
              CONV_HELPERS.replace("cache=True, ", "")]
     for fname, op, x0, x1 in (("fwd", conv2d, "x", "w"), ("grad_x", conv2d_grad_x, "dy", "w"),
                               ("grad_w", conv2d_grad_w, "x", "dy")):
-        body = op.kernel.format(out="out", x0=x0, x1=x1, **sizes)
+        # the template follows the geometry; blas_only takes the form that calls the helpers
+        # (padded), formatted unpadded, and drops those calls
+        body = op.kernel(dict(sizes, PH=1) if blas_only else sizes).format(out="out", x0=x0, x1=x1, **sizes)
         if blas_only:
             body = "\n".join(ln for ln in body.split("\n") if "_im2col(" not in ln and "_col2im(" not in ln)
         parts.append(f"{DECO}\ndef {fname}({x0}, {x1}, out):\n" + "".join(f"    {ln}\n" for ln in body.rstrip().split("\n")))

@@ -55,7 +55,7 @@ def _conv_t_ref(x, w, *, stride, padding, dilation, output_padding):
 # for the convolution whose adjoint this is (its input is our output, its output our input).
 conv_transpose2d = register(Op(
     "conv_transpose2d", Kind.OPAQUE, _conv_t_infer, ref=_conv_t_ref, helpers=CONV_HELPERS,
-    kernel=OPS["conv2d_grad_x"].kernel,
+    kernel=OPS["conv2d_grad_x"].kernel, literal_sizes=OPS["conv2d_grad_x"].literal_sizes,
     kernel_sizes=lambda g, n: _conv_sizes(g, n, n, g.args(n)[1], g.args(n)[0]),
     user_name="conv_transpose"))
 

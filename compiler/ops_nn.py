@@ -120,16 +120,69 @@ def _col2im(cols, dx, C, H, W, KH, KW, HO, WO, SH, SW, PH, PW, DH, DW):
 '''
 
 _GEOM = "{C}, {H}, {W}, {KH}, {KW}, {HO}, {WO}, {SH}, {SW}, {PH}, {PW}, {DH}, {DW}"
+# A convolution's geometry (kernel, stride, padding, dilation) is written into its kernel as
+# numbers: without padding the im2col and col2im loops run inline with no bounds checks and
+# their taps unroll (LeNet's conv2 forward: 370 -> 280 us, CPU time at batch 64); with padding
+# they call the clamped helpers above.
+_CONV_GEOMETRY = ("KH", "KW", "SH", "SW", "PH", "PW", "DH", "DW")
+
+_IM2COL_INSIDE = """\
+    xn = {x0}[n]
+    for c in range({C}):
+        for kh in range({KH}):
+            for kw in range({KW}):
+                r = (c * {KH} + kh) * {KW} + kw
+                for oh in range({HO}):
+                    ih = oh * {SH} + kh * {DH}
+                    for ow in range({WO}):
+                        cols[r, oh * {WO} + ow] = xn[c, ih, ow * {SW} + kw * {DW}]
+"""
+_COL2IM_INSIDE = """\
+    dxn = {out}[n]
+    for c in range({C}):
+        for kh in range({KH}):
+            for kw in range({KW}):
+                r = (c * {KH} + kh) * {KW} + kw
+                for oh in range({HO}):
+                    ih = oh * {SH} + kh * {DH}
+                    for ow in range({WO}):
+                        dxn[c, ih, ow * {SW} + kw * {DW}] += cols[r, oh * {WO} + ow]
+"""
+
+
+def _im2col(sz) -> str:
+    return f"    _im2col({{x0}}[n], cols, {_GEOM})\n" if _padded(sz) else _IM2COL_INSIDE
+
+
+def _conv_template(sz) -> str:
+    return ("cols = np.empty(({CKK}, {P}), {T})\n"
+            "w2 = {x1}.reshape(({O}, {CKK}))\n"
+            "for n in range({N}):\n" + _im2col(sz) +
+            "    np.dot(w2, cols, {out}[n].reshape(({O}, {P})))\n")
+
+
+def _conv_grad_x_template(sz) -> str:
+    return ("cols = np.empty(({CKK}, {P}), {T})\n"
+            "w2 = {x1}.reshape(({O}, {CKK}))\n"
+            "{out}.reshape(-1)[:] = 0\n"
+            "for n in range({N}):\n"
+            "    np.dot(w2.T, {x0}[n].reshape(({O}, {P})), cols)\n" +
+            (f"    _col2im(cols, {{out}}[n], {_GEOM})\n" if _padded(sz) else _COL2IM_INSIDE))
+
+
+def _conv_grad_w_template(sz) -> str:
+    return ("cols = np.empty(({CKK}, {P}), {T})\n"
+            "part = np.empty(({O}, {CKK}), {T})\n"
+            "acc = {out}.reshape(({O}, {CKK}))\n"
+            "acc[:, :] = 0\n"
+            "for n in range({N}):\n" + _im2col(sz) +
+            "    np.dot({x1}[n].reshape(({O}, {P})), cols.T, part)\n"
+            "    acc += part\n")
+
 
 conv2d = register(Op("conv2d", Kind.OUT_ELEMENTWISE_FUSABLE, _conv_infer, ref=_conv_ref, helpers=CONV_HELPERS,
-                     kernel_sizes=lambda g, n: _conv_sizes(g, n, *g.args(n), n),
-                     kernel=f"""\
-cols = np.empty(({{CKK}}, {{P}}), {{T}})
-w2 = {{x1}}.reshape(({{O}}, {{CKK}}))
-for n in range({{N}}):
-    _im2col({{x0}}[n], cols, {_GEOM})
-    np.dot(w2, cols, {{out}}[n].reshape(({{O}}, {{P}})))
-""", user_name="conv2d"))
+                     kernel_sizes=lambda g, n: _conv_sizes(g, n, *g.args(n), n), literal_sizes=_CONV_GEOMETRY,
+                     kernel=_conv_template, user_name="conv2d"))
 
 
 def _conv_grad_x_infer(s, d, a):
@@ -158,29 +211,13 @@ def _conv_grad_w_ref(x, dy, *, w_shape, stride=1, padding=0, dilation=1):
 
 conv2d_grad_x = register(Op(
     "conv2d_grad_x", Kind.OPAQUE, _conv_grad_x_infer, ref=_conv_grad_x_ref, helpers=CONV_HELPERS,
-    kernel_sizes=lambda g, n: _conv_sizes(g, n, n, g.args(n)[1], g.args(n)[0]),
-    kernel=f"""\
-cols = np.empty(({{CKK}}, {{P}}), {{T}})
-w2 = {{x1}}.reshape(({{O}}, {{CKK}}))
-{{out}}.reshape(-1)[:] = 0
-for n in range({{N}}):
-    np.dot(w2.T, {{x0}}[n].reshape(({{O}}, {{P}})), cols)
-    _col2im(cols, {{out}}[n], {_GEOM})
-"""))
+    kernel_sizes=lambda g, n: _conv_sizes(g, n, n, g.args(n)[1], g.args(n)[0]), literal_sizes=_CONV_GEOMETRY,
+    kernel=_conv_grad_x_template))
 
 conv2d_grad_w = register(Op(
     "conv2d_grad_w", Kind.OPAQUE, lambda s, d, a: (tuple(a["w_shape"]), d[0]), ref=_conv_grad_w_ref,
     helpers=CONV_HELPERS, kernel_sizes=lambda g, n: _conv_sizes(g, n, g.args(n)[0], n, g.args(n)[1]),
-    kernel=f"""\
-cols = np.empty(({{CKK}}, {{P}}), {{T}})
-part = np.empty(({{O}}, {{CKK}}), {{T}})
-acc = {{out}}.reshape(({{O}}, {{CKK}}))
-acc[:, :] = 0
-for n in range({{N}}):
-    _im2col({{x0}}[n], cols, {_GEOM})
-    np.dot({{x1}}[n].reshape(({{O}}, {{P}})), cols.T, part)
-    acc += part
-"""))
+    literal_sizes=_CONV_GEOMETRY, kernel=_conv_grad_w_template))
 
 
 @conv2d.def_grad

@@ -510,3 +510,25 @@ def test_pow_by_a_constant_exponent_is_inline_and_exact(dtype):
     np.testing.assert_allclose(f(x=x)["output"], want, rtol=1e-6 if dtype == "f32" else 1e-13)
     g = compile_function("model m(x: f32[4], y: f32[4]) { return x ** y }", dtype=dtype)
     assert "_pow(" in g.ex.source
+
+
+# ---- a step flushes subnormals to zero, and gives the caller's mode back -------------------------
+HALVE = """
+model halve(x: f32[B, 4]) {
+    return x * 0.5 + 0.0
+}
+"""
+
+
+@pytest.mark.skipif(not __import__("compiler.codegen.fpmode", fromlist=["X86"]).X86, reason="x86-64 only")
+@pytest.mark.parametrize("fuse", [True, False])
+def test_a_step_flushes_subnormals_and_restores_the_mode(fuse):
+    # a subnormal made inside a step is zero (a subnormal Adam moment slowed LeNet's kernels 4x);
+    # NumPy after the step still computes subnormals: the mode is the step's alone
+    f = compile_function(HALVE, dtype="f32", fuse=fuse)
+    tiny = np.float32(1.5e-38)                       # normal; half of it is subnormal
+    (out,) = f(x=np.full((2, 4), tiny, np.float32)).values()
+    np.testing.assert_array_equal(out, np.zeros((2, 4), np.float32))
+    assert np.full(4, tiny, np.float32)[0] * np.float32(0.5) > 0    # subnormal outside the step
+    (big,) = f(x=np.full((2, 4), 3.0, np.float32)).values()
+    np.testing.assert_array_equal(big, np.full((2, 4), 1.5, np.float32))

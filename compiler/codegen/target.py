@@ -42,6 +42,11 @@ class Target:
     eager_compile: bool = True         # compile kernels for example arguments before the first call
     host_scan_kernels: int | None = None   # a scan called from host code whose body calls more
                                        # kernels than this loops in host Python (None: compiled)
+    # the step's floating-point mode: imported into the step module, set on entry (a statement
+    # binding `_fpmode`), restored before it returns ("": the caller's mode)
+    step_imports: str = ""
+    step_enter: str = ""
+    step_exit: str = ""
     scalar_templates: dict = {}
     kernel_templates: dict = {}
     helpers: dict = {}
