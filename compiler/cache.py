@@ -70,6 +70,11 @@ def compiled(fn, index: set[str] | None = None) -> bool:
     """Has Numba cached the jitted function `fn` of a module here? (`index`: from
     `compiled_index()`, to ask about many functions.)"""
     f = fn.py_func
+    if not f.__module__.startswith("dlc_"):       # a function of dlc's own (fpmode): cached beside its source
+        try:
+            return os.path.exists(fn._cache._cache_file._index_path)
+        except AttributeError:
+            return False
     key = f"{f.__module__}.{f.__qualname__}-{f.__code__.co_firstlineno}"
     return key in (compiled_index() if index is None else index)
 

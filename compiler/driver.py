@@ -114,9 +114,11 @@ def compile_programs(programs: list[tuple[Executable, list]], workers: int | Non
     Functions that Numba's disk cache does not hold yet are compiled by this process and
     `workers` forked processes (default: one per further CPU core; `DLC_COMPILE_WORKERS`
     overrides) into the cache; this process then loads the others' from the cache. The
-    processes take the next job from one shared queue, costliest first (`_cost`), so a
-    misjudged or descheduled job delays no process's share. Each program's `cache_hit` says
-    whether all it needed was cached already."""
+    processes share one list of jobs (`_schedule`): each takes the most urgent job whose
+    callees are compiled already, so a compiled step or scan loop, which links every kernel it
+    calls into its own module, neither waits at the end on one core nor compiles a kernel
+    that another process is compiling. Each program's `cache_hit` says whether all it needed
+    was cached already."""
     t0 = time.perf_counter()
     jobs, seen = [], set()
     for ex, args in programs:
@@ -131,21 +133,20 @@ def compile_programs(programs: list[tuple[Executable, list]], workers: int | Non
     workers = min(workers, len(fresh) - 1)
     by_workers: set = set()
     if workers > 0:
-        queue = sorted(((fn, sig) for _, fn, sig in fresh), key=_cost)
+        queue, deps = _schedule([(fn, sig) for _, fn, sig in fresh])
         ctx = multiprocessing.get_context("fork")          # the children inherit the loaded modules
-        nxt = ctx.Value("i", 0)                            # the next job of `queue` to take
-        done = ctx.Array("b", len(queue))                  # which jobs a child compiled
-        children = [ctx.Process(target=_compile_queue, args=(queue, nxt, done), daemon=True)
+        state = ctx.Array("b", len(queue))                 # per job: 0 waiting, 1 taken, 2 done (3: by a child)
+        children = [ctx.Process(target=_compile_queue, args=(queue, deps, state, True), daemon=True)
                     for _ in range(workers)]
         for p in children:
             p.start()
-        _compile_queue(queue, nxt, None)
+        _compile_queue(queue, deps, state, False)
         for p in children:
             p.join(timeout=300)          # a stuck worker is stopped: this process compiles its jobs below
             if p.is_alive():
                 p.kill()
                 p.join()
-        by_workers = {(id(fn), sig) for (fn, sig), d in zip(queue, done) if d}
+        by_workers = {(id(fn), sig) for (fn, sig), d in zip(queue, state) if d == 3}
     for ex, fn, sig in jobs:                          # the rest: loaded from the cache the children filled
         _compile_repairing_cache(fn, sig)
     dt = time.perf_counter() - t0
@@ -160,29 +161,143 @@ def compile_programs(programs: list[tuple[Executable, list]], workers: int | Non
         ex.numba_seconds += dt * share
 
 
-def _cost(job) -> tuple:
-    """The order in which compile jobs are taken: kernels first, the costliest (the longest
-    module, helpers included: Numba's time per kernel follows it, r = 0.8-0.95 measured on
-    translate and cnn) first; then the step module's compiled scan loops, which call kernels
-    and would compile any that is not compiled yet themselves."""
-    f = job[0].py_func
-    if f.__name__ != "kernel":
-        return (1, -len(inspect.getsource(f)))
-    return (0, -len(inspect.getsource(sys.modules[f.__module__])))
+class Background:
+    """Programs compiled by a forked process (into Numba's disk cache) while this one goes on:
+    the evaluation program during the first steps of training, on the core training leaves
+    idle. `wait()` joins it and loads what it compiled (compiling here whatever it did not)."""
+
+    def __init__(self, programs: list[tuple[Executable, list]]):
+        self.programs, self.proc, self.waited, self.seconds = programs, None, 0.0, 0.0
+        self.t0 = time.perf_counter()
+        index = cache.compiled_index()
+        todo, seen = [], set()
+        for ex, args in programs:
+            for fn, sig in ex.jobs(args):
+                if (id(fn), sig) not in seen and sig not in fn.overloads and not cache.compiled(fn, index):
+                    seen.add((id(fn), sig))
+                    todo.append((fn, sig))
+        if todo:
+            queue, deps = _schedule(todo)
+            ctx = multiprocessing.get_context("fork")
+            self.state = ctx.Array("b", len(queue))
+            self.proc = ctx.Process(target=_compile_queue, args=(queue, deps, self.state, True, 10), daemon=True)
+            self.proc.start()
+        self.done = False                             # `wait` loads the programs, compiled or cached
+
+    def wait(self) -> float:
+        """Block until the programs are compiled and loaded; the seconds this process waited."""
+        if self.done:
+            return 0.0
+        t = time.perf_counter()
+        if self.proc is not None:
+            self.proc.join(timeout=600)
+            if self.proc.is_alive():                 # stuck: this process compiles it all below
+                self.proc.kill()
+                self.proc.join()
+        compile_programs(self.programs, workers=0)
+        self.done = True
+        self.waited = time.perf_counter() - t
+        self.seconds = time.perf_counter() - self.t0
+        if self.proc is not None:                    # compiled there, loaded here
+            self.programs[0][0].numba_compiled += sum(1 for d in self.state if d == 3)
+        return self.waited
 
 
-def _compile_queue(queue: list, nxt, done) -> None:
-    """Compile jobs of `queue`, taking the next untaken one until none is left (`nxt` is
-    shared by the processes; `done`, in a child, marks what it compiled)."""
+def _callees(fn) -> list:
+    """The Numba functions `fn`'s code calls, through any it inlines (a compiled step's
+    `inlined` kernels, a scan loop's body): what Numba compiles first and links into `fn`."""
+    out, stack, seen = [], [fn], {id(fn)}
+    while stack:
+        f = stack.pop()
+        py = getattr(f, "py_func", None)
+        if py is None:
+            continue
+        for name in py.__code__.co_names:
+            g = py.__globals__.get(name)
+            if isinstance(g, numba.core.dispatcher.Dispatcher) and id(g) not in seen:
+                seen.add(id(g))
+                out.append(g)
+                stack.append(g)
+    return out
+
+
+def _schedule(jobs: list[tuple]) -> tuple[list, list]:
+    """The compile jobs in order of urgency, and for each the indices of the jobs it must wait
+    for (the kernels it calls: compiled there first, they would be compiled twice).
+
+    A job's cost is the source text Numba turns into code for it: a kernel's module (helpers
+    included: Numba's time per kernel follows it, r = 0.8-0.95 measured on translate and cnn);
+    a compiled step or scan loop, its own module plus every module it inlines or links (Numba
+    optimizes and generates the code of a linked callee again in the caller). Urgency is the
+    longest chain of costs that starts at the job (list scheduling by bottom level): a kernel
+    that a long scan loop waits for goes before an equally long kernel nobody waits for."""
+    def text(f) -> int:
+        mod = sys.modules.get(f.py_func.__module__)
+        try:
+            return len(inspect.getsource(mod if f.__name__ == "kernel" else f.py_func))
+        except (OSError, TypeError):
+            return 1000
+    where = {id(fn): i for i, (fn, _) in enumerate(jobs)}
+    deps, cost = [], []
+    for fn, _ in jobs:
+        called = _callees(fn)
+        # an inlined kernel is typed by compiling it, which loads the `kernel` of its module
+        # from the disk cache (one function, one cache entry) once that is compiled
+        same = [g.py_func.__globals__.get("kernel", g) if g is g.py_func.__globals__.get("inlined") else g
+                for g in called]
+        deps.append(sorted({where[id(g)] for g in same if id(g) in where}))
+        modules = {g.py_func.__module__: g for g in called if g.__name__ == "kernel"}
+        cost.append(text(fn) + sum(text(g) for g in modules.values()))
+    users: list[list[int]] = [[] for _ in jobs]
+    for i, d in enumerate(deps):
+        for j in d:
+            users[j].append(i)
+    level: dict[int, int] = {}
+
+    def bottom(i: int) -> int:
+        if i not in level:
+            level[i] = cost[i] + max((bottom(u) for u in users[i]), default=0)
+        return level[i]
+    order = sorted(range(len(jobs)), key=lambda i: -bottom(i))
+    rank = {i: r for r, i in enumerate(order)}
+    return [jobs[i] for i in order], [[rank[j] for j in deps[i]] for i in order]
+
+
+def _compile_queue(queue: list, deps: list, state, child: bool, nice: int = 0) -> None:
+    """Compile jobs of `queue` until none is left untaken: each time the first untaken one
+    whose callees are done (`state`, shared by the processes). A job that fails in a child is
+    marked done all the same: the parent compiles it again and reports the error. `nice`: a
+    child's lower priority (a background compile yields to the training beside it)."""
+    if nice:
+        try:
+            os.nice(nice)
+        except OSError:
+            pass
+    waited = 0.0
     while True:
-        with nxt.get_lock():
-            i = nxt.value
-            nxt.value += 1
-        if i >= len(queue):
-            return
-        _compile_repairing_cache(*queue[i])
-        if done is not None:
-            done[i] = 1
+        with state.get_lock():
+            ready = waiting = None
+            for i, s in enumerate(state):
+                if s == 0:
+                    waiting = i if waiting is None else waiting
+                    if waited > 120 or all(state[j] >= 2 for j in deps[i]):
+                        ready = i
+                        break
+            if ready is not None:
+                state[ready] = 1
+        if ready is None:
+            if waiting is None:
+                return
+            time.sleep(0.005)             # the other processes are compiling what it calls
+            waited += 0.005
+            continue
+        try:
+            _compile_repairing_cache(*queue[ready])
+        except Exception:
+            if not child:
+                state[ready] = 2
+                raise
+        state[ready] = 3 if child else 2
 
 
 def optimize(graph, kind: str, ctx: Context, fuse: bool = True, stop_after: str | None = None,
@@ -286,6 +401,9 @@ def build(graph, target: str = "cpu", compiled_step: bool | None = None) -> Exec
         if (id(fn), sig) not in seen:
             seen.add((id(fn), sig))
             ex.calls.append((fn, sig))
+    if not ex.compiled_step:                          # what a Python step calls besides its kernels
+        for name, types in tgt.step_functions.items():
+            ex.calls.append((getattr(mod, name), tuple(_numba_type(t) for t in types)))
     ex.codegen_seconds = ex.compile_seconds = time.perf_counter() - t0
     ex.stats = {"buffers": p.n_buffers, "inplace": len(p.inplace), "copies": len(p.copies)}
     return ex

@@ -227,10 +227,13 @@ def _run(args, options) -> int:
     progress = not args.quiet and lead
     if progress:
         hit = "reused cached kernels" if s.cache_hit else "compiled"
+        if s.eval_compiling():
+            hit = "compiled the training step" + ("" if len(s.phases) == 1 else "s")
         print(f"dlc: {s.program.model}: {_plural(len(s.params), 'parameter tensor')} "
               f"({_plural(sum(p.size for p in s.params.values()), 'value')}), {_plural(s.kernels, 'kernel')} in "
               f"{'the step' if len(s.phases) == 1 else f'the steps of {len(s.phases)} phases'}; "
-              f"{hit} in {s.compile_seconds:.2f}s", file=sys.stderr)
+              f"{hit} in {s.compile_seconds:.2f}s" +
+              ("; the evaluation program compiles beside training" if s.eval_compiling() else ""), file=sys.stderr)
     if args.load:
         s.load(args.load)
     report = s.fit(progress=progress)

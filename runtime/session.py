@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -14,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from compiler.api import rng_seed
-from compiler.driver import (DTYPES, Executable, Lowerer, Phase, SchedulePlan, ScheduleSpec, build, compile_programs,
+from compiler.driver import (DTYPES, Background, Executable, Lowerer, Phase, SchedulePlan, ScheduleSpec, build, compile_programs,
                              example_args, index_reads, literal_setting, optimize_eval, optimize_phase,
                              resolve_target, step_scalars)
 from dsl import ast as A
@@ -169,7 +170,7 @@ class Session:
         self.target = resolve_target(self.opt.target)
         if self.target == "cuda":
             device.require_gpu()
-        self.eval_ex = build(self.eval_graph, self.target)
+        self.eval_ex = build(self.eval_graph, self.target, compiled_step=False)
         self.train_exes: list[Executable] = []
         if self.dist is not None:
             self.dist.check_batch(int(self.settings["batch"]), self.program.setting_locs.get("batch", train.loc))
@@ -207,7 +208,11 @@ class Session:
         Numba; loading the data is apart), and the kernels of every program: call sites, and
         distinct kernels (each compiled once)."""
         exes = self.train_exes + [self.eval_ex]
-        return {"front_end": round(self.lower_seconds - self.data_seconds, 3), "data": round(self.data_seconds, 3),
+        bg = getattr(self, "_eval_compile", None)
+        background = {} if bg is None else {        # the evaluation program, compiled beside training
+            "eval_background": round(bg.seconds, 3) if bg.done else None,   # its compile's wall time
+            "eval_wait": round(bg.waited, 3) if bg.done else None}          # what evaluation waited for it
+        return {**background, "front_end": round(self.lower_seconds - self.data_seconds, 3), "data": round(self.data_seconds, 3),
                 "passes": round(self.passes_seconds, 3),
                 "codegen": round(sum(ex.codegen_seconds for ex in exes), 3),
                 "numba": round(sum(ex.numba_seconds for ex in exes), 3),
@@ -280,14 +285,38 @@ class Session:
         return step_scalars(phase.optimizer, self.phase_steps[phase.name] + 1, self.lr_plans.get(phase.name))["lr"]
 
     def _compile(self):
+        """Compile the training steps now and the evaluation program now or, when this process
+        trains first, in a forked process beside the first training steps (on the core a
+        training step leaves idle); `run_eval` waits for it (`compile_report`: `eval_wait`)."""
         b = int(self.settings["batch"])
         exes = self.train_exes + [self.eval_ex]
         jobs = [(ex, example_args(ex, {"B": b})) for ex in exes]
+        self._eval_compile = None
         if self.dist is not None:           # one rank per machine compiles, the others load its kernels
             self.dist.in_turn(lambda: compile_programs(jobs))
+        elif self.train_exes and os.environ.get("DLC_EVAL_COMPILE", "background") == "background":
+            compile_programs(jobs[:-1])
+            self._eval_compile = Background(jobs[-1:])
+            if self._eval_compile.proc is None:      # nothing to compile: load it from the cache now
+                self._eval_compile.wait()
         else:
             compile_programs(jobs)
-        self.cache_hit = all(ex.cache_hit for ex in exes)
+        self.cache_hit = all(ex.cache_hit for ex in self.train_exes) and \
+            (self._eval_compile is None or self._eval_compile.proc is None)
+
+    def eval_compiling(self) -> bool:
+        """Is the evaluation program being compiled in the background?"""
+        bg = getattr(self, "_eval_compile", None)
+        return bg is not None and not bg.done
+
+    def eval_ready(self) -> float:
+        """Wait for the evaluation program's compile (see `_compile`); the seconds waited."""
+        bg = getattr(self, "_eval_compile", None)
+        if bg is None or bg.done:
+            return 0.0
+        waited = bg.wait()
+        self.compile_seconds += waited           # the compile time a run waited for, all of it
+        return waited
 
     def _args(self, ex: Executable, batch: dict, scalars: dict | None = None) -> list:
         """The executable's arguments. On the CPU its parameter and state arrays are kept from call
@@ -399,6 +428,7 @@ class Session:
 
     def run_eval(self, batch: dict, step: int = 0) -> dict:
         """The evaluation program on one batch: {"loss", "output", "output2", ...}."""
+        self.eval_ready()
         sc = {"rng": self.rng_seed(step)}
         return dict(zip(self.eval_ex.outputs, self.eval_ex(*self._args(self.eval_ex, batch, sc))))
 

@@ -126,12 +126,37 @@ def test_compiled_code_copies_through_one_helper():
     slice assignment (`a.reshape(-1)[:] = b.reshape(-1)`) makes Numba compile its shape check
     anew at every site (half of a GRU decoder's scan compile). The Python step keeps NumPy's."""
     g, _ = train_graph(GRU_TAGGER)
-    source, _ = generate(g, plan_memory(g), CpuTarget(), compiled_step=False)
+    source, meta = generate(g, plan_memory(g), CpuTarget(), compiled_step=False)
     compiled, step = source.split("\ndef step(")
     assert "[:] = " not in compiled.replace("reshape(-1)[:] = 0", "")
-    assert len(re.findall(r"^def _copy\(", compiled, re.M)) == 1
+    assert len(re.findall(r"^from dlc_\w+ import _copy$", compiled, re.M)) == 1       # from its helper module
+    assert sum(len(re.findall(r"^def _copy\(", m, re.M)) for m in meta["modules"].values()) == 1
     assert len(re.findall(r"\b_copy\(cb\d+\[0\], ", compiled)) >= 2     # the carries enter the loop
     assert "_copy(" not in step
+
+
+CONV = """
+model convnet(x: f32[B, 1, 8, 8], y: i64[B]) {
+    h = max_pool2d(relu(conv2d(x, 4, kernel = 3, padding = 1)), 2)
+    h = relu(conv2d(h, 8, kernel = 3, padding = 1))
+    return cross_entropy(dense(reshape(h, [B, 128]), 3), y)
+}
+"""
+
+
+def test_a_helper_is_one_module_shared_by_its_kernels():
+    """`_im2col` lives in one helper module that every conv kernel imports (typed and compiled
+    once per process, not once per kernel); the helper module comes before its kernels, and
+    helper modules are not counted as kernels."""
+    g, _ = train_graph(CONV)
+    _, meta = generate(g, plan_memory(g), CpuTarget(), compiled_step=False)
+    names = list(meta["modules"])
+    defining = [n for n, m in meta["modules"].items() if re.search(r"^def _im2col\(", m, re.M)]
+    assert len(defining) == 1
+    importing = [n for n, m in meta["modules"].items() if re.search(rf"^from {defining[0]} import .*_im2col", m, re.M)]
+    assert len(importing) >= 2
+    assert all(names.index(defining[0]) < names.index(n) for n in importing)
+    assert meta["distinct_kernels"] == sum(1 for m in meta["modules"].values() if "\ndef kernel(" in m)
 
 
 def _feeds(ex, rng):
@@ -202,6 +227,36 @@ def test_run_json_reports_the_compile_split(tmp_path):
     assert reps[0]["kernel_cache_hit"] is False and reps[1]["kernel_cache_hit"] is True
     assert warm["numba"] < cold["numba"]
     assert cold["numba_compiled"] > 0 and warm["numba_compiled"] == 0    # warm: Numba only loads
+    assert 0 <= cold["eval_wait"] <= cold["eval_background"]              # compiled beside training
+
+
+EVAL_BESIDE = """
+import json, sys
+from runtime.session import Options, Session
+s = Session(sys.argv[1], Options())
+compiling = s.eval_compiling()
+batch = {k: v[:64] for k, v in s.dataset.train.items()}
+s.train_step(batch)                    # a training step while the evaluation program compiles
+got = s.evaluate(s.dataset.test)
+print(json.dumps({"compiling": compiling, "after": s.eval_compiling(), "eval": got, "report": s.compile_report()}))
+"""
+
+
+@pytest.mark.slow
+def test_the_evaluation_program_compiles_beside_training(tmp_path):
+    """Cold, a training Session compiles its steps, then leaves the evaluation program to a
+    forked process while it trains; evaluating waits for it and gives exactly what a Session
+    that compiled everything first gives (fresh processes: Numba keeps what it compiled)."""
+    def session(cache: str, mode: str) -> dict:
+        env = {**os.environ, "DLC_CACHE_DIR": str(tmp_path / cache), "DLC_EVAL_COMPILE": mode}
+        r = subprocess.run([sys.executable, "-c", EVAL_BESIDE, str(ROOT / "examples" / "mlp.dl")], capture_output=True,
+                           text=True, cwd=ROOT, env=env, timeout=600)
+        assert r.returncode == 0, r.stderr
+        return json.loads(r.stdout.strip().splitlines()[-1])
+    beside, first = session("a", "background"), session("b", "foreground")
+    assert beside["compiling"] and not beside["after"] and beside["report"]["eval_background"] > 0
+    assert not first["compiling"] and "eval_background" not in first["report"]
+    assert beside["eval"] == first["eval"]
 
 
 def test_warm_runs_load_the_optimized_graph(tmp_path, monkeypatch):

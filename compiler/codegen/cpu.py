@@ -161,6 +161,7 @@ class CpuTarget(Target):
     step_imports = "from compiler.codegen.fpmode import flush_subnormals, restore_mode"
     step_enter = "_fpmode = flush_subnormals()"
     step_exit = "restore_mode(_fpmode)"
+    step_functions = {"flush_subnormals": (), "restore_mode": (("int",),)}   # from Python: an int
     # a scan run from a Python step whose body calls more kernels than this runs its time loop
     # in Python too (codegen `_Module.hosted`): its compile would re-optimize every kernel
     host_scan_kernels = 16

@@ -47,6 +47,9 @@ class Target:
     step_imports: str = ""
     step_enter: str = ""
     step_exit: str = ""
+    # the compiled functions `step_enter`/`step_exit` call, with their argument types: a step
+    # run from Python calls them itself, so they are compiled (or loaded) with its kernels
+    step_functions: dict = {}
     scalar_templates: dict = {}
     kernel_templates: dict = {}
     helpers: dict = {}
