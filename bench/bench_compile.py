@@ -78,7 +78,7 @@ def worker(path: str) -> None:
     t0 = time.perf_counter()
     from runtime.session import Options, Session
     t1 = time.perf_counter()
-    s = Session(path, Options())
+    s = Session(path, Options(eval_beside=True))     # as `dlc run` builds it
     rep = s.compile_report()          # the training steps: what a run waits for before its first step
     rep.update({"import_seconds": round(t1 - t0, 3), "session_seconds": round(s.compile_seconds, 3),
                 "cache_hit": s.cache_hit, "compiled_step": s.train_ex.compiled_step})

@@ -177,10 +177,11 @@ class Background:
                     seen.add((id(fn), sig))
                     todo.append((fn, sig))
         if todo:
-            queue, deps = _schedule(todo)
+            self.queue, self.deps = _schedule(todo)
             ctx = multiprocessing.get_context("fork")
-            self.state = ctx.Array("b", len(queue))
-            self.proc = ctx.Process(target=_compile_queue, args=(queue, deps, self.state, True, 10), daemon=True)
+            self.state = ctx.Array("b", len(self.queue))
+            self.proc = ctx.Process(target=_compile_queue, args=(self.queue, self.deps, self.state, True, 10),
+                                    daemon=True)
             self.proc.start()
         self.done = False                             # `wait` loads the programs, compiled or cached
 
@@ -190,6 +191,7 @@ class Background:
             return 0.0
         t = time.perf_counter()
         if self.proc is not None:
+            _compile_queue(self.queue, self.deps, self.state, False)    # what is left, beside the child
             self.proc.join(timeout=600)
             if self.proc.is_alive():                 # stuck: this process compiles it all below
                 self.proc.kill()
@@ -198,8 +200,8 @@ class Background:
         self.done = True
         self.waited = time.perf_counter() - t
         self.seconds = time.perf_counter() - self.t0
-        if self.proc is not None:                    # compiled there, loaded here
-            self.programs[0][0].numba_compiled += sum(1 for d in self.state if d == 3)
+        if self.proc is not None:                    # compiled there or here while waiting
+            self.programs[0][0].numba_compiled += sum(1 for d in self.state if d >= 2)
         return self.waited
 
 

@@ -201,7 +201,7 @@ def _dispatch(args) -> int:
                                   schedule=args.schedule, warmup=args.warmup, clip_norm=args.clip_norm,
                                   clip_value=args.clip_value, patience=args.patience, monitor=args.monitor,
                                   save_best=args.save_best, log_path=args.log,
-                                  check_numerics=args.check_numerics, target=args.target))
+                                  check_numerics=args.check_numerics, target=args.target, eval_beside=True))
     if args.cmd == "check":
         return _check(args)
     if args.cmd == "predict":

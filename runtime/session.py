@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -51,6 +50,8 @@ class Options:
     log_path: str | None = None     # --log run.jsonl: one JSON line per epoch
     check_numerics: bool = False    # watch every step for NaNs and divergence, not only the first
     target: str = "cpu"             # --target cpu | cuda | auto (CUDA when numba.cuda sees a GPU)
+    eval_beside: bool = False       # compile the evaluation program beside the first training steps
+                                    # (`dlc run`, which trains, then evaluates; see Session._compile)
 
 
 def _setting_loc(train: A.TrainDef, name: str):
@@ -285,16 +286,17 @@ class Session:
         return step_scalars(phase.optimizer, self.phase_steps[phase.name] + 1, self.lr_plans.get(phase.name))["lr"]
 
     def _compile(self):
-        """Compile the training steps now and the evaluation program now or, when this process
-        trains first, in a forked process beside the first training steps (on the core a
-        training step leaves idle); `run_eval` waits for it (`compile_report`: `eval_wait`)."""
+        """Compile the training steps now, and the evaluation program now or, with
+        `Options.eval_beside` (`dlc run`: it trains first), in a forked process beside the
+        first training steps, on the core a training step leaves idle; `run_eval` waits for
+        what is left of it, compiling beside the child (`compile_report`: `eval_wait`)."""
         b = int(self.settings["batch"])
         exes = self.train_exes + [self.eval_ex]
         jobs = [(ex, example_args(ex, {"B": b})) for ex in exes]
         self._eval_compile = None
         if self.dist is not None:           # one rank per machine compiles, the others load its kernels
             self.dist.in_turn(lambda: compile_programs(jobs))
-        elif self.train_exes and os.environ.get("DLC_EVAL_COMPILE", "background") == "background":
+        elif self.train_exes and self.opt.eval_beside:
             compile_programs(jobs[:-1])
             self._eval_compile = Background(jobs[-1:])
             if self._eval_compile.proc is None:      # nothing to compile: load it from the cache now

@@ -233,7 +233,7 @@ def test_run_json_reports_the_compile_split(tmp_path):
 EVAL_BESIDE = """
 import json, sys
 from runtime.session import Options, Session
-s = Session(sys.argv[1], Options())
+s = Session(sys.argv[1], Options(eval_beside=sys.argv[2] == "beside"))
 compiling = s.eval_compiling()
 batch = {k: v[:64] for k, v in s.dataset.train.items()}
 s.train_step(batch)                    # a training step while the evaluation program compiles
@@ -244,16 +244,16 @@ print(json.dumps({"compiling": compiling, "after": s.eval_compiling(), "eval": g
 
 @pytest.mark.slow
 def test_the_evaluation_program_compiles_beside_training(tmp_path):
-    """Cold, a training Session compiles its steps, then leaves the evaluation program to a
-    forked process while it trains; evaluating waits for it and gives exactly what a Session
+    """Cold, a training Session with `eval_beside` (as `dlc run` makes it) compiles its
+    steps, then leaves the evaluation program to a forked process while it trains; evaluating waits for it and gives exactly what a Session
     that compiled everything first gives (fresh processes: Numba keeps what it compiled)."""
     def session(cache: str, mode: str) -> dict:
-        env = {**os.environ, "DLC_CACHE_DIR": str(tmp_path / cache), "DLC_EVAL_COMPILE": mode}
-        r = subprocess.run([sys.executable, "-c", EVAL_BESIDE, str(ROOT / "examples" / "mlp.dl")], capture_output=True,
-                           text=True, cwd=ROOT, env=env, timeout=600)
+        env = {**os.environ, "DLC_CACHE_DIR": str(tmp_path / cache)}
+        r = subprocess.run([sys.executable, "-c", EVAL_BESIDE, str(ROOT / "examples" / "mlp.dl"), mode],
+                           capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
         assert r.returncode == 0, r.stderr
         return json.loads(r.stdout.strip().splitlines()[-1])
-    beside, first = session("a", "background"), session("b", "foreground")
+    beside, first = session("a", "beside"), session("b", "first")
     assert beside["compiling"] and not beside["after"] and beside["report"]["eval_background"] > 0
     assert not first["compiling"] and "eval_background" not in first["report"]
     assert beside["eval"] == first["eval"]
