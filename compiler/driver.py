@@ -108,7 +108,8 @@ def _compile_repairing_cache(fn, sig) -> None:
               f"({type(first).__name__}); recompiled it", file=sys.stderr)
 
 
-def compile_programs(programs: list[tuple[Executable, list]], workers: int | None = None) -> None:
+def compile_programs(programs: list[tuple[Executable, list]], workers: int | None = None,
+                     later: list[tuple[Executable, list]] = ()) -> "Background | None":
     """Compile programs for their example arguments: each distinct (function, signature) once.
 
     Functions that Numba's disk cache does not hold yet are compiled by this process and
@@ -118,90 +119,102 @@ def compile_programs(programs: list[tuple[Executable, list]], workers: int | Non
     callees are compiled already, so a compiled step or scan loop, which links every kernel it
     calls into its own module, neither waits at the end on one core nor compiles a kernel
     that another process is compiling. Each program's `cache_hit` says whether all it needed
-    was cached already."""
+    was cached already.
+
+    `later` (the evaluation program of a run that trains first) comes after `programs` in the
+    same list: the workers go on to it when nothing of `programs` is left to take, and this
+    process returns as soon as `programs` are compiled, with a `Background` whose `wait()`
+    finishes `later` (None without `later`)."""
     t0 = time.perf_counter()
     jobs, seen = [], set()
-    for ex, args in programs:
-        for fn, sig in ex.jobs(args):
-            if (id(fn), sig) not in seen and sig not in fn.overloads:
-                seen.add((id(fn), sig))
-                jobs.append((ex, fn, sig))
+    for group, progs in ((0, programs), (1, later)):
+        for ex, args in progs:
+            for fn, sig in ex.jobs(args):
+                if (id(fn), sig) not in seen and sig not in fn.overloads:
+                    seen.add((id(fn), sig))
+                    jobs.append((ex, fn, sig, group))
     index = cache.compiled_index()
     fresh = [j for j in jobs if not cache.compiled(j[1], index)]
     if workers is None:
         workers = int(os.environ.get("DLC_COMPILE_WORKERS", max((os.cpu_count() or 1) - 1, 0)))
     workers = min(workers, len(fresh) - 1)
+    if workers <= 0 or not any(j[3] == 1 for j in fresh):      # nothing to leave for later: all now
+        programs, later = list(programs) + list(later), []
     by_workers: set = set()
+    bg = None
     if workers > 0:
-        queue, deps = _schedule([(fn, sig) for _, fn, sig in fresh])
+        order, deps, groups = _schedule([(fn, sig) for _, fn, sig, _ in fresh], [g for *_, g in fresh])
+        queue = [(fresh[i][1], fresh[i][2]) for i in order]
+        now = groups.count(0)                              # queue[:now]: what `programs` need
         ctx = multiprocessing.get_context("fork")          # the children inherit the loaded modules
         state = ctx.Array("b", len(queue))                 # per job: 0 waiting, 1 taken, 2 done (3: by a child)
         children = [ctx.Process(target=_compile_queue, args=(queue, deps, state, True), daemon=True)
                     for _ in range(workers)]
         for p in children:
             p.start()
-        _compile_queue(queue, deps, state, False)
-        for p in children:
-            p.join(timeout=300)          # a stuck worker is stopped: this process compiles its jobs below
-            if p.is_alive():
-                p.kill()
-                p.join()
+        _compile_queue(queue, deps, state, False, limit=now)
+        waited = 0.0
+        while any(state[i] < 2 for i in range(now)) and waited < 600:    # the children's last jobs
+            time.sleep(0.005)
+            waited += 0.005
+        if later:
+            bg = Background(later, children, queue, deps, state, now)
+        else:
+            for p in children:
+                p.join(timeout=300)      # a stuck worker is stopped: this process compiles its jobs below
+                if p.is_alive():
+                    p.kill()
+                    p.join()
         by_workers = {(id(fn), sig) for (fn, sig), d in zip(queue, state) if d == 3}
-    for ex, fn, sig in jobs:                          # the rest: loaded from the cache the children filled
-        _compile_repairing_cache(fn, sig)
+    for ex, fn, sig, group in jobs:                   # the rest: loaded from the cache the children filled
+        if group == 0 or not later:
+            _compile_repairing_cache(fn, sig)
     dt = time.perf_counter() - t0
-    for ex, fn, sig in jobs:                          # compiled here or by a worker, not loaded from the cache
+    now_jobs = [j for j in jobs if j[3] == 0 or not later]
+    for ex, fn, sig, _ in now_jobs:                   # compiled here or by a worker, not loaded from the cache
         ex.numba_compiled += bool(fn.stats.cache_misses.get(sig)) or (id(fn), sig) in by_workers
-    for ex, _ in programs:
+    for ex, _ in list(programs) + list(later):
         ex.cache_hit = not any(j[0] is ex for j in fresh)
-    total = len(jobs) or 1
+    total = len(now_jobs) or 1
     for ex, _ in programs:                            # wall time, split by each program's share of jobs
-        share = sum(1 for j in jobs if j[0] is ex) / total
+        share = sum(1 for j in now_jobs if j[0] is ex) / total
         ex.compile_seconds += dt * share
         ex.numba_seconds += dt * share
+    return bg
 
 
 class Background:
-    """Programs compiled by a forked process (into Numba's disk cache) while this one goes on:
-    the evaluation program during the first steps of training, on the core training leaves
-    idle. `wait()` joins it and loads what it compiled (compiling here whatever it did not)."""
+    """Programs whose compile goes on in the worker processes of `compile_programs` (into
+    Numba's disk cache) while this process goes on: the evaluation program during the first
+    steps of training, on the core training leaves idle. `wait()` compiles what is left beside
+    the workers, joins them and loads the programs."""
 
-    def __init__(self, programs: list[tuple[Executable, list]]):
-        self.programs, self.proc, self.waited, self.seconds = programs, None, 0.0, 0.0
+    def __init__(self, programs: list[tuple[Executable, list]], children: list, queue: list, deps: list, state,
+                 start: int):
+        self.programs, self.children, self.queue, self.deps, self.state = programs, children, queue, deps, state
+        self.start = start                           # queue[start:]: the programs' own jobs
         self.t0 = time.perf_counter()
-        index = cache.compiled_index()
-        todo, seen = [], set()
-        for ex, args in programs:
-            for fn, sig in ex.jobs(args):
-                if (id(fn), sig) not in seen and sig not in fn.overloads and not cache.compiled(fn, index):
-                    seen.add((id(fn), sig))
-                    todo.append((fn, sig))
-        if todo:
-            self.queue, self.deps = _schedule(todo)
-            ctx = multiprocessing.get_context("fork")
-            self.state = ctx.Array("b", len(self.queue))
-            self.proc = ctx.Process(target=_compile_queue, args=(self.queue, self.deps, self.state, True, 10),
-                                    daemon=True)
-            self.proc.start()
-        self.done = False                             # `wait` loads the programs, compiled or cached
+        self.waited = self.seconds = 0.0
+        self.done = False
+
 
     def wait(self) -> float:
         """Block until the programs are compiled and loaded; the seconds this process waited."""
         if self.done:
             return 0.0
         t = time.perf_counter()
-        if self.proc is not None:
-            _compile_queue(self.queue, self.deps, self.state, False)    # what is left, beside the child
-            self.proc.join(timeout=600)
-            if self.proc.is_alive():                 # stuck: this process compiles it all below
-                self.proc.kill()
-                self.proc.join()
-        compile_programs(self.programs, workers=0)
+        _compile_queue(self.queue, self.deps, self.state, False)    # what is left, beside the workers
+        for p in self.children:
+            p.join(timeout=600)
+            if p.is_alive():                         # stuck: this process compiles the rest below
+                p.kill()
+                p.join()
+        compile_programs(self.programs, workers=0)   # load what the workers compiled
         self.done = True
         self.waited = time.perf_counter() - t
         self.seconds = time.perf_counter() - self.t0
-        if self.proc is not None:                    # compiled there or here while waiting
-            self.programs[0][0].numba_compiled += sum(1 for d in self.state if d >= 2)
+        # compiled by a worker or by this process while waiting, not loaded from an older cache
+        self.programs[0][0].numba_compiled += sum(1 for d in self.state[self.start:] if d >= 2)
         return self.waited
 
 
@@ -223,9 +236,14 @@ def _callees(fn) -> list:
     return out
 
 
-def _schedule(jobs: list[tuple]) -> tuple[list, list]:
-    """The compile jobs in order of urgency, and for each the indices of the jobs it must wait
-    for (the kernels it calls: compiled there first, they would be compiled twice).
+def _schedule(jobs: list[tuple], groups: list[int] | None = None) -> tuple[list, list, list]:
+    """The order of the compile jobs by urgency (indices into `jobs`), for each job in that
+    order the positions (in that order) of the jobs it must wait for, and each job's group
+    (in that order). A scan loop waits for the kernels it calls: compiled there first, they
+    would be compiled twice. A compiled step does not wait for the kernels it inlines: it is
+    the longest job of its program and starts at once (it compiles those it needs itself).
+    With `groups`, a lower group goes first whatever its urgency (the training steps before
+    the evaluation program), and whatever a job waits for joins its group.
 
     A job's cost is the source text Numba turns into code for it: a kernel's module (helpers
     included: Numba's time per kernel follows it, r = 0.8-0.95 measured on translate and cnn);
@@ -243,11 +261,7 @@ def _schedule(jobs: list[tuple]) -> tuple[list, list]:
     deps, cost = [], []
     for fn, _ in jobs:
         called = _callees(fn)
-        # an inlined kernel is typed by compiling it, which loads the `kernel` of its module
-        # from the disk cache (one function, one cache entry) once that is compiled
-        same = [g.py_func.__globals__.get("kernel", g) if g is g.py_func.__globals__.get("inlined") else g
-                for g in called]
-        deps.append(sorted({where[id(g)] for g in same if id(g) in where}))
+        deps.append(sorted({where[id(g)] for g in called if id(g) in where}))
         modules = {g.py_func.__module__: g for g in called if g.__name__ == "kernel"}
         cost.append(text(fn) + sum(text(g) for g in modules.values()))
     users: list[list[int]] = [[] for _ in jobs]
@@ -260,26 +274,30 @@ def _schedule(jobs: list[tuple]) -> tuple[list, list]:
         if i not in level:
             level[i] = cost[i] + max((bottom(u) for u in users[i]), default=0)
         return level[i]
-    order = sorted(range(len(jobs)), key=lambda i: -bottom(i))
+    groups = list(groups) if groups else [0] * len(jobs)
+    stack = list(range(len(jobs)))
+    while stack:                                  # a job's callees go with it
+        i = stack.pop()
+        for j in deps[i]:
+            if groups[j] > groups[i]:
+                groups[j] = groups[i]
+                stack.append(j)
+    order = sorted(range(len(jobs)), key=lambda i: (groups[i], -bottom(i)))
     rank = {i: r for r, i in enumerate(order)}
-    return [jobs[i] for i in order], [[rank[j] for j in deps[i]] for i in order]
+    return order, [[rank[j] for j in deps[i]] for i in order], [groups[i] for i in order]
 
 
-def _compile_queue(queue: list, deps: list, state, child: bool, nice: int = 0) -> None:
-    """Compile jobs of `queue` until none is left untaken: each time the first untaken one
-    whose callees are done (`state`, shared by the processes). A job that fails in a child is
-    marked done all the same: the parent compiles it again and reports the error. `nice`: a
-    child's lower priority (a background compile yields to the training beside it)."""
-    if nice:
-        try:
-            os.nice(nice)
-        except OSError:
-            pass
+def _compile_queue(queue: list, deps: list, state, child: bool, limit: int | None = None) -> None:
+    """Compile jobs of `queue` (its first `limit`) until none is left untaken: each time the
+    first untaken one whose callees are done (`state`, shared by the processes). A job that
+    fails in a child is marked done all the same: the parent compiles it again and reports the
+    error."""
     waited = 0.0
+    limit = len(queue) if limit is None else limit
     while True:
         with state.get_lock():
             ready = waiting = None
-            for i, s in enumerate(state):
+            for i, s in enumerate(state[:limit]):
                 if s == 0:
                     waiting = i if waiting is None else waiting
                     if waited > 120 or all(state[j] >= 2 for j in deps[i]):

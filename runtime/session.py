@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from compiler.api import rng_seed
-from compiler.driver import (DTYPES, Background, Executable, Lowerer, Phase, SchedulePlan, ScheduleSpec, build, compile_programs,
+from compiler.driver import (DTYPES, Executable, Lowerer, Phase, SchedulePlan, ScheduleSpec, build, compile_programs,
                              example_args, index_reads, literal_setting, optimize_eval, optimize_phase,
                              resolve_target, step_scalars)
 from dsl import ast as A
@@ -286,10 +286,12 @@ class Session:
         return step_scalars(phase.optimizer, self.phase_steps[phase.name] + 1, self.lr_plans.get(phase.name))["lr"]
 
     def _compile(self):
-        """Compile the training steps now, and the evaluation program now or, with
-        `Options.eval_beside` (`dlc run`: it trains first), in a forked process beside the
-        first training steps, on the core a training step leaves idle; `run_eval` waits for
-        what is left of it, compiling beside the child (`compile_report`: `eval_wait`)."""
+        """Compile the training steps and the evaluation program. With `Options.eval_beside`
+        (`dlc run`: it trains first) the compile workers take the evaluation program's kernels
+        last and this process returns once the training steps are compiled: the evaluation
+        program goes on compiling beside the first training steps, on the core a training step
+        leaves idle; `run_eval` waits for what is left of it, compiling beside the workers
+        (`compile_report`: `eval_background`, `eval_wait`)."""
         b = int(self.settings["batch"])
         exes = self.train_exes + [self.eval_ex]
         jobs = [(ex, example_args(ex, {"B": b})) for ex in exes]
@@ -297,14 +299,10 @@ class Session:
         if self.dist is not None:           # one rank per machine compiles, the others load its kernels
             self.dist.in_turn(lambda: compile_programs(jobs))
         elif self.train_exes and self.opt.eval_beside:
-            compile_programs(jobs[:-1])
-            self._eval_compile = Background(jobs[-1:])
-            if self._eval_compile.proc is None:      # nothing to compile: load it from the cache now
-                self._eval_compile.wait()
+            self._eval_compile = compile_programs(jobs[:-1], later=jobs[-1:])
         else:
             compile_programs(jobs)
-        self.cache_hit = all(ex.cache_hit for ex in self.train_exes) and \
-            (self._eval_compile is None or self._eval_compile.proc is None)
+        self.cache_hit = all(ex.cache_hit for ex in exes)
 
     def eval_compiling(self) -> bool:
         """Is the evaluation program being compiled in the background?"""
