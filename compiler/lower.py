@@ -37,6 +37,11 @@ from .typecheck import suggest as _suggest
 MAX_DEPTH = 64
 
 
+# the standard library's losses that say what a model is trained to do (runtime/metrics.py gives
+# each its metrics): lowering records each call's prediction and target
+TASK_LOSSES = ("cross_entropy", "mse", "bce_with_logits")
+
+
 class Lowerer:
     def __init__(self, module: A.Module, float_dtype: str = "f32", training: bool = True,
                  temperature: float = 0.0, row_offsets: bool = False):
@@ -54,6 +59,8 @@ class Lowerer:
         self.states: dict[str, ParamInfo] = {}     # non-trainable state declared with `state`
         self.depth = 0
         self.model_outputs: list[int] = []     # the trained model's results, at its first call
+        self.loss_calls: list[tuple] = []      # (loss, prediction, target, graph) of each call of a
+                                               # standard-library loss that names a task (TASK_LOSSES)
         self.current_model = None
         self.rng_salt = 0
         self.layers: list[tuple] = []     # (scope, function, output shape, params, state values)
@@ -439,6 +446,8 @@ class Lowerer:
                 if p.type is not None:
                     check_type(self, p.type, v, inner, f"argument `{p.name}` of `{fn.name}`", e.loc)
                 inner.vars[p.name] = v
+            if fn.name in TASK_LOSSES and fn.loc.file not in self.user_files and len(fn.params) >= 2:
+                self.loss_calls.append((fn.name, inner.vars[fn.params[0].name], inner.vars[fn.params[1].name], self.g))
             result = self.run_body(fn, inner)
         except DlcError as err:
             origin = err.origin or err.loc

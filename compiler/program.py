@@ -68,6 +68,16 @@ class Phase:
         return f"loss:{self.name}" if self.name else "loss"
 
 
+@dataclass(frozen=True)
+class TaskInfo:
+    """What the trained model is trained to do, for its metrics: the standard-library loss that
+    compares the model's output with a target (`lower.TASK_LOSSES`), and where that target is: a
+    data field (`field`), or an expression the program computes as its output "target"."""
+    loss: str | None = None
+    field: str | None = None
+    computed: bool = False
+
+
 @dataclass
 class Program:
     """What lowering produces: the forward graph and what the runtime needs to drive it."""
@@ -80,12 +90,14 @@ class Program:
     setting_locs: dict = field(default_factory=dict)
     model: str = ""
     phases: list[Phase] = field(default_factory=list)
+    task: TaskInfo = field(default_factory=lambda: TaskInfo())
 
     def step_graph(self, phase: Phase) -> Graph:
         """The forward graph of one phase's training step: its loss, the model's outputs, and
         the state updates made outside any phase or inside this one."""
         g = self.graph.copy()
-        g.outputs = {"loss": phase.loss, **{k: v for k, v in self.graph.outputs.items() if k.startswith("output")}}
+        g.outputs = {"loss": phase.loss, **{k: v for k, v in self.graph.outputs.items()
+                                            if k.startswith("output") or k == "target"}}
         g.updates = {**self.graph.updates, **phase.updates}
         return g
 

@@ -16,6 +16,7 @@ from dsl import ast as A
 from dsl.diagnostics import DlcError, Loc
 
 from .lower import Frame, Lowerer, Phase, Program, Tensor, _suggest
+from .program import TaskInfo
 from .optim import OPTIMIZERS, OptimizerSpec
 from .shapes import FLOATS
 
@@ -80,7 +81,41 @@ def lower_train_block(lw: Lowerer, train: A.TrainDef, fields: dict[str, tuple[st
         raise DlcError(f"the loss never calls the model `{train.model}`",
                        prog.phases[0].setting_locs["loss"])
     lw._model_outputs()
+    prog.task = _task(lw, prog)
     return prog
+
+
+def _task(lw: Lowerer, prog: Program) -> TaskInfo:
+    """The loss that trains the model's output: the first standard-library loss call whose
+    prediction is computed from the model's first output (else the first such call), and its
+    target. A target that is not a data field itself (`x / 16`, a binding) becomes the program's
+    output "target", so that metrics compare with exactly what the loss does."""
+    out = lw.model_outputs[0]
+
+    def from_output(n: int) -> bool:
+        seen, todo = set(), [n]
+        while todo:
+            m = todo.pop()
+            if m == out:
+                return True
+            if m not in seen:
+                seen.add(m)
+                todo.extend(lw.g.args(m))
+        return False
+
+    calls = [(name, t) for name, p, t, g in lw.loss_calls
+             if g is lw.g and isinstance(p, Tensor) and from_output(p.node)]
+    calls = calls or [(name, t) for name, _, t, g in lw.loss_calls if g is lw.g]
+    if not calls:
+        return TaskInfo()
+    name, target = calls[0]
+    if not isinstance(target, Tensor) or not lw.g.shape(target.node) or lw.g.shape(target.node)[0] != "B":
+        return TaskInfo(name)
+    field = next((f for f, n in prog.data.items() if n == target.node), None)
+    if field is not None:
+        return TaskInfo(name, field)
+    lw.g.outputs["target"] = target.node
+    return TaskInfo(name, computed=True)
 
 
 def _train_stmts(lw: Lowerer, stmts, frame: Frame, settings: dict, locs: dict, allowed: tuple, bound: dict, where: str):

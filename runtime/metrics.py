@@ -8,9 +8,11 @@
 | `mse`             | regression     | `mse`, `mae`, `rmse`, `r2` (against the loss's target)             |
 | anything else     | —              | `loss` only (an autoencoder has no accuracy)                       |
 
-The task is read from the train block: the first standard-library loss its loss expression
-calls (looking inside the user's own `def`s), and the data field that loss compares the
-model's output with (its target, `y` or `x` or ...).
+The task comes from lowering (`compiler/train_block.py`): the first standard-library loss
+call whose prediction is computed from the trained model's output (in any phase, inside the
+user's own `def`s too), and the target that loss compares it with: a data field (`y`, `x`),
+or an expression (`x / 16`, a binding), which the programs then compute as their output
+"target", so the metrics use exactly what the loss does.
 
 Besides the metrics a run follows each epoch, the test split gets a full report at the end
 (`Accumulator.report`): per-class precision, recall, F1 and the confusion matrix for a
@@ -19,13 +21,11 @@ scikit-learn computes them.
 """
 from __future__ import annotations
 
-import dataclasses
 import re
 from dataclasses import dataclass
 
 import numpy as np
 
-from dsl import ast as A
 from dsl.diagnostics import DlcError, Loc
 
 # loss -> (task, metrics it offers, default metrics)
@@ -53,6 +53,7 @@ def top_k(name: str) -> int | None:
 class Task:
     loss: str | None           # the standard-library loss, or None (a loss written by hand)
     target: str | None         # the data field the loss compares the model's output with
+    computed: bool = False     # ... or the programs compute it (`x / 16`): their output "target"
 
     @property
     def kind(self) -> str | None:
@@ -67,60 +68,12 @@ class Task:
         return list(LOSSES[self.loss][2]) if self.loss else ["loss"]
 
 
-def _children(node):
-    for f in dataclasses.fields(node):
-        v = getattr(node, f.name)
-        for x in (v if isinstance(v, (list, tuple)) else [v]):
-            if isinstance(x, tuple):            # keyword arguments: (name, value)
-                yield from (y for y in x if isinstance(y, A.Node))
-            elif isinstance(x, A.Node):
-                yield x
-
-
-def _find_loss(node, funcs: dict, seen: set):
-    """The first call of a standard-library loss in `node`, looking into user `def`s."""
-    if isinstance(node, A.Call):
-        if node.func in LOSSES and node.func not in funcs:
-            return node
-        fn = funcs.get(node.func)
-        if fn is not None and node.func not in seen:
-            seen.add(node.func)
-            for st in fn.body:
-                hit = _find_loss(st, funcs, seen)
-                if hit is not None:
-                    return hit
-    for child in _children(node):
-        hit = _find_loss(child, funcs, seen)
-        if hit is not None:
-            return hit
-    return None
-
-
-def _field(node, fields) -> str | None:
-    """The data field an expression reads (`y`, or `y` in reshape(y, [-1, 1]))."""
-    if isinstance(node, A.Name) and node.name in fields:
-        return node.name
-    for child in _children(node):
-        hit = _field(child, fields)
-        if hit is not None:
-            return hit
-    return None
-
-
-def task_of(train: A.TrainDef, user_funcs: dict, fields) -> Task:
-    """The task of a train block: its loss and that loss's target field. `user_funcs` are the
-    file's own `def`s (a user `def` named like a loss shadows it)."""
-    call = None
-    for st in train.body:
-        if isinstance(st, A.Assign) and st.name != "loss":
-            continue
-        call = _find_loss(st, user_funcs, set())
-        if call is not None:
-            break
-    if call is None:
-        return Task(None, None)
-    args = list(call.args) + [v for _, v in call.kwargs]
-    return Task(call.func, _field(args[1], fields) if len(args) > 1 else None)
+def task_of(info) -> Task:
+    """The task of a lowered train block (`compiler.program.TaskInfo`: the loss that trains the
+    model's output and where its target is)."""
+    if info.loss is not None and info.loss not in LOSSES:
+        raise AssertionError(f"no metrics for the loss {info.loss}")
+    return Task(info.loss, "target" if info.computed else info.field, info.computed)
 
 
 def check(task: Task, wanted, loc: Loc | None) -> None:
@@ -142,8 +95,10 @@ class Accumulator:
         self.ks = sorted({k for m in self.wanted if (k := top_k(m))})
         self.parts: list[tuple] = []                 # per batch: (prediction, target, rank or None, classes)
 
-    def add(self, out: np.ndarray, batch: dict) -> None:
-        y = batch.get(self.task.target) if self.task.target else None
+    def add(self, out: np.ndarray, batch: dict, target: np.ndarray | None = None) -> None:
+        """One batch's outputs; its targets are the batch's field, or `target` (the program's
+        output "target") where the loss compares with an expression."""
+        y = target if self.task.computed else batch.get(self.task.target) if self.task.target else None
         if y is None or not self.keep:
             return
         if self.task.kind == "classification":
@@ -247,6 +202,8 @@ def label_metrics(out: np.ndarray, y: np.ndarray, wanted, predicted: bool = Fals
     m = {}
     if "accuracy" in wanted and mask.any():
         m["accuracy"] = float((pred[mask] == y[mask]).mean())
+    if y.ndim == 1 and "exact" in wanted and mask.any():      # one label per example: its accuracy
+        m["exact"] = float((pred[mask] == y[mask]).mean())
     if y.ndim >= 2 and ("exact" in wanted or "accuracy" in wanted):
         right = (pred == y) | ~mask
         m["exact"] = float(right.reshape(len(y), -1).all(axis=1).mean())

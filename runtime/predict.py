@@ -35,7 +35,13 @@ def encode_inputs(ds, texts: list[str]) -> tuple[dict, list[str]]:
         if not toks or len(toks) > length:
             raise DlcError(f"--input takes 1 to {length} tokens, got {len(toks)}")
         ids = [vocab.index(t) for t in toks]
-        if ds.info.get("pad") == "left" or len(ids) < length and ds.info.get("pad") is None:
+        pad = ds.info.get("pad")
+        if len(ids) < length and pad == "none":
+            raise DlcError(f"this model reads exactly {length} tokens (its data has no padding), got {len(toks)} "
+                           "in --input")
+        if pad == "right":
+            ids = ids + [PAD] * (length - len(ids))
+        else:                                   # "left", or a source that does not say
             ids = [PAD] * (length - len(ids)) + ids
         rows.append(ids)
     batch = {"x": np.array(rows, np.int32)}
@@ -197,11 +203,11 @@ def _read_csv(ds, p: Path) -> np.ndarray:
 
 
 def run_batches(s, batch: dict, step: int, size: int = 512) -> dict:
-    """The evaluation program over a batch of any size, in pieces: "output", "output2"."""
+    """The evaluation program over a batch of any size, in pieces: "output", "output2", "target"."""
     n = len(next(iter(batch.values())))
     parts = [s.run_eval({k: np.ascontiguousarray(v[i:i + size]) for k, v in batch.items()}, step=step)
              for i in range(0, n, size)]
-    return {k: np.concatenate([np.asarray(p[k]) for p in parts]) for k in ("output", "output2")
+    return {k: np.concatenate([np.asarray(p[k]) for p in parts]) for k in ("output", "output2", "target")
             if parts[0].get(k) is not None}
 
 
@@ -272,8 +278,11 @@ def run_cli(args) -> int:
         shown = [f"#{k}: {t}" for k, t in zip(idx, decode_rows(ds, batch["x"], "input_vocab"))] \
             if ds.info.get("input_vocab") else [f"held-out #{k}" for k in idx]
         tgt = s.task.target or "y"
-        targets = predictions(ds, s.task, {"output": batch[tgt]}, target=True) if tgt in batch else None
+        targets = predictions(ds, s.task, {"output": batch[tgt]}, target=True) \
+            if tgt in batch and not s.task.computed else None
     res = run_batches(s, batch, args.seed)
+    if targets is None and s.task.computed and not (args.input or args.input_file) and "target" in res:
+        targets = predictions(ds, s.task, {"output": res["target"]}, target=True)
     out = res["output"]
     preds = predictions(ds, s.task, res)
     probs = probabilities(s.task, out) if res.get("output2") is None else None

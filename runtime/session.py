@@ -89,6 +89,39 @@ class Tensors(dict):
         self.version += 1
 
 
+class _BatchCheck:
+    """A program's data inputs as it was compiled for them: every array of a batch must have
+    their dtype, rank and fixed sizes, and one size for each symbolic dimension (the batch),
+    before a kernel indexes it (a wrong shape would read past the array's end)."""
+
+    def __init__(self, ex: Executable):
+        self.spec = [(name, tuple(shape), np.dtype(DTYPES[dtype]))
+                     for name, kind, shape, dtype in ex.inputs if kind == "data"]
+        self.last = None
+
+    def __call__(self, batch: dict) -> None:
+        try:
+            key = [(batch[name].shape, batch[name].dtype) for name, _, _ in self.spec]
+        except (KeyError, AttributeError):
+            key = None
+        if key is not None and key == self.last:
+            return
+        sizes = {}
+        for name, shape, dt in self.spec:
+            a = batch.get(name)
+            want = "[" + ", ".join(str(d) for d in shape) + f"] {dt}"
+            if not hasattr(a, "shape") or not hasattr(a, "dtype"):
+                raise DlcError(f"the batch has no array `{name}`; the program reads `{name}` as {want}")
+            ok = a.dtype == dt and len(a.shape) == len(shape)
+            for d, n in zip(shape, a.shape) if ok else ():
+                ok = ok and (d == n if isinstance(d, int) else sizes.setdefault(d, n) == n)
+            if not ok:
+                got = "[" + ", ".join(str(n) for n in a.shape) + f"] {a.dtype}"
+                bound = ", ".join(f"{d} = {n}" for d, n in sizes.items())
+                raise DlcError(f"`{name}` is {got}; the program reads {want}" + (f" (with {bound})" if bound else ""))
+        self.last = key
+
+
 class _ArgPlan:
     """An executable's argument list with the parameter and state arrays in place, and the
     slots each call fills: data from the batch, scalars (as the program's dtype)."""
@@ -97,6 +130,7 @@ class _ArgPlan:
         self.params, self.state = params, state
         self.versions = (getattr(params, "version", None), getattr(state, "version", None))
         self.fixed, self.data, self.scalars = [None] * len(ex.inputs), [], []
+        self.check = _BatchCheck(ex)
         for i, (name, kind, shape, dtype) in enumerate(ex.inputs):
             if kind == "data":
                 self.data.append((i, name))
@@ -142,8 +176,7 @@ class Session:
         s = self.program.settings
         self.settings = {**DEFAULTS, **{k: v for k, v in s.items() if k not in ("loss", "params")}}
         self.settings["seed"] = self.seed
-        user_defs = {k: f for k, f in self.lowerer.funcs.items() if f.loc.file in self.lowerer.user_files}
-        self.task = metrics.task_of(train, user_defs, self.dataset.train)
+        self.task = metrics.task_of(self.eval_program.task)
         self.settings.setdefault("metrics", self.task.defaults)
         metrics.check(self.task, self.settings["metrics"], self.program.setting_locs.get("metrics"))
         for k in ("epochs", "batch", "patience", "monitor"):
@@ -189,6 +222,8 @@ class Session:
         self.train_graph = self.train_ex.graph if self.train_ex else None
         self.params, self.state = self._init_params()
         self._arg_plans: dict[int, _ArgPlan] = {}
+        self._checks: dict[int, _BatchCheck] = {}       # the device path's batch checks
+        self.last_target = None         # the last training step's output "target" (metrics: Task.computed)
         self.step_count = 0                                  # steps of every phase
         self.epoch = 0                                       # epochs done
         self.loss_history: dict[str, list[float]] = {}       # per phase: the first loss, the recent ones
@@ -322,6 +357,10 @@ class Session:
         """The executable's arguments. On the CPU its parameter and state arrays are kept from call
         to call (they are updated in place); only the batch and the scalars are filled in."""
         if isinstance(self.params, device.DeviceArrays) or isinstance(self.state, device.DeviceArrays):
+            check = self._checks.get(id(ex))
+            if check is None:
+                check = self._checks[id(ex)] = _BatchCheck(ex)
+            check(batch)
             args = []
             for name, kind, shape, dtype in ex.inputs:
                 if kind == "data":
@@ -338,6 +377,7 @@ class Session:
         plan = self._arg_plans.get(id(ex))
         if plan is None or not plan.current(self.params, self.state):
             plan = self._arg_plans[id(ex)] = _ArgPlan(ex, self.params, self.state)
+        plan.check(batch)
         args = plan.fixed.copy()
         for i, name in plan.data:
             args[i] = batch[name]
@@ -376,6 +416,7 @@ class Session:
             loss = float(res["loss"])
         else:                               # this rank's rows; the loss of the global batch
             res, loss = self.dist.step(self, i, batch, sc)
+        self.last_target = res.get("target")     # where the loss compares with an expression: its value
         history = self.loss_history.setdefault(ph.name, [])
         if not math.isfinite(loss):
             raise numerics.explain_nonfinite(self, i, loss, self.step_count, self.epoch + 1, snapshot, batch, sc,
@@ -414,7 +455,7 @@ class Session:
             b = {k: np.ascontiguousarray(v[s:s + batch_size]) for k, v in split.items()}
             res = self.run_eval(b)
             one = metrics.Accumulator(self.task, self.settings["metrics"], keep=details)
-            one.add(res["output"], b)
+            one.add(res["output"], b, res.get("target"))
             batches.append(({k: float(res[k]) * len(next(iter(b.values()))) for k in totals}, one.parts))
         if self.dist is not None:           # every rank's batches, in the order one process runs them
             batches = self.dist.gather_batches(batches)
@@ -468,11 +509,12 @@ class Session:
                 t0 = time.perf_counter()
                 loss, out = self.train_step(b)
                 step_times.append(time.perf_counter() - t0)
+                target = self.last_target
                 totals[ph.output][0] += loss * len(idx)
                 totals[ph.output][1] += len(idx)
                 if not bar.disable and bar.n % 10 == 0:
                     bar.set_postfix_str(self.losses_text({k: t / m for k, (t, m) in totals.items() if m}), refresh=False)
-                acc.add(out, b)
+                acc.add(out, b, target)
             self.epoch = ep + 1
             if self.dist is not None:       # every rank's share of the epoch; rank 0's parameters
                 self.dist.reduce_epoch(totals, acc)

@@ -1,0 +1,138 @@
+"""What a new-user trial of 2026-12-07 found: metrics scored against the wrong target, a short
+`--input` read past the program's arrays, metrics asked for and silently dropped."""
+import json
+
+import numpy as np
+import pytest
+
+from dsl.diagnostics import DlcError
+from runtime.cli import main
+from runtime.session import Options, Session
+
+
+def _run(tmp_path, capsys, src, *flags):
+    p = tmp_path / "m.dl"
+    p.write_text(src)
+    assert main(["run", str(p), "--json", "--quiet", *flags]) == 0
+    return json.loads(capsys.readouterr().out.splitlines()[-1])
+
+
+def test_metrics_score_the_target_expression_the_loss_uses(tmp_path, capsys):
+    """`mse(ae(x / 16), x / 16)`: the test MSE is the loss, not the error against raw `x`."""
+    rep = _run(tmp_path, capsys, """
+model ae(x: f32[B, 64]) -> f32[B, 64] { return dense(relu(dense(x, 16)), 64) }
+train ae on digits(test = 0.2, scale = false) {
+    loss = mse(ae(x / 16), x / 16)
+    optimizer = adam(lr = 3e-3)
+    epochs = 2
+    metrics = [loss, mse, mae]
+}""")
+    t = rep["test"]
+    assert t["mse"] == pytest.approx(t["loss"], rel=1e-4), t
+    assert rep["test_report"]["mse"] == pytest.approx(t["loss"], rel=1e-4)
+    assert 0 < t["mae"] < 1                 # pixels / 16 are in [0, 1]
+
+
+def test_metrics_of_a_bound_target_are_computed(tmp_path, capsys):
+    rep = _run(tmp_path, capsys, """
+model reg(x: f32[B, 64]) -> f32[B, 1] { return dense(x, 1) }
+train reg on digits(test = 0.2) {
+    target = mean(x, axis = 1, keepdims = true)
+    loss = mse(reg(x), target)
+    optimizer = adam(lr = 3e-3)
+    epochs = 3
+    metrics = [loss, mse, r2]
+}""")
+    t = rep["test"]
+    assert set(t) >= {"loss", "mse", "r2"}, t
+    assert t["mse"] == pytest.approx(t["loss"], rel=1e-4)
+    assert rep["test_report"]["r2"] == pytest.approx(t["r2"])
+
+
+def test_the_task_is_the_loss_that_trains_the_named_model(tmp_path, capsys):
+    """With phases, the metrics follow the loss of the model after `train`, not the first loss."""
+    rep = _run(tmp_path, capsys, """
+model clf(x: f32[B, 64]) -> f32[B, 10] { return dense(relu(dense(x, 32)), 10) }
+model rec(x: f32[B, 64]) -> f32[B, 64] { return dense(relu(dense(x, 16)), 64) }
+train clf on digits(test = 0.2) {
+    phase recon {
+        loss   = mse(rec(x), x)
+        params = ["rec"]
+    }
+    phase head {
+        loss      = cross_entropy(clf(x), y)
+        params    = ["clf"]
+        optimizer = adam(lr = 3e-3)
+    }
+    epochs  = 4
+    metrics = [accuracy]
+}""")
+    assert rep["test"]["accuracy"] > 0.8, rep["test"]
+    assert "confusion" in rep["test_report"]
+
+
+def test_exact_on_one_label_per_example_is_its_accuracy(tmp_path, capsys):
+    rep = _run(tmp_path, capsys, """
+model net(x: f32[B, 64]) -> f32[B, 10] { return dense(x, 10) }
+train net on digits(test = 0.2) {
+    loss = cross_entropy(net(x), y)
+    optimizer = adam(lr = 1e-2)
+    epochs = 2
+    metrics = [exact, accuracy]
+}""")
+    assert rep["test"]["exact"] == pytest.approx(rep["test"]["accuracy"]) and rep["test"]["exact"] > 0.5
+
+
+TAGGER = """
+model tg(x: i32[B, 10]) -> f32[B, 10, 2] {
+    return dense(embedding(x, 9, 8), 2)
+}
+train tg on tagging(n = 300, length = 10, vocab = 8) {
+    loss = cross_entropy(tg(x), y)
+    optimizer = adam(lr = 5e-3)
+    batch = 32
+    epochs = 1
+}
+"""
+
+
+def test_a_short_input_is_refused_where_the_data_has_no_padding(tmp_path, capsys):
+    p = tmp_path / "tg.dl"
+    p.write_text(TAGGER)
+    ck = tmp_path / "tg.npz"
+    assert main(["run", str(p), "--save", str(ck), "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["predict", str(p), "--load", str(ck), "--input", "2 3"]) == 2
+    assert "reads exactly 10 tokens" in capsys.readouterr().err
+    assert main(["predict", str(p), "--load", str(ck), "--input", "2 3 4 5 6 7 8 1 2 3", "--json"]) == 0
+    pred = json.loads(capsys.readouterr().out)["predictions"][0]["prediction"].split()
+    assert len(pred) == 10
+
+
+def test_a_batch_of_the_wrong_shape_is_an_error_not_a_read_past_the_end(tmp_path):
+    p = tmp_path / "tg.dl"
+    p.write_text(TAGGER)
+    s = Session(p, Options(epochs=1))
+    good = {k: np.ascontiguousarray(v[:4]) for k, v in s.dataset.test.items()}
+    assert s.run_eval(good)["output"].shape == (4, 10, 2)
+    short = {**good, "x": np.ascontiguousarray(good["x"][:, :3])}
+    with pytest.raises(DlcError, match=r"`x` is \[4, 3\] int32; the program reads \[B, 10\] int32"):
+        s.run_eval(short)
+    with pytest.raises(DlcError, match=r"`y` is \[3, 10\]"):       # B bound by x: 4
+        s.train_step({**good, "y": np.ascontiguousarray(good["y"][:3])})
+    with pytest.raises(DlcError, match="int64"):
+        s.run_eval({**good, "x": good["x"].astype(np.int64)})
+    loss, out = s.train_step(good)                  # and the right shapes still run
+    assert np.isfinite(loss) and out.shape == (4, 10, 2)
+
+
+@pytest.mark.parametrize("pad, want", [("right", [5, 6, "P", "P"]), ("left", ["P", "P", 5, 6]), (None, ["P", "P", 5, 6])])
+def test_input_tokens_are_padded_on_the_data_sources_side(pad, want):
+    from types import SimpleNamespace
+
+    from runtime.data import PAD
+    from runtime.predict import encode_inputs
+    vocab = ["<pad>", "<s>", "</s>", "a", "b", "five", "six"]
+    ds = SimpleNamespace(info={"input_vocab": vocab, "pad": pad}, train={"x": np.zeros((2, 4), np.int32)})
+    batch, _ = encode_inputs(ds, ["five six"])
+    assert batch["x"].tolist() == [[PAD if w == "P" else w for w in want]]
