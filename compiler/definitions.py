@@ -32,7 +32,7 @@ class Definitions:
         self.generators: dict[str, A.FuncDef] = {}     # sampling programs (`generate`)
         for lib in stdlib():
             self._collect(lib, stdlib=True)
-        self._load(module, seen=set())
+        self._load(module, seen={str(Path(module.loc.file).resolve())})     # a file importing itself: once
 
     def _load(self, module: A.Module, seen: set, top: bool = True):
         for item in module.items:

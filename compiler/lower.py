@@ -365,6 +365,9 @@ class Lowerer:
             if k not in defaults:
                 raise DlcError(f"`{e.func}` has no option `{k}`", v.loc,
                                _suggest(k, defaults) + [f"options: {', '.join(defaults)}"])
+            if k == "schedule" and isinstance(v, A.Call) and v.func not in SCHEDULES and v.func not in self.funcs:
+                raise DlcError(f"unknown schedule `{v.func}`", v.func_loc,
+                               _suggest(v.func, SCHEDULES) + [f"schedules: {', '.join(SCHEDULES)}"])
             val = self.eval(v, frame)
             if k == "schedule":
                 if not isinstance(val, ScheduleSpec):

@@ -28,7 +28,9 @@ def lower_train_block(lw: Lowerer, train: A.TrainDef, fields: dict[str, tuple[st
     """Lower `train` with the lowerer `lw` (its definitions, graph and parameter tables).
     `fields` maps each data field to (dtype, per-example shape)."""
     if train.model not in lw.models:
-        raise DlcError(f"unknown model `{train.model}`", train.loc, _suggest(train.model, lw.models))
+        raise DlcError(f"unknown model `{train.model}`", train.model_loc or train.loc,
+                       _suggest(train.model, lw.models) + [f"models: {', '.join(lw.models)}" if lw.models
+                                                           else "this file declares no `model`"])
     lw.g.name = train.model
     frame = Frame({}, {}, "", "train", None)
     data = {}

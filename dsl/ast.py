@@ -237,6 +237,7 @@ class TrainDef(Node):
     model: str
     data: Node
     body: tuple
+    model_loc: Loc | None = None        # where the model's name is written
 
 
 @dataclass(frozen=True)

@@ -109,7 +109,7 @@ class _ToAst(Transformer):
     @v_args(meta=True)
     def traindef(self, meta, c):
         name, data, body = c
-        return A.TrainDef(self._loc(meta), str(name), data, body)
+        return A.TrainDef(self._loc(meta), str(name), data, body, self._tloc(name))
 
     @v_args(meta=True)
     def gendef(self, meta, c):

@@ -136,3 +136,38 @@ def test_input_tokens_are_padded_on_the_data_sources_side(pad, want):
     ds = SimpleNamespace(info={"input_vocab": vocab, "pad": pad}, train={"x": np.zeros((2, 4), np.int32)})
     batch, _ = encode_inputs(ds, ["five six"])
     assert batch["x"].tolist() == [[PAD if w == "P" else w for w in want]]
+
+
+def _check(tmp_path, capsys, src, name="m.dl"):
+    p = tmp_path / name
+    p.write_text(src)
+    rc = main(["check", str(p)])
+    return rc, capsys.readouterr().err
+
+
+def test_an_unknown_model_is_pointed_at_by_its_name(tmp_path, capsys):
+    rc, err = _check(tmp_path, capsys, """model net(x: f32[B, 64]) -> f32[B, 10] { return dense(x, 10) }
+train nett on digits() {
+    loss = cross_entropy(nett(x), y)
+}""")
+    assert rc == 2
+    assert "m.dl:2:7: error: unknown model `nett`" in err and "did you mean `net`" in err
+    assert err.splitlines()[2].strip() == "^~~~"
+
+
+def test_an_unknown_schedule_lists_the_schedules(tmp_path, capsys):
+    rc, err = _check(tmp_path, capsys, """model net(x: f32[B, 64]) -> f32[B, 10] { return dense(x, 10) }
+train net on digits() {
+    loss = cross_entropy(net(x), y)
+    optimizer = adam(lr = 1e-3, schedule = linear())
+}""")
+    assert rc == 2 and "m.dl:4:44: error: unknown schedule `linear`" in err and "cosine" in err
+
+
+def test_a_file_importing_itself_is_read_once(tmp_path, capsys):
+    rc, err = _check(tmp_path, capsys, """import "m.dl"
+model net(x: f32[B, 64]) -> f32[B, 10] { return dense(x, 10) }
+train net on digits() {
+    loss = cross_entropy(net(x), y)
+}""")
+    assert rc == 0, err
