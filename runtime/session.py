@@ -192,6 +192,8 @@ class Session:
         self._override_optimizers()
         self.optimizer = self.phases[0].optimizer
         self.schedule = schedule(self.phases)
+        if self.opt.train:
+            self._early_stopping()              # a wrong patience/monitor/--save-best: before compiling
         self.lr_plans: dict[str, SchedulePlan] = {}          # set by fit: the run each lr schedule spans
         self.lower_seconds = time.perf_counter() - t0
         self.params_info = self.program.params
