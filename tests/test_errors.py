@@ -122,3 +122,33 @@ def test_import_errors_and_debug(capsys, dl_file):
     with pytest.raises(Exception) as e:          # --debug lets the exception (and traceback) through
         main(["check", str(p), "--debug"])
     assert "cannot import" in str(e.value)
+
+
+# ---- option ranges: a value that cannot work is refused where it is written --------------------------------
+@pytest.mark.parametrize("opt, col, words", [
+    ("adam(lr = 1e-3, beta2 = 1.0)", 41, "`beta2` must be in [0, 1), got 1.0"),     # was ZeroDivisionError
+    ("adam(beta1 = 1.0)", 30, "`beta1` must be in [0, 1), got 1.0"),
+    ("adamw(beta1 = 1.5)", 31, "`beta1` must be in [0, 1), got 1.5"),
+    ("adam(beta2 = -0.1)", 30, "`beta2` must be in [0, 1), got -0.1"),
+    ("adam(eps = 0)", 28, "`eps` must be a positive number, got 0"),
+    ("rmsprop(alpha = 2)", 33, "`alpha` must be in [0, 1), got 2"),
+    ("rmsprop(eps = 0.0)", 31, "`eps` must be a positive number, got 0.0"),
+    ("sgd(momentum = 1)", 32, "`momentum` must be in [0, 1), got 1"),
+    ("sgd(lr = -0.1)", 26, "`lr` must be a non-negative number, got -0.1"),
+    ("adamw(weight_decay = -0.01)", 38, "`weight_decay` must be a non-negative number, got -0.01"),
+])
+def test_optimizer_options_out_of_range(capsys, dl_file, opt, col, words):
+    p = dl_file(HEAD + "    return dense(x, 10)\n}\n" +
+                f"train mlp on digits() {{\n    loss = cross_entropy(mlp(x), y)\n    optimizer = {opt}\n}}\n")
+    for cmd in (["check"], ["run", "--epochs", "1"]):     # `run` refuses it before compiling
+        assert main([cmd[0], str(p), *cmd[1:]]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"{p}:6:{col}: error: {words}\n"), err
+        assert err.splitlines()[2].strip().startswith("^") and "internal error" not in err, err
+
+
+def test_optimizer_spec_checks_its_options():
+    from compiler.optim import OptimizerSpec
+    with pytest.raises(ValueError, match=r"`beta2` must be in \[0, 1\)"):
+        OptimizerSpec("adam", 1e-3, beta2=1.0)
+    assert OptimizerSpec("adam", 1e-3, beta1=0.0, beta2=0.0).beta2 == 0.0
