@@ -221,8 +221,16 @@ def _run(args, options) -> int:
     from runtime import checkpoint
     from runtime.session import Session
     lead = distributed.env_rank() == 0      # under mpiexec, rank 0 reports and writes files
-    if args.save and lead:          # before compiling and training, not after
-        checkpoint.check_target(args.save)
+    if lead:                        # the files it writes: before compiling and training, not after
+        from runtime.outputs import PLOT_FORMATS, check_output
+        if args.save:
+            checkpoint.check_target(args.save)
+        if args.save_best:
+            checkpoint.check_target(args.save_best, "--save-best")
+        if args.log:
+            check_output(args.log, "--log")
+        if args.plot:
+            check_output(args.plot, "--plot", PLOT_FORMATS, "the curves are drawn to", fold_case=True)
     s = Session(args.file, options)
     progress = not args.quiet and lead
     if progress:
@@ -366,6 +374,9 @@ def _ir(args) -> int:
     stage = ALIASES.get(args.stage, args.stage)
     if stage not in STAGES:
         raise DlcError(f"unknown stage `{args.stage}`; stages: {', '.join(STAGES)}")
+    if args.output:
+        from runtime.outputs import check_output
+        check_output(args.output, "-o")
     module, lw, prog = _load_for_inspection(args, training=args.program == "train")
     if stage == "ast":
         text = module.dump() + "\n"

@@ -15,6 +15,7 @@ import numpy as np
 
 from dsl.diagnostics import DlcError
 
+from . import outputs
 from .data import EOS, IGNORE, IMAGE_SUFFIXES, PAD, read_image
 
 
@@ -206,10 +207,8 @@ def run_batches(s, batch: dict, step: int, size: int = 512) -> dict:
 
 
 def check_output(path: str | None) -> None:
-    if path is not None and Path(path).suffix not in OUTPUTS:
-        raise DlcError(f"--output {path}: predictions are written to a .csv or .npz file")
-    if path is not None and not Path(path).resolve().parent.is_dir():
-        raise DlcError(f"--output {path}: the directory {Path(path).parent} does not exist")
+    if path is not None:
+        outputs.check_output(path, "--output", OUTPUTS, "predictions are written to")
 
 
 def write_output(path: str, rows: list[dict], res: dict, probs, names) -> None:
