@@ -152,3 +152,37 @@ def test_optimizer_spec_checks_its_options():
     with pytest.raises(ValueError, match=r"`beta2` must be in \[0, 1\)"):
         OptimizerSpec("adam", 1e-3, beta2=1.0)
     assert OptimizerSpec("adam", 1e-3, beta1=0.0, beta2=0.0).beta2 == 0.0
+
+
+@pytest.mark.parametrize("call, words", [
+    ("dropout(x, rate = 1.5)", "`rate` must be in [0, 1), got 1.5"),
+    ("dropout(x, rate = -0.5)", "`rate` must be in [0, 1), got -0.5"),
+    ("dropout(x, 1.0)", "`rate` must be in [0, 1), got 1.0"),        # was a NaN at run time
+    ("layer_norm(x, eps = -1)", "`eps` must be positive, got -1"),
+    ("layer_norm(x, eps = 0)", "`eps` must be positive, got 0"),
+    ("batch_norm(x, eps = -1e-5)", "`eps` must be positive, got -1e-05"),
+    ("batch_norm(x, momentum = 1.5)", "`momentum` must be in [0, 1], got 1.5"),
+])
+def test_layer_options_out_of_range(capsys, dl_file, call, words):
+    p = dl_file(HEAD + f"    return dense({call}, 10)\n}}\n" + TRAIN)
+    code, err = check(capsys, p)
+    assert code == 2 and "Traceback" not in err
+    assert err.startswith(f"{p}:2:18: error: {words}\n"), err          # at the user's call
+    assert err.splitlines()[2].strip().startswith("^") and f"inside `{call.split('(')[0]}`" in err, err
+
+
+def test_group_norm_eps_out_of_range(capsys, dl_file):
+    p = dl_file("model m(x: f32[B, 4, 4, 4]) -> f32[B, 4, 4, 4] {\n    return group_norm(x, 2, eps = -1)\n}\n")
+    code, err = check(capsys, p)
+    assert code == 2 and err.startswith(f"{p}:2:12: error: `eps` must be positive, got -1\n"), err
+
+
+@pytest.mark.parametrize("call", ["dropout(x, rate = 0)", "dropout(x, rate = 0.99)", "batch_norm(x, momentum = 1)"])
+def test_layer_options_in_range_pass(capsys, dl_file, call):
+    assert check(capsys, dl_file(HEAD + f"    return dense({call}, 10)\n}}\n" + TRAIN))[0] == 0
+
+
+def test_in_range_takes_an_interval(capsys, dl_file):
+    p = dl_file(HEAD + '    r = in_range(0.5, "0 to 1")\n    return dense(x, 10)\n}\n' + TRAIN)
+    code, err = check(capsys, p)
+    assert code == 2 and err.startswith(f"{p}:2:9: error: `in_range` takes an interval"), err
