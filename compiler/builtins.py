@@ -296,6 +296,18 @@ def _in_range(lw, e, value, interval):
     raise DlcError(f"{what} must be {need}, got {value}", e.loc)
 
 
+@builtin("divides", "k", "n", "what")
+def _divides(lw, e, k, n, what):
+    """`heads = divides(heads, D, "the model width")`: k, checked at compile time to be a
+    positive integer dividing the size n (a symbolic n is left to the reshape that follows)."""
+    name = e.args[0].name if e.args and isinstance(e.args[0], A.Name) else "the value"
+    if not _integer(k) or k < 1:
+        raise DlcError(f"{name} must be a positive integer, got {_show(lw, k)}", e.loc)
+    if _integer(n) and n % k:
+        raise DlcError(f"{name} ({k}) must divide {what} ({n})", e.loc)
+    return k
+
+
 @builtin("same_shape", "a", "b", drop=0)
 def _same_shape(lw, e, a, b, drop):
     """`a`, checked to have `b`'s shape without b's last `drop` axes (numbers pass): a loss
