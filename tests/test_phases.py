@@ -365,6 +365,20 @@ def test_phase_mistakes_are_located(capsys, dl_file, body, line, words):
     assert words in err, err
 
 
+@pytest.mark.parametrize("body, words", [
+    ('train G on digits() {\n loss = mean(D(G(x)))\n params = ["E"]\n}\n', "`params` pattern \"E\" matches no parameter"),
+    ('train G on digits() {\n loss = mean(D(stop_gradient(G(x))))\n params = ["G"]\n}\n',
+     "`params` selects G/dense_1/W, G/dense_1/b, but the loss does not depend on them"),
+])
+def test_params_mistakes_without_phases_name_no_empty_phase(capsys, dl_file, body, words):
+    """A train block without phases is one unnamed phase: its errors said "phase ``: ..."."""
+    p = dl_file(HEAD + body)
+    assert main(["check", str(p)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"{p}:6:11: error: {words}\n"), err
+    assert "phase" not in err.splitlines()[0], err
+
+
 def test_a_tuple_used_as_one_value_says_to_unpack(capsys, dl_file):
     p = dl_file("""
 model M(x: f32[B, 64]) -> f32[B, 10] {
