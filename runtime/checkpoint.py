@@ -23,6 +23,7 @@ import numpy as np
 from dsl.diagnostics import DlcError
 
 from .outputs import check_output
+from .streaming import open_npz
 
 FORMATS = (".safetensors", ".npz")
 
@@ -95,7 +96,7 @@ def load(path: str | Path) -> tuple[dict, dict, dict]:
         raise DlcError(f"checkpoint {p} is not a regular file")
     try:
         if p.suffix == ".npz":
-            with np.load(p, allow_pickle=False) as f:
+            with open_npz(p) as f:
                 tensors = {k: f[k] for k in f.files}
             raw = tensors.pop("__meta__", None)
             meta_text = bytes(raw).decode() if raw is not None else "{}"

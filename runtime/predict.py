@@ -17,6 +17,7 @@ from dsl.diagnostics import DlcError
 
 from . import outputs
 from .data import EOS, IGNORE, IMAGE_SUFFIXES, PAD, read_image
+from .streaming import open_npz
 
 
 def encode_inputs(ds, texts: list[str]) -> tuple[dict, list[str]]:
@@ -130,7 +131,7 @@ def read_input_file(ds, path: str) -> tuple[dict, list[str]]:
         raise DlcError(f"--input-file {path}: no such file")
     if p.suffix == ".npz":
         try:
-            with np.load(p, allow_pickle=False) as f:
+            with open_npz(p) as f:
                 names = list(f.files)
                 key = "x" if "x" in names else names[0] if len(names) == 1 else None
                 if key is None:

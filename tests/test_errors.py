@@ -92,6 +92,21 @@ def test_data_file_errors(capsys, dl_file, tmp_path):
     assert code == 2 and "d.csv:3: `oops` is not a number" in err
 
 
+@pytest.mark.parametrize("content", [b"hello, this is text\n", b"\x93NUMPY"])
+def test_a_file_that_is_not_npz_says_so(capsys, dl_file, tmp_path, content):
+    """A text file (or an .npy) named .npz showed numpy's message about pickled data."""
+    (tmp_path / "notnpz.npz").write_bytes(content)
+    p = dl_file(HEAD + "    return dense(x, 10)\n}\n" + 'train mlp on npz("notnpz.npz") {\n    loss = cross_entropy(mlp(x), y)\n}\n')
+    code, err = check(capsys, p)
+    assert code == 2 and err.startswith(f"{p}:4:14: error: cannot read notnpz.npz as .npz: it is not an .npz file "
+                                        "(np.savez writes a zip archive of .npy arrays)\n"), err
+    assert "pickle" not in err
+    from dsl.diagnostics import DlcError
+    from runtime import checkpoint
+    with pytest.raises(DlcError, match=r"cannot read checkpoint .*notnpz.npz: it is not an .npz file"):
+        checkpoint.load(tmp_path / "notnpz.npz")
+
+
 def test_data_shape_mismatch_names_both_shapes(capsys, dl_file, tmp_path):
     np.savez(tmp_path / "d.npz", x=np.zeros((10, 63), np.float32), y=np.arange(10) % 2)
     p = dl_file(HEAD + "    return dense(x, 10)\n}\n" + 'train mlp on npz("d.npz") {\n    loss = cross_entropy(mlp(x), y)\n}\n')
