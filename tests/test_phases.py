@@ -432,6 +432,24 @@ def test_ir_shows_one_phase_step(capsys, dl_file):
     assert "no such phase; phases: u, v" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("args", [[], ["--stage", "ast"], ["--stage", "summary"], ["--program", "eval"],
+                                  ["--stage", "fused", "--program", "eval"]])
+def test_ir_checks_the_phase_name_at_every_stage(capsys, dl_file, args):
+    """`--phase w` was silently ignored unless the stage showed a phase's step."""
+    p = dl_file(ALTERNATING)
+    assert main(["ir", str(p), *args, "--phase", "w"]) == 2
+    assert capsys.readouterr().err == "error: --phase w: no such phase; phases: u, v\n"
+
+
+def test_ir_phase_of_a_file_without_phases(capsys, dl_file):
+    p = dl_file(HEAD + "train G on digits() {\n loss = mean(G(x))\n}\n")
+    assert main(["ir", str(p), "--phase", "w"]) == 2
+    assert capsys.readouterr().err == "error: --phase w: no such phase; this train block has no phases\n"
+    p = dl_file(HEAD, "no_train.dl")
+    assert main(["ir", str(p), "--phase", "w"]) == 2
+    assert capsys.readouterr().err == "error: --phase w: no such phase; this file has no train block\n"
+
+
 def test_state_updates_belong_to_the_phase_that_makes_them(dl_file):
     """Running statistics change in the steps of the phase whose loss calls the layer (and
     a layer called by two phases updates them in each: once per step, not an error)."""
