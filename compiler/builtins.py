@@ -272,6 +272,42 @@ def _choice(lw, e, value, options):
     return value
 
 
+@builtin("in_range", "value", "interval")
+def _in_range(lw, e, value, interval):
+    """`rate = in_range(rate, "[0, 1)")`: a number option checked at compile time against an
+    interval, written with brackets for included ends and parentheses for excluded ones
+    ("(0, inf)": positive), so a layer's option that cannot work is refused where it is given."""
+    import re
+    m = re.fullmatch(r"\s*([\[(])\s*(-?(?:inf|[0-9.e+-]+))\s*,\s*(-?(?:inf|[0-9.e+-]+))\s*([\])])\s*",
+                     interval) if isinstance(interval, str) else None
+    if m is None:
+        raise DlcError('`in_range` takes an interval such as "[0, 1)" or "(0, inf)"', e.loc)
+    low, high = float(m[2]), float(m[3])
+    low_in, high_in = m[1] == "[", m[4] == "]"
+    what = f"`{e.args[0].name}`" if e.args and isinstance(e.args[0], A.Name) else "the option"
+    if not _number(value):
+        raise DlcError(f"{what} must be a number, got {_show(lw, value)}", e.loc)
+    if (low <= value if low_in else low < value) and (value <= high if high_in else value < high):
+        return value
+    if (low, high) == (0.0, math.inf):
+        need = "non-negative" if low_in else "positive"
+    else:
+        need = f"in {m[1]}{m[2]}, {m[3]}{m[4]}"
+    raise DlcError(f"{what} must be {need}, got {value}", e.loc)
+
+
+@builtin("divides", "k", "n", "what")
+def _divides(lw, e, k, n, what):
+    """`heads = divides(heads, D, "the model width")`: k, checked at compile time to be a
+    positive integer dividing the size n (a symbolic n is left to the reshape that follows)."""
+    name = e.args[0].name if e.args and isinstance(e.args[0], A.Name) else "the value"
+    if not _integer(k) or k < 1:
+        raise DlcError(f"{name} must be a positive integer, got {_show(lw, k)}", e.loc)
+    if _integer(n) and n % k:
+        raise DlcError(f"{name} ({k}) must divide {what} ({n})", e.loc)
+    return k
+
+
 @builtin("same_shape", "a", "b", drop=0)
 def _same_shape(lw, e, a, b, drop):
     """`a`, checked to have `b`'s shape without b's last `drop` axes (numbers pass): a loss

@@ -379,8 +379,10 @@ class Lowerer:
             elif isinstance(defaults[k], bool):
                 if not isinstance(val, bool):
                     raise DlcError(f"`{k}` must be true or false", v.loc)
-            elif isinstance(val, bool) or not isinstance(val, (int, float)) or val < 0:
-                raise DlcError(f"`{k}` must be a non-negative number, got {self._describe(val)}", v.loc)
+            elif isinstance(val, bool) or not isinstance(val, (int, float)):
+                raise DlcError(f"`{k}` must be a number, got {self._describe(val)}", v.loc)
+            elif why := OPTIMIZERS[e.func].option_error(k, val):      # its range: compiler/optim.py
+                raise DlcError(why, v.loc)
             opts[k] = val
         spec = OptimizerSpec(e.func, **opts)
         if getattr(spec, "nesterov", False) and not spec.momentum:

@@ -416,14 +416,14 @@ def _mm_dims(s, ta, tb):
 
 def _matmul_infer(s, d, attrs):
     if len(s[0]) < 2 or len(s[1]) < 2:
-        raise ShapeError(f"matmul needs operands of rank >= 2, got {fmt_shape(s[0])} @ {fmt_shape(s[1])}")
+        raise ShapeError(f"the operands must be of rank >= 2, got {fmt_shape(s[0])} @ {fmt_shape(s[1])}")
     if attrs.get("ta") and len(s[0]) != 2 and len(s[0]) != len(s[1]):
         raise ShapeError("a transposed left operand must be 2-D or batched like the right one")
     a, b = _mm_dims(s, attrs.get("ta"), attrs.get("tb"))
     if not same_dim(a[-1], b[-2]):
         raise ShapeError(f"inner dimensions differ: {fmt_shape(a)} @ {fmt_shape(b)} ({a[-1]} vs {b[-2]})")
     if d[0] != d[1] or d[0] not in FLOATS:
-        raise ShapeError(f"matmul needs two float tensors of one dtype, got {d[0]} and {d[1]}")
+        raise ShapeError(f"the operands must be float tensors of one dtype, got {d[0]} and {d[1]}")
     batch = broadcast(tuple(a[:-2]), tuple(b[:-2]))
     return batch + (a[-2], b[-1]), d[0]
 

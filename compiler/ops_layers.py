@@ -20,22 +20,22 @@ _GEOMETRY = ("stride", "padding", "dilation")
 def _transposed_size(h, k, stride, pad, dil, extra, axis):
     out = (h - 1) * stride - 2 * pad + dil * (k - 1) + 1 + extra
     if out < 1:
-        raise ShapeError(f"conv_transpose2d: the padding ({pad}) leaves no output {axis}")
+        raise ShapeError(f"the padding ({pad}) leaves no output {axis}")
     if extra >= max(stride, dil):
-        raise ShapeError(f"conv_transpose2d: output_padding ({extra}) must be smaller than the stride or the "
+        raise ShapeError(f"output_padding ({extra}) must be smaller than the stride or the "
                          f"dilation ({max(stride, dil)})")
     return out
 
 
 def _conv_t_infer(s, d, a):
     x, w = s
-    _spatial(x, "conv_transpose2d")
+    _spatial(x)
     if len(w) != 4:
-        raise ShapeError(f"conv_transpose2d weights are [in, out, kh, kw], got {fmt_shape(w)}")
+        raise ShapeError(f"the weights are [in, out, kh, kw], got {fmt_shape(w)}")
     if x[1] != w[0]:
         raise ShapeError(f"the input has {x[1]} channels {fmt_shape(x)} but the kernel expects {w[0]} {fmt_shape(w)}")
     if d[0] != d[1] or d[0] not in FLOATS:
-        raise ShapeError(f"conv_transpose2d needs two float tensors of one dtype, got {d[0]} and {d[1]}")
+        raise ShapeError(f"the input and the weights must be float tensors of one dtype, got {d[0]} and {d[1]}")
     (sh, sw), (ph, pw), (dh, dw), (eh, ew) = (_pair(a[k]) for k in _GEOMETRY + ("output_padding",))
     ho = _transposed_size(x[2], w[2], sh, ph, dh, eh, "rows")
     wo = _transposed_size(x[3], w[3], sw, pw, dw, ew, "columns")

@@ -17,17 +17,19 @@ def _pair(v):
     return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
 
 
-def _spatial(s, what):
+# A shape rule's message does not name its op: the graph puts the op's name in front of it.
+def _spatial(s):
     if len(s) != 4:
-        raise ShapeError(f"{what} takes NCHW input of rank 4, got {fmt_shape(s)}")
+        raise ShapeError(f"the input must be NCHW, of rank 4, got {fmt_shape(s)}")
     if not all(isinstance(d, int) for d in s[1:]):
-        raise ShapeError(f"{what} needs fixed channel and spatial sizes, got {fmt_shape(s)}")
+        raise ShapeError(f"the input needs fixed channel and spatial sizes, got {fmt_shape(s)}")
 
 
-def _out_size(h, k, stride, pad, dil, what, axis):
+def _out_size(h, k, stride, pad, dil, axis):
+    """The output size along one axis (`axis`: "rows" or "columns", for the message)."""
     eff = dil * (k - 1) + 1
     if h + 2 * pad < eff:
-        raise ShapeError(f"{what}: the {'dilated ' if dil > 1 else ''}kernel ({eff} wide) is larger than the "
+        raise ShapeError(f"the {'dilated ' if dil > 1 else ''}kernel ({eff} {axis}) is larger than the "
                          f"{'padded ' if pad else ''}input ({h + 2 * pad} {axis})")
     return (h + 2 * pad - eff) // stride + 1
 
@@ -39,16 +41,16 @@ def _geometry(a):
 # ---- conv2d -----------------------------------------------------------------------------------
 def _conv_infer(s, d, a):
     x, w = s
-    _spatial(x, "conv2d")
+    _spatial(x)
     if len(w) != 4:
-        raise ShapeError(f"conv2d weights are [out, in, kh, kw], got {fmt_shape(w)}")
+        raise ShapeError(f"the weights are [out, in, kh, kw], got {fmt_shape(w)}")
     if x[1] != w[1]:
         raise ShapeError(f"the input has {x[1]} channels {fmt_shape(x)} but the kernel expects {w[1]} {fmt_shape(w)}")
     if d[0] != d[1] or d[0] not in FLOATS:
-        raise ShapeError(f"conv2d needs two float tensors of one dtype, got {d[0]} and {d[1]}")
+        raise ShapeError(f"the input and the weights must be float tensors of one dtype, got {d[0]} and {d[1]}")
     (sh, sw), (ph, pw), (dh, dw) = _geometry(a)
-    ho = _out_size(x[2], w[2], sh, ph, dh, "conv2d", "rows")
-    wo = _out_size(x[3], w[3], sw, pw, dw, "conv2d", "columns")
+    ho = _out_size(x[2], w[2], sh, ph, dh, "rows")
+    wo = _out_size(x[3], w[3], sw, pw, dw, "columns")
     return (x[0], w[0], ho, wo), d[0]
 
 
@@ -230,17 +232,15 @@ def _(g, n, dy):
 
 
 # ---- pooling ------------------------------------------------------------------------------------
-def _pool_infer(name):
-    def infer(s, d, a):
-        x = s[0]
-        _spatial(x, name)
-        (kh, kw), (sh, sw), (ph, pw) = _pair(a["kernel"]), _pair(a["stride"]), _pair(a.get("padding", 0))
-        if ph * 2 > kh or pw * 2 > kw:
-            raise ShapeError(f"{name}: padding must be at most half the kernel")
-        ho = _out_size(x[2], kh, sh, ph, 1, name, "rows")
-        wo = _out_size(x[3], kw, sw, pw, 1, name, "columns")
-        return (x[0], x[1], ho, wo), d[0]
-    return infer
+def _pool_infer(s, d, a):
+    x = s[0]
+    _spatial(x)
+    (kh, kw), (sh, sw), (ph, pw) = _pair(a["kernel"]), _pair(a["stride"]), _pair(a.get("padding", 0))
+    if ph * 2 > kh or pw * 2 > kw:
+        raise ShapeError("padding must be at most half the kernel")
+    ho = _out_size(x[2], kh, sh, ph, 1, "rows")
+    wo = _out_size(x[3], kw, sw, pw, 1, "columns")
+    return (x[0], x[1], ho, wo), d[0]
 
 
 def _pool_ref(x, kernel, stride, padding, reduce):
@@ -321,7 +321,7 @@ _MAX_INSIDE = """\
                 {out}[n, c, oh, ow] = m
 """
 max_pool2d = register(Op(
-    "max_pool2d", Kind.OPAQUE, _pool_infer("max_pool2d"),
+    "max_pool2d", Kind.OPAQUE, _pool_infer,
     ref=lambda x, *, kernel, stride, padding=0: _pool_ref(x, kernel, stride, padding, "max"),
     kernel_sizes=lambda g, n: _pool_sizes(g, n, g.args(n)[0]), literal_sizes=_GEOMETRY,
     kernel=lambda sz: _WINDOW + _MAX if _padded(sz) else _INSIDE + _MAX_INSIDE))
@@ -399,7 +399,7 @@ def _max_pool_grad_ref(x, dy, *, kernel, stride, padding=0):
 max_pool2d_grad.ref = _max_pool_grad_ref
 
 avg_pool2d = register(Op(
-    "avg_pool2d", Kind.OPAQUE, _pool_infer("avg_pool2d"),
+    "avg_pool2d", Kind.OPAQUE, _pool_infer,
     ref=lambda x, *, kernel, stride, padding=0: _pool_ref(x, kernel, stride, padding, "avg"),
     kernel_sizes=lambda g, n: _pool_sizes(g, n, g.args(n)[0]), literal_sizes=_GEOMETRY,
     kernel=_WINDOW + """\

@@ -26,6 +26,14 @@ from typing import Callable
 
 _COMMON = {"weight_decay": 0.0, "decay": "weights", "schedule": None, "clip_norm": 0.0, "clip_value": 0.0}
 
+# The ranges of the numeric options: (low, high, low included, high included). An option not
+# named in its optimizer's `ranges` is any non-negative number (lr: 0 freezes the parameters,
+# as torch allows). A decay rate (Adam's betas, RMSprop's alpha, momentum) is in [0, 1): at 1
+# Adam's bias correction 1 / (1 - beta ** t) divides by zero and an average never moves.
+UNIT = (0.0, 1.0, True, False)
+POSITIVE = (0.0, math.inf, False, False)
+NON_NEGATIVE = (0.0, math.inf, True, False)
+
 
 @dataclass(frozen=True)
 class Optimizer:
@@ -36,6 +44,19 @@ class Optimizer:
     scalars: tuple = ("lr",)              # run-time scalar inputs of the step
     step_scalars: Callable | None = None  # (spec, t) -> values of the scalars other than lr at step t
     decoupled_decay: bool = False         # weight decay shrinks p instead of adding to the gradient
+    ranges: dict = field(default_factory=dict)  # option -> its range (above); the others are >= 0
+
+    def option_error(self, key: str, value) -> str | None:
+        """Why `value` cannot be this optimizer's numeric option `key` (a message), or None."""
+        low, high, low_in, high_in = self.ranges.get(key, NON_NEGATIVE)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            return f"`{key}` must be a finite number, got {value!r}"
+        if (low <= value if low_in else low < value) and (value <= high if high_in else value < high):
+            return None
+        if (low, high) == (0.0, math.inf):
+            return f"`{key}` must be a {'non-negative' if low_in else 'positive'} number, got {value!r}"
+        return (f"`{key}` must be in {'[' if low_in else '('}{low:g}, {high:g}"
+                f"{']' if high_in else ')'}, got {value!r}")
 
 
 OPTIMIZERS: dict[str, Optimizer] = {}
@@ -63,6 +84,9 @@ class OptimizerSpec:
         opts.update(options)
         if lr is not None:
             opts["lr"] = lr
+        for k, v in opts.items():
+            if k not in ("decay", "schedule", "nesterov") and (why := OPTIMIZERS[name].option_error(k, v)):
+                raise ValueError(why)
         if isinstance(opts["decay"], list):
             opts["decay"] = tuple(opts["decay"])
         object.__setattr__(self, "name", name)
@@ -233,15 +257,16 @@ def _rmsprop(u: Update, spec) -> int:
 
 
 _ADAM = dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8)
+_ADAM_RANGES = dict(beta1=UNIT, beta2=UNIT, eps=POSITIVE)
 register(Optimizer("sgd", dict(lr=0.01, momentum=0.0, nesterov=False, **_COMMON),
-                   slots=lambda s: ("momentum",) if s.momentum else (), update=_sgd))
+                   slots=lambda s: ("momentum",) if s.momentum else (), update=_sgd, ranges=dict(momentum=UNIT)))
 register(Optimizer("adam", dict(**_ADAM, **_COMMON), slots=lambda s: ("m", "v"), update=_adam,
-                   scalars=("lr", "c1", "c2"), step_scalars=_adam_corrections))
+                   scalars=("lr", "c1", "c2"), step_scalars=_adam_corrections, ranges=_ADAM_RANGES))
 register(Optimizer("adamw", dict(**_ADAM, **{**_COMMON, "weight_decay": 0.01}), slots=lambda s: ("m", "v"),
                    update=_adam, scalars=("lr", "c1", "c2"), step_scalars=_adam_corrections,
-                   decoupled_decay=True))
+                   decoupled_decay=True, ranges=_ADAM_RANGES))
 register(Optimizer("rmsprop", dict(lr=0.01, alpha=0.99, eps=1e-8, **_COMMON), slots=lambda s: ("v",),
-                   update=_rmsprop))
+                   update=_rmsprop, ranges=dict(alpha=UNIT, eps=POSITIVE)))
 
 
 # ---- learning-rate schedules ---------------------------------------------------------------------

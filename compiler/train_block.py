@@ -187,7 +187,8 @@ def _select_params(lw: Lowerer, patterns: list, loc: Loc, phase: str) -> list[st
                 if fnmatch.fnmatchcase(n, pat) or n.startswith(pat.rstrip("/") + "/")}
         if not hits:
             scopes = sorted({n.split("/")[0] for n in lw.params})
-            raise DlcError(f"phase `{phase}`: `params` pattern \"{pat}\" matches no parameter", loc,
+            where = f"phase `{phase}`: " if phase else ""          # "": a train block without phases
+            raise DlcError(f"{where}`params` pattern \"{pat}\" matches no parameter", loc,
                            _suggest(pat, scopes) + [f"top-level scopes: {', '.join(scopes) or 'none'}"])
         chosen |= hits
     return [n for n in lw.params if n in chosen]
@@ -206,7 +207,8 @@ def _check_reached(lw: Lowerer, phase: Phase):
     missed = [n for n in phase.params if lw.params[n].node not in seen]
     if missed:
         more = f" and {len(missed) - 3} more" if len(missed) > 3 else ""
-        raise DlcError(f"phase `{phase.name}` trains {', '.join(missed[:3])}{more}, but its loss does not "
+        who = f"phase `{phase.name}` trains" if phase.name else "`params` selects"
+        raise DlcError(f"{who} {', '.join(missed[:3])}{more}, but {'its' if phase.name else 'the'} loss does not "
                        "depend on them", phase.setting_locs["params"],
                        ["is a stop_gradient in the way, or does the loss not call that model?"])
 

@@ -14,7 +14,6 @@ import glob
 import io
 import json
 import os
-import stat
 import tempfile
 import time
 from pathlib import Path
@@ -23,33 +22,20 @@ import numpy as np
 
 from dsl.diagnostics import DlcError
 
+from .outputs import check_output
+from .streaming import open_npz
+
 FORMATS = (".safetensors", ".npz")
 
 
-def check_target(path: str | Path) -> Path:
-    """Refuse, before any training, a path a checkpoint cannot be saved to."""
-    p = Path(path)
-    if p.suffix not in FORMATS:
-        raise DlcError(f"--save {path}: a checkpoint is a .safetensors or .npz file")
-    parent = p.parent if str(p.parent) else Path(".")
-    if not parent.is_dir():
-        raise DlcError(f"--save {path}: the directory {parent} does not exist")
-    try:
-        st = os.stat(p)
-    except FileNotFoundError:
-        st = None
-    except OSError as e:
-        raise DlcError(f"--save {path}: {e.strerror or e}") from None
-    if st is not None and not stat.S_ISREG(st.st_mode):
-        kind = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file"
-        raise DlcError(f"--save {path}: {path} is {kind}; refusing to replace it")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise DlcError(f"--save {path}: the directory {parent} is not writable")
-    return p
+def check_target(path: str | Path, flag: str = "--save") -> Path:
+    """Refuse, before any training, a path a checkpoint cannot be saved to (renamed over:
+    only a regular file is replaced)."""
+    return check_output(path, flag, FORMATS, "a checkpoint is", regular=True)
 
 
-def save(path: str | Path, params: dict, state: dict, meta: dict) -> None:
-    p = check_target(path)
+def save(path: str | Path, params: dict, state: dict, meta: dict, flag: str = "--save") -> None:
+    p = check_target(path, flag)
     if p.is_symlink():                  # replace what the link points at, keep the link
         p = p.resolve()
     tensors = {f"param/{k}": np.ascontiguousarray(v) for k, v in params.items()}
@@ -110,7 +96,7 @@ def load(path: str | Path) -> tuple[dict, dict, dict]:
         raise DlcError(f"checkpoint {p} is not a regular file")
     try:
         if p.suffix == ".npz":
-            with np.load(p, allow_pickle=False) as f:
+            with open_npz(p) as f:
                 tensors = {k: f[k] for k in f.files}
             raw = tensors.pop("__meta__", None)
             meta_text = bytes(raw).decode() if raw is not None else "{}"

@@ -20,6 +20,9 @@ ALIASES = {"grad": "autodiff", "backward": "autodiff", "train": "optimizer", "op
            "fused": "fusion", "kernels": "fusion", "numba": "source", "code": "source"}
 
 
+NO_GRAPHVIZ = "dlc: Graphviz's `dot` is not installed: the page shows the listing only"
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message):
         self.print_usage(sys.stderr)
@@ -221,8 +224,16 @@ def _run(args, options) -> int:
     from runtime import checkpoint
     from runtime.session import Session
     lead = distributed.env_rank() == 0      # under mpiexec, rank 0 reports and writes files
-    if args.save and lead:          # before compiling and training, not after
-        checkpoint.check_target(args.save)
+    if lead:                        # the files it writes: before compiling and training, not after
+        from runtime.outputs import PLOT_FORMATS, check_output
+        if args.save:
+            checkpoint.check_target(args.save)
+        if args.save_best:
+            checkpoint.check_target(args.save_best, "--save-best")
+        if args.log:
+            check_output(args.log, "--log")
+        if args.plot:
+            check_output(args.plot, "--plot", PLOT_FORMATS, "the curves are drawn to", fold_case=True)
     s = Session(args.file, options)
     progress = not args.quiet and lead
     if progress:
@@ -350,6 +361,9 @@ def _ir_pages(args) -> int:
     if out.exists() and not out.is_dir():
         raise DlcError(f"-o {args.output}: not a directory")
     out.mkdir(parents=True, exist_ok=True)
+    import shutil
+    if not shutil.which("dot"):
+        print(NO_GRAPHVIZ.replace("the page shows", "the pages show"), file=sys.stderr)
     stages = ["lowered"] + [st for st in PASS_NAMES if args.program == "train" or st not in ("autodiff", "optimizer")]
     for st in stages:
         one = copy.copy(args)
@@ -366,7 +380,14 @@ def _ir(args) -> int:
     stage = ALIASES.get(args.stage, args.stage)
     if stage not in STAGES:
         raise DlcError(f"unknown stage `{args.stage}`; stages: {', '.join(STAGES)}")
+    if args.output:
+        from runtime.outputs import check_output
+        check_output(args.output, "-o")
     module, lw, prog = _load_for_inspection(args, training=args.program == "train")
+    if args.phase is not None:      # a misspelt phase is an error at every stage, not only where a step is shown
+        if not lw.trains:
+            raise DlcError(f"--phase {args.phase}: no such phase; this file has no train block")
+        _phase(prog, args.phase)
     if stage == "ast":
         text = module.dump() + "\n"
     elif stage == "summary":
@@ -395,8 +416,8 @@ def _ir(args) -> int:
         elif args.format == "html":
             import shutil
             svg = printer.render(printer.to_dot(g, stage), "svg").decode() if shutil.which("dot") else None
-            if svg is None:
-                print("dlc: Graphviz's `dot` is not installed: the page shows the listing only", file=sys.stderr)
+            if svg is None and not getattr(args, "pages", None):      # --stage all says it once
+                print(NO_GRAPHVIZ, file=sys.stderr)
             text = printer.to_html(g, stage, svg, getattr(args, "pages", None))
         else:
             batch = prog.settings.get("batch", 32) if lw.trains else 32

@@ -16,7 +16,7 @@ from dsl import ast as A
 from dsl.diagnostics import DlcError, Loc
 
 from .resources import memory_limit, require
-from .streaming import Rows, npz_member
+from .streaming import Rows, npz_member, open_npz
 
 
 @dataclass
@@ -290,7 +290,7 @@ def _npz(call, base_dir, path, x="x", y="y", shape=None, stream="auto"):
         raise DlcError("`npz`: `x` and `y` name arrays in the archive (strings)", call.loc)
     _check_stream(call, stream)
     try:
-        with np.load(p, allow_pickle=False, mmap_mode="r") as f:
+        with open_npz(p, mmap_mode="r") as f:
             files = set(f.files)
             for key in (x, y):
                 if key not in files:

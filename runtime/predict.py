@@ -15,7 +15,9 @@ import numpy as np
 
 from dsl.diagnostics import DlcError
 
+from . import outputs
 from .data import EOS, IGNORE, IMAGE_SUFFIXES, PAD, read_image
+from .streaming import open_npz
 
 
 def encode_inputs(ds, texts: list[str]) -> tuple[dict, list[str]]:
@@ -135,7 +137,7 @@ def read_input_file(ds, path: str) -> tuple[dict, list[str]]:
         raise DlcError(f"--input-file {path}: no such file")
     if p.suffix == ".npz":
         try:
-            with np.load(p, allow_pickle=False) as f:
+            with open_npz(p) as f:
                 names = list(f.files)
                 key = "x" if "x" in names else names[0] if len(names) == 1 else None
                 if key is None:
@@ -212,10 +214,8 @@ def run_batches(s, batch: dict, step: int, size: int = 512) -> dict:
 
 
 def check_output(path: str | None) -> None:
-    if path is not None and Path(path).suffix not in OUTPUTS:
-        raise DlcError(f"--output {path}: predictions are written to a .csv or .npz file")
-    if path is not None and not Path(path).resolve().parent.is_dir():
-        raise DlcError(f"--output {path}: the directory {Path(path).parent} does not exist")
+    if path is not None:
+        outputs.check_output(path, "--output", OUTPUTS, "predictions are written to")
 
 
 def write_output(path: str, rows: list[dict], res: dict, probs, names) -> None:

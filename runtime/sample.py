@@ -22,7 +22,7 @@ import numpy as np
 from dsl.diagnostics import DlcError
 from dsl.parser import parse_file
 
-from . import checkpoint
+from . import checkpoint, outputs
 
 
 class Sampler:
@@ -266,6 +266,7 @@ def run_cli(args) -> int:
     """`dlc sample FILE --load CK [-n N] [--seed S] [--out grid.png] [--npz samples.npz]`;
     for a text program `[--prompt TEXT] [--temperature T] [--top-k K] [--attention PNG] [--json]`."""
     import sys
+    check_outputs(args)
     options = {k: v for k, v in (("temperature", args.temperature), ("top_k", args.top_k)) if v is not None}
     s = Sampler(args.file, args.program, args.dtype, fuse=not args.no_fuse, options=options)
     s.load(args.load)
@@ -287,6 +288,17 @@ def run_cli(args) -> int:
     write_grid(as_images(x), out)
     print(f"dlc: {args.n} samples of `{s.name}` {list(x.shape[1:])} -> {out}", file=sys.stderr)
     return 0
+
+
+def check_outputs(args) -> None:
+    """The files `dlc sample` writes, checked before the program compiles."""
+    if args.out is not None:
+        outputs.check_output(args.out, "--out", outputs.IMAGE_FORMATS, "image samples are drawn to", fold_case=True)
+    if args.attention is not None:
+        outputs.check_output(args.attention, "--attention", outputs.PLOT_FORMATS, "attention is drawn to",
+                             fold_case=True)
+    if args.npz is not None:
+        outputs.check_output(args.npz, "--npz", (".npz",), "raw samples are written to")
 
 
 def check_generators(module, dtype: str = "f32") -> list[str]:

@@ -528,7 +528,7 @@ class Session:
             if improved:
                 best = ({k: v.copy() for k, v in self.params.items()}, {k: v.copy() for k, v in self.state.items()})
                 if self.opt.save_best:
-                    self.save(self.opt.save_best)
+                    self.save(self.opt.save_best, "--save-best")
             history.add({"epoch": ep + 1, "lr": lrs if len(lrs) > 1 else lrs[self.phases[0].output],
                          "train": ep_metrics, "val": val, "seconds": round(time.perf_counter() - t_ep, 3)})
             if progress:
@@ -575,7 +575,8 @@ class Session:
         return "  ".join(f"{prefix}{ph.output} {metrics[ph.output]:.4f}" for ph in self.phases if ph.output in metrics)
 
     # ---- checkpoints -----------------------------------------------------------------------------
-    def save(self, path) -> None:
+    def save(self, path, flag: str = "--save") -> None:
+        """Write a checkpoint (`flag`: the option that named the path, for its errors)."""
         if self.dist is not None and not self.dist.lead:      # rank 0 writes
             return
         checkpoint.save(path, self.params, self.state, {
@@ -583,7 +584,8 @@ class Session:
             "phases": {ph.name: {"optimizer": ph.optimizer.name, "step": self.phase_steps[ph.name]}
                        for ph in self.phases},
             "data_order": self.data_order.bit_generator.state,
-            **({"class_names": self.dataset.info["class_names"]} if "class_names" in self.dataset.info else {})})
+            **({"class_names": self.dataset.info["class_names"]} if "class_names" in self.dataset.info else {})},
+            flag)
 
     def load(self, path) -> None:
         """Parameters, state and the position of a run: a resumed run continues bit-identically.

@@ -16,6 +16,15 @@ import numpy as np
 CHUNK_BYTES = 2 ** 20            # float64 bytes of the rows read at once by the passes over a whole split
 
 
+def open_npz(path, mmap_mode=None):
+    """`np.load` of an .npz archive, never unpickling. A file that is not a zip archive
+    is a ValueError saying so (np.load would try it as .npy, then as a pickle, and complain
+    that pickles are not allowed)."""
+    if not zipfile.is_zipfile(path):
+        raise ValueError("it is not an .npz file (np.savez writes a zip archive of .npy arrays)")
+    return np.load(path, allow_pickle=False, mmap_mode=mmap_mode)
+
+
 def npz_member(path, name: str) -> np.memmap | None:
     """Member `name` of an .npz archive as a read-only memmap, or None when it cannot be
     mapped (compressed, or an object array: read it the ordinary way)."""

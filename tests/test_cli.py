@@ -125,3 +125,57 @@ model clf(x: f32[B, 3]) -> f32[B, 2] {
         assert main(["run", str(p), "--json", "--quiet"]) == 0
         rep = last_json(capsys.readouterr().out)
         assert rep["test"]["accuracy"] > 0.9, source
+
+
+# ---- the files a command writes are checked before it compiles anything ---------------------------------
+@pytest.fixture
+def no_compiling(monkeypatch):
+    import runtime.cli as cli
+    import runtime.sample as sample
+    import runtime.session as session
+
+    def refuse(*a, **k):
+        pytest.fail("compiled before checking the output paths")
+    monkeypatch.setattr(session.Session, "__init__", refuse)
+    monkeypatch.setattr(sample.Sampler, "__init__", refuse)
+    monkeypatch.setattr(cli, "_load_for_inspection", refuse)
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--plot", "p.txt"], "--plot p.txt: the curves are drawn to a .png, .pdf, .svg, .jpg or .jpeg file"),
+    (["--plot", "{missing}/p.png"], "--plot {missing}/p.png: the directory {missing} does not exist"),
+    (["--log", "{missing}/x.jsonl"], "--log {missing}/x.jsonl: the directory {missing} does not exist"),
+    (["--log", "{tmp}"], "--log {tmp}: {tmp} is a directory"),
+    (["--save-best", "{missing}/b.safetensors"],
+     "--save-best {missing}/b.safetensors: the directory {missing} does not exist"),     # was `--save`, after training
+    (["--save-best", "b.txt"], "--save-best b.txt: a checkpoint is a .safetensors or .npz file"),
+    (["--save", "{missing}/c.npz"], "--save {missing}/c.npz: the directory {missing} does not exist"),
+])
+def test_run_output_paths_are_checked_first(capsys, tmp_path, monkeypatch, no_compiling, flags, words):
+    monkeypatch.chdir(tmp_path)
+    fill = dict(missing=str(tmp_path / "nonexist"), tmp=str(tmp_path))
+    assert main(["run", str(MLP), *(f.format(**fill) for f in flags)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {words.format(**fill)}") and err.count("\n") == 1, err
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--out", "v.txt"], "--out v.txt: image samples are drawn to a .png, .jpg, .jpeg, .bmp, .gif, .tif or .tiff file"),
+    (["--out", "{missing}/v.png"], "--out {missing}/v.png: the directory {missing} does not exist"),
+    (["--npz", "{tmp}"], "--npz {tmp}: raw samples are written to a .npz file"),
+    (["--attention", "a.txt"], "--attention a.txt: attention is drawn to a .png, .pdf, .svg, .jpg or .jpeg file"),
+])
+def test_sample_output_paths_are_checked_first(capsys, tmp_path, monkeypatch, no_compiling, flags, words):
+    monkeypatch.chdir(tmp_path)
+    fill = dict(missing=str(tmp_path / "nonexist"), tmp=str(tmp_path))
+    vae = ROOT / "examples" / "vae.dl"
+    assert main(["sample", str(vae), "--load", "vae.safetensors", *(f.format(**fill) for f in flags)]) == 2
+    assert capsys.readouterr().err == f"error: {words.format(**fill)}\n"
+
+
+def test_ir_output_path_is_checked_first(capsys, tmp_path, no_compiling):
+    assert main(["ir", str(MLP), "-o", str(tmp_path / "nonexist" / "ir.txt")]) == 2
+    assert capsys.readouterr().err == f"error: -o {tmp_path}/nonexist/ir.txt: the directory {tmp_path}/nonexist does not exist\n"
+    assert main(["ir", str(MLP), "-o", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == f"error: -o {tmp_path}: {tmp_path} is a directory; refusing to replace it\n"

@@ -40,7 +40,9 @@ def test_dropout_is_identity_in_evaluation():
 
 
 @pytest.mark.parametrize("body, words", [
-    ("conv2d(x, 4, kernel = 11)", "conv2d: the kernel (11 wide) is larger than the input (8 rows)"),
+    ("conv2d(x, 4, kernel = 11)", "error: conv2d: the kernel (11 rows) is larger than the input (8 rows)\n"),
+    ("conv2d(x, 4, kernel = [3, 11])", "error: conv2d: the kernel (11 columns) is larger than the input (8 columns)\n"),
+    ("max_pool2d(x, kernel = 11)", "error: max_pool2d: the kernel (11 rows) is larger than the input (8 rows)\n"),
     ("conv2d(x, 4, kernel = 9, padding = 0)", "larger than the input"),
     ("conv(x, zeros_w)", "the input has 1 channels [B, 1, 8, 8] but the kernel expects 3 [4, 3, 3, 3]"),
     ("dense(flatten(max_pool2d(conv2d(x, 4), 2)), 10) + dense(flatten(x), 10, name = \"d\")", None),

@@ -92,6 +92,21 @@ def test_data_file_errors(capsys, dl_file, tmp_path):
     assert code == 2 and "d.csv:3: `oops` is not a number" in err
 
 
+@pytest.mark.parametrize("content", [b"hello, this is text\n", b"\x93NUMPY"])
+def test_a_file_that_is_not_npz_says_so(capsys, dl_file, tmp_path, content):
+    """A text file (or an .npy) named .npz showed numpy's message about pickled data."""
+    (tmp_path / "notnpz.npz").write_bytes(content)
+    p = dl_file(HEAD + "    return dense(x, 10)\n}\n" + 'train mlp on npz("notnpz.npz") {\n    loss = cross_entropy(mlp(x), y)\n}\n')
+    code, err = check(capsys, p)
+    assert code == 2 and err.startswith(f"{p}:4:14: error: cannot read notnpz.npz as .npz: it is not an .npz file "
+                                        "(np.savez writes a zip archive of .npy arrays)\n"), err
+    assert "pickle" not in err
+    from dsl.diagnostics import DlcError
+    from runtime import checkpoint
+    with pytest.raises(DlcError, match=r"cannot read checkpoint .*notnpz.npz: it is not an .npz file"):
+        checkpoint.load(tmp_path / "notnpz.npz")
+
+
 def test_data_shape_mismatch_names_both_shapes(capsys, dl_file, tmp_path):
     np.savez(tmp_path / "d.npz", x=np.zeros((10, 63), np.float32), y=np.arange(10) % 2)
     p = dl_file(HEAD + "    return dense(x, 10)\n}\n" + 'train mlp on npz("d.npz") {\n    loss = cross_entropy(mlp(x), y)\n}\n')
@@ -122,3 +137,67 @@ def test_import_errors_and_debug(capsys, dl_file):
     with pytest.raises(Exception) as e:          # --debug lets the exception (and traceback) through
         main(["check", str(p), "--debug"])
     assert "cannot import" in str(e.value)
+
+
+# ---- option ranges: a value that cannot work is refused where it is written --------------------------------
+@pytest.mark.parametrize("opt, col, words", [
+    ("adam(lr = 1e-3, beta2 = 1.0)", 41, "`beta2` must be in [0, 1), got 1.0"),     # was ZeroDivisionError
+    ("adam(beta1 = 1.0)", 30, "`beta1` must be in [0, 1), got 1.0"),
+    ("adamw(beta1 = 1.5)", 31, "`beta1` must be in [0, 1), got 1.5"),
+    ("adam(beta2 = -0.1)", 30, "`beta2` must be in [0, 1), got -0.1"),
+    ("adam(eps = 0)", 28, "`eps` must be a positive number, got 0"),
+    ("rmsprop(alpha = 2)", 33, "`alpha` must be in [0, 1), got 2"),
+    ("rmsprop(eps = 0.0)", 31, "`eps` must be a positive number, got 0.0"),
+    ("sgd(momentum = 1)", 32, "`momentum` must be in [0, 1), got 1"),
+    ("sgd(lr = -0.1)", 26, "`lr` must be a non-negative number, got -0.1"),
+    ("adamw(weight_decay = -0.01)", 38, "`weight_decay` must be a non-negative number, got -0.01"),
+])
+def test_optimizer_options_out_of_range(capsys, dl_file, opt, col, words):
+    p = dl_file(HEAD + "    return dense(x, 10)\n}\n" +
+                f"train mlp on digits() {{\n    loss = cross_entropy(mlp(x), y)\n    optimizer = {opt}\n}}\n")
+    for cmd in (["check"], ["run", "--epochs", "1"]):     # `run` refuses it before compiling
+        assert main([cmd[0], str(p), *cmd[1:]]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"{p}:6:{col}: error: {words}\n"), err
+        assert err.splitlines()[2].strip().startswith("^") and "internal error" not in err, err
+
+
+def test_optimizer_spec_checks_its_options():
+    from compiler.optim import OptimizerSpec
+    with pytest.raises(ValueError, match=r"`beta2` must be in \[0, 1\)"):
+        OptimizerSpec("adam", 1e-3, beta2=1.0)
+    assert OptimizerSpec("adam", 1e-3, beta1=0.0, beta2=0.0).beta2 == 0.0
+
+
+@pytest.mark.parametrize("call, words", [
+    ("dropout(x, rate = 1.5)", "`rate` must be in [0, 1), got 1.5"),
+    ("dropout(x, rate = -0.5)", "`rate` must be in [0, 1), got -0.5"),
+    ("dropout(x, 1.0)", "`rate` must be in [0, 1), got 1.0"),        # was a NaN at run time
+    ("layer_norm(x, eps = -1)", "`eps` must be positive, got -1"),
+    ("layer_norm(x, eps = 0)", "`eps` must be positive, got 0"),
+    ("batch_norm(x, eps = -1e-5)", "`eps` must be positive, got -1e-05"),
+    ("batch_norm(x, momentum = 1.5)", "`momentum` must be in [0, 1], got 1.5"),
+])
+def test_layer_options_out_of_range(capsys, dl_file, call, words):
+    p = dl_file(HEAD + f"    return dense({call}, 10)\n}}\n" + TRAIN)
+    code, err = check(capsys, p)
+    assert code == 2 and "Traceback" not in err
+    assert err.startswith(f"{p}:2:18: error: {words}\n"), err          # at the user's call
+    assert err.splitlines()[2].strip().startswith("^") and f"inside `{call.split('(')[0]}`" in err, err
+
+
+def test_group_norm_eps_out_of_range(capsys, dl_file):
+    p = dl_file("model m(x: f32[B, 4, 4, 4]) -> f32[B, 4, 4, 4] {\n    return group_norm(x, 2, eps = -1)\n}\n")
+    code, err = check(capsys, p)
+    assert code == 2 and err.startswith(f"{p}:2:12: error: `eps` must be positive, got -1\n"), err
+
+
+@pytest.mark.parametrize("call", ["dropout(x, rate = 0)", "dropout(x, rate = 0.99)", "batch_norm(x, momentum = 1)"])
+def test_layer_options_in_range_pass(capsys, dl_file, call):
+    assert check(capsys, dl_file(HEAD + f"    return dense({call}, 10)\n}}\n" + TRAIN))[0] == 0
+
+
+def test_in_range_takes_an_interval(capsys, dl_file):
+    p = dl_file(HEAD + '    r = in_range(0.5, "0 to 1")\n    return dense(x, 10)\n}\n' + TRAIN)
+    code, err = check(capsys, p)
+    assert code == 2 and err.startswith(f"{p}:2:9: error: `in_range` takes an interval"), err

@@ -365,6 +365,20 @@ def test_phase_mistakes_are_located(capsys, dl_file, body, line, words):
     assert words in err, err
 
 
+@pytest.mark.parametrize("body, words", [
+    ('train G on digits() {\n loss = mean(D(G(x)))\n params = ["E"]\n}\n', "`params` pattern \"E\" matches no parameter"),
+    ('train G on digits() {\n loss = mean(D(stop_gradient(G(x))))\n params = ["G"]\n}\n',
+     "`params` selects G/dense_1/W, G/dense_1/b, but the loss does not depend on them"),
+])
+def test_params_mistakes_without_phases_name_no_empty_phase(capsys, dl_file, body, words):
+    """A train block without phases is one unnamed phase: its errors said "phase ``: ..."."""
+    p = dl_file(HEAD + body)
+    assert main(["check", str(p)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"{p}:6:11: error: {words}\n"), err
+    assert "phase" not in err.splitlines()[0], err
+
+
 def test_a_tuple_used_as_one_value_says_to_unpack(capsys, dl_file):
     p = dl_file("""
 model M(x: f32[B, 64]) -> f32[B, 10] {
@@ -416,6 +430,24 @@ def test_ir_shows_one_phase_step(capsys, dl_file):
     assert "d loss / d M/V" in out and "d loss / d M/U" not in out
     assert main(["ir", str(p), "--stage", "grad", "--phase", "w"]) == 2
     assert "no such phase; phases: u, v" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args", [[], ["--stage", "ast"], ["--stage", "summary"], ["--program", "eval"],
+                                  ["--stage", "fused", "--program", "eval"]])
+def test_ir_checks_the_phase_name_at_every_stage(capsys, dl_file, args):
+    """`--phase w` was silently ignored unless the stage showed a phase's step."""
+    p = dl_file(ALTERNATING)
+    assert main(["ir", str(p), *args, "--phase", "w"]) == 2
+    assert capsys.readouterr().err == "error: --phase w: no such phase; phases: u, v\n"
+
+
+def test_ir_phase_of_a_file_without_phases(capsys, dl_file):
+    p = dl_file(HEAD + "train G on digits() {\n loss = mean(G(x))\n}\n")
+    assert main(["ir", str(p), "--phase", "w"]) == 2
+    assert capsys.readouterr().err == "error: --phase w: no such phase; this train block has no phases\n"
+    p = dl_file(HEAD, "no_train.dl")
+    assert main(["ir", str(p), "--phase", "w"]) == 2
+    assert capsys.readouterr().err == "error: --phase w: no such phase; this file has no train block\n"
 
 
 def test_state_updates_belong_to_the_phase_that_makes_them(dl_file):

@@ -347,6 +347,20 @@ def test_a_bad_option_is_one_located_error_with_status_2(tmp_path, capsys):
     assert "Traceback" not in err
 
 
+@pytest.mark.parametrize("call, words", [
+    ("transformer_encoder_block(x, heads = 3)", "heads (3) must divide the model width (10)"),  # was a raw reshape
+    ("multi_head_attention(x, heads = 4)", "heads (4) must divide the model width (10)"),
+    ("multi_head_attention(x, heads = 0)", "heads must be a positive integer, got the number 0"),
+])
+def test_heads_must_divide_the_width(tmp_path, capsys, call, words):
+    path = tmp_path / "heads.dl"
+    path.write_text(f"model m(x: f32[B, 6, 10]) -> f32[B, 6, 10] {{\n    return {call}\n}}\n")
+    assert main(["check", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"{path}:2:12: error: {words}\n"), err
+    assert err.splitlines()[2].strip().startswith("^") and "reshape" not in err, err
+
+
 # ---- the number-words task (runtime/data.py) --------------------------------------------------------
 
 def test_number_words_read_back_to_every_number():

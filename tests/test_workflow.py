@@ -184,7 +184,7 @@ train m on digits(shape = [4, 4, 4]) {{
 @pytest.mark.parametrize("body, words", [
     ("conv_transpose(x, zeros([3, 2, 2, 2]))", "the input has 4 channels [B, 4, 4, 4] but the kernel expects 3"),
     ("conv2d(x, 4, kernel = [3, 2, 1])", "`pair`: the value must be an integer or a list of 2 integers"),
-    ("group_norm(x, 3)", "cannot reshape"),
+    ("group_norm(x, 3)", "groups (3) must divide the channels (4)"),      # was a raw reshape error
     ("conv_transpose2d(x, 2, kernel = 3, stride = 2, output_padding = 2)", "output_padding (2) must be smaller"),
     ("max_pool2d(x, kernel = [2, 9])", "larger than the input"),
 ])

@@ -471,6 +471,19 @@ def test_ir_every_stage_as_a_page(capsys, tmp_path):
     assert "--format html -o DIR" in capsys.readouterr().err
 
 
+def test_ir_pages_without_graphviz_say_so_once(capsys, tmp_path, monkeypatch):
+    """The warning was printed once per page (7 times)."""
+    import shutil
+    monkeypatch.setattr(shutil, "which", lambda *a, **k: None)
+    assert main(["ir", str(ROOT / "examples" / "mlp.dl"), "--stage", "all", "--format", "html",
+                 "-o", str(tmp_path / "pages")]) == 0
+    err = capsys.readouterr().err
+    assert err.count("Graphviz's `dot` is not installed") == 1, err
+    assert len(list((tmp_path / "pages").iterdir())) > 1
+    assert main(["ir", str(ROOT / "examples" / "mlp.dl"), "--format", "html", "-o", str(tmp_path / "one.html")]) == 0
+    assert capsys.readouterr().err.count("Graphviz's `dot` is not installed") == 1
+
+
 @pytest.mark.slow
 def test_predict_an_image_file_with_a_model_trained_on_image_folders(capsys, dl_file, tmp_path):
     from PIL import Image
