@@ -8,6 +8,8 @@ Cases:
          the CNN (dropout included) in float32 too: the masks must be the CPU's, bit for bit.
   train  a few training steps of a small MLP and a small CNN (batch norm, dropout, Adam) on the
          CUDA target against the CPU target: losses, outputs and every parameter.
+  examples  examples/mlp.dl and examples/cnn.dl at full width: a training step and the
+         evaluation program, CUDA against CPU.
 """
 from __future__ import annotations
 
@@ -112,6 +114,41 @@ def check_train(tmp: str) -> None:
         print(f"ok train {name}", flush=True)
 
 
+def check_examples() -> None:
+    """examples/mlp.dl and examples/cnn.dl as written (full width, their batch sizes): one
+    training step and the evaluation program on a few held-out examples, CUDA against CPU.
+    (A simulated step takes about a minute: the simulator interprets every thread in Python.)"""
+    from pathlib import Path
+
+    from runtime.session import Options, Session
+    root = Path(__file__).resolve().parent.parent
+    for name in ("mlp", "cnn"):
+        path = root / "examples" / f"{name}.dl"
+        cu = Session(path, Options(target="cuda", epochs=1))
+        cpu = Session(path, Options(target="cpu", epochs=1))
+        # the evaluation program first, on the same initial parameters (after a step, the conv
+        # biases below differ by rounding noise, and batch norm's running mean carries it)
+        held = {k: np.ascontiguousarray(v[:8]) for k, v in cu.dataset.test.items()}
+        e_cu, e_cpu = cu.run_eval(held), cpu.run_eval(held)
+        np.testing.assert_allclose(e_cu["output"], e_cpu["output"], rtol=1e-4, atol=1e-5, err_msg=name)
+        np.testing.assert_allclose(e_cu["loss"], e_cpu["loss"], rtol=1e-5, err_msg=name)
+        b = int(cu.settings["batch"])
+        batch = {k: np.ascontiguousarray(v[:b]) for k, v in cu.dataset.train.items()}
+        l_cu, o_cu = cu.train_step(batch)
+        l_cpu, o_cpu = cpu.train_step(batch)
+        np.testing.assert_allclose(l_cu, l_cpu, rtol=1e-5, err_msg=name)
+        np.testing.assert_allclose(o_cu, o_cpu, rtol=1e-4, atol=1e-5, err_msg=name)
+        for k in cpu.params:
+            # a convolution's bias before batch norm has a zero gradient (the norm takes the
+            # channel's mean out): both targets' are rounding noise, which Adam scales to +-lr
+            if not (name == "cnn" and k.startswith("cnn/conv2d_") and k.endswith("/b")):
+                np.testing.assert_allclose(cu.params[k], cpu.params[k], rtol=1e-4, atol=1e-6, err_msg=f"{name} {k}")
+        for k in cpu.state:                 # Adam's moments, batch norm's running statistics
+            if not (name == "cnn" and "cnn/conv2d_" in k and k.endswith("/b")):
+                np.testing.assert_allclose(cu.state[k], cpu.state[k], rtol=1e-4, atol=1e-6, err_msg=f"{name} {k}")
+        print(f"ok example {name}: loss {l_cu:.6f} (cpu {l_cpu:.6f})", flush=True)
+
+
 if __name__ == "__main__":
     _patch_simulator()
     case = sys.argv[1]
@@ -119,5 +156,7 @@ if __name__ == "__main__":
         check_ops()
     elif case == "train":
         check_train(sys.argv[2])
+    elif case == "examples":
+        check_examples()
     else:
         raise SystemExit(f"unknown case {case}")

@@ -162,6 +162,12 @@ def test_simulator_training_steps_match_the_cpu(tmp_path):
 
 
 @pytest.mark.slow
+def test_simulator_the_mlp_and_cnn_examples_at_full_width():
+    out = _sim("-m", "tests.cuda_sim_check", "examples")
+    assert "ok example mlp" in out and "ok example cnn" in out
+
+
+@pytest.mark.slow
 def test_simulator_cli_run_target_cuda(tmp_path):
     """`dlc run --target cuda` end to end on a narrow MLP: parameters uploaded, the evaluation
     program on the device, a checkpoint saved from it. (The simulator runs a simulated barrier
