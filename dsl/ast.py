@@ -16,9 +16,9 @@ class Node:
         pad = "  " * indent
         scalars, children = [], []
         for f in fields(self):
-            if f.name == "loc":
-                continue
             v = getattr(self, f.name)
+            if f.name == "loc" or isinstance(v, Loc):       # positions (func_loc, model_loc): not content
+                continue
             if isinstance(v, Node):
                 children.append((f.name, [v]))
             elif isinstance(v, tuple) and v and all(isinstance(c, Node) for c in v):
