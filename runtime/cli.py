@@ -106,7 +106,7 @@ def make_parser() -> argparse.ArgumentParser:
                     help="a held-out example by index (repeatable; default: the first 5)")
     pr.add_argument("--temperature", type=_number(float, allow_zero=True), default=0.0,
                     help="decoders sample from softmax(logits / T) instead of taking the argmax (default 0: greedy)")
-    pr.add_argument("--seed", type=_number(int, allow_zero=True), default=0, help="seed for sampling")
+    pr.add_argument("--seed", type=_number(int, allow_zero=True, below=2 ** 32), default=0, help="seed for sampling")
     pr.add_argument("--json", action="store_true", help="print the predictions as one JSON object")
     pr.add_argument("--input-file", metavar="PATH", help="feature vectors, one example per row (.csv or .npz), "
                     "encoded and standardized as the training data was")
@@ -119,7 +119,7 @@ def make_parser() -> argparse.ArgumentParser:
     sa.add_argument("--load", metavar="PATH", required=True, help="the checkpoint (from `dlc run --save`)")
     sa.add_argument("-n", "--tokens", dest="n", type=_positive(int),
                     help="how many samples (default 16), or new characters of text (300)")
-    sa.add_argument("--seed", type=_number(int, allow_zero=True), default=0, help="seed of the random draws")
+    sa.add_argument("--seed", type=_number(int, allow_zero=True, below=2 ** 32), default=0, help="seed of the random draws")
     sa.add_argument("--out", metavar="PNG", help="write image samples as a grid (default samples.png)")
     sa.add_argument("--npz", metavar="PATH", help="also save the raw samples (array `samples`)")
     sa.add_argument("--program", help="which `generate` block (default: the first)")

@@ -714,7 +714,15 @@ def _text(call, base_dir, path=None, context=64):
     y = the same window shifted one character on (the next character at each position). The
     split is not shuffled: the held-out part is the end of the text."""
     context = _positive_int(call, "context", context, 2)
-    text = pydoc_text() if path is None else _resolve(call, base_dir, path).read_text(encoding="utf-8")
+    if path is None:
+        text = pydoc_text()
+    else:
+        file = _resolve(call, base_dir, path)
+        try:
+            text = file.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise DlcError(f"`text`: {file} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start})",
+                           call.loc, ["convert it, e.g. iconv -f latin1 -t utf-8"]) from None
     chars = sorted(set(text))
     ids = np.searchsorted(np.array([ord(c) for c in chars]), [ord(c) for c in text]).astype(np.int32)
     n = (len(ids) - 1) // context

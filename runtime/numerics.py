@@ -39,6 +39,8 @@ def first_nonfinite(session, phase: int, params: dict, state: dict, batch: dict,
         if n in feeds or n not in vals:
             continue
         if not _finite(vals[n]) and all(_finite(vals[a]) for a in g.args(n)):
+            if not g.args(n) and not np.isnan(vals[n]).any():
+                continue                # an infinity written as such: a mask's -inf (where(mask, s, -inf))
             return n, g, vals[n]
     return None
 

@@ -29,18 +29,23 @@ def encode_inputs(ds, texts: list[str]) -> tuple[dict, list[str]]:
                        "held-out examples")
     length = ds.train["x"].shape[1]
     rows = []
+    chars = ds.info.get("join") == "" and all(len(v) == 1 for v in vocab)     # text(...): characters
     for text in texts:
-        toks = text.split()
+        toks = list(text) if chars else text.split()
         unknown = [t for t in toks if t not in vocab or t.startswith("<")]
         if unknown:
-            raise DlcError(f"unknown token {unknown[0]!r} in --input; tokens: {' '.join(v for v in vocab if not v.startswith('<'))}")
+            known = repr("".join(vocab)) if chars else " ".join(v for v in vocab if not v.startswith("<"))
+            raise DlcError(f"unknown {'character' if chars else 'token'} {unknown[0]!r} in --input; "
+                           f"{'characters' if chars else 'tokens'}: {known}")
+        unit = "characters" if chars else "tokens"
         if not toks or len(toks) > length:
-            raise DlcError(f"--input takes 1 to {length} tokens, got {len(toks)}")
+            raise DlcError(f"--input takes 1 to {length} {unit}, got {len(toks)}")
         ids = [vocab.index(t) for t in toks]
         pad = ds.info.get("pad")
-        if len(ids) < length and pad == "none":
-            raise DlcError(f"this model reads exactly {length} tokens (its data has no padding), got {len(toks)} "
-                           "in --input")
+        if len(ids) < length and (pad == "none" or chars):
+            raise DlcError(f"this model reads exactly {length} {unit} (its data has no padding), got {len(toks)} "
+                           "in --input" + ("; `dlc sample --prompt TEXT` continues a text of any length" if chars
+                                           else ""))
         if pad == "right":
             ids = ids + [PAD] * (length - len(ids))
         else:                                   # "left", or a source that does not say

@@ -171,3 +171,57 @@ train net on digits() {
     loss = cross_entropy(net(x), y)
 }""")
     assert rc == 0, err
+
+
+# ---- the second trial (later chapters) ----------------------------------------------------------
+def test_a_nan_after_masked_attention_is_blamed_on_its_op_not_the_masks_infinity(tmp_path, capsys):
+    p = tmp_path / "nan.dl"
+    p.write_text("""model enc(x: i32[B, 6]) -> f32[B, 13] {
+    h = embedding(unpad(x), 30, 16)
+    h = transformer_encoder_block(h, heads = 2, mask = padding_mask(x))
+    h = sqrt(h - 100.0)
+    return dense(mean(h, axis = 1), 13)
+}
+train enc on number_words(test = 0.2) {
+    loss      = cross_entropy(enc(x), y[:, 0])
+    optimizer = adam(lr = 1e-3)
+    batch     = 64
+    epochs    = 1
+}""")
+    assert main(["run", str(p), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "nan.dl:4:9: error: the model computes NaN: `sqrt` in the forward pass" in err, err
+
+
+def test_text_that_is_not_utf8_is_a_located_error(tmp_path, capsys):
+    (tmp_path / "bad.txt").write_bytes(b"hello \xff\xfe world " * 20)
+    p = tmp_path / "m.dl"
+    p.write_text("""model lm(x: i32[B, 8]) -> f32[B, 8, 16] { return dense(embedding(x, 16, 8), 16) }
+train lm on text("bad.txt", context = 8) {
+    loss = cross_entropy(lm(x), y)
+}""")
+    assert main(["run", str(p), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "m.dl:2:13: error: `text`:" in err and "is not UTF-8 text (byte 0xff at offset 6)" in err
+
+
+def test_sample_and_predict_seeds_are_range_checked(capsys):
+    for cmd in ("sample", "predict"):
+        with pytest.raises(SystemExit) as e:
+            main([cmd, "examples/gan.dl", "--load", "x.npz", "--seed", str(2 ** 63)])
+        assert e.value.code == 2
+        assert "--seed: must be below 4,294,967,296" in capsys.readouterr().err
+
+
+def test_predict_reads_a_character_models_input_as_characters():
+    from types import SimpleNamespace
+
+    from runtime.predict import encode_inputs
+    chars = [" ", ".", "a", "b", "c"]
+    ds = SimpleNamespace(info={"input_vocab": chars, "vocab": chars, "join": ""},
+                         train={"x": np.zeros((2, 4), np.int32)})
+    assert encode_inputs(ds, ["ab c"])[0]["x"].tolist() == [[2, 3, 0, 4]]
+    with pytest.raises(DlcError, match="reads exactly 4 characters.*dlc sample --prompt"):
+        encode_inputs(ds, ["ab"])
+    with pytest.raises(DlcError, match="unknown character 'z'"):
+        encode_inputs(ds, ["abcz"])
