@@ -19,7 +19,7 @@ def _top_k_infer(s, d, a):
         raise ShapeError("top_k needs logits with a class axis")
     c = s[0][-1]
     if isinstance(c, int) and not 1 <= a["k"] <= c:
-        raise ShapeError(f"top_k keeps 1 to {c} of the {c} classes, not {a['k']}")
+        raise ShapeError(f"keeps 1 to {c} of the {c} classes, not {a['k']}")
     if d[0] not in ("f32", "f64"):
         raise ShapeError(f"top_k takes float logits, got {d[0]}")
     return tuple(s[0]), d[0]

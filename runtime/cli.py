@@ -179,7 +179,8 @@ def main(argv=None) -> int:
     except MemoryError:
         if args.debug:
             raise
-        print("error: out of memory (a smaller --batch or model may fit)", file=sys.stderr)
+        hint = {"sample": "a smaller -n", "predict": "fewer inputs"}.get(getattr(args, "cmd", None), "a smaller --batch")
+        print(f"error: out of memory ({hint} or model may fit)", file=sys.stderr)
         return 2
     except Exception as e:          # a bug in dlc, never the user's: the one other exit
         if args.debug:

@@ -53,10 +53,15 @@ class Sampler:
             if v is None:
                 raise DlcError(f"checkpoint {path} lacks {'parameter' if kind == 'param' else 'state'} `{name}`, "
                                f"which the sampling program `{self.name}` uses")
-            if tuple(v.shape) != tuple(shape):
-                raise DlcError(f"checkpoint {kind} `{name}` is {list(v.shape)}, the program's is {list(shape)}")
             from compiler.driver import DTYPES
-            self.values[name] = np.ascontiguousarray(v, DTYPES[dtype])
+            want = np.dtype(DTYPES[dtype])
+            # an f32 checkpoint samples exactly in f64; f64 into f32 would round silently
+            if tuple(v.shape) != tuple(shape) or not (v.dtype == want or np.can_cast(v.dtype, want, "safe")):
+                raise DlcError(f"checkpoint {kind} `{name}` is {v.dtype}{list(v.shape)}, the program's is "
+                               f"{want}{list(shape)}", None,
+                               [f"a checkpoint trained with --dtype {'f64' if v.dtype == np.float64 else 'f32'} "
+                                f"samples with the same --dtype"] if v.dtype != want and v.dtype.kind == "f" else [])
+            self.values[name] = np.ascontiguousarray(v, want)
 
     @property
     def input_names(self) -> list[str]:

@@ -107,7 +107,7 @@ def test_top_k_gradient_passes_to_the_kept_logits():
 
 
 @pytest.mark.parametrize("src,msg", [
-    ("model m(x: f64[B, 5]) { return top_k(x, 6) }", "top_k keeps 1 to 5 of the 5 classes, not 6"),
+    ("model m(x: f64[B, 5]) { return top_k(x, 6) }", "top_k: keeps 1 to 5 of the 5 classes, not 6"),
     ("model m(x: f64[B, 5]) { return top_k(x, 0) }", "k must be an integer >= 1"),
     ("model m(x: i32[B, 5]) { return top_k(x, 2) }", "top_k takes float logits"),
 ])
@@ -241,7 +241,7 @@ def test_cli_prints_text_json_and_attention(tiny, capsys, tmp_path):
 
 @pytest.mark.parametrize("argv,msg", [
     (["--prompt", "THE"], "the prompt has characters the model never saw: 'EHT'"),
-    (["--top-k", "99"], "top_k keeps 1 to 28 of the 28 classes, not 99"),
+    (["--top-k", "99"], "top_k: keeps 1 to 28 of the 28 classes, not 99"),
     (["--program", "nope"], "unknown sampling program `nope`"),
 ])
 def test_sample_mistakes(tiny, capsys, argv, msg):

@@ -225,3 +225,16 @@ def test_predict_reads_a_character_models_input_as_characters():
         encode_inputs(ds, ["ab"])
     with pytest.raises(DlcError, match="unknown character 'z'"):
         encode_inputs(ds, ["abcz"])
+
+
+def test_sample_refuses_a_checkpoint_it_would_round(tmp_path, capsys):
+    from tests.test_generative import TINY_GAN
+    p = tmp_path / "gan.dl"
+    p.write_text(TINY_GAN)
+    ck = tmp_path / "g64.safetensors"
+    assert main(["run", str(p), "--dtype", "f64", "--save", str(ck), "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["sample", str(p), "--load", str(ck), "-n", "2", "--out", str(tmp_path / "s.png")]) == 2
+    err = capsys.readouterr().err
+    assert "is float64[4, 64], the program's is float32[4, 64]" in err and "same --dtype" in err
+    assert main(["sample", str(p), "--load", str(ck), "-n", "2", "--dtype", "f64", "--out", str(tmp_path / "s.png")]) == 0
