@@ -858,8 +858,8 @@ def _cast(imp, n):
     src = imp.dtype(n.input[0])
     if to == src:
         return imp.ref(n.input[0])
-    if to not in ("f32", "f64") or src == "bool":
-        imp.fail(f"dlc casts numbers to its float type only (here {src} -> {to or imp.attr('to')})")
+    if to not in ("f32", "f64"):
+        imp.fail(f"dlc casts numbers and booleans to its float type only (here {src} -> {to or imp.attr('to')})")
     return f"float({imp.ref(n.input[0])})"
 
 

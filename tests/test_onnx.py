@@ -182,7 +182,7 @@ def test_round_trip_mlp_through_cli(tmp_path, capsys):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["cnn", "vit_digits", "gpt"])
+@pytest.mark.parametrize("name", ["cnn", "vit_digits", "gpt", "diffusion"])
 def test_round_trip_examples(name, tmp_path):
     """export -> import -> compile: the imported .dl file computes what the exported model does
     (conv2d layers, batch norm and attention written out as primitives, a causal mask as state)."""
@@ -190,6 +190,10 @@ def test_round_trip_examples(name, tmp_path):
     dl, ck = import_file(tmp_path / "m.onnx", tmp_path / "back.dl")
     sess = ort.InferenceSession(str(tmp_path / "m.onnx"))
     batch = _batch(sess, n=3)
+    rng = np.random.default_rng(1)
+    for i in sess.get_inputs():         # diffusion's draws (its timestep embedding casts a comparison: bool -> f32)
+        if i.name.startswith("noise_"):
+            batch[i.name] = rng.standard_normal([3 if isinstance(d, str) else d for d in i.shape]).astype(np.float32)
     want = sess.run(None, batch)[0]
     params, state, _ = checkpoint.load(ck)
     fn = compile_function(str(dl), "back", dtype="f32", training=False)
