@@ -276,7 +276,11 @@ def run_cli(args) -> int:
     s = Sampler(args.file, args.program, args.dtype, fuse=not args.no_fuse, options=options)
     s.load(args.load)
     if "prompt" in s.input_names:
+        if args.out is not None:
+            raise DlcError(f"--out draws image samples; `{s.name}` writes text (printed; --npz keeps its token ids)")
         return _text_cli(s, args)
+    if args.json:
+        raise DlcError(f"--json is for text programs; `{s.name}` draws images (--out PNG, --npz for the arrays)")
     if args.prompt is not None or args.attention:
         raise DlcError(f"--prompt and --attention are for text programs; `{s.name}` takes no prompt")
     if s.input_names:

@@ -238,3 +238,14 @@ def test_sample_refuses_a_checkpoint_it_would_round(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "is float64[4, 64], the program's is float32[4, 64]" in err and "same --dtype" in err
     assert main(["sample", str(p), "--load", str(ck), "-n", "2", "--dtype", "f64", "--out", str(tmp_path / "s.png")]) == 0
+
+
+def test_sample_refuses_flags_it_would_ignore(tmp_path, capsys):
+    from tests.test_generative import TINY_GAN
+    p = tmp_path / "gan.dl"
+    p.write_text(TINY_GAN)
+    ck = tmp_path / "g.safetensors"
+    assert main(["run", str(p), "--save", str(ck), "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["sample", str(p), "--load", str(ck), "-n", "2", "--json"]) == 2
+    assert "--json is for text programs; `samples` draws images" in capsys.readouterr().err
