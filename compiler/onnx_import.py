@@ -115,6 +115,9 @@ class Importer:
         a = self.static[name]
         if a.ndim == 0:
             return number(a)
+        if a.dtype == np.bool_ and (band := _band_mask(a)) is not None:     # a causal mask: written as one
+            self.expr[name] = band
+            return band
         if a.dtype == np.bool_:         # a mask: kept as 0/1 state, compared back to bool
             self.expr[name] = f"({self.param(name, a.astype(np.float32), state=True)} > 0.5)"
             return self.expr[name]
@@ -849,6 +852,22 @@ def _reduce(imp, n):
         return x
     keep = "true" if imp.attr("keepdims", 1) else "false"
     return REDUCTIONS[n.op_type].format(x=x, a=dl_list(axes), k=keep)
+
+
+def _band_mask(a: np.ndarray) -> str | None:
+    """A boolean constant that is `row + k >= column` over its last two axes (a causal mask,
+    leading axes of size 1) as a `.dl` expression, so the imported file computes it instead of
+    keeping it as state a fresh run would start at zeros; None for any other mask."""
+    if a.ndim < 2 or any(d != 1 for d in a.shape[:-2]):
+        return None
+    m, n = a.shape[-2:]
+    rows, cols = np.indices((m, n))
+    for k in range(-m, n + 1):
+        if np.array_equal(a.reshape(m, n), rows + k >= cols):
+            shift = f" + {k}" if k > 0 else f" - {-k}" if k < 0 else ""
+            expr = f"iota([{m}, {n}], 0){shift} >= iota([{m}, {n}], 1)"
+            return f"reshape({expr}, {dl_list(list(a.shape))})" if a.ndim > 2 else f"({expr})"
+    return None
 
 
 @imports("Cast")

@@ -211,3 +211,15 @@ def test_conformance_cases_run_and_refusals_are_named():
     assert conf.run_case(cases["test_maxpool_2d_default"]) == ("pass", "")
     status, why = conf.run_case(cases["test_maxpool_2d_ceil"])
     assert status == "refused" and "ceil_mode" in why
+
+
+def test_a_causal_mask_constant_is_imported_as_an_expression():
+    """A folded causal mask is written as `iota >= iota` (a fresh run of the imported file gets
+    the mask, not state starting at zeros); any other boolean constant stays state."""
+    from compiler.onnx_import import _band_mask
+    r, c = np.indices((5, 5))
+    assert _band_mask(r >= c) == "(iota([5, 5], 0) >= iota([5, 5], 1))"
+    assert _band_mask((r - 1 >= c)[None, None]) == "reshape(iota([5, 5], 0) - 1 >= iota([5, 5], 1), [1, 1, 5, 5])"
+    assert _band_mask(r == c) is None and _band_mask(np.ones((2, 3, 3), bool)) is None
+    rr, cc = np.indices((3, 4))
+    assert _band_mask(rr + 1 >= cc) == "(iota([3, 4], 0) + 1 >= iota([3, 4], 1))"
