@@ -294,7 +294,13 @@ def run_cli(args) -> int:
             print(line)
         return 0
     out = args.out or "samples.png"
-    write_grid(as_images(x), out)
+    try:
+        images = as_images(x)
+    except DlcError as e:                   # point at the program that returned them
+        fn = s.lowerer.generators[s.name]
+        e.loc = next((st.values[0].loc for st in fn.body if type(st).__name__ == "Return"), fn.loc)
+        raise
+    write_grid(images, out)
     print(f"dlc: {args.n} samples of `{s.name}` {list(x.shape[1:])} -> {out}", file=sys.stderr)
     return 0
 

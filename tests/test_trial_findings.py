@@ -249,3 +249,18 @@ def test_sample_refuses_flags_it_would_ignore(tmp_path, capsys):
     capsys.readouterr()
     assert main(["sample", str(p), "--load", str(ck), "-n", "2", "--json"]) == 2
     assert "--json is for text programs; `samples` draws images" in capsys.readouterr().err
+
+
+def test_samples_that_are_not_images_point_at_the_generate_block(tmp_path, capsys):
+    p = tmp_path / "g.dl"
+    p.write_text("""model G(z: f32[B, 4]) -> f32[B, 10] { return sigmoid(dense(z, 10)) }
+train G on digits(test = 0.2) {
+    loss = mse(G(x[:, 0:4]), x[:, 0:10])
+    epochs = 1
+}
+generate samples(n) { return G(normal([n, 4])) }""")
+    ck = tmp_path / "g.npz"
+    assert main(["run", str(p), "--save", str(ck), "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["sample", str(p), "--load", str(ck), "-n", "2", "--out", str(tmp_path / "s.png")]) == 2
+    assert "g.dl:6:30: error: cannot show samples of shape [2, 10] as images" in capsys.readouterr().err
