@@ -152,8 +152,9 @@ def make_parser() -> argparse.ArgumentParser:
     common(i)
     i.add_argument("--stage", default="lowered", help=f"one of: {', '.join(STAGES)}, or all (with --format html -o DIR; aliases: "
                    + ", ".join(f"{k}={v}" for k, v in ALIASES.items()) + ")")
-    i.add_argument("--program", choices=["train", "eval"], default="train",
-                   help="the training step (default) or the evaluation program")
+    i.add_argument("--program", default="train",
+                   help="train: the training step (default), eval: the evaluation program, or the name of a "
+                        "`generate` block (a sampling program)")
     i.add_argument("--phase", help="which phase's training step (default: the first)")
     i.add_argument("--format", choices=["text", "dot", "svg", "png", "html"], default="text",
                    help="dot: Graphviz text; svg, png: rendered by Graphviz's `dot`; html: one self-contained page")
@@ -384,7 +385,19 @@ def _ir(args) -> int:
     if args.output:
         from runtime.outputs import check_output
         check_output(args.output, "-o")
-    module, lw, prog = _load_for_inspection(args, training=args.program == "train")
+    if args.program in ("train", "eval"):
+        module, lw, prog = _load_for_inspection(args, training=args.program == "train")
+    else:                                   # a sampling program
+        from compiler.driver import Lowerer
+        from dsl.parser import parse_file
+        module = parse_file(args.file)
+        lw = Lowerer(module, args.dtype, training=False)
+        if args.program not in lw.generators:
+            raise DlcError(f"--program {args.program}: not train, eval or a `generate` block of this file"
+                           + (f" (its generate blocks: {', '.join(lw.generators)})" if lw.generators else ""))
+        if args.phase is not None:
+            raise DlcError("--phase picks a training step; a `generate` program has none")
+        prog = lw.lower_generate(args.program)
     if args.phase is not None:      # a misspelt phase is an error at every stage, not only where a step is shown
         if not lw.trains:
             raise DlcError(f"--phase {args.phase}: no such phase; this file has no train block")
@@ -398,7 +411,8 @@ def _ir(args) -> int:
         kind = "train" if (args.program == "train" and lw.trains) else "eval"
         if stage != "lowered":
             if kind == "eval" and stage in ("autodiff", "optimizer"):
-                raise DlcError(f"the evaluation program has no `{stage}` stage")
+                what = "the evaluation program" if args.program in ("train", "eval") else f"`{args.program}`"
+                raise DlcError(f"{what} has no `{stage}` stage")
             stop = None if stage == "source" else stage
             g = (optimize_phase(prog, _phase(prog, args.phase), not args.no_fuse, stop) if kind == "train"
                  else optimize_eval(g, not args.no_fuse, stop))

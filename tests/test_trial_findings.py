@@ -264,3 +264,16 @@ generate samples(n) { return G(normal([n, 4])) }""")
     capsys.readouterr()
     assert main(["sample", str(p), "--load", str(ck), "-n", "2", "--out", str(tmp_path / "s.png")]) == 2
     assert "g.dl:6:30: error: cannot show samples of shape [2, 10] as images" in capsys.readouterr().err
+
+
+def test_ir_shows_a_sampling_program(tmp_path, capsys):
+    from tests.test_generative import TINY_GAN
+    p = tmp_path / "gan.dl"
+    p.write_text(TINY_GAN)
+    assert main(["ir", str(p), "--program", "samples", "--stage", "fused"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("graph samples  (after fusion)") and "kernels:" in out
+    assert main(["ir", str(p), "--program", "sample"]) == 2
+    assert "its generate blocks: samples, tokens" in capsys.readouterr().err
+    assert main(["ir", str(p), "--program", "samples", "--stage", "autodiff"]) == 2
+    assert "`samples` has no `autodiff` stage" in capsys.readouterr().err
