@@ -877,6 +877,9 @@ def _cast(imp, n):
     src = imp.dtype(n.input[0])
     if to == src:
         return imp.ref(n.input[0])
+    producer = next((m for m in imp.model.graph.node if n.input[0] in m.output), None)
+    if to in ("i32", "i64") and producer is not None and producer.op_type == "ArgMax":
+        return imp.ref(n.input[0])          # ONNX's argmax is int64; dlc's is its one integer type already
     if to not in ("f32", "f64"):
         imp.fail(f"dlc casts numbers and booleans to its float type only (here {src} -> {to or imp.attr('to')})")
     return f"float({imp.ref(n.input[0])})"

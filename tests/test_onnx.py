@@ -223,3 +223,24 @@ def test_a_causal_mask_constant_is_imported_as_an_expression():
     assert _band_mask(r == c) is None and _band_mask(np.ones((2, 3, 3), bool)) is None
     rr, cc = np.indices((3, 4))
     assert _band_mask(rr + 1 >= cc) == "(iota([3, 4], 0) + 1 >= iota([3, 4], 1))"
+
+
+def test_a_greedy_decoders_argmax_round_trips(tmp_path, dl_file):
+    """dlc exports its int32 argmax as ONNX's int64 ArgMax then a Cast to int32; importing that
+    Cast is the identity (it was refused: i64 -> i32)."""
+    p = dl_file("""model m(x: f32[B, 64]) -> f32[B, 10] {
+    h = dense(x, 10)
+    return h, argmax(h)
+}
+train m on digits(test = 0.2) {
+    logits, tokens = m(x)
+    loss = cross_entropy(logits, y)
+}""")
+    export_file(p, None, tmp_path / "m.onnx")
+    dl, ck = import_file(tmp_path / "m.onnx", tmp_path / "back.dl")
+    x = np.random.default_rng(0).standard_normal((4, 64)).astype(np.float32)
+    want = ort.InferenceSession(str(tmp_path / "m.onnx")).run(None, {"x": x})
+    params, state, _ = checkpoint.load(ck)
+    got = compile_function(str(dl), "back", dtype="f32", training=False)(x=x, **params, **state)
+    np.testing.assert_allclose(got["output"], want[0], rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(got["output2"], want[1])
