@@ -532,3 +532,15 @@ def test_a_step_flushes_subnormals_and_restores_the_mode(fuse):
     assert np.full(4, tiny, np.float32)[0] * np.float32(0.5) > 0    # subnormal outside the step
     (big,) = f(x=np.full((2, 4), 3.0, np.float32)).values()
     np.testing.assert_array_equal(big, np.full((2, 4), 1.5, np.float32))
+
+
+@pytest.mark.skipif(not __import__("compiler.codegen.fpmode", fromlist=["X86"]).X86, reason="x86-64 only")
+def test_a_python_step_restores_the_mode_when_a_kernel_raises():
+    from compiler.driver import build
+    f = compile_function(HALVE, dtype="f32")
+    ex = build(f.graph.copy(), "cpu", compiled_step=False)
+    assert "try:" in ex.source and "finally:" in ex.source
+    with pytest.raises(Exception):
+        ex(np.full((2, 4), 1, np.complex64))          # no kernel for complex data: raises inside the step
+    tiny = np.float32(1.5e-38)
+    assert np.full(4, tiny, np.float32)[0] * np.float32(0.5) > 0    # still subnormal: the mode came back

@@ -623,7 +623,11 @@ class _Module:
         head += [f"def {fname}({', '.join(args)}):"]
         enter = [self.t.step_enter] if self.t.step_enter else []
         leave = [self.t.step_exit] if self.t.step_exit else []
-        return head + ["    " + x for x in enter + binds + lines + leave] + \
+        body = binds + lines
+        if enter and not self.compiled_step:    # Python: the mode comes back even when a kernel raises
+            body = ["try:"] + ["    " + x for x in body] + ["finally:"] + ["    " + x for x in leave]
+            leave = []
+        return head + ["    " + x for x in enter + body + leave] + \
             [f"    return ({ret}{',' if len(outs) == 1 else ''})", ""]
 
     def copy(self, dst: str, src: str, compiled: bool) -> str:
