@@ -7,7 +7,8 @@ Numba's `cache=True` cannot cache code built with `exec`, so each generated modu
 to `<cache>/dlc_<hash>.py` (atomically) and imported from there, registered in `sys.modules`
 under its name *before* it is executed (otherwise Numba records the module as `<dynamic>` and
 later processes fail to load the cache). The hash covers the source, the Numba and Python
-versions and the target, so a stale cache is never used.
+versions and the target, so a stale cache is never used. Modules and graphs no run has used for
+DLC_CACHE_DAYS days (default 30) are removed (`prune`).
 """
 from __future__ import annotations
 
@@ -86,8 +87,10 @@ def load(source: str, target: str, name: str | None = None):
     jit = not numba.config.DISABLE_JIT          # a module run as Python (NUMBA_DISABLE_JIT) is not reused jitted
     if name in sys.modules and getattr(sys.modules[name], "__dlc_jit__", jit) == jit:
         return sys.modules[name]
+    prune()
     for attempt in (1, 2):
         path = _write(cache_dir() / f"{name}.py", source)
+        _used(cache_dir() / USED / name)
         spec = importlib.util.spec_from_file_location(name, path)
         mod = importlib.util.module_from_spec(spec)
         mod.__dlc_jit__ = jit
@@ -134,7 +137,9 @@ def load_object(key: str):
     path = cache_dir() / "objects" / f"{key}.pkl"
     try:
         with open(path, "rb") as f:
-            return pickle.load(f)
+            value = pickle.load(f)
+        _used(path)
+        return value
     except FileNotFoundError:
         return None
     except Exception:               # truncated or damaged: drop it
@@ -150,6 +155,84 @@ def store_object(key: str, value) -> None:
     with os.fdopen(fd, "wb") as f:
         pickle.dump(value, f, protocol=5)
     os.replace(tmp, d / f"{key}.pkl")
+
+
+# ---- pruning: what no run has used for DLC_CACHE_DAYS days goes ----------------------------------
+# A module's last use is the time of its marker `<cache>/.used/<name>` (not of the module file:
+# Numba's cache checks the source file's time stamp, so touching it would recompile every kernel);
+# a stored graph's is the time of its file. At most once a day (the time of `.pruned`), the first
+# load of a process removes modules (with Numba's files for them) and graphs unused for longer.
+USED = ".used"
+PRUNE_EVERY = 24 * 3600
+
+
+def _used(path: Path) -> None:
+    try:
+        os.utime(path)
+    except FileNotFoundError:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.touch()
+        except OSError:
+            pass
+    except OSError:
+        pass
+
+
+def cache_days() -> float:
+    """DLC_CACHE_DAYS (default 30; 0 keeps everything)."""
+    try:
+        return float(os.environ.get("DLC_CACHE_DAYS", "30"))
+    except ValueError:
+        return 30.0
+
+
+@functools.cache
+def prune(now: float | None = None) -> int:
+    """Remove what no run has used for `cache_days()` days (once a day, and once a process);
+    the number of files removed."""
+    import time
+    days, d = cache_days(), cache_dir()
+    now = now or time.time()
+    stamp = d / ".pruned"
+    try:
+        if days <= 0 or now - stamp.stat().st_mtime < PRUNE_EVERY:
+            return 0
+    except FileNotFoundError:
+        pass
+    try:
+        stamp.touch()
+        os.utime(stamp, (now, now))
+    except OSError:
+        return 0
+    old, removed = now - days * 86400, 0
+
+    def last_use(p: Path, marker: Path | None = None) -> float:
+        for q in ((marker, p) if marker else (p,)):
+            try:
+                return q.stat().st_mtime
+            except (FileNotFoundError, TypeError, AttributeError):
+                continue
+        return now
+
+    for mod in d.glob("dlc_*.py"):
+        name = mod.stem
+        marker = d / USED / name
+        if last_use(mod, marker) < old:
+            for f in [mod, marker, *(d / "__pycache__").glob(f"{name}.*")]:
+                try:
+                    f.unlink()
+                    removed += 1
+                except OSError:
+                    pass
+    for obj in (d / "objects").glob("*.pkl"):
+        if last_use(obj) < old:
+            try:
+                obj.unlink()
+                removed += 1
+            except OSError:
+                pass
+    return removed
 
 
 def _write(path: Path, source: str) -> Path:

@@ -339,3 +339,23 @@ def test_a_scan_with_a_large_body_loops_in_python(tmp_path, monkeypatch):
     for u, v in zip(a1, a2):                     # the state updates (parameters, Adam's moments)
         if isinstance(u, np.ndarray):
             np.testing.assert_allclose(u, v, rtol=1e-12, atol=1e-13)
+
+
+def test_the_cache_forgets_what_no_run_used_for_a_month(tmp_path, monkeypatch):
+    import os
+    import time
+
+    from compiler import cache
+    monkeypatch.setenv("DLC_CACHE_DIR", str(tmp_path))
+    old = cache.load("VALUE = 1\n", "cpu")
+    kept = cache.load("VALUE = 2\n", "cpu")
+    d = cache.cache_dir()
+    (d / "__pycache__").mkdir(exist_ok=True)
+    (d / "__pycache__" / f"{old.__name__}.f-1.py311.nbi").write_text("")     # Numba's files for it
+    cache.store_object("k" * 32, {"graph": 1})
+    now = time.time() + 40 * 86400
+    os.utime(d / cache.USED / kept.__name__, (now, now))                       # used again on day 40
+    assert cache.prune(now=now) == 4        # the old module, its marker, Numba's index, the graph
+    assert not (d / f"{old.__name__}.py").exists() and not list((d / "__pycache__").iterdir())
+    assert (d / f"{kept.__name__}.py").exists() and cache.load_object("k" * 32) is None
+    assert cache.prune(now=now + 3600) == 0     # once a day
