@@ -250,7 +250,9 @@ def _run(args, options) -> int:
     if args.load:
         s.load(args.load)
     report = s.fit(progress=progress)
-    if args.plot and lead:
+    if args.plot and lead and not report["history"]:
+        print(f"dlc: --plot {args.plot}: no epoch ran, nothing to plot", file=sys.stderr)
+    elif args.plot and lead:
         from runtime.history import plot
         plot(report["history"], args.plot, f"{Path(args.file).name}: {s.program.model}")
         if progress:

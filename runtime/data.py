@@ -363,8 +363,15 @@ def _csv(call, base_dir, path, label=-1, header=True, shape=None, onehot=None):
         raise DlcError(f"{p.name} has a header line but no rows of data", call.loc)
     if len(rows[0]) < 2:
         raise DlcError(f"{p.name} has one column; it needs the features and a label", call.loc)
-    names = rows[0] if header else [str(i) for i in range(len(rows[0]))]
+    names = [c.strip() for c in rows[0]] if header else [str(i) for i in range(len(rows[0]))]
     body = rows[1:] if header else rows
+    if header and all(_is_float(c) for c in names):
+        raise DlcError(f"{p.name}: its first line, read as the header, is all numbers ({', '.join(names[:4])}"
+                       f"{', ...' if len(names) > 4 else ''})", call.loc,
+                       ["a file without a header: csv(..., header = false)"])
+    dup = next((c for c in names if names.count(c) > 1), None) if header else None
+    if dup is not None:
+        raise DlcError(f"{p.name}: the column `{dup}` appears twice in its header", call.loc)
     li = _column(p, names, label, "label", call.loc)
     hot = onehot if isinstance(onehot, list) else [] if onehot is None else None
     if hot is None or not all(isinstance(c, (str, int)) and not isinstance(c, bool) for c in hot):
@@ -543,8 +550,15 @@ def read_image(f: Path, size: int, channels: int, loc=None, shown=None) -> np.nd
     from PIL import Image, UnidentifiedImageError
     try:
         with Image.open(f) as im:
-            im = im.convert("L" if channels == 1 else "RGB").resize((size, size), Image.Resampling.BILINEAR)
-            a = np.asarray(im, np.float32) / 255.0
+            if im.mode.startswith("I") or im.mode == "F":   # 16- or 32-bit grey: convert("L") clips at 255
+                full = {"F": 1.0, "I": 65535.0}.get(im.mode, 65535.0)
+                g = Image.fromarray(np.asarray(im, np.float32) / full, "F").resize((size, size), Image.Resampling.BILINEAR)
+                a = np.clip(np.asarray(g, np.float32), 0.0, 1.0)
+                if channels == 3:
+                    a = np.repeat(a[..., None], 3, axis=2)
+            else:
+                im = im.convert("L" if channels == 1 else "RGB").resize((size, size), Image.Resampling.BILINEAR)
+                a = np.asarray(im, np.float32) / 255.0
     except (UnidentifiedImageError, OSError) as e:
         raise DlcError(f"cannot read the image {shown or f}: {e}", loc) from None
     return a[None] if channels == 1 else a.transpose(2, 0, 1)

@@ -54,11 +54,13 @@ class History:
     """The epochs of a run, optionally written as they end to a JSON-lines file."""
     log_path: Path | None = None
     epochs: list = field(default_factory=list)
+    append: bool = False            # a resumed run adds its epochs to the log
 
     def __post_init__(self):
         if self.log_path is not None:
             self.log_path = Path(self.log_path)
-            self.log_path.write_text("")
+            if not self.append or not self.log_path.exists():
+                self.log_path.write_text("")
 
     def add(self, entry: dict) -> None:
         self.epochs.append(entry)

@@ -154,6 +154,8 @@ def read_input_file(ds, path: str) -> tuple[dict, list[str]]:
             raise DlcError(f"--input-file {path}: cannot read it as .npz: {e}") from None
         if x.dtype.kind not in "fiu":
             raise DlcError(f"--input-file {path}: array `{key}` must be numeric, got {x.dtype}")
+        if x.size == 0:
+            raise DlcError(f"--input-file {path}: array `{key}` holds no examples ({list(x.shape)})")
         x = x.reshape(1, -1) if x.ndim == 1 and x.size == width else x.reshape(len(x), -1) if x.ndim else x
     elif p.suffix == ".csv":
         x = _read_csv(ds, p)
@@ -191,12 +193,22 @@ def _read_csv(ds, p: Path) -> np.ndarray:
         raise DlcError(f"--input-file {p} is empty")
     features = ds.info.get("csv_features")
     head = [c.strip() for c in rows[0]]
+    from .data import _is_float
+    if features is not None and not all(_is_float(c) for c in head):     # a header: the columns by name
+        dup = next((c for c in head if head.count(c) > 1), None)
+        if dup is not None:
+            raise DlcError(f"--input-file {p}: the column `{dup}` appears twice in its header")
+        missing = [name for name, _ in features if name not in head]
+        if missing:
+            raise DlcError(f"--input-file {p} has no column `{missing[0]}` (its columns: {', '.join(head)}; the "
+                           f"model reads {', '.join(n for n, _ in features)}" +
+                           ("; give the file a header row with these names)" if any(
+                               _is_float(c) for c in head) else ")"))
     if features is not None and all(name in head for name, _ in features):
         # the training CSV's columns by name (the label column, if there, is ignored)
         cols = [head.index(name) for name, _ in features]
         body = [[r[c] if c < len(r) else "" for c in cols] for r in rows[1:]]
         return encode_rows(p.name, [n for n, _ in features], body, features, 2)
-    from .data import _is_float
     start = 0 if all(_is_float(c) for c in rows[0]) else 1        # a header of other names: skipped
     out = []
     for i, r in enumerate(rows[start:], start=start + 1):
@@ -275,6 +287,9 @@ def run_cli(args) -> int:
         batch, shown = read_input_file(ds, args.input_file)
     else:
         n = len(next(iter(ds.test.values())))
+        if n == 0 and not args.index:
+            raise DlcError("this model's data has no held-out examples (test = 0) to show; give --input-file "
+                           "or --input")
         idx = args.index or list(range(min(5, n)))
         for k in idx:
             if not 0 <= k < n:

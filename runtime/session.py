@@ -226,6 +226,7 @@ class Session:
         self._arg_plans: dict[int, _ArgPlan] = {}
         self._checks: dict[int, _BatchCheck] = {}       # the device path's batch checks
         self.last_target = None         # the last training step's output "target" (metrics: Task.computed)
+        self._resumed_stopping = None   # early stopping's best epoch and wait, from a resumed checkpoint
         self.step_count = 0                                  # steps of every phase
         self.epoch = 0                                       # epochs done
         self.loss_history: dict[str, list[float]] = {}       # per phase: the first loss, the recent ones
@@ -486,12 +487,17 @@ class Session:
         train = self.dataset.train
         n = len(train["x"])
         batch, epochs = int(self.settings["batch"]), int(self.settings["epochs"])
-        step_times, history = [], History(self.opt.log_path if self.dist is None or self.dist.lead else None)
-        stopper = self._early_stopping()
+        first = self.epoch                  # a resumed run goes on counting epochs (and its log)
+        step_times = []
+        history = History(self.opt.log_path if self.dist is None or self.dist.lead else None, append=first > 0)
+        stopper = self._stopper = self._early_stopping()
+        saved = self._resumed_stopping or {}
+        if saved.get("monitor") == stopper.monitor:      # the best epoch so far, and the wait, from the checkpoint
+            stopper.best, stopper.best_epoch, stopper.waited = saved.get("best"), saved.get("best_epoch"), \
+                int(saved.get("waited", 0))
         best = None                          # the best epoch's parameters and state (with validation)
         t_train = time.perf_counter()
         ep_metrics = {}
-        first = self.epoch                  # a resumed run goes on counting epochs
         self._plan_schedules(n, batch, first + epochs)
         for ep in range(first, first + epochs):
             perm = self.data_order.permutation(n)
@@ -542,6 +548,10 @@ class Session:
                     log(f"early stop: val {stopper.monitor} has not improved for {stopper.patience} epochs "
                         f"(best {stopper.best:.4f} at epoch {stopper.best_epoch})")
                 break
+        if best is None and stopper.best_epoch is not None and stopper.best_epoch <= first and progress:
+            log(f"the best epoch ({stopper.best_epoch}, val {stopper.monitor} {stopper.best:.4f}) was before this run "
+                "resumed: the test is of the last epoch's model" +
+                (f" ({self.opt.save_best} holds the best)" if self.opt.save_best else ""))
         if best is not None:                 # test the best epoch's model, as --save-best keeps it
             for k, v in best[0].items():
                 self.params[k][...] = v
@@ -584,6 +594,9 @@ class Session:
             "phases": {ph.name: {"optimizer": ph.optimizer.name, "step": self.phase_steps[ph.name]}
                        for ph in self.phases},
             "data_order": self.data_order.bit_generator.state,
+            **({"early_stopping": {"monitor": st.monitor, "best": st.best, "best_epoch": st.best_epoch,
+                                   "waited": st.waited}}
+               if (st := getattr(self, "_stopper", None)) is not None and st.best_epoch is not None else {}),
             **({"class_names": self.dataset.info["class_names"]} if "class_names" in self.dataset.info else {})},
             flag)
 
@@ -633,7 +646,12 @@ class Session:
             if mine is not None and mine != names:
                 raise DlcError(f"{path}: the checkpoint was trained on the classes {', '.join(names)}; the data now "
                                f"holds {', '.join(mine)}", notes=["class ids would be read as the wrong names"])
+        stopping = meta.get("early_stopping")
+        if stopping is not None and not (isinstance(stopping, dict) and isinstance(stopping.get("best"), (int, float))
+                                         and isinstance(stopping.get("best_epoch"), int)):
+            raise DlcError(f"{path}: metadata `early_stopping` must hold a number `best` and an integer `best_epoch`")
         # all checked: now change the session
+        self._resumed_stopping = stopping if same else None
         if names is not None:
             self.dataset.info["class_names"] = names
         for k, v in params.items():

@@ -277,3 +277,93 @@ def test_ir_shows_a_sampling_program(tmp_path, capsys):
     assert "its generate blocks: samples, tokens" in capsys.readouterr().err
     assert main(["ir", str(p), "--program", "samples", "--stage", "autodiff"]) == 2
     assert "`samples` has no `autodiff` stage" in capsys.readouterr().err
+
+
+# ---- the third trial (data and workflow) --------------------------------------------------------
+def _csv_model(tmp_path, header, rows, extra=""):
+    (tmp_path / "d.csv").write_text(header + "\n" + "\n".join(rows) + "\n")
+    p = tmp_path / "m.dl"
+    p.write_text(f"""model net(x: f32[B, 2]) -> f32[B, 2] {{ return dense(x, 2) }}
+train net on csv("d.csv", label = "y"{extra}) {{
+    loss = cross_entropy(net(x), y)
+}}""")
+    return p
+
+
+@pytest.mark.parametrize("header, rows, message", [
+    ("a,a,y", ["1,2,0", "3,4,1"], "the column `a` appears twice in its header"),
+    ("1.5,2,0", ["1,2,0", "3,4,1"], "its first line, read as the header, is all numbers"),
+])
+def test_csv_headers_that_would_misread_the_data_are_errors(tmp_path, capsys, header, rows, message):
+    p = _csv_model(tmp_path, header, rows)
+    assert main(["check", str(p)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "m.dl:2:" in err
+
+
+def test_csv_header_cells_are_stripped(tmp_path, capsys):
+    p = _csv_model(tmp_path, "a, b, y", [f"{i},{-i},{i % 2}" for i in range(20)])
+    assert main(["check", str(p)]) == 0, capsys.readouterr().err
+
+
+def test_predict_csv_columns_go_by_name_or_not_at_all(tmp_path, capsys):
+    from types import SimpleNamespace
+
+    from runtime.predict import _read_csv
+    ds = SimpleNamespace(info={"csv_features": [("a", None), ("b", None)]})
+    f = tmp_path / "in.csv"
+    f.write_text("b,a\n2,1\n")
+    assert _read_csv(ds, f).tolist() == [[1.0, 2.0]]              # by name, reordered
+    f.write_text("b,zz\n2,1\n")
+    with pytest.raises(DlcError, match="has no column `a`"):       # was: read by position
+        _read_csv(ds, f)
+    f.write_text("a,a,b\n1,2,3\n")
+    with pytest.raises(DlcError, match="`a` appears twice"):
+        _read_csv(ds, f)
+    f.write_text("1,2\n3,4\n")                                    # no header: by position
+    assert _read_csv(ds, f).tolist() == [[1.0, 2.0], [3.0, 4.0]]
+
+
+def test_a_16_bit_grey_image_is_scaled_not_clipped(tmp_path):
+    from PIL import Image
+
+    from runtime.data import read_image
+    a = np.linspace(0, 65535, 64).reshape(8, 8).astype(np.uint16)
+    Image.fromarray(a).save(tmp_path / "g16.png")                  # mode I;16
+    Image.fromarray((a // 257).astype(np.uint8)).save(tmp_path / "g8.png")
+    x16, x8 = read_image(tmp_path / "g16.png", 8, 1), read_image(tmp_path / "g8.png", 8, 1)
+    np.testing.assert_allclose(x16, x8, atol=1 / 255)
+    assert x16.min() == 0 and x16.max() == pytest.approx(1.0)
+
+
+def test_predict_an_empty_npz_is_an_error(tmp_path):
+    from types import SimpleNamespace
+
+    from runtime.predict import read_input_file
+    ds = SimpleNamespace(info={}, train={"x": np.zeros((3, 4), np.float32)})
+    np.savez(tmp_path / "e.npz", x=np.ones((0, 4)))
+    with pytest.raises(DlcError, match=r"holds no examples \(\[0, 4\]\)"):
+        read_input_file(ds, str(tmp_path / "e.npz"))
+
+
+def test_a_resumed_run_keeps_the_best_epoch_and_the_log(tmp_path, capsys):
+    p = tmp_path / "dv.dl"
+    p.write_text("""model net(x: f32[B, 64]) -> f32[B, 10] { return dense(x, 10) }
+train net on digits(test = 0.2, val = 0.1) {
+    loss = cross_entropy(net(x), y)
+    optimizer = adam(lr = 0.3)
+    batch = 64
+}""")
+    ck, lg = tmp_path / "e1.safetensors", tmp_path / "run.jsonl"
+    assert main(["run", str(p), "--epochs", "4", "--json"]) == 0
+    whole = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert whole["best_epoch"] == 1          # this lr overfits after the first epoch (the trial's case)
+    assert main(["run", str(p), "--epochs", "1", "--save", str(ck), "--log", str(lg), "--json"]) == 0
+    capsys.readouterr()
+    assert main(["run", str(p), "--epochs", "3", "--resume", str(ck), "--log", str(lg), "--json"]) == 0
+    out = capsys.readouterr()
+    assert " *" not in out.err                # no later epoch is marked best: epoch 1 stays the best
+    assert "the best epoch (1, val loss" in out.err and "before this run resumed" in out.err
+    assert [json.loads(line)["epoch"] for line in lg.read_text().splitlines()] == [1, 2, 3, 4]
+    assert main(["run", str(p), "--epochs", "0", "--plot", str(tmp_path / "p.png")]) == 0
+    assert "no epoch ran, nothing to plot" in capsys.readouterr().err and not (tmp_path / "p.png").exists()
