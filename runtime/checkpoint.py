@@ -137,3 +137,7 @@ def check_tensor(path, kind: str, name: str, value: np.ndarray, expected: np.nda
         def show(a):
             return f"{a.dtype}[{', '.join(map(str, a.shape))}]"
         raise DlcError(f"{path}: {kind} `{name}` is {show(value)}, the model's is {show(expected)}")
+    if value.dtype.kind == "f" and not np.isfinite(value).all():
+        bad = int((~np.isfinite(value)).sum())
+        raise DlcError(f"{path}: {kind} `{name}` holds {bad:,} NaN or infinite value{'s' * (bad != 1)}",
+                       notes=["the run that saved it had diverged; start from an earlier checkpoint"])

@@ -249,6 +249,8 @@ def _run(args, options) -> int:
               ("; the evaluation program compiles beside training" if s.eval_compiling() else ""), file=sys.stderr)
     if args.load:
         s.load(args.load)
+        for note in s.load_notes if lead else ():
+            print(f"dlc: note: {note}", file=sys.stderr)
     report = s.fit(progress=progress)
     if args.plot and lead and not report["history"]:
         print(f"dlc: --plot {args.plot}: no epoch ran, nothing to plot", file=sys.stderr)

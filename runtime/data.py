@@ -390,6 +390,9 @@ def _csv(call, base_dir, path, label=-1, header=True, shape=None, onehot=None):
         if c == li:
             continue
         if c in hot:
+            blank = next((i for i, v in enumerate(values) if not v), None)
+            if blank is not None:
+                raise DlcError(f"{p.name}:{blank + first}: the one-hot column `{names[c]}` is empty", call.loc)
             features.append((names[c], sorted(set(values))))
         elif not any(map(_is_float, values)):
             shown = ", ".join(f"`{v}`" for v in sorted(set(values))[:3])
@@ -403,6 +406,9 @@ def _csv(call, base_dir, path, label=-1, header=True, shape=None, onehot=None):
     out = {"x": _reshape(xs, shape, call.loc)}
     labels = cols[li]
     if not any(map(_is_float, labels)):              # class names: encoded in sorted order
+        blank = next((i for i, v in enumerate(labels) if not v), None)
+        if blank is not None:
+            raise DlcError(f"{p.name}:{blank + first}: the label `{names[li]}` is empty", call.loc)
         classes = sorted(set(labels))
         out["y"] = np.searchsorted(np.array(classes), np.array(labels)).astype(np.int32)
         out["__info__"] = {"class_names": classes}
@@ -536,6 +542,10 @@ def _images(call, base_dir, path, size, channels=1):
                        f"{', '.join(classes) or 'none'}", where, ["dir/cat/1.png, dir/dog/2.png, ..."])
     if not files:
         raise DlcError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in the subfolders of {root}", where)
+    empty = [c for k, c in enumerate(classes) if not any(j == k for _, j in files)]
+    if empty:
+        raise DlcError(f"the class folder `{empty[0]}` of {root} holds no images", where,
+                       ["a class without examples would count in the metrics with support 0; remove the folder"])
     require(len(files) * channels * size * size * 4 * 3, f"`images` with {len(files):,} images of {size}x{size}",
             call.loc)
     x = np.empty((len(files), channels, size, size), np.float32)

@@ -227,6 +227,7 @@ class Session:
         self._checks: dict[int, _BatchCheck] = {}       # the device path's batch checks
         self.last_target = None         # the last training step's output "target" (metrics: Task.computed)
         self._resumed_stopping = None   # early stopping's best epoch and wait, from a resumed checkpoint
+        self.load_notes: list[str] = []  # how the loaded checkpoint's run differs from this one
         self.step_count = 0                                  # steps of every phase
         self.epoch = 0                                       # epochs done
         self.loss_history: dict[str, list[float]] = {}       # per phase: the first loss, the recent ones
@@ -594,6 +595,7 @@ class Session:
             "phases": {ph.name: {"optimizer": ph.optimizer.name, "step": self.phase_steps[ph.name]}
                        for ph in self.phases},
             "data_order": self.data_order.bit_generator.state,
+            "data": f"{data.describe(self.lowerer.trains[0].data)}, seed {self.seed}",
             **({"early_stopping": {"monitor": st.monitor, "best": st.best, "best_epoch": st.best_epoch,
                                    "waited": st.waited}}
                if (st := getattr(self, "_stopper", None)) is not None and st.best_epoch is not None else {}),
@@ -650,6 +652,17 @@ class Session:
         if stopping is not None and not (isinstance(stopping, dict) and isinstance(stopping.get("best"), (int, float))
                                          and isinstance(stopping.get("best_epoch"), int)):
             raise DlcError(f"{path}: metadata `early_stopping` must hold a number `best` and an integer `best_epoch`")
+        # what differs from the run that saved it: said, not refused (fine-tuning is a use)
+        self.load_notes = []
+        if not same and saved and any("optimizer" in v for v in saved.values()):
+            was = ", ".join(sorted({str(v.get("optimizer")) for v in saved.values()}))
+            self.load_notes.append(f"{path} was trained with {was}: its optimizer state is dropped and the "
+                                   "step and epoch counts start again")
+        trained_on = meta.get("data")
+        here = f"{data.describe(self.lowerer.trains[0].data)}, seed {self.seed}"
+        if isinstance(trained_on, str) and trained_on != here:
+            self.load_notes.append(f"{path} was trained on {trained_on}; this run reads {here}: its held-out "
+                                   "examples may include ones the checkpoint trained on")
         # all checked: now change the session
         self._resumed_stopping = stopping if same else None
         if names is not None:

@@ -367,3 +367,45 @@ train net on digits(test = 0.2, val = 0.1) {
     assert [json.loads(line)["epoch"] for line in lg.read_text().splitlines()] == [1, 2, 3, 4]
     assert main(["run", str(p), "--epochs", "0", "--plot", str(tmp_path / "p.png")]) == 0
     assert "no epoch ran, nothing to plot" in capsys.readouterr().err and not (tmp_path / "p.png").exists()
+
+
+def test_empty_labels_and_empty_class_folders_are_errors(tmp_path, capsys):
+    p = _csv_model(tmp_path, "a,b,y", ["1,2,cat", "3,4,", "5,6,dog"])
+    assert main(["check", str(p)]) == 2
+    assert "d.csv:3: the label `y` is empty" in capsys.readouterr().err
+    from PIL import Image
+    for c in ("a", "b", "empty"):
+        (tmp_path / "pics" / c).mkdir(parents=True)
+    for c in ("a", "b"):
+        for i in range(3):
+            Image.fromarray(np.full((4, 4), 40 * i, np.uint8)).save(tmp_path / "pics" / c / f"{i}.png")
+    q = tmp_path / "img.dl"
+    q.write_text("""model net(x: f32[B, 1, 4, 4]) -> f32[B, 3] { return dense(flatten(x), 3) }
+train net on images("pics", size = 4) { loss = cross_entropy(net(x), y) }""")
+    assert main(["check", str(q)]) == 2
+    assert "the class folder `empty` of" in capsys.readouterr().err
+
+
+def test_checkpoints_that_are_not_finite_or_from_another_run_are_said(tmp_path, capsys):
+    from runtime import checkpoint
+    p = tmp_path / "d.dl"
+    p.write_text("""model net(x: f32[B, 64]) -> f32[B, 10] { return dense(x, 10) }
+train net on digits(test = 0.2) {
+    loss = cross_entropy(net(x), y)
+    optimizer = adam(lr = 1e-2)
+    epochs = 1
+}""")
+    ck = tmp_path / "a.npz"
+    assert main(["run", str(p), "--save", str(ck), "--quiet"]) == 0
+    q = tmp_path / "d30.dl"
+    q.write_text(p.read_text().replace("test = 0.2", "test = 0.3").replace("adam(lr = 1e-2)", "sgd(lr = 0.1)"))
+    capsys.readouterr()
+    assert main(["run", str(q), "--resume", str(ck), "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert "was trained on `digits(test = 0.2)`, seed 0; this run reads `digits(test = 0.3)`" in err
+    assert "was trained with adam: its optimizer state is dropped" in err
+    params, state, meta = checkpoint.load(ck)
+    params["net/dense_1/W"][0, 0] = np.nan
+    checkpoint.save(tmp_path / "nan.npz", params, state, meta)
+    assert main(["predict", str(p), "--load", str(tmp_path / "nan.npz"), "--index", "0"]) == 2
+    assert "parameter `net/dense_1/W` holds 1 NaN or infinite value" in capsys.readouterr().err
