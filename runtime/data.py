@@ -297,8 +297,9 @@ def _npz(call, base_dir, path, x="x", y="y", shape=None, stream="auto"):
                     raise DlcError(f"{p.name} has no array `{key}` (it has: {', '.join(sorted(files))})", call.loc)
             mapped = npz_member(p, x) if stream is not False else None
             if stream is True and mapped is None:
-                raise DlcError(f"`npz`: cannot stream `{x}` from {p.name}: it is compressed", call.loc,
-                               ["save it with np.savez, not np.savez_compressed, or set stream = false"])
+                raise DlcError(f"`npz`: cannot stream `{x}` from {p.name}: it is stored compressed, in Fortran "
+                               "order or as objects (streaming maps a C-ordered array in place)", call.loc,
+                               ["save it with np.savez(..., x = np.ascontiguousarray(x)), or set stream = false"])
             if mapped is not None and (stream is True or _too_big(mapped)):
                 xs = mapped
             else:
