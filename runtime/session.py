@@ -95,30 +95,33 @@ class _BatchCheck:
     before a kernel indexes it (a wrong shape would read past the array's end)."""
 
     def __init__(self, ex: Executable):
-        self.spec = [(name, tuple(shape), np.dtype(DTYPES[dtype]))
+        self.spec = [(name, tuple(shape), np.dtype(DTYPES[dtype]), dtype)
                      for name, kind, shape, dtype in ex.inputs if kind == "data"]
         self.last = None
 
     def __call__(self, batch: dict) -> None:
         try:
-            key = [(batch[name].shape, batch[name].dtype) for name, _, _ in self.spec]
+            key = [(batch[name].shape, batch[name].dtype) for name, *_ in self.spec]
         except (KeyError, AttributeError):
             key = None
         if key is not None and key == self.last:
             return
+        from compiler.api import check_shape      # the sizes' rule (symbolic dims bind on first use)
         sizes = {}
-        for name, shape, dt in self.spec:
+        for name, shape, dt, code in self.spec:
             a = batch.get(name)
             want = "[" + ", ".join(str(d) for d in shape) + f"] {dt}"
             if not hasattr(a, "shape") or not hasattr(a, "dtype"):
                 raise DlcError(f"the batch has no array `{name}`; the program reads `{name}` as {want}")
-            ok = a.dtype == dt and len(a.shape) == len(shape)
-            for d, n in zip(shape, a.shape) if ok else ():
-                ok = ok and (d == n if isinstance(d, int) else sizes.setdefault(d, n) == n)
-            if not ok:
+            try:
+                if a.dtype != dt:
+                    raise ValueError
+                check_shape(name, a.shape, shape, code, sizes)
+            except ValueError:
                 got = "[" + ", ".join(str(n) for n in a.shape) + f"] {a.dtype}"
                 bound = ", ".join(f"{d} = {n}" for d, n in sizes.items())
-                raise DlcError(f"`{name}` is {got}; the program reads {want}" + (f" (with {bound})" if bound else ""))
+                raise DlcError(f"`{name}` is {got}; the program reads {want}"
+                               + (f" (with {bound})" if bound else "")) from None
         self.last = key
 
 

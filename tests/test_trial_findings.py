@@ -227,13 +227,19 @@ def test_predict_reads_a_character_models_input_as_characters():
         encode_inputs(ds, ["abcz"])
 
 
-def test_sample_refuses_a_checkpoint_it_would_round(tmp_path, capsys):
+def _tiny_gan(tmp_path, capsys, *flags):
+    """tests/test_generative.py's two-phase GAN, trained one epoch: (its .dl file, its checkpoint)."""
     from tests.test_generative import TINY_GAN
     p = tmp_path / "gan.dl"
     p.write_text(TINY_GAN)
-    ck = tmp_path / "g64.safetensors"
-    assert main(["run", str(p), "--dtype", "f64", "--save", str(ck), "--quiet"]) == 0
+    ck = tmp_path / "g.safetensors"
+    assert main(["run", str(p), *flags, "--save", str(ck), "--quiet"]) == 0
     capsys.readouterr()
+    return p, ck
+
+
+def test_sample_refuses_a_checkpoint_it_would_round(tmp_path, capsys):
+    p, ck = _tiny_gan(tmp_path, capsys, "--dtype", "f64")
     assert main(["sample", str(p), "--load", str(ck), "-n", "2", "--out", str(tmp_path / "s.png")]) == 2
     err = capsys.readouterr().err
     assert "is float64[4, 64], the program's is float32[4, 64]" in err and "same --dtype" in err
@@ -241,12 +247,7 @@ def test_sample_refuses_a_checkpoint_it_would_round(tmp_path, capsys):
 
 
 def test_sample_refuses_flags_it_would_ignore(tmp_path, capsys):
-    from tests.test_generative import TINY_GAN
-    p = tmp_path / "gan.dl"
-    p.write_text(TINY_GAN)
-    ck = tmp_path / "g.safetensors"
-    assert main(["run", str(p), "--save", str(ck), "--quiet"]) == 0
-    capsys.readouterr()
+    p, ck = _tiny_gan(tmp_path, capsys)
     assert main(["sample", str(p), "--load", str(ck), "-n", "2", "--json"]) == 2
     assert "--json is for text programs; `samples` draws images" in capsys.readouterr().err
 
