@@ -1,23 +1,22 @@
-"""Who uses the cores while dlc runs a program: one owner, decided from the program itself.
+"""Who uses the cores while dlc runs a program: one owner, Numba's thread pool.
 
-dlc's kernels are serial `@njit` functions; the only threads a step can use are BLAS's, inside
-`np.dot` (matmuls, and the GEMM of each convolution). A multithreaded GEMM pays only when it
-is large: below about 512^3 multiply-adds OpenBLAS's fork and join and its spinning workers cost
-more than the second core gains (measured on this project's 2-core machine: the LSTM's 32x128 @
-128x512 GEMMs run 2.5x slower on two threads, a step 11 -> 17.6 ms; under load from other
-processes 100x slower, because a waiting worker spins on a core another process holds). So:
+BLAS runs on one thread, always. dlc splits each large matrix product itself: the CPU target's
+`_gemm` (compiler/codegen/cpu.py) gives every thread of Numba's pool one block of the output's
+columns (or rows), each a single-threaded SciPy ?gemm. OpenBLAS's own threads paid only on
+large products: on this project's 2-core machine they made the LSTM's 32x128 @ 128x512 products
+slower (wake-up and join cost more than the product) and, beside Numba's pool, a step up to
+100x slower (a waiting worker spins on a core another thread holds). dlc's split made those
+products 1.6-1.9x faster on two cores, and the LSTM step 1.3x (bench/README.md). Two owners
+are never active: the pool never calls a multithreaded BLAS.
 
-- every GEMM of the program (scan bodies counted once per time step, a convolution's GEMMs once
-  per sample) is weighed at the program's batch size;
-- BLAS gets the cores when the GEMMs of at least `PARALLEL_GEMM_FLOPS` hold at least half
-  of the step's GEMM work, and one thread otherwise;
-- the cores are those the process may run on (`os.sched_getaffinity`), capped by `--threads`,
-  less those other processes keep busy (the load average, this process counted as one, when
-  the plan is made): a BLAS worker waiting for a core another process holds made GPT's step
-  6x slower on two threads than on one (112 -> 665 ms, bench_all.py at load 9).
+The pool gets the cores the process may run on (`os.sched_getaffinity`), capped by `--threads`,
+less those other processes keep busy (the load average, this process counted as one, when the
+plan is made): a pool thread waiting for a core another process holds made GPT's step 6x slower
+on two threads than on one (bench_all.py at load 9). With one core, nothing is split.
 
-`Session` applies the plan of its training programs when it is built and the plan of its
-evaluation program around `evaluate` (a larger batch); `dlc run --json` reports both.
+`gemms` weighs the program's GEMM work (scan bodies once per time step, a convolution's GEMMs
+once per sample) for the report: `Session` applies the plan of its training programs when it is
+built and the plan of its evaluation program around `evaluate`; `dlc run --json` reports both.
 """
 from __future__ import annotations
 
@@ -27,27 +26,22 @@ from dataclasses import dataclass
 
 from compiler.driver import OPS, resolve
 
-PARALLEL_GEMM_FLOPS = 2 * 512 ** 3      # a GEMM from which threads pay (2 x 512^3 = 268 MFLOP; at
-                                        # 2 x 256^3 GPT's 1024x64 @ 64x256 GEMMs took 2 threads: 13.9 -> 16.1 ms)
-PARALLEL_SHARE = 0.5                    # ... when such GEMMs are at least this share of the GEMM work
-
 
 @dataclass(frozen=True)
 class CorePlan:
-    blas_threads: int
+    threads: int               # Numba's pool: the threads a matrix product is split over
     cores: int                 # the process's cores, capped by --threads
-    gemm_flops: float          # GEMM work of one call of the programs
-    large_share: float         # its share in GEMMs of at least PARALLEL_GEMM_FLOPS
+    gemm_flops: float = 0.0    # GEMM work of one call of the programs
     free: int = 0              # cores not kept busy by other processes when planned
+    blas_threads: int = 1      # BLAS's own threads: always 1 (see above)
 
     def describe(self) -> str:
-        return (f"BLAS {self.blas_threads} of {self.cores} core(s), {self.free} free: {self.large_share:.0%} of "
-                f"{self.gemm_flops / 1e6:.1f} MFLOP of GEMMs per step in GEMMs of >= "
-                f"{PARALLEL_GEMM_FLOPS / 1e6:.1f} MFLOP")
+        return (f"{self.threads} thread(s) of {self.cores} core(s), {self.free} free, BLAS on 1; "
+                f"{self.gemm_flops / 1e6:.1f} MFLOP of GEMMs per step")
 
     def as_dict(self) -> dict:
-        return {"blas_threads": self.blas_threads, "cores": self.cores, "free_cores": self.free,
-                "gemm_mflop": round(self.gemm_flops / 1e6, 3), "large_gemm_share": round(self.large_share, 3)}
+        return {"threads": self.threads, "blas_threads": self.blas_threads, "cores": self.cores,
+                "free_cores": self.free, "gemm_mflop": round(self.gemm_flops / 1e6, 3)}
 
 
 def available_cores(cap: int | None = None) -> int:
@@ -100,36 +94,41 @@ def free_cores(cores: int, load: float | None = None) -> int:
 def plan(graphs, dims: dict, cap: int | None = None, load: float | None = None) -> CorePlan:
     """The owner of the cores for programs `graphs` at sizes `dims` (e.g. {"B": 64}); `load`:
     the load average to plan for (default: the machine's now)."""
-    work = [g for graph in graphs for g in gemms(graph, dims)]
-    total = sum(f * c for f, c in work)
-    large = sum(f * c for f, c in work if f >= PARALLEL_GEMM_FLOPS)
-    share = large / total if total else 0.0
+    total = sum(f * c for graph in graphs for f, c in gemms(graph, dims))
     cores = available_cores(cap)
     free = free_cores(cores, load)
-    return CorePlan(free if share >= PARALLEL_SHARE else 1, cores, total, share, free)
+    return CorePlan(free, cores, total, free)
 
 
 _controller = None
 
 
-def _blas():
+def _blas(fresh: bool = False):
+    """The loaded BLAS libraries (`fresh`: looked up again, e.g. after SciPy's was loaded)."""
     global _controller
     from threadpoolctl import ThreadpoolController
-    if _controller is None:
+    if _controller is None or fresh:
         _controller = ThreadpoolController()
     return _controller.select(user_api="blas")
 
 
 def apply(p: CorePlan) -> None:
-    """Set every loaded BLAS (numpy's, and SciPy's that Numba's np.dot calls) to the plan."""
-    _blas().limit(limits=p.blas_threads)
+    """Every loaded BLAS (numpy's, and SciPy's that the kernels call) on one thread, Numba's
+    pool on `p.threads` (for this thread's parallel regions: the one that runs the steps)."""
+    import numba
+    _blas(fresh=True).limit(limits=p.blas_threads)
+    numba.set_num_threads(min(p.threads, numba.config.NUMBA_NUM_THREADS))
 
 
 @contextmanager
 def using(p: CorePlan):
-    """Run a block under plan `p`, then put the BLAS thread counts back."""
+    """Run a block under plan `p`, then put the thread counts back."""
+    import numba
     limiter = _blas().limit(limits=p.blas_threads)
+    before = numba.get_num_threads()
+    numba.set_num_threads(min(p.threads, numba.config.NUMBA_NUM_THREADS))
     try:
         yield
     finally:
+        numba.set_num_threads(before)
         limiter.restore_original_limits()

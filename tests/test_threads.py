@@ -68,15 +68,13 @@ def test_convolution_one_gemm_per_sample():
     assert work == [(2.0 * 4 * (2 * 3 * 3) * (7 * 7), B)]
 
 
-def test_plan_threads_only_for_large_gemms():
+def test_plan_gives_the_free_cores_to_the_pool_and_one_thread_to_blas():
     g = forward_graph(MLP)
-    small = threads.plan([g], {"B": 8})
-    assert small.blas_threads == 1 and small.large_share == 0.0
-    big_b = threads.PARALLEL_GEMM_FLOPS // (2 * 16 * 32) + 1        # x @ W1 alone is a large GEMM
-    big = threads.plan([g], {"B": big_b}, cap=2, load=1.0)       # this process alone
-    assert big.large_share == pytest.approx(16 * 32 / (16 * 32 + 32 * 8)) and big.blas_threads == min(2, threads.available_cores())
-    assert threads.plan([g], {"B": big_b}, cap=1, load=1.0).blas_threads == 1
-    assert threads.plan([g], {"B": big_b}, cap=2, load=2.0).blas_threads == 1    # another process on a core
+    p = threads.plan([g], {"B": 8}, cap=2, load=1.0)          # this process alone
+    assert p.threads == min(2, threads.available_cores()) and p.blas_threads == 1
+    assert p.gemm_flops == 2 * 8 * (16 * 32 + 32 * 8)
+    assert threads.plan([g], {"B": 8}, cap=1, load=1.0).threads == 1
+    assert threads.plan([g], {"B": 8}, cap=2, load=2.0).threads == 1    # another process on a core
 
 
 def test_free_cores():
@@ -84,9 +82,13 @@ def test_free_cores():
     assert threads.free_cores(2, 1.8) == 1 and threads.free_cores(2, 9.0) == 1 and threads.free_cores(8, 3.0) == 6
 
 
-def test_using_restores_blas_threads():
+def test_using_restores_blas_and_pool_threads():
     threadpoolctl = pytest.importorskip("threadpoolctl")
+    import numba
     before = [i["num_threads"] for i in threadpoolctl.threadpool_info() if i["user_api"] == "blas"]
-    with threads.using(threads.CorePlan(1, 2, 0.0, 0.0)):
+    pool = numba.get_num_threads()
+    with threads.using(threads.CorePlan(1, 2)):
         assert all(i["num_threads"] == 1 for i in threadpoolctl.threadpool_info() if i["user_api"] == "blas")
+        assert numba.get_num_threads() == 1
     assert [i["num_threads"] for i in threadpoolctl.threadpool_info() if i["user_api"] == "blas"] == before
+    assert numba.get_num_threads() == pool

@@ -393,8 +393,11 @@ class _Kernel:
             ra = f"{A}.reshape(({nb}, {self.r.dim(sa[-2])}, {self.r.dim(sa[-1])}))"
             rb = f"{B}.reshape(({nb}, {self.r.dim(sb[-2])}, {self.r.dim(sb[-1])}))"
             ro = f"{tgt}.reshape(({nb}, {self.r.dim(so[-2])}, {self.r.dim(so[-1])}))"
-            lines += [f"a3 = {ra}", f"b3 = {rb}", f"o3 = {ro}", self.t.loop_header("bi", nb),
-                      "    " + self.t.matmul_call("a3[bi]" + (".T" if ta else ""), "b3[bi]" + (".T" if tb else ""), "o3[bi]")]
+            lines += [f"a3 = {ra}", f"b3 = {rb}", f"o3 = {ro}"]
+            batched = self.t.batched_matmul_call("a3", "b3", "o3", bool(ta), bool(tb))
+            lines += [batched] if batched else [
+                self.t.loop_header("bi", nb),
+                "    " + self.t.matmul_call("a3[bi]" + (".T" if ta else ""), "b3[bi]" + (".T" if tb else ""), "o3[bi]")]
         else:
             raise NotImplementedError("matmul with broadcast batch dimensions")
         return lines

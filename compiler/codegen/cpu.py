@@ -126,6 +126,156 @@ def _pow(a, b):
 """
 
 
+# Matrix products: SciPy's BLAS ?gemm (through `numba_xxgemm`, the helper Numba's own np.dot
+# calls), one thread of BLAS, and dlc's own split of the product over Numba's thread pool. BLAS's
+# threads pay only on large products (OpenBLAS's wake-up and join cost more than a 32x128 @
+# 128x512 product, and they fight Numba's pool for the cores); splitting the output into one
+# column (or row) block per thread, each a single-threaded ?gemm, made such a product 1.6-1.9x
+# faster on 2 cores, and 1024x64 @ 64x256 1.9x (bench/README.md). Operands are row-major or
+# transposed views (any leading dimension); a product under GEMM_SPLIT_FLOPS runs on the
+# calling thread. Numba's helper looks SciPy's ?gemm up under the GIL on its first call, so
+# the module calls it once from the importing thread (a pool thread would wait for the GIL).
+GEMM = """\
+import numba as _numba
+from numba import prange as _prange
+from numba.core import cgutils as _cgutils, types as _nbtypes
+from numba.core.extending import intrinsic as _intrinsic
+from numba.np.linalg import ensure_blas as _ensure_blas
+from llvmlite import ir as _llir
+
+GEMM_SPLIT_FLOPS = 2 ** 19       # below this a product stays on one thread (about 5 us of work)
+GEMM_MIN_TILE = 16               # the narrowest block a thread takes
+
+
+@_intrinsic
+def _xxgemm(typingctx, kind, ta, tb, m, n, k, a, lda, b, ldb, c, ldc, ab):
+    # numba_xxgemm(kind, transa, transb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc): column-major
+    sig = _nbtypes.int32(kind, ta, tb, m, n, k, a, lda, b, ldb, c, ldc, ab)
+
+    def codegen(context, builder, sig, args):
+        i8, vp = _llir.IntType(8), _cgutils.voidptr_t
+        ip = context.get_value_type(_nbtypes.intp)
+        fnty = _llir.FunctionType(_llir.IntType(32), [i8, i8, i8, ip, ip, ip, vp, vp, ip, vp, ip, vp, vp, ip])
+        fn = _cgutils.get_or_insert_function(builder.module, fnty, "numba_xxgemm")
+
+        def arg(i):
+            t = sig.args[i]
+            if isinstance(t, _nbtypes.Array):
+                return context.make_array(t)(context, builder, args[i]).data
+            return context.cast(builder, args[i], t, _nbtypes.intp)
+        abd = arg(12)
+        alpha, beta = builder.bitcast(abd, vp), builder.bitcast(builder.gep(abd, [ip(1)]), vp)
+        return builder.call(fn, [builder.trunc(arg(0), i8), builder.trunc(arg(1), i8), builder.trunc(arg(2), i8),
+                                 arg(3), arg(4), arg(5), alpha, builder.bitcast(arg(6), vp), arg(7),
+                                 builder.bitcast(arg(8), vp), arg(9), beta, builder.bitcast(arg(10), vp), arg(11)])
+    return sig, codegen
+
+
+@_intrinsic
+def _pool_threads(typingctx):
+    # numba.get_num_threads() reads a ctypes global, which keeps a function out of the disk
+    # cache; this calls the threading layer's own symbol (registered when the pool starts)
+    def codegen(context, builder, sig, args):
+        fn = _cgutils.get_or_insert_function(builder.module, _llir.FunctionType(_cgutils.intp_t, []),
+                                             "get_num_threads")
+        return builder.call(fn, [])
+    return _nbtypes.intp(), codegen
+
+
+@njit(cache=True, inline='always')
+def _blas_view(x):
+    # (leading dimension, 'n' or 't') of a 2-D view that BLAS reads as it is, or (0, 0)
+    item = x.itemsize
+    if x.strides[1] == item or x.shape[1] <= 1:
+        return max(x.strides[0] // item, x.shape[1], 1), 110
+    if x.strides[0] == item or x.shape[0] <= 1:
+        return max(x.strides[1] // item, x.shape[0], 1), 116
+    return 0, 0
+
+
+@njit(cache=True)
+def _gemm_tile(a, b, out, ab):
+    # out = a @ b on this thread: out^T = b^T a^T in BLAS's column-major terms
+    M, K = a.shape
+    N = b.shape[1]
+    if M == 0 or N == 0:
+        return
+    lda, fa = _blas_view(a)
+    ldb, fb = _blas_view(b)
+    if K == 0 or fa == 0 or fb == 0 or out.strides[1] != out.itemsize:
+        out[:, :] = np.dot(np.ascontiguousarray(a), np.ascontiguousarray(b))
+        return
+    kind = 115 if out.itemsize == 4 else 100                      # 's' or 'd'
+    _xxgemm(kind, fb, fa, N, M, K, b, ldb, a, lda, out, max(out.strides[0] // out.itemsize, N, 1), ab)
+
+
+@njit(cache=True, parallel=True)
+def _gemm(a, b, out):
+    M, K = a.shape
+    N = b.shape[1]
+    ab = np.zeros(2, out.dtype)
+    ab[0] = 1
+    nt = _pool_threads()
+    big = max(M, N)
+    if nt > 1 and 2.0 * M * N * K >= GEMM_SPLIT_FLOPS and big >= 2 * GEMM_MIN_TILE:
+        nc = min(nt, big // GEMM_MIN_TILE)
+        if N >= M:
+            for c in _prange(nc):
+                lo, hi = N * c // nc, N * (c + 1) // nc
+                _gemm_tile(a, b[:, lo:hi], out[:, lo:hi], ab)
+        else:
+            for c in _prange(nc):
+                lo, hi = M * c // nc, M * (c + 1) // nc
+                _gemm_tile(a[lo:hi], b, out[lo:hi], ab)
+    else:
+        _gemm_tile(a, b, out, ab)
+
+
+@njit(cache=True, inline='always')
+def _tile_t(a, b, out, ab, ta, tb):
+    if ta:
+        if tb:
+            _gemm_tile(a.T, b.T, out, ab)
+        else:
+            _gemm_tile(a.T, b, out, ab)
+    elif tb:
+        _gemm_tile(a, b.T, out, ab)
+    else:
+        _gemm_tile(a, b, out, ab)
+
+
+@njit(cache=True, parallel=True)
+def _bgemm(a3, b3, o3, ta, tb):
+    # o3[i] = op(a3[i]) @ op(b3[i]); op transposes where ta / tb: the batch split over the threads
+    nb, M, N = o3.shape
+    K = a3.shape[1] if ta else a3.shape[2]
+    ab = np.zeros(2, o3.dtype)
+    ab[0] = 1
+    nt = _pool_threads()
+    if nt > 1 and nb >= nt and 2.0 * nb * M * N * K >= GEMM_SPLIT_FLOPS:
+        for c in _prange(nt):
+            for i in range(nb * c // nt, nb * (c + 1) // nt):
+                _tile_t(a3[i], b3[i], o3[i], ab, ta, tb)
+    else:
+        for i in range(nb):
+            _tile_t(a3[i], b3[i], o3[i], ab, ta, tb)
+
+
+if _numba.config.DISABLE_JIT:               # kernels run as Python (tests): NumPy's product
+    def _gemm_tile(a, b, out, ab):
+        out[:, :] = np.dot(a, b)
+
+    def _pool_threads():
+        return 1
+
+_ensure_blas()
+_numba.get_num_threads()                     # starts the pool: registers `get_num_threads`
+for _t in (np.float32, np.float64):          # Numba finds ?gemm now, on this thread (see above)
+    _x = np.ones((1, 1), _t)
+    _gemm_tile(_x, _x, np.empty((1, 1), _t), np.array([1, 0], _t))
+"""
+
+
 class CpuTarget(Target):
     rowwise_tails = True
     name = "cpu"
@@ -154,7 +304,7 @@ class CpuTarget(Target):
                               for op in (OPS["softmax"], OPS["log_softmax"])}
     helpers: dict = {("tanh", "f32"): FAST_TANH, ("sigmoid", "f32"): FAST_TANH, ("exp", "f32"): FAST_EXP,
                      ("erf", "f32"): FAST_ERF, ("softmax", "f32"): FAST_EXP, ("log_softmax", "f32"): FAST_EXP,
-                     ("pow", "f32"): POW, ("pow", "f64"): POW}
+                     ("pow", "f32"): POW, ("pow", "f64"): POW, ("matmul", "f32"): GEMM, ("matmul", "f64"): GEMM}
     copy_helper = COPY
     # subnormals flushed to zero while a step runs (fpmode.py: a subnormal Adam moment made
     # LeNet's dense-layer update 4x slower)
@@ -176,4 +326,8 @@ class CpuTarget(Target):
 
     @staticmethod
     def matmul_call(a: str, b: str, out: str) -> str:
-        return f"np.dot({a}, {b}, {out})"
+        return f"_gemm({a}, {b}, {out})"
+
+    @staticmethod
+    def batched_matmul_call(a3: str, b3: str, o3: str, ta: bool, tb: bool) -> str | None:
+        return f"_bgemm({a3}, {b3}, {o3}, {ta}, {tb})"

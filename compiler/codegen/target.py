@@ -75,7 +75,14 @@ class Target:
 
     @staticmethod
     def matmul_call(a: str, b: str, out: str) -> str:
+        """`out = a @ b` for 2-D operands (`a`, `b` may be `.T` views)."""
         raise NotImplementedError
+
+    @staticmethod
+    def batched_matmul_call(a3: str, b3: str, o3: str, ta: bool, tb: bool) -> str | None:
+        """`o3[i] = op(a3[i]) @ op(b3[i])` over the leading axis of 3-D arrays in one call (op:
+        transposed where `ta`/`tb`), or None for a loop of `matmul_call`s."""
+        return None
 
     # ---- memory --------------------------------------------------------------------------------
     @staticmethod
