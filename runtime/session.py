@@ -5,6 +5,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import sys
 import time
@@ -245,6 +246,7 @@ class Session:
         self.core_plan = threads.plan([ex.graph for ex in self.train_exes] or [self.eval_ex.graph], {"B": b}, cap)
         self.eval_core_plan = threads.plan([self.eval_ex.graph], {"B": EVAL_BATCH}, cap)
         threads.apply(self.core_plan)
+        self.tuner = threads.Tuner(self.core_plan) if self.dist is None else None
 
     def compile_report(self) -> dict:
         """Where the compile time went (seconds: parsing and lowering, passes, code generation,
@@ -416,7 +418,12 @@ class Session:
         snapshot = ({k: v.copy() for k, v in self.params.items()},
                     {k: v.copy() for k, v in self.state.items()}) if watched else None
         if self.dist is None:
-            res = dict(zip(ex.outputs, ex(*self._args(ex, batch, sc))))
+            args = self._args(ex, batch, sc)
+            self.tuner.start()
+            out = ex(*args)
+            if self.tuner.stop() is not None:          # measured: the faster pool size from now on
+                self.core_plan = dataclasses.replace(self.core_plan, threads=self.tuner.chosen)
+            res = dict(zip(ex.outputs, out))
             for arrays in (self.params, self.state):
                 if isinstance(arrays, device.DeviceArrays):
                     arrays.written()
@@ -577,7 +584,8 @@ class Session:
             "step_ms": round(1000 * float(np.median(step_times)), 4) if step_times else None,
             "kernel_cache_hit": self.cache_hit,
             "compile": self.compile_report(),
-            "cores": {"train": self.core_plan.as_dict(), "eval": self.eval_core_plan.as_dict()},
+            "cores": {"train": self.core_plan.as_dict(), "eval": self.eval_core_plan.as_dict(),
+                      **({"tuned": self.tuner.as_dict()} if self.tuner is not None and self.tuner.measured else {})},
             "parameters": int(sum(p.size for p in self.params.values())),
             "seed": self.seed,
             "history": history.epochs,

@@ -103,6 +103,67 @@ def plan(graphs, dims: dict, cap: int | None = None, load: float | None = None) 
 _controller = None
 
 
+class Tuner:
+    """Measures which pool size is faster for this run's steps, and keeps it.
+
+    A plan comes from the load average, which misses what it cannot see: a virtual machine's
+    second core shared with other guests made dlc's (and PyTorch's) 2-thread LSTM step slower
+    than the 1-thread one for minutes at a time on this project's machine. So, when the plan
+    gives the pool more than one thread, the first steps after `WARM` alternate between the
+    plan's count and one thread, `PER` steps at a time, `ROUNDS` times; the count with the
+    lower median step time is kept. Measured again every `EVERY` steps. `time` is
+    `time.perf_counter` (tests pass a fake clock)."""
+
+    WARM, PER, ROUNDS, EVERY = 10, 2, 3, 1000
+
+    def __init__(self, plan: CorePlan, time=None):
+        import time as _time
+        self.choices = [plan.threads, 1] if plan.threads > 1 else []
+        self.chosen = plan.threads
+        self.samples: dict[int, list[float]] = {c: [] for c in self.choices}
+        self.measured: dict[int, float] = {}          # the last decision's medians, ms
+        self.clock = time or _time.perf_counter
+        self.n = 0
+        self.t0 = 0.0
+
+    def _window(self) -> int | None:
+        """The thread count step `n` is measured at, or None outside a measuring window."""
+        k = (self.n % self.EVERY) - self.WARM
+        if not self.choices or k < 0 or k >= self.PER * self.ROUNDS * len(self.choices):
+            return None
+        return self.choices[(k // self.PER) % len(self.choices)]
+
+    def start(self) -> None:
+        c = self._window()
+        if c is not None:
+            _set_pool(c)
+            self.t0 = self.clock()
+
+    def stop(self) -> int | None:
+        """After a step: record it; return the kept count when this step ended a window."""
+        c = self._window()
+        self.n += 1
+        if c is None:
+            return None
+        self.samples[c].append(self.clock() - self.t0)
+        if self._window() is not None or (self.n % self.EVERY) < self.WARM:
+            return None
+        import statistics
+        self.measured = {k: 1e3 * statistics.median(v) for k, v in self.samples.items()}
+        self.chosen = min(self.choices, key=lambda k: (self.measured[k], k))
+        self.samples = {k: [] for k in self.choices}
+        _set_pool(self.chosen)
+        return self.chosen
+
+    def as_dict(self) -> dict:
+        return {"chosen": self.chosen, "step_ms": {str(k): round(v, 4) for k, v in self.measured.items()}}
+
+
+def _set_pool(n: int) -> None:
+    import numba
+    numba.set_num_threads(max(1, min(n, numba.config.NUMBA_NUM_THREADS)))
+
+
 def _blas(fresh: bool = False):
     """The loaded BLAS libraries (`fresh`: looked up again, e.g. after SciPy's was loaded)."""
     global _controller
@@ -115,9 +176,8 @@ def _blas(fresh: bool = False):
 def apply(p: CorePlan) -> None:
     """Every loaded BLAS (numpy's, and SciPy's that the kernels call) on one thread, Numba's
     pool on `p.threads` (for this thread's parallel regions: the one that runs the steps)."""
-    import numba
     _blas(fresh=True).limit(limits=p.blas_threads)
-    numba.set_num_threads(min(p.threads, numba.config.NUMBA_NUM_THREADS))
+    _set_pool(p.threads)
 
 
 @contextmanager
@@ -126,7 +186,7 @@ def using(p: CorePlan):
     import numba
     limiter = _blas().limit(limits=p.blas_threads)
     before = numba.get_num_threads()
-    numba.set_num_threads(min(p.threads, numba.config.NUMBA_NUM_THREADS))
+    _set_pool(p.threads)
     try:
         yield
     finally:

@@ -92,3 +92,34 @@ def test_using_restores_blas_and_pool_threads():
         assert numba.get_num_threads() == 1
     assert [i["num_threads"] for i in threadpoolctl.threadpool_info() if i["user_api"] == "blas"] == before
     assert numba.get_num_threads() == pool
+
+
+def test_tuner_keeps_the_faster_pool_size(monkeypatch):
+    # a fake clock: a step at 2 threads takes 3 ms, at 1 thread 5 ms (and the other way round)
+    for fast, slow in ((2, 1), (1, 2)):
+        pool = []
+        monkeypatch.setattr(threads, "_set_pool", pool.append)
+        now = [0.0]
+        cost = {fast: 0.003, slow: 0.005}
+        t = threads.Tuner(threads.CorePlan(2, 2), time=lambda: now[0])
+        chosen = []
+        for step in range(40):
+            t.start()
+            now[0] += cost[pool[-1]] if pool else 0.004
+            r = t.stop()
+            if r is not None:
+                chosen.append((step, r))
+        window = t.WARM + t.PER * t.ROUNDS * 2
+        assert chosen == [(window - 1, fast)]
+        assert t.measured == pytest.approx({fast: 3.0, slow: 5.0})
+        assert pool[-1] == fast and pool.count(2) >= t.PER * t.ROUNDS
+
+
+def test_tuner_idle_with_one_thread(monkeypatch):
+    pool = []
+    monkeypatch.setattr(threads, "_set_pool", pool.append)
+    t = threads.Tuner(threads.CorePlan(1, 2))
+    for _ in range(50):
+        t.start()
+        assert t.stop() is None
+    assert pool == [] and t.chosen == 1

@@ -127,14 +127,21 @@ def _pow(a, b):
 
 
 # Matrix products: SciPy's BLAS ?gemm (through `numba_xxgemm`, the helper Numba's own np.dot
-# calls), one thread of BLAS, and dlc's own split of the product over Numba's thread pool. BLAS's
+# calls) on one BLAS thread, and dlc's own split of the product over Numba's thread pool. BLAS's
 # threads pay only on large products (OpenBLAS's wake-up and join cost more than a 32x128 @
-# 128x512 product, and they fight Numba's pool for the cores); splitting the output into one
-# column (or row) block per thread, each a single-threaded ?gemm, made such a product 1.6-1.9x
-# faster on 2 cores, and 1024x64 @ 64x256 1.9x (bench/README.md). Operands are row-major or
-# transposed views (any leading dimension); a product under GEMM_SPLIT_FLOPS runs on the
-# calling thread. Numba's helper looks SciPy's ?gemm up under the GIL on its first call, so
-# the module calls it once from the importing thread (a pool thread would wait for the GIL).
+# 128x512 product, and they fight Numba's pool for the cores); one block of the output's columns
+# (or rows) per thread, each a single-threaded ?gemm, made such a product 1.6-1.9x faster on 2
+# cores, and 1024x64 @ 64x256 1.9x (bench/README.md). A batch of products is split by batch.
+# OpenBLAS multiplies products of M*N*K <= 1e6 without packing, faster: on one thread 32x128 @
+# 128x512 took 58 us whole and 37 us as four 128-column blocks, so a product of up to 8e6 is
+# cut into such blocks, on any number of threads (on two: 20 us).
+#
+# `_gemm`/`_bgemm` (inlined into the kernels) reduce their operands to pointers, leading
+# dimensions and 'n'/'t' flags; `_gemm_run`, the one parallel function, takes only integers, so
+# Numba compiles it once (one signature) whatever the operands' layouts: a parallel function
+# costs seconds to compile. A product under GEMM_SPLIT_FLOPS runs on the calling thread.
+# Numba's helper looks SciPy's ?gemm up under the GIL on its first call, so the module calls it
+# once from the importing thread (a pool thread would wait for the GIL the caller holds).
 GEMM = """\
 import numba as _numba
 from numba import prange as _prange
@@ -142,32 +149,35 @@ from numba.core import cgutils as _cgutils, types as _nbtypes
 from numba.core.extending import intrinsic as _intrinsic
 from numba.np.linalg import ensure_blas as _ensure_blas
 from llvmlite import ir as _llir
+from compiler.codegen.fpmode import flush_subnormals, restore_mode
 
-GEMM_SPLIT_FLOPS = 2 ** 19       # below this a product stays on one thread (about 5 us of work)
-GEMM_MIN_TILE = 16               # the narrowest block a thread takes
+GEMM_SPLIT_FLOPS = 2 ** 21       # below this a product stays on one thread (about 20 us of work)
+GEMM_MIN_TILE = 16               # the narrowest block
+GEMM_SMALL = 1e6                 # M*N*K up to which OpenBLAS uses its small-matrix kernels (no packing)
+GEMM_SMALL_BLOCKS = 8            # a product of up to 8x that is cut into such blocks
 
 
 @_intrinsic
-def _xxgemm(typingctx, kind, ta, tb, m, n, k, a, lda, b, ldb, c, ldc, ab):
-    # numba_xxgemm(kind, transa, transb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc): column-major
-    sig = _nbtypes.int32(kind, ta, tb, m, n, k, a, lda, b, ldb, c, ldc, ab)
+def _xxgemm(typingctx, kind, ta, tb, m, n, k, a, lda, b, ldb, c, ldc):
+    # numba_xxgemm(kind, transa, transb, m, n, k, &alpha, a, lda, b, ldb, &beta, c, ldc), column-major;
+    # a, b, c: addresses; alpha = 1 and beta = 0 of the kind's type ('s': float32, 'd': float64)
+    sig = _nbtypes.int32(kind, ta, tb, m, n, k, a, lda, b, ldb, c, ldc)
 
     def codegen(context, builder, sig, args):
         i8, vp = _llir.IntType(8), _cgutils.voidptr_t
         ip = context.get_value_type(_nbtypes.intp)
         fnty = _llir.FunctionType(_llir.IntType(32), [i8, i8, i8, ip, ip, ip, vp, vp, ip, vp, ip, vp, vp, ip])
         fn = _cgutils.get_or_insert_function(builder.module, fnty, "numba_xxgemm")
-
-        def arg(i):
-            t = sig.args[i]
-            if isinstance(t, _nbtypes.Array):
-                return context.make_array(t)(context, builder, args[i]).data
-            return context.cast(builder, args[i], t, _nbtypes.intp)
-        abd = arg(12)
-        alpha, beta = builder.bitcast(abd, vp), builder.bitcast(builder.gep(abd, [ip(1)]), vp)
-        return builder.call(fn, [builder.trunc(arg(0), i8), builder.trunc(arg(1), i8), builder.trunc(arg(2), i8),
-                                 arg(3), arg(4), arg(5), alpha, builder.bitcast(arg(6), vp), arg(7),
-                                 builder.bitcast(arg(8), vp), arg(9), beta, builder.bitcast(arg(10), vp), arg(11)])
+        v = [context.cast(builder, x, t, _nbtypes.intp) for x, t in zip(args, sig.args)]
+        f32, f64 = _llir.FloatType(), _llir.DoubleType()
+        one_s, zero_s = _cgutils.alloca_once_value(builder, f32(1)), _cgutils.alloca_once_value(builder, f32(0))
+        one_d, zero_d = _cgutils.alloca_once_value(builder, f64(1)), _cgutils.alloca_once_value(builder, f64(0))
+        single = builder.icmp_signed("==", v[0], ip(115))
+        alpha = builder.select(single, builder.bitcast(one_s, vp), builder.bitcast(one_d, vp))
+        beta = builder.select(single, builder.bitcast(zero_s, vp), builder.bitcast(zero_d, vp))
+        ptr = lambda x: builder.inttoptr(x, vp)
+        return builder.call(fn, [builder.trunc(v[0], i8), builder.trunc(v[1], i8), builder.trunc(v[2], i8),
+                                 v[3], v[4], v[5], alpha, ptr(v[6]), v[7], ptr(v[8]), v[9], beta, ptr(v[10]), v[11]])
     return sig, codegen
 
 
@@ -182,6 +192,64 @@ def _pool_threads(typingctx):
     return _nbtypes.intp(), codegen
 
 
+@njit(cache=True)
+def _gemm_block(kind, fa, fb, M, N, K, pa, lda, pb, ldb, pc, ldc, item, lo, hi, by_cols):
+    # columns (or rows) lo:hi of out = op(a) @ op(b); out^T = op(b)^T op(a)^T in BLAS's terms
+    if by_cols:
+        pb += lo * item * (ldb if fb == 116 else 1)
+        _xxgemm(kind, fb, fa, hi - lo, M, K, pb, ldb, pa, lda, pc + lo * item, ldc)
+    else:
+        pa += lo * item * (1 if fa == 116 else lda)
+        _xxgemm(kind, fb, fa, N, hi - lo, K, pb, ldb, pa, lda, pc + lo * ldc * item, ldc)
+
+
+@njit(cache=True)
+def _ftz_enter(c):
+    # subnormals flushed on each pool thread for its share, as on the step's thread (fpmode.py):
+    # the pool's threads met subnormal activations at 100x the cost. `c`, the share, keeps the
+    # call inside the parallel loop (Numba hoists argument-free calls out of it)
+    if c < 0:
+        return np.uint32(0)
+    return flush_subnormals()
+
+
+@njit(cache=True)
+def _ftz_exit(c, mode):
+    if c >= 0:
+        restore_mode(mode)
+
+
+@njit(cache=True, parallel=True)
+def _gemm_run(kind, fa, fb, M, N, K, pa, lda, pb, ldb, pc, ldc, item, nb, sa, sb, sc):
+    # nb products, the i-th at byte offsets i * (sa, sb, sc), as work items: whole products, or
+    # column (row) blocks of each: blocks that fit BLAS's small-matrix kernels, or one per thread
+    nt = _pool_threads()
+    by_cols = N >= M
+    L = N if by_cols else M
+    mnk = 1.0 * M * N * K
+    blocks = 1
+    if mnk <= GEMM_SMALL_BLOCKS * GEMM_SMALL:
+        while blocks * GEMM_SMALL < mnk and L // (2 * blocks) >= GEMM_MIN_TILE:
+            blocks *= 2
+    parallel = nt > 1 and 2.0 * nb * mnk >= GEMM_SPLIT_FLOPS
+    if parallel and nb < nt:
+        blocks = max(blocks, min(nt, L // GEMM_MIN_TILE))
+    items = nb * blocks
+    if not parallel:
+        for w in range(items):
+            i, j = w // blocks, w % blocks
+            _gemm_block(kind, fa, fb, M, N, K, pa + i * sa, lda, pb + i * sb, ldb, pc + i * sc, ldc, item,
+                        L * j // blocks, L * (j + 1) // blocks, by_cols)
+        return
+    for c in _prange(nt):
+        mode = _ftz_enter(c)
+        for w in range(items * c // nt, items * (c + 1) // nt):
+            i, j = w // blocks, w % blocks
+            _gemm_block(kind, fa, fb, M, N, K, pa + i * sa, lda, pb + i * sb, ldb, pc + i * sc, ldc, item,
+                        L * j // blocks, L * (j + 1) // blocks, by_cols)
+        _ftz_exit(c, mode)
+
+
 @njit(cache=True, inline='always')
 def _blas_view(x):
     # (leading dimension, 'n' or 't') of a 2-D view that BLAS reads as it is, or (0, 0)
@@ -193,86 +261,49 @@ def _blas_view(x):
     return 0, 0
 
 
-@njit(cache=True)
-def _gemm_tile(a, b, out, ab):
-    # out = a @ b on this thread: out^T = b^T a^T in BLAS's column-major terms
+@njit(cache=True, inline='always')
+def _gemm(a, b, out):
+    # out = a @ b; a and b are arrays or .T views of them
     M, K = a.shape
     N = b.shape[1]
-    if M == 0 or N == 0:
-        return
     lda, fa = _blas_view(a)
     ldb, fb = _blas_view(b)
-    if K == 0 or fa == 0 or fb == 0 or out.strides[1] != out.itemsize:
-        out[:, :] = np.dot(np.ascontiguousarray(a), np.ascontiguousarray(b))
-        return
-    kind = 115 if out.itemsize == 4 else 100                      # 's' or 'd'
-    _xxgemm(kind, fb, fa, N, M, K, b, ldb, a, lda, out, max(out.strides[0] // out.itemsize, N, 1), ab)
-
-
-@njit(cache=True, parallel=True)
-def _gemm(a, b, out):
-    M, K = a.shape
-    N = b.shape[1]
-    ab = np.zeros(2, out.dtype)
-    ab[0] = 1
-    nt = _pool_threads()
-    big = max(M, N)
-    if nt > 1 and 2.0 * M * N * K >= GEMM_SPLIT_FLOPS and big >= 2 * GEMM_MIN_TILE:
-        nc = min(nt, big // GEMM_MIN_TILE)
-        if N >= M:
-            for c in _prange(nc):
-                lo, hi = N * c // nc, N * (c + 1) // nc
-                _gemm_tile(a, b[:, lo:hi], out[:, lo:hi], ab)
-        else:
-            for c in _prange(nc):
-                lo, hi = M * c // nc, M * (c + 1) // nc
-                _gemm_tile(a[lo:hi], b, out[lo:hi], ab)
-    else:
-        _gemm_tile(a, b, out, ab)
+    if fa == 0 or fb == 0 or out.strides[1] != out.itemsize:
+        raise ValueError("dlc: a matrix product's operand is neither row-major nor transposed")
+    if K == 0:
+        out[:, :] = 0
+    elif M > 0 and N > 0:
+        _gemm_run(115 if out.itemsize == 4 else 100, fa, fb, M, N, K, a.ctypes.data, lda, b.ctypes.data, ldb,
+                  out.ctypes.data, max(out.strides[0] // out.itemsize, N, 1), out.itemsize, 1, 0, 0, 0)
 
 
 @njit(cache=True, inline='always')
-def _tile_t(a, b, out, ab, ta, tb):
-    if ta:
-        if tb:
-            _gemm_tile(a.T, b.T, out, ab)
-        else:
-            _gemm_tile(a.T, b, out, ab)
-    elif tb:
-        _gemm_tile(a, b.T, out, ab)
-    else:
-        _gemm_tile(a, b, out, ab)
-
-
-@njit(cache=True, parallel=True)
 def _bgemm(a3, b3, o3, ta, tb):
-    # o3[i] = op(a3[i]) @ op(b3[i]); op transposes where ta / tb: the batch split over the threads
+    # o3[i] = op(a3[i]) @ op(b3[i]) for C-contiguous 3-D arrays; op transposes where ta / tb
     nb, M, N = o3.shape
     K = a3.shape[1] if ta else a3.shape[2]
-    ab = np.zeros(2, o3.dtype)
-    ab[0] = 1
-    nt = _pool_threads()
-    if nt > 1 and nb >= nt and 2.0 * nb * M * N * K >= GEMM_SPLIT_FLOPS:
-        for c in _prange(nt):
-            for i in range(nb * c // nt, nb * (c + 1) // nt):
-                _tile_t(a3[i], b3[i], o3[i], ab, ta, tb)
-    else:
-        for i in range(nb):
-            _tile_t(a3[i], b3[i], o3[i], ab, ta, tb)
+    item = o3.itemsize
+    if K == 0:
+        o3[:, :, :] = 0
+    elif nb > 0 and M > 0 and N > 0:
+        _gemm_run(115 if item == 4 else 100, 116 if ta else 110, 116 if tb else 110, M, N, K,
+                  a3.ctypes.data, max(a3.shape[2], 1), b3.ctypes.data, max(b3.shape[2], 1), o3.ctypes.data,
+                  max(N, 1), item, nb, a3.strides[0], b3.strides[0], o3.strides[0])
 
 
-if _numba.config.DISABLE_JIT:               # kernels run as Python (tests): NumPy's product
-    def _gemm_tile(a, b, out, ab):
+if _numba.config.DISABLE_JIT:               # kernels run as Python (tests): NumPy's products
+    def _gemm(a, b, out):
         out[:, :] = np.dot(a, b)
 
-    def _pool_threads():
-        return 1
-
-_ensure_blas()
-_numba.get_num_threads()                     # starts the pool: registers `get_num_threads`
-for _t in (np.float32, np.float64):          # Numba finds ?gemm now, on this thread (see above)
-    _x = np.ones((1, 1), _t)
-    _gemm_tile(_x, _x, np.empty((1, 1), _t), np.array([1, 0], _t))
+    def _bgemm(a3, b3, o3, ta, tb):
+        o3[:] = np.matmul(a3.transpose(0, 2, 1) if ta else a3, b3.transpose(0, 2, 1) if tb else b3)
+else:
+    _ensure_blas()
+    _numba.get_num_threads()                 # starts the pool: registers `get_num_threads`
+    for _t in (np.float32, np.float64):      # Numba finds ?gemm now, on this thread (see above)
+        _x, _y = np.ones((1, 1), _t), np.empty((1, 1), _t)
+        _gemm_run(115 if _t == np.float32 else 100, 110, 110, 1, 1, 1, _x.ctypes.data, 1, _x.ctypes.data, 1,
+                  _y.ctypes.data, 1, _x.itemsize, 1, 0, 0, 0)
 """
 
 
