@@ -204,19 +204,24 @@ def _gemm_block(kind, fa, fb, M, N, K, pa, lda, pb, ldb, pc, ldc, item, lo, hi, 
 
 
 @njit(cache=True)
-def _ftz_enter(c):
-    # subnormals flushed on each pool thread for its share, as on the step's thread (fpmode.py):
-    # the pool's threads met subnormal activations at 100x the cost. `c`, the share, keeps the
-    # call inside the parallel loop (Numba hoists argument-free calls out of it)
-    if c < 0:
-        return np.uint32(0)
-    return flush_subnormals()
+def _gemm_items(c, nt, items, blocks, L, by_cols, kind, fa, fb, M, N, K, pa, lda, pb, ldb, pc, ldc, item, sa, sb,
+                sc):
+    # the work items of share c of nt: whole products (blocks == 1) or column (row) blocks
+    for w in range(items * c // nt, items * (c + 1) // nt):
+        i, j = w // blocks, w % blocks
+        _gemm_block(kind, fa, fb, M, N, K, pa + i * sa, lda, pb + i * sb, ldb, pc + i * sc, ldc, item,
+                    L * j // blocks, L * (j + 1) // blocks, by_cols)
 
 
 @njit(cache=True)
-def _ftz_exit(c, mode):
-    if c >= 0:
-        restore_mode(mode)
+def _gemm_share(c, nt, items, blocks, L, by_cols, kind, fa, fb, M, N, K, pa, lda, pb, ldb, pc, ldc, item, sa, sb,
+                sc):
+    # one pool thread's share, with subnormals flushed as on the step's thread (fpmode.py): the
+    # pool's threads met subnormal activations at 100x the cost. (A call with the share's index
+    # stays inside the parallel loop: Numba hoists argument-free calls out of it.)
+    mode = flush_subnormals()
+    _gemm_items(c, nt, items, blocks, L, by_cols, kind, fa, fb, M, N, K, pa, lda, pb, ldb, pc, ldc, item, sa, sb, sc)
+    restore_mode(mode)
 
 
 @njit(cache=True, parallel=True)
@@ -236,18 +241,20 @@ def _gemm_run(kind, fa, fb, M, N, K, pa, lda, pb, ldb, pc, ldc, item, nb, sa, sb
         blocks = max(blocks, min(nt, L // GEMM_MIN_TILE))
     items = nb * blocks
     if not parallel:
-        for w in range(items):
-            i, j = w // blocks, w % blocks
-            _gemm_block(kind, fa, fb, M, N, K, pa + i * sa, lda, pb + i * sb, ldb, pc + i * sc, ldc, item,
-                        L * j // blocks, L * (j + 1) // blocks, by_cols)
+        _gemm_items(0, 1, items, blocks, L, by_cols, kind, fa, fb, M, N, K, pa, lda, pb, ldb, pc, ldc, item, sa, sb, sc)
         return
     for c in _prange(nt):
-        mode = _ftz_enter(c)
-        for w in range(items * c // nt, items * (c + 1) // nt):
-            i, j = w // blocks, w % blocks
-            _gemm_block(kind, fa, fb, M, N, K, pa + i * sa, lda, pb + i * sb, ldb, pc + i * sc, ldc, item,
-                        L * j // blocks, L * (j + 1) // blocks, by_cols)
-        _ftz_exit(c, mode)
+        _gemm_share(np.int64(c), nt, items, blocks, L, by_cols, kind, fa, fb, M, N, K, pa, lda, pb, ldb, pc, ldc,
+                    item, sa, sb, sc)
+
+
+_ONE, _ZERO = np.int64(1), np.int64(0)      # (a literal 1 or 0 would be a signature of its own)
+
+
+@njit(cache=True, inline='always')
+def _addr(x):
+    # an int64 address: `_gemm_run` has one signature of int64s (uintp would compile it again)
+    return np.int64(x.ctypes.data)
 
 
 @njit(cache=True, inline='always')
@@ -261,7 +268,7 @@ def _blas_view(x):
     return 0, 0
 
 
-@njit(cache=True, inline='always')
+@njit(cache=True)
 def _gemm(a, b, out):
     # out = a @ b; a and b are arrays or .T views of them
     M, K = a.shape
@@ -271,23 +278,25 @@ def _gemm(a, b, out):
     if fa == 0 or fb == 0 or out.strides[1] != out.itemsize:
         raise ValueError("dlc: a matrix product's operand is neither row-major nor transposed")
     if K == 0:
-        out[:, :] = 0
+        for i in range(M):
+            for j in range(N):
+                out[i, j] = 0
     elif M > 0 and N > 0:
-        _gemm_run(115 if out.itemsize == 4 else 100, fa, fb, M, N, K, a.ctypes.data, lda, b.ctypes.data, ldb,
-                  out.ctypes.data, max(out.strides[0] // out.itemsize, N, 1), out.itemsize, 1, 0, 0, 0)
+        _gemm_run(115 if out.itemsize == 4 else 100, fa, fb, M, N, K, _addr(a), lda, _addr(b), ldb,
+                  _addr(out), max(out.strides[0] // out.itemsize, N, 1), out.itemsize, _ONE, _ZERO, _ZERO, _ZERO)
 
 
-@njit(cache=True, inline='always')
+@njit(cache=True)
 def _bgemm(a3, b3, o3, ta, tb):
     # o3[i] = op(a3[i]) @ op(b3[i]) for C-contiguous 3-D arrays; op transposes where ta / tb
     nb, M, N = o3.shape
     K = a3.shape[1] if ta else a3.shape[2]
     item = o3.itemsize
     if K == 0:
-        o3[:, :, :] = 0
+        o3.reshape(-1)[:] = 0
     elif nb > 0 and M > 0 and N > 0:
         _gemm_run(115 if item == 4 else 100, 116 if ta else 110, 116 if tb else 110, M, N, K,
-                  a3.ctypes.data, max(a3.shape[2], 1), b3.ctypes.data, max(b3.shape[2], 1), o3.ctypes.data,
+                  _addr(a3), max(a3.shape[2], 1), _addr(b3), max(b3.shape[2], 1), _addr(o3),
                   max(N, 1), item, nb, a3.strides[0], b3.strides[0], o3.strides[0])
 
 
@@ -300,10 +309,10 @@ if _numba.config.DISABLE_JIT:               # kernels run as Python (tests): Num
 else:
     _ensure_blas()
     _numba.get_num_threads()                 # starts the pool: registers `get_num_threads`
-    for _t in (np.float32, np.float64):      # Numba finds ?gemm now, on this thread (see above)
-        _x, _y = np.ones((1, 1), _t), np.empty((1, 1), _t)
-        _gemm_run(115 if _t == np.float32 else 100, 110, 110, 1, 1, 1, _x.ctypes.data, 1, _x.ctypes.data, 1,
-                  _y.ctypes.data, 1, _x.itemsize, 1, 0, 0, 0)
+    for _t in (np.float32, np.float64):      # Numba finds ?gemm now, on this thread (see above),
+        _x, _y = np.ones((1, 1), _t), np.empty((1, 1), _t)       # with a function quick to compile
+        _gemm_block(115 if _t == np.float32 else 100, 110, 110, 1, 1, 1, _x.ctypes.data, 1, _x.ctypes.data, 1,
+                    _y.ctypes.data, 1, _x.itemsize, 0, 1, True)
 """
 
 
