@@ -179,7 +179,7 @@ class World:
         self.rank, self.size = comm.Get_rank(), comm.Get_size()
         self.errors = comm.Dup()        # where failing ranks meet (`fail`), apart from training's messages
         node = comm.Split_type(mpi.COMM_TYPE_SHARED)
-        # BLAS threads per rank (unless --threads): the machine's cores shared by its ranks, as
+        # pool threads per rank (unless --threads): the machine's cores shared by its ranks, as
         # ranks that each start a thread per core slow down many times over
         self.threads = max(1, (os.cpu_count() or 1) // node.Get_size())
         node.Free()

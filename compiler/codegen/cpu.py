@@ -1,7 +1,9 @@
 """The CPU target: serial `@njit` kernels, BLAS matmuls, one compiled step function.
 
-Serial kernels leave the cores to BLAS (numba-notes: `parallel=True` beside threaded BLAS
-made a step 100x slower). fastmath flags keep NaN checks (no `nnan`/`ninf`).
+The kernels are serial; the matrix products (`GEMM` below) are split over Numba's thread pool,
+each block a single-threaded BLAS call, so that one owner uses the cores (numba-notes:
+`parallel=True` beside threaded BLAS made a step 100x slower; runtime/threads.py keeps BLAS on
+one thread). fastmath flags keep NaN checks (no `nnan`/`ninf`).
 """
 from ..ops import OPS
 from .target import Target
