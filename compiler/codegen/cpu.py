@@ -226,10 +226,12 @@ def _gemm_share(c, nt, items, blocks, L, by_cols, kind, fa, fb, M, N, K, pa, lda
     restore_mode(mode)
 
 
-@njit(cache=True, parallel=True)
+@njit("void(" + ", ".join(["int64"] * 17) + ")", cache=True, parallel=True)
 def _gemm_run(kind, fa, fb, M, N, K, pa, lda, pb, ldb, pc, ldc, item, nb, sa, sb, sc):
     # nb products, the i-th at byte offsets i * (sa, sb, sc), as work items: whole products, or
     # column (row) blocks of each: blocks that fit BLAS's small-matrix kernels, or one per thread
+    if nb == 0 or M == 0 or N == 0:
+        return
     nt = _pool_threads()
     by_cols = N >= M
     L = N if by_cols else M
@@ -270,36 +272,31 @@ def _blas_view(x):
     return 0, 0
 
 
-@njit(cache=True)
+# `_gemm_run`, `_gemm` and `_bgemm` are compiled when the module is first imported, before a run
+# forks its compile workers (which then share them): one signature each per dtype, for any
+# layout (C and F (.T) views convert to these 'A' signatures for free)
+@njit(["void(float32[:, :], float32[:, :], float32[:, :])", "void(float64[:, :], float64[:, :], float64[:, :])"],
+      cache=True)
 def _gemm(a, b, out):
-    # out = a @ b; a and b are arrays or .T views of them
-    M, K = a.shape
-    N = b.shape[1]
+    # out = a @ b; a and b are arrays or .T views of them (K = 0: BLAS writes zeros)
     lda, fa = _blas_view(a)
     ldb, fb = _blas_view(b)
     if fa == 0 or fb == 0 or out.strides[1] != out.itemsize:
         raise ValueError("dlc: a matrix product's operand is neither row-major nor transposed")
-    if K == 0:
-        for i in range(M):
-            for j in range(N):
-                out[i, j] = 0
-    elif M > 0 and N > 0:
-        _gemm_run(115 if out.itemsize == 4 else 100, fa, fb, M, N, K, _addr(a), lda, _addr(b), ldb,
-                  _addr(out), max(out.strides[0] // out.itemsize, N, 1), out.itemsize, _ONE, _ZERO, _ZERO, _ZERO)
+    _gemm_run(115 if out.itemsize == 4 else 100, fa, fb, a.shape[0], b.shape[1], a.shape[1], _addr(a), lda,
+              _addr(b), ldb, _addr(out), max(out.strides[0] // out.itemsize, b.shape[1], 1), out.itemsize,
+              _ONE, _ZERO, _ZERO, _ZERO)
 
 
-@njit(cache=True)
+@njit(["void(float32[:, :, ::1], float32[:, :, ::1], float32[:, :, ::1], int64, int64)",
+       "void(float64[:, :, ::1], float64[:, :, ::1], float64[:, :, ::1], int64, int64)"], cache=True)
 def _bgemm(a3, b3, o3, ta, tb):
     # o3[i] = op(a3[i]) @ op(b3[i]) for C-contiguous 3-D arrays; op transposes where ta / tb
+    # (ints, not bools: a literal True would be a signature of its own)
     nb, M, N = o3.shape
-    K = a3.shape[1] if ta else a3.shape[2]
-    item = o3.itemsize
-    if K == 0:
-        o3.reshape(-1)[:] = 0
-    elif nb > 0 and M > 0 and N > 0:
-        _gemm_run(115 if item == 4 else 100, 116 if ta else 110, 116 if tb else 110, M, N, K,
-                  _addr(a3), max(a3.shape[2], 1), _addr(b3), max(b3.shape[2], 1), _addr(o3),
-                  max(N, 1), item, nb, a3.strides[0], b3.strides[0], o3.strides[0])
+    _gemm_run(115 if o3.itemsize == 4 else 100, 116 if ta else 110, 116 if tb else 110, M, N,
+              a3.shape[1] if ta else a3.shape[2], _addr(a3), max(a3.shape[2], 1), _addr(b3), max(b3.shape[2], 1),
+              _addr(o3), max(N, 1), o3.itemsize, nb, a3.strides[0], b3.strides[0], o3.strides[0])
 
 
 if _numba.config.DISABLE_JIT:               # kernels run as Python (tests): NumPy's products
@@ -372,4 +369,4 @@ class CpuTarget(Target):
 
     @staticmethod
     def batched_matmul_call(a3: str, b3: str, o3: str, ta: bool, tb: bool) -> str | None:
-        return f"_bgemm({a3}, {b3}, {o3}, {ta}, {tb})"
+        return f"_bgemm({a3}, {b3}, {o3}, np.int64({int(ta)}), np.int64({int(tb)}))"
