@@ -244,11 +244,11 @@ def _kernel_def(source: str, name: str) -> str:
 
 
 def _blas_alone(source: str, name: str, args, dot_loop, inner: int, repeats: int, budget: float):
-    """For a kernel that calls np.dot on two of its arguments: that call alone (us) and its
-    shapes; None for other kernels."""
+    """For a kernel that calls a matrix product (`_gemm`, the CPU target's, or `np.dot`) on two
+    of its arguments: that call alone (us) and its shapes; None for other kernels."""
     import numpy as np
     body = _kernel_def(source, name).split("\n\n", 1)[0]
-    m = re.search(r"np\.dot\((\w+)(\.T)?, (\w+)(\.T)?, (\w+)\)", body)
+    m = re.search(r"(?:np\.dot|_gemm)\((\w+)(\.T)?, (\w+)(\.T)?, (\w+)\)", body)
     if not m:
         return None
     sig = body.split(")", 1)[0].split(", ")
@@ -358,8 +358,11 @@ def profile_dlc(s, batch: dict, steps: int, repeats: int, max_seconds: float) ->
     heads, first_ir = _kernel_heads(ex.source, r"k\d+|scan\d+")
     rows, total = [], 0.0
     inner = max(steps // 2, 50)
-    g2 = {"np": np}
-    exec("def dot1(a, b, c):\n    np.dot(a, b, c)\n", g2)
+    # the product alone, as the kernels run it: the CPU target's `_gemm` (split over the pool)
+    helper = next((m._gemm for k, m in list(sys.modules.items())
+                   if k.startswith("dlc_") and "_gemm_run" in vars(m) and hasattr(m, "GEMM_SMALL")), None)
+    g2 = {"np": np, "_gemm": helper}
+    exec("def dot1(a, b, c):\n    " + ("_gemm(a, b, c)" if helper is not None else "np.dot(a, b, c)") + "\n", g2)
     dot_loop = _njit_loop(njit(g2["dot1"]), 3, "dot_loop")
     kbudget = max_seconds / 10
     for name, a in calls:

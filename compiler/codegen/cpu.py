@@ -226,7 +226,7 @@ def _gemm_share(c, nt, items, blocks, L, by_cols, kind, fa, fb, M, N, K, pa, lda
     restore_mode(mode)
 
 
-@njit("void(" + ", ".join(["int64"] * 17) + ")", cache=True, parallel=True)
+@njit(cache=True, parallel=True)
 def _gemm_run(kind, fa, fb, M, N, K, pa, lda, pb, ldb, pc, ldc, item, nb, sa, sb, sc):
     # nb products, the i-th at byte offsets i * (sa, sb, sc), as work items: whole products, or
     # column (row) blocks of each: blocks that fit BLAS's small-matrix kernels, or one per thread
@@ -275,8 +275,7 @@ def _blas_view(x):
 # `_gemm_run`, `_gemm` and `_bgemm` are compiled when the module is first imported, before a run
 # forks its compile workers (which then share them): one signature each per dtype, for any
 # layout (C and F (.T) views convert to these 'A' signatures for free)
-@njit(["void(float32[:, :], float32[:, :], float32[:, :])", "void(float64[:, :], float64[:, :], float64[:, :])"],
-      cache=True)
+@njit(cache=True)
 def _gemm(a, b, out):
     # out = a @ b; a and b are arrays or .T views of them (K = 0: BLAS writes zeros)
     lda, fa = _blas_view(a)
@@ -288,8 +287,7 @@ def _gemm(a, b, out):
               _ONE, _ZERO, _ZERO, _ZERO)
 
 
-@njit(["void(float32[:, :, ::1], float32[:, :, ::1], float32[:, :, ::1], int64, int64)",
-       "void(float64[:, :, ::1], float64[:, :, ::1], float64[:, :, ::1], int64, int64)"], cache=True)
+@njit(cache=True)
 def _bgemm(a3, b3, o3, ta, tb):
     # o3[i] = op(a3[i]) @ op(b3[i]) for C-contiguous 3-D arrays; op transposes where ta / tb
     # (ints, not bools: a literal True would be a signature of its own)
@@ -306,6 +304,27 @@ if _numba.config.DISABLE_JIT:               # kernels run as Python (tests): Num
     def _bgemm(a3, b3, o3, ta, tb):
         o3[:] = np.matmul(a3.transpose(0, 2, 1) if ta else a3, b3.transpose(0, 2, 1) if tb else b3)
 else:
+    def _eager(fn, sigs):
+        # compile (or load) `sigs` now and no others: C arrays and .T views convert to 'A'. A
+        # damaged cache entry (this function's or a callee's) is dropped and compiled again, as
+        # the driver does for kernels
+        for sig in sigs:
+            try:
+                fn.compile(sig)
+            except Exception:
+                for f in list(globals().values()):
+                    if hasattr(f, "_cache") and hasattr(f._cache, "flush"):
+                        f._cache.flush()
+                fn.compile(sig)
+                import sys
+                print(f"dlc: warning: the kernel cache entry for {fn.__name__} was damaged; recompiled it",
+                      file=sys.stderr)
+        fn.disable_compile()
+
+    _eager(_gemm_run, ["void(" + ", ".join(["int64"] * 17) + ")"])
+    _eager(_gemm, ["void(%s[:, :], %s[:, :], %s[:, :])" % ((t,) * 3) for t in ("float32", "float64")])
+    _eager(_bgemm, ["void(%s[:, :, ::1], %s[:, :, ::1], %s[:, :, ::1], int64, int64)" % ((t,) * 3)
+                    for t in ("float32", "float64")])
     _ensure_blas()
     _numba.get_num_threads()                 # starts the pool: registers `get_num_threads`
     for _t in (np.float32, np.float64):      # Numba finds ?gemm now, on this thread (see above),
