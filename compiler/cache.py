@@ -157,6 +157,29 @@ def store_object(key: str, value) -> None:
     os.replace(tmp, d / f"{key}.pkl")
 
 
+def compile_repairing(fn, sig) -> None:
+    """Compile Numba dispatcher `fn` for `sig`, or load it from Numba's disk cache. A damaged
+    cache entry (a truncated or garbled .nbi/.nbc: UnpicklingError, EOFError, ...), of `fn` or
+    of a function its module calls (an imported helper: `_gemm`, `_exp_f32`), is dropped and
+    `fn` compiled again, once, with a one-line warning; an error that recurs is the compiler's
+    own."""
+    try:
+        fn.compile(sig)
+    except Exception as first:
+        if not hasattr(getattr(fn, "_cache", None), "flush"):
+            raise
+        module = getattr(getattr(fn, "py_func", None), "__globals__", {})
+        for f in [fn, *module.values()]:
+            if hasattr(getattr(f, "_cache", None), "flush"):
+                f._cache.flush()
+        try:
+            fn.compile(sig)
+        except Exception:
+            raise first from None
+        print(f"dlc: warning: the kernel cache entry for {fn.__name__} was damaged "
+              f"({type(first).__name__}); recompiled it", file=sys.stderr)
+
+
 # ---- pruning: what no run has used for DLC_CACHE_DAYS days goes ----------------------------------
 # A module's last use is the time of its marker `<cache>/.used/<name>` (not of the module file:
 # Numba's cache checks the source file's time stamp, so touching it would recompile every kernel);

@@ -89,25 +89,6 @@ class Executable:
         compile_programs([(self, args)])
 
 
-def _compile_repairing_cache(fn, sig) -> None:
-    """Compile `fn` for `sig`, or load it from Numba's disk cache. A damaged cache entry (a
-    truncated or garbled .nbi/.nbc: UnpicklingError, EOFError, ...) is dropped and the kernel
-    compiled again, once, with a one-line warning; an error that recurs is the compiler's own."""
-    try:
-        fn.compile(sig)
-    except Exception as first:
-        cache = getattr(fn, "_cache", None)
-        if cache is None or not hasattr(cache, "flush"):
-            raise
-        try:
-            cache.flush()
-            fn.compile(sig)
-        except Exception:
-            raise first from None
-        print(f"dlc: warning: the kernel cache entry for {fn.__name__} was damaged "
-              f"({type(first).__name__}); recompiled it", file=sys.stderr)
-
-
 def compile_programs(programs: list[tuple[Executable, list]], workers: int | None = None,
                      later: list[tuple[Executable, list]] = ()) -> "Background | None":
     """Compile programs for their example arguments: each distinct (function, signature) once.
@@ -168,7 +149,7 @@ def compile_programs(programs: list[tuple[Executable, list]], workers: int | Non
         by_workers = {(id(fn), sig) for (fn, sig), d in zip(queue, state) if d == 3}
     for ex, fn, sig, group in jobs:                   # the rest: loaded from the cache the children filled
         if group == 0 or not later:
-            _compile_repairing_cache(fn, sig)
+            cache.compile_repairing(fn, sig)
     dt = time.perf_counter() - t0
     now_jobs = [j for j in jobs if j[3] == 0 or not later]
     for ex, fn, sig, _ in now_jobs:                   # compiled here or by a worker, not loaded from the cache
@@ -312,7 +293,7 @@ def _compile_queue(queue: list, deps: list, state, child: bool, limit: int | Non
             waited += 0.005
             continue
         try:
-            _compile_repairing_cache(*queue[ready])
+            cache.compile_repairing(*queue[ready])
         except Exception:
             if not child:
                 state[ready] = 2

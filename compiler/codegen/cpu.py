@@ -138,7 +138,7 @@ def _pow(a, b):
 # 128x512 took 58 us whole and 37 us as four 128-column blocks, so a product of up to 8e6 is
 # cut into such blocks, on any number of threads (on two: 20 us).
 #
-# `_gemm`/`_bgemm` (inlined into the kernels) reduce their operands to pointers, leading
+# `_gemm`/`_bgemm` (called by the kernels) reduce their operands to pointers, leading
 # dimensions and 'n'/'t' flags; `_gemm_run`, the one parallel function, takes only integers, so
 # Numba compiles it once (one signature) whatever the operands' layouts: a parallel function
 # costs seconds to compile. A product under GEMM_SPLIT_FLOPS runs on the calling thread.
@@ -304,21 +304,12 @@ if _numba.config.DISABLE_JIT:               # kernels run as Python (tests): Num
     def _bgemm(a3, b3, o3, ta, tb):
         o3[:] = np.matmul(a3.transpose(0, 2, 1) if ta else a3, b3.transpose(0, 2, 1) if tb else b3)
 else:
+    from compiler.cache import compile_repairing
+
     def _eager(fn, sigs):
-        # compile (or load) `sigs` now and no others: C arrays and .T views convert to 'A'. A
-        # damaged cache entry (this function's or a callee's) is dropped and compiled again, as
-        # the driver does for kernels
+        # compile (or load) `sigs` now and no others: C arrays and .T views convert to 'A'
         for sig in sigs:
-            try:
-                fn.compile(sig)
-            except Exception:
-                for f in list(globals().values()):
-                    if hasattr(f, "_cache") and hasattr(f._cache, "flush"):
-                        f._cache.flush()
-                fn.compile(sig)
-                import sys
-                print(f"dlc: warning: the kernel cache entry for {fn.__name__} was damaged; recompiled it",
-                      file=sys.stderr)
+            compile_repairing(fn, sig)
         fn.disable_compile()
 
     _eager(_gemm_run, ["void(" + ", ".join(["int64"] * 17) + ")"])
