@@ -52,8 +52,11 @@ def calls(H):
 
 
 # shapes: tiny, one BLAS small-matrix block, cut into small blocks (32x128x512: 4 blocks), split
-# over threads (1024 rows), a large one, an empty inner dimension, odd sizes
-SHAPES = [(3, 4, 5), (32, 128, 128), (32, 128, 512), (96, 40, 300), (1024, 64, 96), (5, 0, 3), (1, 7, 1)]
+# over threads (1024 rows), a large one, an empty inner dimension, odd sizes, tiles that also
+# chunk K (64x1024x64: 16-column blocks in 2 chunks; 64x1000x250, odd chunks), a product too
+# large to tile (over 32e6)
+SHAPES = [(3, 4, 5), (32, 128, 128), (32, 128, 512), (96, 40, 300), (1024, 64, 96), (5, 0, 3), (1, 7, 1),
+          (64, 1024, 64), (64, 1000, 250), (24, 3001, 40), (256, 1024, 160)]
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -97,6 +100,14 @@ def test_row_views_with_a_leading_dimension(calls):
     out = np.empty((40, 200), np.float32)
     calls["nn"](x[:, 2, :], w, out)
     np.testing.assert_allclose(out, x[:, 2, :].astype(np.float64) @ w, rtol=1e-5, atol=1e-4)
+    # K long enough to be chunked: each chunk starts inside a row of the strided operands
+    x = rng.normal(size=(64, 3, 1100)).astype(np.float32)
+    y = rng.normal(size=(1100, 3, 64)).astype(np.float32)
+    out = np.empty((64, 64), np.float32)
+    calls["nn"](x[:, 1, :], y[:, 2, :], out)
+    np.testing.assert_allclose(out, x[:, 1, :].astype(np.float64) @ y[:, 2, :], rtol=1e-5, atol=2e-4)
+    calls["tn"](np.ascontiguousarray(x[:, 1, :].T), y[:, 2, :], out)
+    np.testing.assert_allclose(out, x[:, 1, :].astype(np.float64) @ y[:, 2, :], rtol=1e-5, atol=2e-4)
 
 
 def test_pool_threads_flush_subnormals_like_the_step_thread(H):

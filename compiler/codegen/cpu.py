@@ -135,8 +135,12 @@ def _pow(a, b):
 # (or rows) per thread, each a single-threaded ?gemm, made such a product 1.6-1.9x faster on 2
 # cores, and 1024x64 @ 64x256 1.9x (bench/README.md). A batch of products is split by batch.
 # OpenBLAS multiplies products of M*N*K <= 1e6 without packing, faster: on one thread 32x128 @
-# 128x512 took 58 us whole and 37 us as four 128-column blocks, so a product of up to 8e6 is
-# cut into such blocks, on any number of threads (on two: 20 us).
+# 128x512 took 58 us whole and 37 us as four 128-column blocks. So a product of up to 32e6 is
+# cut into such tiles, on any number of threads: blocks of the output's columns (rows), each
+# in chunks of K accumulated in place (beta = 1) where the blocks alone stay too large. A tile
+# just over 1e6 takes the packing path on a thin block, slower than the whole product: the
+# weight gradient 64x1024 @ 1024x64 took 113 us whole, 168 as four 16-column blocks, 73 as
+# 16-column blocks in two chunks of K; 64x1024 @ 1024x256 400 -> 292 (bench/README.md).
 #
 # `_gemm`/`_bgemm` (called by the kernels) reduce their operands to pointers, leading
 # dimensions and 'n'/'t' flags; `_gemm_run`, the one parallel function, takes only integers, so
@@ -156,14 +160,17 @@ from compiler.codegen.fpmode import flush_subnormals, restore_mode
 GEMM_SPLIT_FLOPS = 2 ** 21       # below this a product stays on one thread (about 20 us of work)
 GEMM_MIN_TILE = 16               # the narrowest block
 GEMM_SMALL = 1e6                 # M*N*K up to which OpenBLAS uses its small-matrix kernels (no packing)
-GEMM_SMALL_BLOCKS = 8            # a product of up to 8x that is cut into such blocks
+GEMM_MIN_K = 32                  # the shortest chunk of K
+GEMM_SMALL_BLOCKS = 32           # a product of up to 32x that is cut into such tiles
+GEMM_NT_MIN_K = 512              # ... where a @ b.T has at least this K (see `_gemm_run`)
 
 
 @_intrinsic
-def _xxgemm(typingctx, kind, ta, tb, m, n, k, a, lda, b, ldb, c, ldc):
+def _xxgemm(typingctx, kind, ta, tb, m, n, k, a, lda, b, ldb, c, ldc, acc):
     # numba_xxgemm(kind, transa, transb, m, n, k, &alpha, a, lda, b, ldb, &beta, c, ldc), column-major;
-    # a, b, c: addresses; alpha = 1 and beta = 0 of the kind's type ('s': float32, 'd': float64)
-    sig = _nbtypes.int32(kind, ta, tb, m, n, k, a, lda, b, ldb, c, ldc)
+    # a, b, c: addresses; alpha = 1 and beta = 0 (c = ...), or 1 where acc != 0 (c += ...), of the
+    # kind's type ('s': float32, 'd': float64)
+    sig = _nbtypes.int32(kind, ta, tb, m, n, k, a, lda, b, ldb, c, ldc, acc)
 
     def codegen(context, builder, sig, args):
         i8, vp = _llir.IntType(8), _cgutils.voidptr_t
@@ -176,7 +183,8 @@ def _xxgemm(typingctx, kind, ta, tb, m, n, k, a, lda, b, ldb, c, ldc):
         one_d, zero_d = _cgutils.alloca_once_value(builder, f64(1)), _cgutils.alloca_once_value(builder, f64(0))
         single = builder.icmp_signed("==", v[0], ip(115))
         alpha = builder.select(single, builder.bitcast(one_s, vp), builder.bitcast(one_d, vp))
-        beta = builder.select(single, builder.bitcast(zero_s, vp), builder.bitcast(zero_d, vp))
+        beta0 = builder.select(single, builder.bitcast(zero_s, vp), builder.bitcast(zero_d, vp))
+        beta = builder.select(builder.icmp_signed("!=", v[12], ip(0)), alpha, beta0)
         ptr = lambda x: builder.inttoptr(x, vp)
         return builder.call(fn, [builder.trunc(v[0], i8), builder.trunc(v[1], i8), builder.trunc(v[2], i8),
                                  v[3], v[4], v[5], alpha, ptr(v[6]), v[7], ptr(v[8]), v[9], beta, ptr(v[10]), v[11]])
@@ -195,34 +203,44 @@ def _pool_threads(typingctx):
 
 
 @njit(cache=True)
-def _gemm_block(kind, fa, fb, M, N, K, pa, lda, pb, ldb, pc, ldc, item, lo, hi, by_cols):
-    # columns (or rows) lo:hi of out = op(a) @ op(b); out^T = op(b)^T op(a)^T in BLAS's terms
+def _gemm_block(kind, fa, fb, M, N, K, pa, lda, pb, ldb, pc, ldc, item, lo, hi, by_cols, kch):
+    # columns (or rows) lo:hi of out = op(a) @ op(b), in kch chunks of K accumulated;
+    # out^T = op(b)^T op(a)^T in BLAS's terms
     if by_cols:
         pb += lo * item * (ldb if fb == 116 else 1)
-        _xxgemm(kind, fb, fa, hi - lo, M, K, pb, ldb, pa, lda, pc + lo * item, ldc)
+        pc += lo * item
+        m, n = hi - lo, M
     else:
         pa += lo * item * (1 if fa == 116 else lda)
-        _xxgemm(kind, fb, fa, N, hi - lo, K, pb, ldb, pa, lda, pc + lo * ldc * item, ldc)
+        pc += lo * ldc * item
+        m, n = N, hi - lo
+    sa = item * (lda if fa == 116 else 1)      # one step along K in a, in b
+    sb = item * (1 if fb == 116 else ldb)
+    for j in range(kch):
+        k0, k1 = K * j // kch, K * (j + 1) // kch
+        _xxgemm(kind, fb, fa, m, n, k1 - k0, pb + k0 * sb, ldb, pa + k0 * sa, lda, pc, ldc, j)
 
 
 @njit(cache=True)
-def _gemm_items(c, nt, items, blocks, L, by_cols, kind, fa, fb, M, N, K, pa, lda, pb, ldb, pc, ldc, item, sa, sb,
+def _gemm_items(c, nt, items, blocks, kch, L, by_cols, kind, fa, fb, M, N, K, pa, lda, pb, ldb, pc, ldc, item, sa, sb,
                 sc):
-    # the work items of share c of nt: whole products (blocks == 1) or column (row) blocks
+    # the work items of share c of nt: whole products (blocks == 1) or column (row) blocks,
+    # each in kch chunks of K
     for w in range(items * c // nt, items * (c + 1) // nt):
         i, j = w // blocks, w % blocks
         _gemm_block(kind, fa, fb, M, N, K, pa + i * sa, lda, pb + i * sb, ldb, pc + i * sc, ldc, item,
-                    L * j // blocks, L * (j + 1) // blocks, by_cols)
+                    L * j // blocks, L * (j + 1) // blocks, by_cols, kch)
 
 
 @njit(cache=True)
-def _gemm_share(c, nt, items, blocks, L, by_cols, kind, fa, fb, M, N, K, pa, lda, pb, ldb, pc, ldc, item, sa, sb,
+def _gemm_share(c, nt, items, blocks, kch, L, by_cols, kind, fa, fb, M, N, K, pa, lda, pb, ldb, pc, ldc, item, sa, sb,
                 sc):
     # one pool thread's share, with subnormals flushed as on the step's thread (fpmode.py): the
     # pool's threads met subnormal activations at 100x the cost. (A call with the share's index
     # stays inside the parallel loop: Numba hoists argument-free calls out of it.)
     mode = flush_subnormals()
-    _gemm_items(c, nt, items, blocks, L, by_cols, kind, fa, fb, M, N, K, pa, lda, pb, ldb, pc, ldc, item, sa, sb, sc)
+    _gemm_items(c, nt, items, blocks, kch, L, by_cols, kind, fa, fb, M, N, K, pa, lda, pb, ldb, pc, ldc, item,
+                sa, sb, sc)
     restore_mode(mode)
 
 
@@ -237,18 +255,27 @@ def _gemm_run(kind, fa, fb, M, N, K, pa, lda, pb, ldb, pc, ldc, item, nb, sa, sb
     L = N if by_cols else M
     mnk = 1.0 * M * N * K
     blocks = 1
-    if mnk <= GEMM_SMALL_BLOCKS * GEMM_SMALL:
-        while blocks * GEMM_SMALL < mnk and L // (2 * blocks) >= GEMM_MIN_TILE:
+    kch = 1
+    # (a @ b.T in tiles was slower than whole, up to 1.8x, unless K is long and the blocks are
+    # the output's columns: OpenBLAS's small-matrix kernel for that layout is a slow one)
+    slow_nt = fa == 110 and fb == 116 and (K < GEMM_NT_MIN_K or not by_cols)
+    if mnk <= GEMM_SMALL_BLOCKS * GEMM_SMALL and not slow_nt:
+        while blocks * kch * GEMM_SMALL < mnk and L // (2 * blocks) >= GEMM_MIN_TILE:
             blocks *= 2
+        while blocks * kch * GEMM_SMALL < mnk and K // (2 * kch) >= GEMM_MIN_K:
+            kch *= 2
+        if blocks * kch * GEMM_SMALL < mnk:
+            blocks = kch = 1
     parallel = nt > 1 and 2.0 * nb * mnk >= GEMM_SPLIT_FLOPS
     if parallel and nb < nt:
         blocks = max(blocks, min(nt, L // GEMM_MIN_TILE))
     items = nb * blocks
     if not parallel:
-        _gemm_items(0, 1, items, blocks, L, by_cols, kind, fa, fb, M, N, K, pa, lda, pb, ldb, pc, ldc, item, sa, sb, sc)
+        _gemm_items(0, 1, items, blocks, kch, L, by_cols, kind, fa, fb, M, N, K, pa, lda, pb, ldb, pc, ldc, item,
+                    sa, sb, sc)
         return
     for c in _prange(nt):
-        _gemm_share(np.int64(c), nt, items, blocks, L, by_cols, kind, fa, fb, M, N, K, pa, lda, pb, ldb, pc, ldc,
+        _gemm_share(np.int64(c), nt, items, blocks, kch, L, by_cols, kind, fa, fb, M, N, K, pa, lda, pb, ldb, pc, ldc,
                     item, sa, sb, sc)
 
 
@@ -321,7 +348,7 @@ else:
     for _t in (np.float32, np.float64):      # Numba finds ?gemm now, on this thread (see above),
         _x, _y = np.ones((1, 1), _t), np.empty((1, 1), _t)       # with a function quick to compile
         _gemm_block(115 if _t == np.float32 else 100, 110, 110, 1, 1, 1, _x.ctypes.data, 1, _x.ctypes.data, 1,
-                    _y.ctypes.data, 1, _x.itemsize, 0, 1, True)
+                    _y.ctypes.data, 1, _x.itemsize, 0, 1, True, 1)
 """
 
 
