@@ -96,6 +96,32 @@ def test_gather_is_not_fused_with_its_table():
     close(plain(E=E, ids=ids)["output"], want, "unfused")
 
 
+
+CONCAT = """
+model join(a: f64[B, 3, 2], b: f64[B, 3, 5], c: f64[B, 3, 1], w: f64[3, 8]) {
+    return tanh(concat([a, exp(b), c], axis = -1) * w + concat([c, a * 3.0, b], axis = -1))
+}
+"""
+
+
+def test_concat_loop_cut_at_the_parts_bounds():
+    """Unslices along one axis (concat, the LSTM's gate gradients) cut the fused loop at their
+    bounds, 0 1 2 3 7 8 here: each part reads its pieces with no test per value, and the
+    result is the unfused one's."""
+    r = np.random.default_rng(3)
+    data = {"a": r.normal(size=(4, 3, 2)), "b": r.normal(size=(4, 3, 5)), "c": r.normal(size=(4, 3, 1)),
+            "w": r.normal(size=(3, 8))}
+    fused, plain = compile_function(CONCAT), compile_function(CONCAT, fuse=False)
+    a, b, c, w = data["a"], data["b"], data["c"], data["w"]
+    want = np.tanh(np.concatenate([a, np.exp(b), c], -1) * w + np.concatenate([c, 3 * a, b], -1))
+    close(fused(**data)["output"], want, "fused")
+    close(plain(**data)["output"], want, "unfused")
+    src = fused.ex.source
+    for lo, hi in [(0, 1), (1, 2), (2, 3), (3, 7), (7, 8)]:
+        assert f"in range({lo}, {hi}):" in src or (lo == 0 and f"in range({hi}):" in src)
+    assert " <= i" not in src                                  # no bounds test left in a loop
+
+
 # ---- MLP with softmax cross-entropy: forward and backward ------------------------------------------
 MLP = """
 model net(x: f64[B, 6], y: i64[B]) {

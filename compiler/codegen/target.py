@@ -56,9 +56,9 @@ class Target:
 
     # ---- loops and kernels ---------------------------------------------------------------------
     @staticmethod
-    def loop_header(var: str, extent: str) -> str:
-        """A serial loop over range(extent)."""
-        return f"for {var} in range({extent}):"
+    def loop_header(var: str, extent: str, start: str = "0") -> str:
+        """A serial loop over range(start, extent)."""
+        return f"for {var} in range({extent}):" if start == "0" else f"for {var} in range({start}, {extent}):"
 
     def render_kernel(self, k) -> list[str] | None:
         """The body of kernel `k` (a `base._Kernel`), or None for the renderer's serial loop
