@@ -550,19 +550,21 @@ for r in range({rows}):
 
 # The exponentials go to a row of scratch, not to `out`: in place (out is x, the fused kernel),
 # a loop reading x and writing out fails the vectorizer's runtime overlap check (4.4x slower).
+# The row's sum is of the row's type: a float64 sum of float32 values converted every value
+# (GPT's attention softmax, 64 x 1024 rows of 64: 314 -> 236 us).
 _SOFTMAX_KERNEL = "row = np.empty({n}, {T})\n" + _ROW_MAX + """\
-    s = 0.0
+    s = {T}(0.0)
     for j in range({n}):
         e = np.exp({0}[r, j] - m)
         row[j] = e
         s += e
-    inv = 1.0 / s
+    inv = {T}(1.0) / s
     for j in range({n}):
         {out}[r, j] = row[j] * inv
 """
 
 _LOG_SOFTMAX_KERNEL = _ROW_MAX + """\
-    s = 0.0
+    s = {T}(0.0)
     for j in range({n}):
         s += np.exp({0}[r, j] - m)
     lse = m + np.log(s)
