@@ -336,6 +336,37 @@ def test_generated_code_does_not_grow_with_sequence_length(grad):
     assert abs(len(srcs[50]) - len(srcs[5])) < 200          # only the digits of T differ
 
 
+def test_scan_bodies_write_their_outputs_in_place():
+    """A compiled LSTM step's kernels write the next carries and the saved rows straight into
+    the loop's buffers: no body copies a kernel's result into its destinations, and a
+    per-step output nobody reads (returns = "last") is not written at all. The goldens above
+    check the values; this checks the copies are gone."""
+    src = """
+model net(x: f32[B, 6, 3]) -> f32[] {
+    return sum(lstm(x, 4, returns = "last", name = "lstm"))
+}
+"""
+    f = compile_function(src, grad=["x", "net/lstm/Wh"], dtype="f32")
+    bodies = re.findall(r"^def (scan\d+_body)\((.*?)\):\n(.*?)\n    return", f.source, re.M | re.S)
+    assert len(bodies) == 2                                    # forward and reverse
+    for name, params, text in bodies:
+        dests = [p for p in params.split(", ") if p.startswith("o")]
+        assert dests and not re.search(r"_copy\(o\d+", text), f"{name} copies its outputs:\n{text}"
+        written = set(re.findall(r"\bo\d+\b", text))
+        assert written and written <= set(dests)
+    fwd = bodies[0][2]
+    assert len(set(re.findall(r"\bo\d+\b", fwd))) == len([p for p in bodies[0][1].split(", ")
+                                                          if p.startswith("o")]) - 1   # h per step: unread
+    x = np.random.default_rng(0).normal(size=(2, 6, 3)).astype(np.float32)
+    p = {k: np.random.default_rng(1).normal(size=v.shape).astype(np.float32) * 0.5 for k, v in f.params.items()}
+    assert set(p) == {"net/lstm/Wx", "net/lstm/Wh", "net/lstm/b"}
+    out = f(x=x, **p)
+    ref = evaluate(f.graph, {n: np.asarray(({"x": x} | p)[f.graph[n]["name"]], DTYPES[f.graph.dtype(n)])
+                             for n in f.graph.inputs})
+    for k, n in f.graph.outputs.items():
+        np.testing.assert_allclose(out[k], ref[n], rtol=2e-5, atol=2e-6, err_msg=k)
+
+
 # =============================================================================================
 # 4. the sequence examples, end to end (slow)
 # =============================================================================================
