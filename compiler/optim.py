@@ -42,7 +42,7 @@ class Optimizer:
     slots: Callable                       # spec -> names of the per-parameter state tensors
     update: Callable                      # (Update, spec) -> the parameter's new value (a node)
     scalars: tuple = ("lr",)              # run-time scalar inputs of the step
-    step_scalars: Callable | None = None  # (spec, t) -> values of the scalars other than lr at step t
+    step_scalars: Callable | None = None  # (options, t) -> values of the scalars other than lr at step t
     decoupled_decay: bool = False         # weight decay shrinks p instead of adding to the gradient
     ranges: dict = field(default_factory=dict)  # option -> its range (above); the others are >= 0
 
@@ -218,16 +218,19 @@ def clip_gradients(g, spec: OptimizerSpec, grads: list[int], dtype: str) -> list
 def step_scalars(spec: OptimizerSpec, t: int, plan: "SchedulePlan | None" = None) -> dict[str, float]:
     """The run-time scalars of step t (1-based) of this optimizer; with a schedule, the
     learning rate at that step of the run `plan` describes."""
-    extra = spec.entry.step_scalars(spec, t) if spec.entry.step_scalars else {}
-    lr = spec.lr
-    if spec.schedule is not None:
-        lr *= spec.schedule.factor(t - 1, plan or SchedulePlan(1, 1))
-    return {"lr": lr, **extra}
+    # (once a step: the options are read from their dict, where an attribute costs a failed
+    # lookup first, about 0.6 us each: 3.2 -> 0.7 us, of an MLP step of 84)
+    opts = spec.options
+    entry = OPTIMIZERS[spec.name]
+    lr = opts["lr"]
+    if opts["schedule"] is not None:
+        lr *= opts["schedule"].factor(t - 1, plan or SchedulePlan(1, 1))
+    return {"lr": lr, **entry.step_scalars(opts, t)} if entry.step_scalars else {"lr": lr}
 
 
 def bias_corrections(spec: OptimizerSpec, t: int) -> dict[str, float]:
     """Run-time scalars other than `lr` for step t (1-based)."""
-    return spec.entry.step_scalars(spec, t) if spec.entry.step_scalars else {}
+    return spec.entry.step_scalars(spec.options, t) if spec.entry.step_scalars else {}
 
 
 # ---- the update rules -----------------------------------------------------------------------------
@@ -246,8 +249,8 @@ def _adam(u: Update, spec) -> int:
     return u.op("sub", u.p, u.op("div", u.op("mul", u.scalars["lr"], u.op("mul", m, u.scalars["c1"])), denom))
 
 
-def _adam_corrections(spec, t):
-    return {"c1": 1.0 / (1.0 - spec.beta1 ** t), "c2": 1.0 / (1.0 - spec.beta2 ** t)}
+def _adam_corrections(opts: dict, t):
+    return {"c1": 1.0 / (1.0 - opts["beta1"] ** t), "c2": 1.0 / (1.0 - opts["beta2"] ** t)}
 
 
 def _rmsprop(u: Update, spec) -> int:
