@@ -36,7 +36,12 @@ def test_lstm_saves_its_product_and_sums_wh_after_the_loop():
     g, _ = grad_graph()
     fwd, back = scans(g)
     assert g.attrs(fwd)["saved_products"] == 1                  # h @ Wh
+    fb = g.attrs(fwd)["body"]
+    saved = fb.outputs[max(k for k in fb.outputs if k.startswith("y"))]
+    assert fb.op(saved) == "add" and "matmul" in [fb.op(a) for a in fb.args(saved)]   # z = x_t Wx + h Wh
     body = g.attrs(back)["body"]
+    # the backward step reads z: it recomputes neither the product nor the sum
+    assert not any(body.op(n) == "add" and any(body.op(a) == "matmul" for a in body.args(n)) for n in body.nodes())
     assert not any(body.op(n) == "matmul" and body.shape(n) == (5, 20) for n in body.nodes())
     assert sum(body.op(n) == "matmul" for n in body.nodes()) == 1   # dz @ Wh^T only: h @ Wh is read
     assert g.attrs(back)["n_carry"] == 2                        # dh, dc: no dWh accumulator
