@@ -133,6 +133,15 @@ class Graph:
         return [n for n in self.inputs if self.attrs(n)["kind"] == kind]
 
     # ---- rewriting ---------------------------------------------------------------------------
+    def set_args(self, n: int, args) -> None:
+        """Give node n these arguments (of the same types as its old ones)."""
+        old = self.g.nodes[n]["args"]
+        self.g.nodes[n]["args"] = tuple(args)
+        for a in set(old) - set(args):
+            self.g.remove_edge(a, n)
+        for a in set(args):
+            self.g.add_edge(a, n)
+
     def replace_uses(self, old: int, new: int) -> None:
         """Make every consumer of `old` (and outputs, updates) use `new` instead."""
         for c in list(self.g.successors(old)):

@@ -122,6 +122,42 @@ def test_concat_loop_cut_at_the_parts_bounds():
     assert " <= i" not in src                                  # no bounds test left in a loop
 
 
+
+GELU = """
+model net(x: f64[B, 6]) -> f64[] {
+    h = gelu_tanh(dense(x, 8, name = "l1"))
+    return sum(dense(h, 3, name = "l2") * dense(h, 3, name = "l3"))
+}
+"""
+
+
+def test_gradient_recomputes_cheap_forward_values():
+    """Pass `remat`: GELU's backward recomputes tanh(...) and its other terms from the forward
+    matmul's output instead of reading four tensors the forward kernel wrote for it. The forward
+    GELU kernel stores only the product and the activation; the gradients are the unfused
+    program's (which does not rematerialize) and the references'."""
+    r = np.random.default_rng(5)
+    wrt = ["x", "net/l1/W", "net/l1/b", "net/l2/W", "net/l3/W"]
+    data = {"x": r.normal(size=(5, 6)), "net/l1/W": r.normal(size=(6, 8)), "net/l1/b": r.normal(size=8),
+            "net/l2/W": r.normal(size=(8, 3)), "net/l2/b": r.normal(size=3), "net/l3/W": r.normal(size=(8, 3)),
+            "net/l3/b": r.normal(size=3)}
+    fused, plain = compile_function(GELU, grad=wrt), compile_function(GELU, grad=wrt, fuse=False)
+    g = fused.graph
+    assert any(g[n].get("remat") for n in g.nodes())
+    tanh_kernels = [grp for grp in g.groups if any(g.op(n) == "tanh" for n in grp.nodes)]
+    fwd = [grp for grp in tanh_kernels if not any(g[n].get("remat") for n in grp.nodes)]
+    bwd = [grp for grp in tanh_kernels if any(g[n].get("remat") for n in grp.nodes)]
+    assert len(fwd) == 1 and len(bwd) == 1
+    assert sorted(g.op(n) for n in fwd[0].outputs) == ["matmul", "mul"]     # x @ W, and gelu(x @ W + b)
+    assert g[bwd[0].anchor]["role"] == "grad"              # recomputed in the backward matmul's epilogue
+    out, ref = fused(**data), plain(**data)
+    for k in ref:
+        close(out[k], ref[k], k)
+    want = reference(fused, data)
+    for k in want:
+        close(out[k], want[k], k)
+
+
 # ---- MLP with softmax cross-entropy: forward and backward ------------------------------------------
 MLP = """
 model net(x: f64[B, 6], y: i64[B]) {

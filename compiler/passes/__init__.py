@@ -12,6 +12,7 @@ from .cse import cse
 from .dce import dce
 from .fusion import fusion, no_fusion
 from .optimizer import optimizer
+from .remat import remat
 from .simplify import simplify
 
 
@@ -36,8 +37,8 @@ class Context:
                    phase=phase.name)
 
 
-TRAIN_PIPELINE = [autodiff, optimizer, simplify, cse, dce, fusion]
-GRAD_PIPELINE = [autodiff, simplify, cse, dce, fusion]
+TRAIN_PIPELINE = [autodiff, optimizer, simplify, cse, dce, remat, fusion]
+GRAD_PIPELINE = [autodiff, simplify, cse, dce, remat, fusion]
 EVAL_PIPELINE = [simplify, cse, dce, fusion]
 
 
@@ -46,7 +47,7 @@ def pipeline(kind: str, fuse: bool = True, target: str = "cpu") -> list:
     target runs a matmul's or a reduction's fused epilogue in the thread that owns the value);
     a target-specific fusion policy goes here."""
     base = {"train": TRAIN_PIPELINE, "grad": GRAD_PIPELINE, "eval": EVAL_PIPELINE}[kind]
-    return [p if (fuse or p is not fusion) else no_fusion for p in base]
+    return [p if (fuse or p is not fusion) else no_fusion for p in base if fuse or p is not remat]
 
 
 def run_pipeline(graph, passes, ctx: Context, stop_after: str | None = None):

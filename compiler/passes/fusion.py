@@ -7,7 +7,8 @@ Rules (TVM-style, driven only by `Op.kind`):
   * a row-wise op (softmax) ends the elementwise or matmul kernel that computes its input,
     when nothing else reads that input: the kernel writes the input into the op's output
     buffer and the op runs in place on its rows (scale, mask and softmax: one [B, h, T, T]);
-  * injective ops (reshape: a view, transpose: a copy) and other opaque ops stand alone.
+  * injective ops (reshape: a view, transpose: a copy) and other opaque ops stand alone;
+  * a forward value recomputed for the gradient (pass `remat`) joins no forward kernel.
 A fused value that is used outside its kernel is still written out (a kernel may have several
 outputs); merging never creates a cycle between kernels.
 """
@@ -63,6 +64,8 @@ class _Groups:
         self.preds: dict[int, set[int]] = {}        # direct producer groups (ids, maybe merged away)
         self.succs: dict[int, set[int]] = {}        # direct consumer groups (ids, maybe merged away)
         self.remapped: dict[int, set[int]] = {}     # nodes its members read at a remapped index
+        self.grad: dict[int, bool] = {}             # holds a gradient op (role "grad")
+        self.remat: dict[int, bool] = {}            # holds a forward value recomputed (pass `remat`)
         self.alias: dict[int, int] = {}             # merged-away id -> the id it was merged into
         self.work = 0
         self._next = 0
@@ -90,6 +93,8 @@ class _Groups:
         self.preds[gid] = set()
         self.succs[gid] = set()
         self.remapped[gid] = set()
+        self.grad[gid] = self.g[n].get("role") == "grad"
+        self.remat[gid] = bool(self.g[n].get("remat"))
         self._link(gid, n)
         return gid
 
@@ -144,11 +149,15 @@ class _Groups:
             self.preds[target] |= self.preds.pop(o)
             self.succs[target] |= self.succs.pop(o)
             self.remapped[target] |= self.remapped.pop(o)
+            self.grad[target] |= self.grad.pop(o)
+            self.remat[target] |= self.remat.pop(o)
             self.alias[o] = target
             del self.pattern[o], self.anchor[o], self.shape[o], self.tail[o]
         if n is not None:
             self.of[n] = target
             self.members[target].append(n)
+            self.grad[target] |= self.g[n].get("role") == "grad"
+            self.remat[target] |= bool(self.g[n].get("remat"))
             self._link(target, n)
         mine = self.ids[target]
         self.anc[target] &= ~mine
@@ -213,6 +222,10 @@ def partition(g) -> _Groups:
         srcs = sorted({G.of[a] for a in g.args(n) if a in G.of})
         if pat == "elementwise":
             srcs = [s for s in srcs if G.tail[s] is None]     # a row-wise op ends its kernel
+            if g[n].get("remat"):              # a recomputed forward value: kept out of forward
+                srcs = [s for s in srcs if G.remat[s]]      # kernels, for the gradient reading it
+            elif any(G.remat[s] for s in srcs):
+                srcs = [s for s in srcs if G.grad[s]]
             same = [s for s in srcs if G.pattern[s] == "elementwise" and G.shape[s] == g.shape(n)]
             anchored = [s for s in srcs if G.pattern[s] in ("reduce", "anchored") and G.shape[s] == g.shape(n)
                         and not any(G.of.get(a) == s and a in G.prologue[s] for a in g.args(n))]
