@@ -111,10 +111,15 @@ class Tuner:
     than the 1-thread one for minutes at a time on this project's machine. So, when the plan
     gives the pool more than one thread, the first steps after `WARM` alternate between the
     plan's count and one thread, `PER` steps at a time, `ROUNDS` times; the count with the
-    lower median step time is kept. Measured again every `EVERY` steps. `time` is
-    `time.perf_counter` (tests pass a fake clock)."""
+    lower median step time is kept (the first step after each switch is not counted: it pays
+    for the switch). Measured again every `EVERY` steps. `time` is `time.perf_counter` (tests
+    pass a fake clock).
 
-    WARM, PER, ROUNDS, EVERY = 10, 2, 3, 1000
+    (With 10 steps of warm-up and windows of 2 steps, 1 run in 4 of the LSTM benchmark kept
+    one thread, 6.6 ms a step where two threads take 4.0: its first steps are still slow and
+    uneven.)"""
+
+    WARM, PER, ROUNDS, EVERY = 20, 4, 3, 1000
 
     def __init__(self, plan: CorePlan, time=None):
         import time as _time
@@ -142,10 +147,12 @@ class Tuner:
     def stop(self) -> int | None:
         """After a step: record it; return the kept count when this step ended a window."""
         c = self._window()
+        first = c is not None and ((self.n % self.EVERY) - self.WARM) % self.PER == 0
         self.n += 1
         if c is None:
             return None
-        self.samples[c].append(self.clock() - self.t0)
+        if not first:
+            self.samples[c].append(self.clock() - self.t0)
         if self._window() is not None or (self.n % self.EVERY) < self.WARM:
             return None
         import statistics

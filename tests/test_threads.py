@@ -103,10 +103,16 @@ def test_tuner_keeps_the_faster_pool_size(monkeypatch):
         cost = {fast: 0.003, slow: 0.005}
         t = threads.Tuner(threads.CorePlan(2, 2), time=lambda: now[0])
         chosen = []
-        for step in range(40):
+        last = [None]
+        for step in range(t.WARM + t.PER * t.ROUNDS * 2 + 10):
             t.start()
             now[0] += cost[pool[-1]] if pool else 0.004
+            if pool and pool[-1] != last[0] and pool[-1] == fast:
+                now[0] += 0.1               # a switch's first step pays for the switch: not counted
+            last[0] = pool[-1] if pool else None
             r = t.stop()
+            if step == t.WARM + t.PER * t.ROUNDS * 2 - 2:      # one step before the decision
+                assert sum(map(len, t.samples.values())) == (t.PER - 1) * t.ROUNDS * 2 - 1
             if r is not None:
                 chosen.append((step, r))
         window = t.WARM + t.PER * t.ROUNDS * 2
