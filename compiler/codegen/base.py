@@ -693,7 +693,7 @@ class _Module:
         for i, k in enumerate(g.outputs):
             v = g.outputs[k]
             grp = kernel_of.get(v)
-            if i in unread or v in taken or grp is None or grp.pattern in ("view", "scan") or v in plan.views:
+            if i in unread or v in taken or grp is None or grp.pattern in ("view", "scan"):
                 continue
             taken.add(v)
             plan.storage[v] = f"o{i}"
