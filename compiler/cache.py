@@ -13,6 +13,7 @@ DLC_CACHE_DAYS days (default 30) are removed (`prune`).
 from __future__ import annotations
 
 import atexit
+import contextlib
 import functools
 import hashlib
 import importlib.util
@@ -80,13 +81,51 @@ def compiled(fn, index: set[str] | None = None) -> bool:
     return key in (compiled_index() if index is None else index)
 
 
-def load(source: str, target: str, name: str | None = None):
+# ---- locks: one process compiles a module that others wait for ----------------------------------
+LOCKS = ".locks"
+
+
+def lock(name: str) -> int | None:
+    """Take the exclusive lock `<cache>/.locks/<name>` (fcntl.flock; blocks while another
+    process holds it); the open descriptor that holds it: closing it (in every process that
+    inherited it) releases the lock. None where there are no such locks."""
+    try:
+        import fcntl
+        d = cache_dir() / LOCKS
+        d.mkdir(parents=True, exist_ok=True)
+        fd = os.open(d / name, os.O_RDWR | os.O_CREAT, 0o644)
+    except (ImportError, OSError):
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
+
+
+@contextlib.contextmanager
+def locked(name: str):
+    """Hold `lock(name)` for the block."""
+    fd = lock(name)
+    try:
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
+def load(source: str, target: str, name: str | None = None, wait: bool = False):
     """Import the module for `source` (named `name`, by default by its hash), writing it to the
-    cache the first time."""
+    cache the first time. `wait`: under its lock (`locked(name)`), for a module whose import
+    compiles (a helper that `driver.prepare` may be compiling in another process)."""
     name = name or f"dlc_{module_key(source, target)}"
     jit = not numba.config.DISABLE_JIT          # a module run as Python (NUMBA_DISABLE_JIT) is not reused jitted
     if name in sys.modules and getattr(sys.modules[name], "__dlc_jit__", jit) == jit:
         return sys.modules[name]
+    if wait and jit:
+        with locked(name):
+            return load(source, target, name)
     prune()
     for attempt in (1, 2):
         path = _write(cache_dir() / f"{name}.py", source)

@@ -9,9 +9,12 @@ from __future__ import annotations
 import inspect
 import multiprocessing
 import os
+import re
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 
 import numba
 import numpy as np
@@ -20,7 +23,7 @@ from dsl import ast as A
 
 from . import cache, printer  # noqa: F401  (printer: `dlc ir`'s listings and pictures)
 from .bounds import index_reads  # noqa: F401  (for the runtime: the data checks of index reads)
-from .codegen import TARGETS, generate
+from .codegen import TARGETS, generate, helper_module
 from .lower import Frame, Lowerer, Phase, Program  # noqa: F401  (for the runtime: the front end)
 from .generate import COUNT as SAMPLE_COUNT  # noqa: F401  (a generate block's sample-count input)
 from .ir import Graph
@@ -61,8 +64,14 @@ class Executable:
     numba_seconds: float = 0.0
     target: object = None                         # the codegen Target (None: the CPU)
     numba_compiled: int = 0        # functions Numba compiled here, not loaded from its cache
+    pending: list = field(default_factory=list)   # helpers' `ReadyJob`s not yet run here
 
     def __call__(self, *args):
+        if self.pending:                          # helpers' run-time entries, before the first call
+            for job in self.pending:
+                if not job.overloads:
+                    job.compile(READY)
+            self.pending = []
         out = self.fn(*args)
         if self.target is not None and self.target.name != "cpu":    # outputs come back to the host
             out = tuple(self.target.to_host(o) for o in out)
@@ -87,6 +96,106 @@ class Executable:
     def compile_for(self, args) -> None:
         """Compile (or load from Numba's cache) for these argument types now."""
         compile_programs([(self, args)])
+
+
+READY = ("ready",)                 # the "signature" of a `ReadyJob`
+
+
+class ReadyJob:
+    """A helper module's run-time entry as a compile job: its `_dlc_ready()` compiles (or loads
+    from the disk cache) a function the kernels call through an address cell (cells.py: the
+    CPU's matrix-product driver) and fills the cell. Compiled like a kernel, by whichever
+    process takes it, beside the kernels that call it; this process then loads it with the
+    rest. One per module, so that programs share it."""
+
+    def __init__(self, mod):
+        self.mod = mod
+        self.py_func = getattr(mod._dlc_ready, "compiles", mod._dlc_ready)   # its cache entry's name
+        self.__name__ = self.py_func.__name__
+        self.overloads: dict = {}
+        self.stats = SimpleNamespace(cache_misses=Counter())
+
+    @classmethod
+    def of(cls, mod) -> "ReadyJob":
+        job = _READY_JOBS.get(id(mod))
+        if job is None or job.mod is not mod:
+            job = _READY_JOBS[id(mod)] = cls(mod)
+        return job
+
+    def cost(self) -> int:
+        """Its weight in the schedule: the text of its whole module (`_schedule`)."""
+        return len(inspect.getsource(self.mod))
+
+    def compile(self, sig) -> None:
+        with cache.locked(self.mod.__name__ + READY_LOCK):     # (`prepare` may be compiling it)
+            if self.mod._dlc_ready():
+                self.stats.cache_misses[sig] += 1
+        self.overloads[sig] = True
+
+
+READY_LOCK = ".ready"
+
+
+def prepare(target: str = "cpu", dtype: str = "f32") -> None:
+    """Start compiling the target's common helpers for `dtype` (the CPU's matrix products:
+    nearly every model has one) in a forked process, while this one parses, lowers and
+    optimizes the program: a machine's first run waited about 2 s for them before its kernels
+    could start compiling. The child holds each helper module's locks until its part is in the
+    disk cache; `build` (`cache.load(wait=True)`) and `ReadyJob` take the same locks, so they
+    wait for the child and load its work rather than compile it again. Nothing happens when the
+    helpers are loaded or cached already, or without compile workers (DLC_COMPILE_WORKERS=0)."""
+    if target not in TARGETS or numba.config.DISABLE_JIT:
+        return
+    if int(os.environ.get("DLC_COMPILE_WORKERS", max((os.cpu_count() or 1) - 1, 0))) <= 0:
+        return
+    tgt = TARGETS[target]()
+    index = None
+    todo = []
+    for text in tgt.common_helpers.get(dtype, []):
+        name, src = helper_module(tgt, text)
+        if name in sys.modules:
+            continue
+        index = cache.compiled_index() if index is None else index
+        ready = re.search(r"^\s*_dlc_ready\.compiles = (\w+)", src, re.M)
+        line = re.search(rf"^def {ready.group(1)}\(", src, re.M) if ready else None
+        if line is not None and f"{name}.{ready.group(1)}-{src.count(chr(10), 0, line.start()) + 1}" in index:
+            continue
+        todo.append((name, src))
+    if not todo:
+        return
+    locks = [(cache.lock(name), cache.lock(name + READY_LOCK)) for name, _ in todo]
+    try:
+        ctx = multiprocessing.get_context("fork")
+        ctx.Process(target=_prepare_child, args=(target, todo, locks), daemon=True).start()
+    finally:
+        for fds in locks:                 # the child's copies hold the locks now
+            for fd in fds:
+                if fd is not None:
+                    os.close(fd)
+
+
+def _prepare_child(target: str, todo: list, locks: list) -> None:
+    """`prepare`'s process: import each helper module (compiling what it compiles at import) and
+    run its `_dlc_ready`, releasing each lock when that part is cached. Any error is left for
+    the parent, which compiles the helper itself and reports it."""
+    try:
+        for (name, src), (fd_module, fd_ready) in zip(todo, locks):
+            try:
+                mod = cache.load(src, target, name)
+            finally:
+                if fd_module is not None:
+                    os.close(fd_module)
+            try:
+                if hasattr(mod, "_dlc_ready"):
+                    mod._dlc_ready()
+            finally:
+                if fd_ready is not None:
+                    os.close(fd_ready)
+    except Exception:
+        pass
+
+
+_READY_JOBS: dict[int, ReadyJob] = {}
 
 
 def compile_programs(programs: list[tuple[Executable, list]], workers: int | None = None,
@@ -233,6 +342,8 @@ def _schedule(jobs: list[tuple], groups: list[int] | None = None) -> tuple[list,
     longest chain of costs that starts at the job (list scheduling by bottom level): a kernel
     that a long scan loop waits for goes before an equally long kernel nobody waits for."""
     def text(f) -> int:
+        if isinstance(f, ReadyJob):
+            return f.cost()
         mod = sys.modules.get(f.py_func.__module__)
         try:
             return len(inspect.getsource(mod if f.__name__ == "kernel" else f.py_func))
@@ -388,7 +499,7 @@ def build(graph, target: str = "cpu", compiled_step: bool | None = None) -> Exec
                          and not any(grp.pattern == "scan" for grp in p.order))
     source, meta = generate(graph, p, tgt, compiled_step)
     for name, text in meta["modules"].items():         # the kernels, before the step imports them
-        cache.load(text, target, name)
+        cache.load(text, target, name, wait=name in meta["helper_modules"])
     mod = cache.load(source, target)
     ins = [(graph[n]["name"], graph.attrs(n)["kind"], graph.shape(n), graph.dtype(n)) for n in graph.inputs]
     listing = "\n".join([f"# ==== module {name} ====\n{text}" for name, text in meta["modules"].items()] + [source])
@@ -396,6 +507,13 @@ def build(graph, target: str = "cpu", compiled_step: bool | None = None) -> Exec
     ex.distinct_kernels = meta["distinct_kernels"]
     ex.target = tgt
     ex.functions = [getattr(mod, name) for name in meta["names"]]
+    for name in meta["modules"]:                      # helpers with a run-time entry: compiled first
+        hm = sys.modules.get(name)
+        if hm is not None and hasattr(hm, "_dlc_ready"):
+            job = ReadyJob.of(hm)
+            ex.calls.append((job, READY))
+            if not job.overloads:
+                ex.pending.append(job)
     seen = set()
     for kname, types in meta["calls"]:
         fn, sig = getattr(mod, kname), tuple(_numba_type(t) for t in types)

@@ -16,7 +16,7 @@ import numpy as np
 
 from compiler.api import rng_seed
 from compiler.driver import (DTYPES, Executable, Lowerer, Phase, SchedulePlan, ScheduleSpec, build, compile_programs,
-                             example_args, index_reads, literal_setting, optimize_eval, optimize_phase,
+                             example_args, index_reads, literal_setting, optimize_eval, optimize_phase, prepare,
                              resolve_target, step_scalars)
 from dsl import ast as A
 from dsl.diagnostics import DlcError
@@ -158,6 +158,8 @@ class Session:
         t0 = time.perf_counter()
         self.module = parse_file(self.path)
         self.dist = distributed.world() if self.opt.train else None    # under mpiexec: data-parallel
+        if self.dist is None:
+            prepare(self.opt.target, self.opt.dtype)    # the common helpers compile beside the front end
         self.lowerer = Lowerer(self.module, self.opt.dtype, row_offsets=self.dist is not None)
         if not self.lowerer.trains:
             raise DlcError("this file has no `train` block, so there is nothing to run", self.module.loc,

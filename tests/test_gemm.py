@@ -19,6 +19,7 @@ def H(tmp_path_factory):
     mod = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = mod
     spec.loader.exec_module(mod)
+    mod._dlc_ready()             # the parallel driver, compiled on its own (cells.py)
     # as a Session runs them (runtime/threads.py): BLAS on one thread, the pool splits
     from threadpoolctl import threadpool_limits
     with threadpool_limits(1, user_api="blas"):

@@ -6,11 +6,11 @@ comments naming the `.dl` lines). A target (`target.Target`, implemented by `cpu
 overrides, op lowerings) and owns thread indexing, allocation and launches; the CUDA target
 overrides entries of that table instead of forking the renderer.
 """
-from .base import generate
+from .base import generate, helper_module
 from .cpu import CpuTarget
 from .cuda import CudaTarget
 from .target import Target
 
 TARGETS = {"cpu": CpuTarget, "cuda": CudaTarget}
 
-__all__ = ["generate", "TARGETS", "Target", "CpuTarget", "CudaTarget"]
+__all__ = ["generate", "helper_module", "TARGETS", "Target", "CpuTarget", "CudaTarget"]

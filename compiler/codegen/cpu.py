@@ -11,10 +11,15 @@ from .target import Target
 FASTMATH = "{'nsz', 'arcp', 'contract', 'afn', 'reassoc'}"
 
 
+# The float32 helpers below are called, not inlined by Numba (`inline='always'` re-typed and
+# re-lowered each in every kernel: about 0.1 s of a kernel's compile). LLVM inlines the small
+# callee when it optimizes the kernel's module, and the loop still vectorizes: LSTM and GPT
+# steps took the same time either way (bench/README.md).
+#
 # Eigen's float32 tanh: an odd rational function of degree 13/6, exact to float32 rounding
 # beyond |x| = 7.9 where tanh is +-1. NaN passes through (both comparisons are false).
 FAST_TANH = """\
-@njit(cache=True, inline='always', fastmath=FASTMATH, error_model='numpy')
+@njit(cache=True, fastmath=FASTMATH, error_model='numpy')
 def _tanh_f32(x):
     if x > np.float32(7.90531110763549805):
         x = np.float32(7.90531110763549805)
@@ -61,7 +66,7 @@ def _f32_from_bits(typingctx, i):
     return _nbtypes.float32(_nbtypes.int32), codegen
 
 
-@njit(cache=True, inline='always', fastmath=FASTMATH, error_model='numpy')
+@njit(cache=True, fastmath=FASTMATH, error_model='numpy')
 def _exp_f32(x):
     z = x
     if z > np.float32(89.0):
@@ -91,7 +96,7 @@ def _exp_f32(x):
 # to [-1, 1]. Max absolute error 3.3e-7 against float64; NaN passes through. Exact GELU's erf
 # was a scalar libm call per value (math.erf: 20 ns); this vectorizes (0.7 ns).
 FAST_ERF = """\
-@njit(cache=True, inline='always', fastmath=FASTMATH, error_model='numpy')
+@njit(cache=True, fastmath=FASTMATH, error_model='numpy')
 def _erf_f32(x):
     if x > np.float32(4.0):
         x = np.float32(4.0)
@@ -155,6 +160,7 @@ from numba.core import cgutils as _cgutils, types as _nbtypes
 from numba.core.extending import intrinsic as _intrinsic
 from numba.np.linalg import ensure_blas as _ensure_blas
 from llvmlite import ir as _llir
+from compiler.codegen.cells import address_cell as _address_cell, keep as _keep, load_cell as _load_cell
 from compiler.codegen.fpmode import flush_subnormals, restore_mode
 
 GEMM_SPLIT_FLOPS = 2 ** 21       # below this a product stays on one thread (about 20 us of work)
@@ -165,6 +171,7 @@ GEMM_SMALL_BLOCKS = 32           # a product of up to 32x that is cut into such 
 GEMM_SMALL_BLOCKS_AT = 128       # ... and of up to 128x where a is transposed (weight gradients
                                  # x.T @ dy; 67e6 ones 1.1-2.2x faster; others were slower or no faster)
 GEMM_NT_MIN_K = 512              # ... where a @ b.T has at least this K (see `_gemm_run`)
+_DTYPES = ("float32", "float64")  # the dtypes `_gemm` and `_bgemm` are compiled for
 
 
 @_intrinsic
@@ -246,7 +253,8 @@ def _gemm_share(c, nt, items, blocks, kch, L, by_cols, kind, fa, fb, M, N, K, pa
     restore_mode(mode)
 
 
-@njit(cache=True, parallel=True)
+# the parallel driver: a C callback compiled on its own (`_dlc_ready`), whose address the kernels
+# read from a cell (cells.py): a kernel's compile neither links it nor waits for it
 def _gemm_run(kind, fa, fb, M, N, K, pa, lda, pb, ldb, pc, ldc, item, nb, sa, sb, sc):
     # nb products, the i-th at byte offsets i * (sa, sb, sc), as work items: whole products, or
     # column (row) blocks of each: blocks that fit BLAS's small-matrix kernels, or one per thread
@@ -282,6 +290,30 @@ def _gemm_run(kind, fa, fb, M, N, K, pa, lda, pb, ldb, pc, ldc, item, nb, sa, sb
 
 
 _ONE, _ZERO = np.int64(1), np.int64(0)      # (a literal 1 or 0 would be a signature of its own)
+_RUN_SIGNATURE = "void(" + ", ".join(["int64"] * 17) + ")"
+_RUN_CELL = __name__ + "_gemm_run"          # the symbol of the cell holding `_gemm_run`'s address
+_address_cell(_RUN_CELL)
+
+
+@_intrinsic
+def _gemm_run_at(typingctx, kind, fa, fb, M, N, K, pa, lda, pb, ldb, pc, ldc, item, nb, sa, sb, sc):
+    # _gemm_run(...), called through its cell
+    sig = _nbtypes.void(*[_nbtypes.int64] * 17)
+
+    def codegen(context, builder, sig, args):
+        i64 = _llir.IntType(64)
+        fn = builder.inttoptr(_load_cell(builder, _RUN_CELL), _llir.FunctionType(_llir.VoidType(), [i64] * 17).as_pointer())
+        builder.call(fn, list(args))
+        return context.get_dummy_value()
+    return sig, codegen
+
+
+@_intrinsic
+def _gemm_run_ready(typingctx):
+    # is `_gemm_run`'s address in its cell?
+    def codegen(context, builder, sig, args):
+        return builder.icmp_signed("!=", _load_cell(builder, _RUN_CELL), _llir.IntType(64)(0))
+    return _nbtypes.boolean(), codegen
 
 
 @njit(cache=True, inline='always')
@@ -301,9 +333,9 @@ def _blas_view(x):
     return 0, 0
 
 
-# `_gemm_run`, `_gemm` and `_bgemm` are compiled when the module is first imported, before a run
-# forks its compile workers (which then share them): one signature each per dtype, for any
-# layout (C and F (.T) views convert to these 'A' signatures for free)
+# `_gemm` and `_bgemm` are compiled when the module is first imported, before a run forks its
+# compile workers (which then share them): one signature each per dtype, for any layout (C and
+# F (.T) views convert to these 'A' signatures for free)
 @njit(cache=True)
 def _gemm(a, b, out):
     # out = a @ b; a and b are arrays or .T views of them (K = 0: BLAS writes zeros)
@@ -311,7 +343,9 @@ def _gemm(a, b, out):
     ldb, fb = _blas_view(b)
     if fa == 0 or fb == 0 or out.strides[1] != out.itemsize:
         raise ValueError("dlc: a matrix product's operand is neither row-major nor transposed")
-    _gemm_run(115 if out.itemsize == 4 else 100, fa, fb, a.shape[0], b.shape[1], a.shape[1], _addr(a), lda,
+    if not _gemm_run_ready():
+        raise RuntimeError("dlc: the matrix-product driver is not loaded (_dlc_ready)")
+    _gemm_run_at(115 if out.itemsize == 4 else 100, fa, fb, a.shape[0], b.shape[1], a.shape[1], _addr(a), lda,
               _addr(b), ldb, _addr(out), max(out.strides[0] // out.itemsize, b.shape[1], 1), out.itemsize,
               _ONE, _ZERO, _ZERO, _ZERO)
 
@@ -321,7 +355,9 @@ def _bgemm(a3, b3, o3, ta, tb):
     # o3[i] = op(a3[i]) @ op(b3[i]) for C-contiguous 3-D arrays; op transposes where ta / tb
     # (ints, not bools: a literal True would be a signature of its own)
     nb, M, N = o3.shape
-    _gemm_run(115 if o3.itemsize == 4 else 100, 116 if ta else 110, 116 if tb else 110, M, N,
+    if not _gemm_run_ready():
+        raise RuntimeError("dlc: the matrix-product driver is not loaded (_dlc_ready)")
+    _gemm_run_at(115 if o3.itemsize == 4 else 100, 116 if ta else 110, 116 if tb else 110, M, N,
               a3.shape[1] if ta else a3.shape[2], _addr(a3), max(a3.shape[2], 1), _addr(b3), max(b3.shape[2], 1),
               _addr(o3), max(N, 1), o3.itemsize, nb, a3.strides[0], b3.strides[0], o3.strides[0])
 
@@ -332,6 +368,9 @@ if _numba.config.DISABLE_JIT:               # kernels run as Python (tests): Num
 
     def _bgemm(a3, b3, o3, ta, tb):
         o3[:] = np.matmul(a3.transpose(0, 2, 1) if ta else a3, b3.transpose(0, 2, 1) if tb else b3)
+
+    def _dlc_ready():
+        return False
 else:
     from compiler.cache import compile_repairing
 
@@ -341,17 +380,33 @@ else:
             compile_repairing(fn, sig)
         fn.disable_compile()
 
-    _eager(_gemm_run, ["void(" + ", ".join(["int64"] * 17) + ")"])
-    _eager(_gemm, ["void(%s[:, :], %s[:, :], %s[:, :])" % ((t,) * 3) for t in ("float32", "float64")])
-    _eager(_bgemm, ["void(%s[:, :, ::1], %s[:, :, ::1], %s[:, :, ::1], int64, int64)" % ((t,) * 3)
-                    for t in ("float32", "float64")])
+    _eager(_gemm, ["void(%s[:, :], %s[:, :], %s[:, :])" % ((t,) * 3) for t in _DTYPES])
+    _eager(_bgemm, ["void(%s[:, :, ::1], %s[:, :, ::1], %s[:, :, ::1], int64, int64)" % ((t,) * 3) for t in _DTYPES])
     _ensure_blas()
     _numba.get_num_threads()                 # starts the pool: registers `get_num_threads`
-    for _t in (np.float32, np.float64):      # Numba finds ?gemm now, on this thread (see above),
-        _x, _y = np.ones((1, 1), _t), np.empty((1, 1), _t)       # with a function quick to compile
-        _gemm_block(115 if _t == np.float32 else 100, 110, 110, 1, 1, 1, _x.ctypes.data, 1, _x.ctypes.data, 1,
-                    _y.ctypes.data, 1, _x.itemsize, 0, 1, True, 1)
+    _gemm_c = None
+
+    def _dlc_ready():
+        # compile (or load from the disk cache) `_gemm_run` and put its address in its cell;
+        # whether it was compiled here. The driver (runtime/compile jobs) calls this beside the
+        # kernels' compile; an Executable before its first call.
+        global _gemm_c
+        if _gemm_c is not None:
+            return False
+        c = _numba.cfunc(_RUN_SIGNATURE, cache=True, parallel=True)(_gemm_run)
+        _keep(c)
+        _address_cell(_RUN_CELL).value = c.address
+        _gemm_c = c
+        for _t in _DTYPES:                   # Numba finds ?gemm now, on this thread (see above)
+            _x, _y = np.ones((1, 1), _t), np.empty((1, 1), _t)
+            _gemm(_x, _x, _y)
+        return c.cache_hits == 0
+    _dlc_ready.compiles = _gemm_run          # (what it compiles: the compile jobs' cache key and cost)
 """
+
+# one module per dtype: a float32 program does not wait for the float64 signatures (0.2-0.5 s)
+GEMM_F32, GEMM_F64 = (GEMM.replace('_DTYPES = ("float32", "float64")', f'_DTYPES = ("{t}",)')
+                      for t in ("float32", "float64"))
 
 
 class CpuTarget(Target):
@@ -382,8 +437,9 @@ class CpuTarget(Target):
                               for op in (OPS["softmax"], OPS["log_softmax"])}
     helpers: dict = {("tanh", "f32"): FAST_TANH, ("sigmoid", "f32"): FAST_TANH, ("exp", "f32"): FAST_EXP,
                      ("erf", "f32"): FAST_ERF, ("softmax", "f32"): FAST_EXP, ("log_softmax", "f32"): FAST_EXP,
-                     ("pow", "f32"): POW, ("pow", "f64"): POW, ("matmul", "f32"): GEMM, ("matmul", "f64"): GEMM}
+                     ("pow", "f32"): POW, ("pow", "f64"): POW, ("matmul", "f32"): GEMM_F32, ("matmul", "f64"): GEMM_F64}
     copy_helper = COPY
+    common_helpers = {"f32": [GEMM_F32], "f64": [GEMM_F64]}
     # subnormals flushed to zero while a step runs (fpmode.py: a subnormal Adam moment made
     # LeNet's dense-layer update 4x slower)
     step_imports = "from compiler.codegen.fpmode import flush_subnormals, restore_mode"

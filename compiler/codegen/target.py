@@ -53,6 +53,10 @@ class Target:
     scalar_templates: dict = {}
     kernel_templates: dict = {}
     helpers: dict = {}
+    # helpers (texts of `helpers`) that nearly every program of a dtype imports and that compile
+    # at import or have a run-time entry (`_dlc_ready`): `driver.prepare` compiles them beside
+    # the front end
+    common_helpers: dict = {}
 
     # ---- loops and kernels ---------------------------------------------------------------------
     @staticmethod
