@@ -362,3 +362,50 @@ def test_the_cache_forgets_what_no_run_used_for_a_month(tmp_path, monkeypatch):
     assert not (d / f"{old.__name__}.py").exists() and not list((d / "__pycache__").iterdir())
     assert (d / f"{kept.__name__}.py").exists() and cache.load_object("k" * 32) is None
     assert cache.prune(now=now + 3600) == 0     # once a day
+
+
+# The CPU's matrix-product driver is compiled on its own and called through an address cell
+# (compiler/codegen/cells.py); `driver.prepare` compiles the common helpers in a forked process
+# beside the front end. In a fresh process with an empty cache: the prepared module loads (the
+# child compiled it), a kernel calling `_gemm` before the driver is ready gets an error (not a
+# crash), and the ready job loads the child's driver instead of compiling it again.
+HELPERS = r"""
+import sys
+import numpy as np
+from numba import njit
+from compiler import cache, driver
+from compiler.codegen import CpuTarget, helper_module
+from compiler.codegen.cpu import GEMM_F32
+
+name, src = helper_module(CpuTarget(), GEMM_F32)
+driver.prepare("cpu", "f32")
+mod = cache.load(src, "cpu", name, wait=True)
+assert not mod._gemm.stats.cache_misses, mod._gemm.stats.cache_misses      # loaded: the child compiled it
+assert mod._gemm.stats.cache_hits
+
+@njit
+def product(a, b, out):
+    mod._gemm(a, b, out)
+
+a, b = np.arange(6, dtype=np.float32).reshape(2, 3), np.ones((3, 4), np.float32)
+out = np.zeros((2, 4), np.float32)
+try:
+    product(a, b, out)
+    raise SystemExit("a product ran before its driver was loaded")
+except RuntimeError as e:
+    assert "not loaded" in str(e), e
+job = driver.ReadyJob.of(mod)
+job.compile(driver.READY)
+assert not job.stats.cache_misses            # the child's driver, from the disk cache
+product(a, b, out)
+np.testing.assert_array_equal(out, a @ b)
+print("ok")
+"""
+
+
+def test_prepared_helpers_load_and_the_driver_is_called_through_its_cell(tmp_path):
+    env = {**os.environ, "DLC_CACHE_DIR": str(tmp_path / "cache"), "PYTHONPATH": str(ROOT),
+           "DLC_COMPILE_WORKERS": "1"}
+    r = subprocess.run([sys.executable, "-c", HELPERS], capture_output=True, text=True, cwd=ROOT, env=env,
+                       timeout=600)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-3000:]

@@ -149,10 +149,14 @@ def _pow(a, b):
 #
 # `_gemm`/`_bgemm` (called by the kernels) reduce their operands to pointers, leading
 # dimensions and 'n'/'t' flags; `_gemm_run`, the one parallel function, takes only integers, so
-# Numba compiles it once (one signature) whatever the operands' layouts: a parallel function
-# costs seconds to compile. A product under GEMM_SPLIT_FLOPS runs on the calling thread.
-# Numba's helper looks SciPy's ?gemm up under the GIL on its first call, so the module calls it
-# once from the importing thread (a pool thread would wait for the GIL the caller holds).
+# it has one signature whatever the operands' layouts: a parallel function costs 1-1.6 s to
+# compile. It is a C callback compiled on its own (`_dlc_ready`, a compile job beside the
+# kernels, or `driver.prepare` beside the front end), and the kernels call it through an address
+# cell (cells.py): linked into each kernel, it had cost every kernel with a product about 0.1 s
+# of LLVM work, and kept them all waiting for it. One module per dtype (GEMM_F32, GEMM_F64).
+# A product under GEMM_SPLIT_FLOPS runs on the calling thread. Numba's helper looks SciPy's
+# ?gemm up under the GIL on its first call, so `_dlc_ready` calls it once from its own thread
+# (a pool thread would wait for the GIL the caller holds).
 GEMM = """\
 import numba as _numba
 from numba import prange as _prange
