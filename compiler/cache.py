@@ -85,10 +85,11 @@ def compiled(fn, index: set[str] | None = None) -> bool:
 LOCKS = ".locks"
 
 
-def lock(name: str) -> int | None:
+def lock(name: str, block: bool = True) -> int | None:
     """Take the exclusive lock `<cache>/.locks/<name>` (fcntl.flock; blocks while another
-    process holds it); the open descriptor that holds it: closing it (in every process that
-    inherited it) releases the lock. None where there are no such locks."""
+    process holds it, or with `block` false gives up at once); the open descriptor that holds
+    it: closing it (in every process that inherited it) releases the lock. None where there are
+    no such locks, or where it was not taken."""
     try:
         import fcntl
         d = cache_dir() / LOCKS
@@ -97,7 +98,7 @@ def lock(name: str) -> int | None:
     except (ImportError, OSError):
         return None
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        fcntl.flock(fd, fcntl.LOCK_EX | (0 if block else fcntl.LOCK_NB))
     except OSError:
         os.close(fd)
         return None

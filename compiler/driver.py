@@ -158,12 +158,21 @@ def prepare(target: str = "cpu", dtype: str = "f32") -> None:
         index = cache.compiled_index() if index is None else index
         ready = re.search(r"^\s*_dlc_ready\.compiles = (\w+)", src, re.M)
         line = re.search(rf"^def {ready.group(1)}\(", src, re.M) if ready else None
-        if line is not None and f"{name}.{ready.group(1)}-{src.count(chr(10), 0, line.start()) + 1}" in index:
+        if line is not None and f"{name}.{ready.group(1)}-{src[:line.start()].count(chr(10)) + 1}" in index:
             continue
         todo.append((name, src))
+    locks = []
+    for name, src in list(todo):       # a module another process is compiling: `build` waits for it
+        held = cache.lock(name, block=False), cache.lock(name + READY_LOCK, block=False)
+        if None in held:
+            todo.remove((name, src))
+            for fd in held:
+                if fd is not None:
+                    os.close(fd)
+        else:
+            locks.append(held)
     if not todo:
         return
-    locks = [(cache.lock(name), cache.lock(name + READY_LOCK)) for name, _ in todo]
     try:
         ctx = multiprocessing.get_context("fork")
         ctx.Process(target=_prepare_child, args=(target, todo, locks), daemon=True).start()
