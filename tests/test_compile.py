@@ -377,8 +377,16 @@ from compiler import cache, driver
 from compiler.codegen import CpuTarget, helper_module
 from compiler.codegen.cpu import GEMM_F32
 
+import multiprocessing
+import os
 name, src = helper_module(CpuTarget(), GEMM_F32)
+held = cache.lock(name), cache.lock(name + driver.READY_LOCK)      # as if another run were compiling it
 driver.prepare("cpu", "f32")
+assert not multiprocessing.active_children()          # left to that run: nothing forked
+for fd in held:
+    os.close(fd)
+driver.prepare("cpu", "f32")
+assert len(multiprocessing.active_children()) == 1
 mod = cache.load(src, "cpu", name, wait=True)
 assert not mod._gemm.stats.cache_misses, mod._gemm.stats.cache_misses      # loaded: the child compiled it
 assert mod._gemm.stats.cache_hits
