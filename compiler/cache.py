@@ -197,6 +197,27 @@ def store_object(key: str, value) -> None:
     os.replace(tmp, d / f"{key}.pkl")
 
 
+def _reachable(fn) -> list:
+    """`fn` and the cached Numba functions its code may load: those its module holds (imported
+    helpers) and, through their globals, those the functions it calls call (a compiled step's
+    inlined kernels call `_exp_f32`)."""
+    out, stack, seen = [], [fn], set()
+    while stack:
+        f = stack.pop()
+        if id(f) in seen:
+            continue
+        seen.add(id(f))
+        if hasattr(getattr(f, "_cache", None), "flush"):
+            out.append(f)
+        py = getattr(f, "py_func", None)
+        if py is None:
+            continue
+        g = py.__globals__
+        names = set(py.__code__.co_names) | ({k for k, v in g.items() if hasattr(v, "py_func")} if f is fn else set())
+        stack.extend(g[n] for n in names if hasattr(g.get(n), "py_func"))
+    return out
+
+
 def compile_repairing(fn, sig) -> None:
     """Compile Numba dispatcher `fn` for `sig`, or load it from Numba's disk cache. A damaged
     cache entry (a truncated or garbled .nbi/.nbc: UnpicklingError, EOFError, ...), of `fn` or
@@ -208,10 +229,8 @@ def compile_repairing(fn, sig) -> None:
     except Exception as first:
         if not hasattr(getattr(fn, "_cache", None), "flush"):
             raise
-        module = getattr(getattr(fn, "py_func", None), "__globals__", {})
-        for f in [fn, *module.values()]:
-            if hasattr(getattr(f, "_cache", None), "flush"):
-                f._cache.flush()
+        for f in _reachable(fn):
+            f._cache.flush()
         try:
             fn.compile(sig)
         except Exception:

@@ -397,7 +397,15 @@ else:
         global _gemm_c
         if _gemm_c is not None:
             return False
-        c = _numba.cfunc(_RUN_SIGNATURE, cache=True, parallel=True)(_gemm_run)
+        try:
+            c = _numba.cfunc(_RUN_SIGNATURE, cache=True, parallel=True)(_gemm_run)
+        except Exception as e:               # a damaged cache entry: dropped and compiled again, once
+            from numba.core.caching import FunctionCache
+            FunctionCache(_gemm_run).flush()
+            c = _numba.cfunc(_RUN_SIGNATURE, cache=True, parallel=True)(_gemm_run)
+            import sys
+            print(f"dlc: warning: the kernel cache entry for _gemm_run was damaged ({type(e).__name__}); "
+                  "recompiled it", file=sys.stderr)
         _keep(c)
         _address_cell(_RUN_CELL).value = c.address
         _gemm_c = c
