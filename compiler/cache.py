@@ -197,46 +197,56 @@ def store_object(key: str, value) -> None:
     os.replace(tmp, d / f"{key}.pkl")
 
 
-def _reachable(fn) -> list:
-    """`fn` and the cached Numba functions its code may load: those its module holds (imported
-    helpers) and, through their globals, those the functions it calls call (a compiled step's
-    inlined kernels call `_exp_f32`)."""
-    out, stack, seen = [], [fn], set()
+def callees(fn) -> list:
+    """The Numba functions `fn`'s code calls, through any it inlines or calls (a compiled step's
+    inlined kernels, a scan loop's body, a kernel's helpers): what Numba compiles or loads from
+    its cache first, and links into `fn`."""
+    out, stack, seen = [], [fn], {id(fn)}
     while stack:
-        f = stack.pop()
-        if id(f) in seen:
-            continue
-        seen.add(id(f))
-        if hasattr(getattr(f, "_cache", None), "flush"):
-            out.append(f)
-        py = getattr(f, "py_func", None)
+        py = getattr(stack.pop(), "py_func", None)
         if py is None:
             continue
-        g = py.__globals__
-        names = set(py.__code__.co_names) | ({k for k, v in g.items() if hasattr(v, "py_func")} if f is fn else set())
-        stack.extend(g[n] for n in names if hasattr(g.get(n), "py_func"))
+        for name in py.__code__.co_names:
+            g = py.__globals__.get(name)
+            if isinstance(g, numba.core.dispatcher.Dispatcher) and id(g) not in seen:
+                seen.add(id(g))
+                out.append(g)
+                stack.append(g)
     return out
 
 
 def compile_repairing(fn, sig) -> None:
     """Compile Numba dispatcher `fn` for `sig`, or load it from Numba's disk cache. A damaged
     cache entry (a truncated or garbled .nbi/.nbc: UnpicklingError, EOFError, ...), of `fn` or
-    of a function its module calls (an imported helper: `_gemm`, `_exp_f32`), is dropped and
-    `fn` compiled again, once, with a one-line warning; an error that recurs is the compiler's
-    own."""
-    try:
+    of a function it calls (an imported helper: `_gemm`, `_exp_f32`; a compiled step's inlined
+    kernel's), is dropped and `fn` compiled again, once, with a one-line warning; an error that
+    recurs is the compiler's own."""
+    if not hasattr(getattr(fn, "_cache", None), "flush"):
         fn.compile(sig)
+        return
+
+    def flush():
+        module = fn.py_func.__globals__            # (imported helpers, called or not)
+        for f in [fn, *module.values(), *callees(fn)]:
+            if hasattr(getattr(f, "_cache", None), "flush"):
+                f._cache.flush()
+    repairing(lambda: fn.compile(sig), flush, fn.__name__)
+
+
+def repairing(build, flush, name: str):
+    """`build()`; where it fails (a damaged cache entry), `flush()` the entries it read and
+    `build()` again, once, with a one-line warning; an error that recurs is the first one."""
+    try:
+        return build()
     except Exception as first:
-        if not hasattr(getattr(fn, "_cache", None), "flush"):
-            raise
-        for f in _reachable(fn):
-            f._cache.flush()
+        flush()
         try:
-            fn.compile(sig)
+            out = build()
         except Exception:
             raise first from None
-        print(f"dlc: warning: the kernel cache entry for {fn.__name__} was damaged "
-              f"({type(first).__name__}); recompiled it", file=sys.stderr)
+        print(f"dlc: warning: the kernel cache entry for {name} was damaged ({type(first).__name__}); "
+              "recompiled it", file=sys.stderr)
+        return out
 
 
 # ---- pruning: what no run has used for DLC_CACHE_DAYS days goes ----------------------------------

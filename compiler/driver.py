@@ -9,7 +9,6 @@ from __future__ import annotations
 import inspect
 import multiprocessing
 import os
-import re
 import sys
 import time
 from collections import Counter
@@ -98,6 +97,11 @@ class Executable:
         compile_programs([(self, args)])
 
 
+def compile_workers() -> int:
+    """Compile processes forked beside this one: one per further core (DLC_COMPILE_WORKERS)."""
+    return int(os.environ.get("DLC_COMPILE_WORKERS", max((os.cpu_count() or 1) - 1, 0)))
+
+
 READY = ("ready",)                 # the "signature" of a `ReadyJob`
 
 
@@ -146,7 +150,7 @@ def prepare(target: str = "cpu", dtype: str = "f32") -> None:
     helpers are loaded or cached already, or without compile workers (DLC_COMPILE_WORKERS=0)."""
     if target not in TARGETS or numba.config.DISABLE_JIT:
         return
-    if int(os.environ.get("DLC_COMPILE_WORKERS", max((os.cpu_count() or 1) - 1, 0))) <= 0:
+    if compile_workers() <= 0:
         return
     tgt = TARGETS[target]()
     index = None
@@ -156,11 +160,8 @@ def prepare(target: str = "cpu", dtype: str = "f32") -> None:
         if name in sys.modules:
             continue
         index = cache.compiled_index() if index is None else index
-        ready = re.search(r"^\s*_dlc_ready\.compiles = (\w+)", src, re.M)
-        line = re.search(rf"^def {ready.group(1)}\(", src, re.M) if ready else None
-        if line is not None and f"{name}.{ready.group(1)}-{src[:line.start()].count(chr(10)) + 1}" in index:
-            continue
-        todo.append((name, src))
+        if not any(k.startswith(name + ".") for k in index):     # compiled by an earlier run
+            todo.append((name, src))
     locks = []
     for name, src in list(todo):       # a module another process is compiling: `build` waits for it
         held = cache.lock(name, block=False), cache.lock(name + READY_LOCK, block=False)
@@ -235,7 +236,7 @@ def compile_programs(programs: list[tuple[Executable, list]], workers: int | Non
     index = cache.compiled_index()
     fresh = [j for j in jobs if not cache.compiled(j[1], index)]
     if workers is None:
-        workers = int(os.environ.get("DLC_COMPILE_WORKERS", max((os.cpu_count() or 1) - 1, 0)))
+        workers = compile_workers()
     workers = min(workers, len(fresh) - 1)
     if workers <= 0 or not any(j[3] == 1 for j in fresh):      # nothing to leave for later: all now
         programs, later = list(programs) + list(later), []
@@ -317,24 +318,6 @@ class Background:
         return self.waited
 
 
-def _callees(fn) -> list:
-    """The Numba functions `fn`'s code calls, through any it inlines (a compiled step's
-    `inlined` kernels, a scan loop's body): what Numba compiles first and links into `fn`."""
-    out, stack, seen = [], [fn], {id(fn)}
-    while stack:
-        f = stack.pop()
-        py = getattr(f, "py_func", None)
-        if py is None:
-            continue
-        for name in py.__code__.co_names:
-            g = py.__globals__.get(name)
-            if isinstance(g, numba.core.dispatcher.Dispatcher) and id(g) not in seen:
-                seen.add(id(g))
-                out.append(g)
-                stack.append(g)
-    return out
-
-
 def _schedule(jobs: list[tuple], groups: list[int] | None = None) -> tuple[list, list, list]:
     """The order of the compile jobs by urgency (indices into `jobs`), for each job in that
     order the positions (in that order) of the jobs it must wait for, and each job's group
@@ -361,7 +344,7 @@ def _schedule(jobs: list[tuple], groups: list[int] | None = None) -> tuple[list,
     where = {id(fn): i for i, (fn, _) in enumerate(jobs)}
     deps, cost = [], []
     for fn, _ in jobs:
-        called = _callees(fn)
+        called = cache.callees(fn)
         deps.append(sorted({where[id(g)] for g in called if id(g) in where}))
         modules = {g.py_func.__module__: g for g in called if g.__name__ == "kernel"}
         cost.append(text(fn) + sum(text(g) for g in modules.values()))

@@ -376,7 +376,8 @@ if _numba.config.DISABLE_JIT:               # kernels run as Python (tests): Num
     def _dlc_ready():
         return False
 else:
-    from compiler.cache import compile_repairing
+    from numba.core.caching import FunctionCache
+    from compiler.cache import compile_repairing, repairing
 
     def _eager(fn, sigs):
         # compile (or load) `sigs` now and no others: C arrays and .T views convert to 'A'
@@ -397,15 +398,8 @@ else:
         global _gemm_c
         if _gemm_c is not None:
             return False
-        try:
-            c = _numba.cfunc(_RUN_SIGNATURE, cache=True, parallel=True)(_gemm_run)
-        except Exception as e:               # a damaged cache entry: dropped and compiled again, once
-            from numba.core.caching import FunctionCache
-            FunctionCache(_gemm_run).flush()
-            c = _numba.cfunc(_RUN_SIGNATURE, cache=True, parallel=True)(_gemm_run)
-            import sys
-            print(f"dlc: warning: the kernel cache entry for _gemm_run was damaged ({type(e).__name__}); "
-                  "recompiled it", file=sys.stderr)
+        c = repairing(lambda: _numba.cfunc(_RUN_SIGNATURE, cache=True, parallel=True)(_gemm_run),
+                      lambda: FunctionCache(_gemm_run).flush(), "_gemm_run")
         _keep(c)
         _address_cell(_RUN_CELL).value = c.address
         _gemm_c = c
@@ -417,6 +411,7 @@ else:
 """
 
 # one module per dtype: a float32 program does not wait for the float64 signatures (0.2-0.5 s)
+assert GEMM.count('_DTYPES = ("float32", "float64")') == 1
 GEMM_F32, GEMM_F64 = (GEMM.replace('_DTYPES = ("float32", "float64")', f'_DTYPES = ("{t}",)')
                       for t in ("float32", "float64"))
 
