@@ -105,6 +105,33 @@ def test_row_softmax_f32_matches_float64(op):
     np.testing.assert_array_equal(y[~fin], ref[~fin])          # exp(-inf) = 0, log-prob -inf
 
 
+@pytest.mark.parametrize("dtype", ["f32", "f64"])
+@pytest.mark.parametrize("op", ["softmax", "log_softmax"])
+def test_row_max_in_four_lanes_of_every_width(op, dtype):
+    """The row's maximum is taken in four running maxima and a tail (ops.py `_ROW_MAX`): rows
+    of every width from 1 to 9, with the maximum at every position, and a NaN anywhere in a row
+    making the whole row NaN, as the reference does."""
+    f = compile_function(f"model m(x: {dtype}[B, N]) {{\n    return {op}(x)\n}}\n", dtype=dtype)
+    assert "mx3" in f.source
+    t = np.float32 if dtype == "f32" else np.float64
+    for n in range(1, 10):
+        x = np.tile(np.linspace(-3.0, 2.0, n), (n + 2, 1))
+        for i in range(n):                      # row i: the maximum at position i, large enough
+            x[i, i] = 100.0 if dtype == "f32" else 800.0    # that exp(max - a smaller m) overflows
+        x[n, n // 2] = np.nan                   # a NaN row
+        x[n + 1, :] = -np.inf if n == 1 else x[n + 1, :]
+        x = x.astype(t)
+        y = f(x=x)["output"]
+        with np.errstate(invalid="ignore"):
+            ref = special.softmax(x.astype(np.float64), axis=-1) if op == "softmax" else \
+                special.log_softmax(x.astype(np.float64), axis=-1)
+        assert np.isnan(y[n]).all() and np.isnan(ref[n]).all(), n
+        ok = np.isfinite(ref)
+        np.testing.assert_allclose(y[ok], ref[ok], rtol=3e-6 if dtype == "f32" else 1e-12, atol=1e-30,
+                                   err_msg=f"width {n}")
+        assert np.isnan(y[~ok]).sum() == np.isnan(ref[~ok]).sum()
+
+
 ARENA = """
 model m(x: f32[B, 16]) {
     h = tanh(dense(x, 32, name = "a"))
