@@ -539,29 +539,42 @@ def _log_softmax_ref(x, *, axis=-1):
     return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
 
 
-# Both row-wise kernels start from the row's maximum, for numerical stability. It is taken in
-# four running maxima: LLVM does not vectorize a floating-point max without `nnan` (the kernels
-# keep NaN checks), and one running max is a chain of dependent compare-selects (GPT's attention
-# softmax, 4096 rows of 64: 247 -> 185 us; a stepped `range(1, n, 4)` kept it at 235). A NaN
-# anywhere in the row still makes the whole row NaN (through its exp, in the sum).
+# Both row-wise kernels start from the row's maximum, for numerical stability, taken by a
+# helper (compiled once, not in each kernel: translate's softmax kernels compiled 0.6 s slower
+# with these loops inside each). It keeps four running maxima: LLVM does not vectorize a
+# floating-point max without `nnan` (the kernels keep NaN checks), and one running max is a chain
+# of dependent compare-selects (GPT's attention softmax, 4096 rows of 64: 247 -> 185 us; a
+# stepped `range(1, n, 4)` kept it at 235). A NaN anywhere in the row still makes the whole row
+# NaN (through its exp, in the sum).
+ROW_MAX_HELPER = """\
+@njit(cache=True, fastmath=FASTMATH, error_model='numpy')
+def _row_max(x, out):
+    # out[r] = max(x[r, :]) for every row r of a 2-D array
+    n = x.shape[1]
+    for r in range(x.shape[0]):
+        mx0 = x[r, 0]
+        mx1 = mx0
+        mx2 = mx0
+        mx3 = mx0
+        q = (n - 1) // 4
+        for jq in range(q):
+            j = 1 + 4 * jq
+            mx0 = x[r, j] if x[r, j] > mx0 else mx0
+            mx1 = x[r, j + 1] if x[r, j + 1] > mx1 else mx1
+            mx2 = x[r, j + 2] if x[r, j + 2] > mx2 else mx2
+            mx3 = x[r, j + 3] if x[r, j + 3] > mx3 else mx3
+        for j in range(4 * q + 1, n):
+            mx0 = x[r, j] if x[r, j] > mx0 else mx0
+        mx0 = mx1 if mx1 > mx0 else mx0
+        mx2 = mx3 if mx3 > mx2 else mx2
+        out[r] = mx2 if mx2 > mx0 else mx0
+"""
+
 _ROW_MAX = """\
+rmax = np.empty({rows}, {T})
+_row_max({0}, rmax)
 for r in range({rows}):
-    mx0 = {0}[r, 0]
-    mx1 = mx0
-    mx2 = mx0
-    mx3 = mx0
-    rq = ({n} - 1) // 4
-    for jq in range(rq):
-        j = 1 + 4 * jq
-        mx0 = {0}[r, j] if {0}[r, j] > mx0 else mx0
-        mx1 = {0}[r, j + 1] if {0}[r, j + 1] > mx1 else mx1
-        mx2 = {0}[r, j + 2] if {0}[r, j + 2] > mx2 else mx2
-        mx3 = {0}[r, j + 3] if {0}[r, j + 3] > mx3 else mx3
-    for j in range(4 * rq + 1, {n}):
-        mx0 = {0}[r, j] if {0}[r, j] > mx0 else mx0
-    mx0 = mx1 if mx1 > mx0 else mx0
-    mx2 = mx3 if mx3 > mx2 else mx2
-    m = mx2 if mx2 > mx0 else mx0
+    m = rmax[r]
 """
 
 # The exponentials go to a row of scratch, not to `out`: in place (out is x, the fused kernel),
@@ -592,9 +605,9 @@ _LOG_SOFTMAX_KERNEL = _ROW_MAX + """\
 
 # In place (x and out the same array) as well: each loop reads x[r, j] before writing out[r, j].
 softmax = register(Op("softmax", Kind.OPAQUE, _softmax_infer, ref=_softmax_ref, kernel=_SOFTMAX_KERNEL,
-                      rowwise=True))
+                      helpers=ROW_MAX_HELPER, rowwise=True))
 log_softmax = register(Op("log_softmax", Kind.OPAQUE, _softmax_infer, ref=_log_softmax_ref,
-                          kernel=_LOG_SOFTMAX_KERNEL, rowwise=True))
+                          kernel=_LOG_SOFTMAX_KERNEL, helpers=ROW_MAX_HELPER, rowwise=True))
 
 
 @softmax.def_grad

@@ -443,7 +443,8 @@ class CpuTarget(Target):
     kernel_templates: dict = {(op.name, "f32"): op.kernel.replace("np.exp(", "_exp_f32(")
                               for op in (OPS["softmax"], OPS["log_softmax"])}
     helpers: dict = {("tanh", "f32"): FAST_TANH, ("sigmoid", "f32"): FAST_TANH, ("exp", "f32"): FAST_EXP,
-                     ("erf", "f32"): FAST_ERF, ("softmax", "f32"): FAST_EXP, ("log_softmax", "f32"): FAST_EXP,
+                     ("erf", "f32"): FAST_ERF, ("softmax", "f32"): (FAST_EXP, OPS["softmax"].helpers),
+                     ("log_softmax", "f32"): (FAST_EXP, OPS["log_softmax"].helpers),
                      ("pow", "f32"): POW, ("pow", "f64"): POW, ("matmul", "f32"): GEMM_F32, ("matmul", "f64"): GEMM_F64}
     copy_helper = COPY
     common_helpers = {"f32": [GEMM_F32], "f64": [GEMM_F64]}

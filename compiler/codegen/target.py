@@ -52,7 +52,7 @@ class Target:
     step_functions: dict = {}
     scalar_templates: dict = {}
     kernel_templates: dict = {}
-    helpers: dict = {}
+    helpers: dict = {}              # op or (op, dtype) -> a helper text, or a tuple of them
     # helpers (texts of `helpers`) that nearly every program of a dtype imports and that compile
     # at import or have a run-time entry (`_dlc_ready`): `driver.prepare` compiles them beside
     # the front end
