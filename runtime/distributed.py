@@ -101,7 +101,7 @@ def fail(code: int, message: str, grace: float = 3.0) -> int:
         if time.monotonic() > deadline:
             print(message if _world.rank == 0 else f"rank {_world.rank}: {message}", file=sys.stderr, flush=True)
             # MPI_Abort has mpiexec's proxies kill every rank at once, and a proxy killed before
-            # it has read this rank's stderr pipe loses the message (about 1 run in 20 here):
+            # it has read this rank's stderr pipe loses the message (13 runs of 60 here):
             # give it a moment to forward the line first.
             time.sleep(0.3)
             _world.comm.Abort(code)
