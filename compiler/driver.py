@@ -103,6 +103,7 @@ def compile_workers() -> int:
 
 
 READY = ("ready",)                 # the "signature" of a `ReadyJob`
+READY_LOCK = ".ready"              # ... and the suffix of its lock's name (`prepare` holds it too)
 
 
 class ReadyJob:
@@ -135,9 +136,6 @@ class ReadyJob:
             if self.mod._dlc_ready():
                 self.stats.cache_misses[sig] += 1
         self.overloads[sig] = True
-
-
-READY_LOCK = ".ready"
 
 
 def prepare(target: str = "cpu", dtype: str = "f32") -> None:

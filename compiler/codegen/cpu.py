@@ -439,13 +439,13 @@ class CpuTarget(Target):
         ("pow", "f32"): "_pow({0}, {1})",
         ("pow", "f64"): "_pow({0}, {1})",
     }
-    # the row-wise softmax kernels, in float32 with the vectorizing exp
+    # the row-wise softmax kernels, in float32 with the vectorizing exp (and their own helpers)
     kernel_templates: dict = {(op.name, "f32"): op.kernel.replace("np.exp(", "_exp_f32(")
                               for op in (OPS["softmax"], OPS["log_softmax"])}
     helpers: dict = {("tanh", "f32"): FAST_TANH, ("sigmoid", "f32"): FAST_TANH, ("exp", "f32"): FAST_EXP,
-                     ("erf", "f32"): FAST_ERF, ("softmax", "f32"): (FAST_EXP, OPS["softmax"].helpers),
-                     ("log_softmax", "f32"): (FAST_EXP, OPS["log_softmax"].helpers),
-                     ("pow", "f32"): POW, ("pow", "f64"): POW, ("matmul", "f32"): GEMM_F32, ("matmul", "f64"): GEMM_F64}
+                     ("erf", "f32"): FAST_ERF, ("pow", "f32"): POW, ("pow", "f64"): POW,
+                     ("matmul", "f32"): GEMM_F32, ("matmul", "f64"): GEMM_F64,
+                     **{(op.name, "f32"): (FAST_EXP, op.helpers) for op in (OPS["softmax"], OPS["log_softmax"])}}
     copy_helper = COPY
     common_helpers = {"f32": [GEMM_F32], "f64": [GEMM_F64]}
     # subnormals flushed to zero while a step runs (fpmode.py: a subnormal Adam moment made
